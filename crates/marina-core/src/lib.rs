@@ -1,0 +1,46 @@
+//! The small shared vocabulary of marina.
+//!
+//! marina's crates (pool, health, balance, affinity, limit) meet only through the types
+//! in this crate, so each one stays usable alone. Its only dependency is tokio's clock.
+//!
+//! - [`BoxError`]: the error type of layers that add failures of their own. Callers
+//!   downcast it to the small named error structs each crate exports.
+//! - [`Probe`]: an asynchronous check of something — a pooled connection or an endpoint —
+//!   that returns the measured response time or an error. The pool uses it to validate
+//!   idle connections; the health layer uses it for active probes.
+//!
+//! # Examples
+//!
+//! A probe that writes a `PING` line on a connection and expects `PONG` back:
+//!
+//! ```
+//! use marina_core::{BoxError, Probe, probe_fn};
+//! use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+//! use tokio::net::TcpStream;
+//!
+//! let ping = probe_fn(|conn: &mut TcpStream| {
+//!     Box::pin(async move {
+//!         conn.write_all(b"PING\n").await?;
+//!         let mut line = String::new();
+//!         BufReader::new(conn).read_line(&mut line).await?;
+//!         if line.trim_end() == "PONG" {
+//!             Ok(())
+//!         } else {
+//!             Err(BoxError::from(format!("unexpected reply {line:?}")))
+//!         }
+//!     })
+//! });
+//! # fn assert_probe<P: Probe<TcpStream>>(_: &P) {}
+//! # assert_probe(&ping);
+//! ```
+#![forbid(unsafe_code)]
+
+mod probe;
+
+pub use probe::{BoxFuture, Probe, ProbeFn, probe_fn};
+
+/// A type-erased error, as tower uses: `Box<dyn Error + Send + Sync>`.
+///
+/// Layers that add failures of their own return it, carrying small named error structs;
+/// match on them with [`downcast_ref`](std::error::Error#method.downcast_ref).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

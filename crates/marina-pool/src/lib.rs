@@ -1,0 +1,115 @@
+//! A bounded, cancel-safe connection pool that is a tower `MakeConnection`.
+//!
+//! A [`Pool`] keeps connections to one target, made by any connector `C: Service<T>`
+//! (a [`TcpConnector`], a TLS connector, a function that opens a protocol client).
+//! [`Pool::get`] checks one out as a [`Pooled`] guard that goes back to the pool when
+//! dropped. Because the pool is itself a `Service<T>` whose responses are
+//! `AsyncRead + AsyncWrite` when the connections are, a pool of streams is a
+//! [`tower::make::MakeConnection`] and fits any connector slot.
+//!
+//! - **Bounded and fair**: at most `max_size` connections; callers that find none free
+//!   wait in FIFO order, and a returned connection goes straight to the oldest waiter.
+//!   `max_connecting` bounds connects in flight (no reconnect storm after an outage).
+//! - **Timeouts that say what happened**: `acquire_timeout` bounds the whole wait
+//!   ([`PoolError::Timeout`]); a connect that fails is reported at once as
+//!   [`PoolError::Connect`] with the connector's error, never as a timeout.
+//! - **No stale connections**: idle connections are checked at checkout (for TCP, the
+//!   socket state: a peer's FIN or RST, or unread bytes, close it), closed after
+//!   `idle_timeout` and `max_lifetime`, and validated in the background with an optional
+//!   [`Probe`](marina_core::Probe). An I/O error or EOF seen through a [`Pooled`] closes
+//!   it instead of returning it.
+//! - **Background upkeep**: one task per pool warms up to `min_idle`, refills, evicts and
+//!   health-checks; it ends when the last handle is dropped.
+//! - **Visible**: [`Pool::stats`] (gauges, counters, per-connection details), `tracing`
+//!   events, and `metrics` counters and gauges with the `metrics` feature.
+//! - **Cancel safe** at every await point: a dropped `get()` leaves no slot, waiter or
+//!   half-made connection behind.
+//!
+//! Also here: [`KeyedPool`] (one pool per target, bounded), [`PoolService`] (a
+//! request-level service over a pool of clients, with [`tower::load::Load`]), and
+//! [`Config`] with presets, Little's-law sizing ([`Config::for_load`]) and validation.
+//!
+//! # Examples
+//!
+//! ```
+//! use std::time::Duration;
+//! use marina_pool::{Config, Pool, PoolError, TcpConnector};
+//! use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! # let addr = listener.local_addr()?;
+//! # tokio::spawn(async move { loop {
+//! #     let (mut s, _) = listener.accept().await.unwrap();
+//! #     tokio::spawn(async move { let (mut r, mut w) = s.split(); let _ = tokio::io::copy(&mut r, &mut w).await; });
+//! # } });
+//! let pool = Pool::builder()
+//!     .config(Config::balanced())
+//!     .min_idle(2)
+//!     .idle_timeout(Duration::from_secs(50)) // below the server's keep-alive
+//!     .build(TcpConnector::new(), addr)?;
+//! pool.ready_min().await?; // two connections are open and idle
+//!
+//! let mut conn = pool.get().await?;
+//! conn.write_all(b"hello\n").await?;
+//! let mut line = String::new();
+//! BufReader::new(&mut *conn).read_line(&mut line).await?;
+//! assert_eq!(line, "hello\n");
+//! drop(conn);
+//!
+//! let stats = pool.stats();
+//! assert_eq!(stats.active, 0);
+//! assert!(stats.idle >= 2); // min_idle counts idle connections: refilled while one was out
+//! pool.close().await;
+//! assert!(matches!(pool.get().await, Err(PoolError::Closed)));
+//! # Ok(()) }
+//! ```
+//!
+//! As a `MakeConnection`:
+//!
+//! ```
+//! use marina_pool::{Pool, TcpConnector};
+//! use tower::make::MakeConnection;
+//!
+//! fn takes_a_connector<M: MakeConnection<std::net::SocketAddr>>(_: M) {}
+//!
+//! # fn main() -> Result<(), marina_pool::PoolError> {
+//! let addr = "127.0.0.1:7000".parse().unwrap();
+//! takes_a_connector(Pool::builder().build(TcpConnector::new(), addr)?);
+//! # Ok(()) }
+//! ```
+//!
+//! # Cargo features
+//!
+//! - `hyper`: hyper's `rt::Read`/`rt::Write` and hyper-util's `Connection` for [`Pooled`].
+//! - `metrics`: counters and gauges through the `metrics` facade
+//!   (`marina_pool_connections_created_total`, `…_closed_total{reason}`,
+//!   `…_evicted_total`, `marina_pool_timeouts_total`, `marina_pool_connect_errors_total`,
+//!   `marina_pool_connections{state}`, `marina_pool_waiting`), labelled by pool name.
+#![forbid(unsafe_code)]
+
+mod check;
+mod config;
+mod error;
+mod keyed;
+mod pool;
+mod pooled;
+mod service;
+mod slots;
+mod stats;
+mod sync;
+mod tcp;
+
+#[cfg(all(test, loom))]
+mod loom_tests;
+
+pub use check::socket_is_open;
+pub use config::{Config, Problem, Reuse, Validation};
+pub use error::{ConnectTimeout, PoolError};
+pub use keyed::KeyedPool;
+pub use pool::{Builder, Pool, PoolFuture};
+pub use pooled::Pooled;
+pub use service::{PoolService, ResponseFuture};
+pub use stats::{ConnStats, PoolStats};
+pub use tcp::{ConnectError, ConnectFuture, TcpConnector};

@@ -1,0 +1,181 @@
+//! `PoolService`: request-level service over a pool of services.
+
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::task::{Context, Poll};
+
+use marina_core::BoxError;
+use tower::load::Load;
+use tower_service::Service;
+
+use crate::Pool;
+
+/// A `Service<Req>` over a pool whose items are themselves `Service<Req>` (an echo line
+/// client, a hyper `SendRequest`): each call checks a client out, calls it, and returns
+/// it once the response future completes.
+///
+/// A client whose `poll_ready` or call fails, or whose call is cancelled before its
+/// response arrives (the request future dropped mid-way), is closed rather than reused:
+/// it may be in the middle of the protocol.
+///
+/// Implements [`tower::load::Load`] with the number of requests in flight, so any load
+/// balancer (tower's p2c, marina-balance) can use it as an endpoint.
+///
+/// Errors are [`BoxError`]s holding a [`PoolError`](crate::PoolError) (checkout failed)
+/// or the client's own error.
+///
+/// # Examples
+///
+/// ```
+/// use marina_pool::{Pool, PoolService};
+/// use tower::{Service, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), marina_core::BoxError> {
+/// // A "connector" whose connections are services (here: trivial in-memory ones).
+/// let connector = service_fn(|_target: &'static str| async {
+///     Ok::<_, std::io::Error>(service_fn(|req: u32| async move { Ok::<_, std::io::Error>(req * 2) }))
+/// });
+/// let pool = Pool::builder().max_size(2).build(connector, "memory")?;
+/// let mut svc = PoolService::new(pool.clone());
+/// assert_eq!(svc.ready().await?.call(21).await?, 42);
+/// assert_eq!(pool.stats().idle, 1); // the client went back to the pool
+/// # Ok(()) }
+/// ```
+pub struct PoolService<C, T>
+where
+    C: Service<T>,
+{
+    pool: Pool<C, T>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl<C, T> PoolService<C, T>
+where
+    C: Service<T>,
+{
+    /// Serves requests through clients checked out of `pool`.
+    pub fn new(pool: Pool<C, T>) -> Self {
+        PoolService {
+            pool,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The pool behind this service.
+    pub fn pool(&self) -> &Pool<C, T> {
+        &self.pool
+    }
+
+    /// Requests in flight now (the [`Load`] metric).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Relaxed)
+    }
+}
+
+impl<C, T> Clone for PoolService<C, T>
+where
+    C: Service<T>,
+{
+    fn clone(&self) -> Self {
+        PoolService {
+            pool: self.pool.clone(),
+            in_flight: self.in_flight.clone(),
+        }
+    }
+}
+
+impl<C, T> fmt::Debug for PoolService<C, T>
+where
+    C: Service<T>,
+    T: fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolService")
+            .field("pool", &self.pool)
+            .field("in_flight", &self.in_flight.load(Relaxed))
+            .finish()
+    }
+}
+
+impl<C, T> Load for PoolService<C, T>
+where
+    C: Service<T>,
+{
+    type Metric = usize;
+
+    fn load(&self) -> usize {
+        self.in_flight.load(Relaxed)
+    }
+}
+
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+impl<C, T, Req> Service<Req> for PoolService<C, T>
+where
+    C: Service<T> + Clone + Send + Sync + 'static,
+    C::Response: Service<Req> + Send + 'static,
+    <C::Response as Service<Req>>::Error: Into<BoxError>,
+    <C::Response as Service<Req>>::Future: Send,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+    T: Clone + fmt::Debug + Send + Sync + 'static,
+    Req: Send + 'static,
+{
+    type Response = <C::Response as Service<Req>>::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<Self::Response>;
+
+    /// Always ready: the checkout (and its wait) happens in the call, bounded by the
+    /// pool's `acquire_timeout`.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        self.in_flight.fetch_add(1, Relaxed);
+        let guard = InFlight(self.in_flight.clone());
+        let pool = self.pool.clone();
+        ResponseFuture {
+            inner: Box::pin(async move {
+                let _guard = guard;
+                let mut conn = pool.get().await?;
+                // Broken until proven otherwise: if this future is dropped before the
+                // response arrives, the client is closed, not reused mid-protocol.
+                conn.mark_broken();
+                poll_fn(|cx| conn.poll_ready(cx)).await.map_err(Into::into)?;
+                let resp = conn.call(req).await.map_err(Into::into)?;
+                conn.set_healthy();
+                Ok(resp)
+            }),
+        }
+    }
+}
+
+/// The future of [`PoolService`]'s calls.
+pub struct ResponseFuture<R> {
+    inner: Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>,
+}
+
+impl<R> fmt::Debug for ResponseFuture<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<R> Future for ResponseFuture<R> {
+    type Output = Result<R, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}

@@ -1,0 +1,388 @@
+//! Slot accounting: the small concurrent core of the pool.
+//!
+//! A *slot* is the right to own one connection. `open` counts slots taken: idle
+//! connections, checked-out connections and connects in flight. `open <= max` holds
+//! except right after a shrink, when it only ever decreases until it fits again.
+//!
+//! Everything sits behind one mutex, held for a handful of instructions: the idle
+//! queue, the counters and the FIFO queue of waiters. A connection put back while
+//! someone waits goes straight to the oldest waiter (no barging: a newcomer never takes
+//! it first), and a slot freed while someone waits becomes that waiter's permission to
+//! connect. Because the decision "take or queue" and the decision "hand off or keep"
+//! are made under the same lock, no wake-up can be lost.
+//!
+//! Cancelled waiters are marked, not searched for; they are skipped when popped and the
+//! queue is compacted when dead entries outnumber live ones, so it stays bounded by
+//! twice the live waiters.
+
+use std::collections::VecDeque;
+use std::task::{Context, Poll, Waker};
+
+use crate::sync::{Arc, Mutex, lock};
+
+/// What an acquirer receives.
+#[derive(Debug)]
+pub(crate) enum Grant<E> {
+    /// An idle connection, now checked out.
+    Idle(E),
+    /// A slot with no connection: the holder must connect, then `put` the connection
+    /// or `release` the slot.
+    Create,
+}
+
+/// The pool is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Closed;
+
+pub(crate) struct Slots<E> {
+    state: Mutex<State<E>>,
+}
+
+struct State<E> {
+    idle: VecDeque<E>,
+    lifo: bool,
+    max: usize,
+    open: usize,
+    waiters: VecDeque<Arc<Waiter<E>>>,
+    waiting: usize,
+    /// Slots reserved by background refill whose connects are still in flight.
+    refilling: usize,
+    closed: bool,
+}
+
+/// A queued acquirer.
+pub(crate) struct Waiter<E> {
+    inner: Mutex<WaiterState<E>>,
+}
+
+struct WaiterState<E> {
+    waker: Option<Waker>,
+    grant: Option<Grant<E>>,
+    cancelled: bool,
+    closed: bool,
+}
+
+/// A point-in-time view of the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Snapshot {
+    pub(crate) open: usize,
+    pub(crate) idle: usize,
+    pub(crate) waiting: usize,
+    pub(crate) refilling: usize,
+    pub(crate) max: usize,
+    pub(crate) closed: bool,
+}
+
+/// Wakers collected under the lock, woken after it is released.
+type Wakeups = Vec<Waker>;
+
+fn wake_all(wakers: Wakeups) {
+    for w in wakers {
+        w.wake();
+    }
+}
+
+impl<E> Slots<E> {
+    pub(crate) fn new(max: usize, lifo: bool) -> Self {
+        Slots {
+            state: Mutex::new(State {
+                idle: VecDeque::new(),
+                lifo,
+                max,
+                open: 0,
+                waiters: VecDeque::new(),
+                waiting: 0,
+                refilling: 0,
+                closed: false,
+            }),
+        }
+    }
+
+    /// Takes an idle connection or a free slot without waiting. `Ok(None)` when the
+    /// pool is exhausted or others already wait (they go first).
+    pub(crate) fn try_acquire(&self) -> Result<Option<Grant<E>>, Closed> {
+        let mut st = lock(&self.state);
+        st.take()
+    }
+
+    /// Like [`try_acquire`](Self::try_acquire), but queues a waiter when nothing is
+    /// free. Deciding and queueing happen under one lock.
+    pub(crate) fn acquire_or_wait(&self) -> Result<Result<Grant<E>, Arc<Waiter<E>>>, Closed> {
+        let mut st = lock(&self.state);
+        if let Some(g) = st.take()? {
+            return Ok(Ok(g));
+        }
+        if st.waiters.len() >= 2 * st.waiting + 16 {
+            st.waiters.retain(|w| !lock(&w.inner).cancelled);
+        }
+        let w = Arc::new(Waiter {
+            inner: Mutex::new(WaiterState {
+                waker: None,
+                grant: None,
+                cancelled: false,
+                closed: false,
+            }),
+        });
+        st.waiters.push_back(w.clone());
+        st.waiting += 1;
+        Ok(Err(w))
+    }
+
+    /// Polls a queued waiter for its grant.
+    pub(crate) fn poll_waiter(&self, w: &Waiter<E>, cx: &mut Context<'_>) -> Poll<Result<Grant<E>, Closed>> {
+        let mut ws = lock(&w.inner);
+        if let Some(g) = ws.grant.take() {
+            return Poll::Ready(Ok(g));
+        }
+        if ws.closed {
+            return Poll::Ready(Err(Closed));
+        }
+        match &ws.waker {
+            Some(old) if old.will_wake(cx.waker()) => {}
+            _ => ws.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Withdraws a waiter that will not be polled again. A grant it already received
+    /// is passed on (to the next waiter, or back to the idle queue), so nothing leaks.
+    /// Returns a connection that must be destroyed, if passing it on was not possible.
+    pub(crate) fn cancel(&self, w: &Waiter<E>) -> Option<E> {
+        let mut wakeups = Wakeups::new();
+        let mut st = lock(&self.state);
+        let grant = {
+            let mut ws = lock(&w.inner);
+            if ws.cancelled {
+                return None;
+            }
+            ws.cancelled = true;
+            let g = ws.grant.take();
+            if g.is_none() && !ws.closed {
+                st.waiting -= 1;
+            }
+            g
+        };
+        let out = match grant {
+            Some(Grant::Idle(e)) => st.put(e, &mut wakeups),
+            Some(Grant::Create) => {
+                st.release(&mut wakeups);
+                None
+            }
+            None => None,
+        };
+        drop(st);
+        wake_all(wakeups);
+        out
+    }
+
+    /// Returns a checked-out connection. Handed to the oldest waiter, or queued idle.
+    /// Returns it back when the pool is closed or over its size: the caller destroys it.
+    pub(crate) fn put(&self, e: E) -> Option<E> {
+        let mut wakeups = Wakeups::new();
+        let out = lock(&self.state).put(e, &mut wakeups);
+        wake_all(wakeups);
+        out
+    }
+
+    /// Gives up a slot whose connection is gone (destroyed, or a connect that failed).
+    pub(crate) fn release(&self) {
+        let mut wakeups = Wakeups::new();
+        lock(&self.state).release(&mut wakeups);
+        wake_all(wakeups);
+    }
+
+    /// Reserves a slot for a background connect (warm-up, refill) while fewer than
+    /// `min_idle` connections are idle or being refilled, the pool has room and nobody
+    /// waits. The caller ends the reservation with [`refilled`](Self::refilled).
+    pub(crate) fn try_reserve_refill(&self, min_idle: usize) -> bool {
+        let mut st = lock(&self.state);
+        if st.closed
+            || st.waiting > 0
+            || st.open >= st.max
+            || st.idle.len() + st.refilling >= min_idle
+        {
+            return false;
+        }
+        st.open += 1;
+        st.refilling += 1;
+        true
+    }
+
+    /// Ends a refill reservation: with a connection (queued idle, or handed to a waiter;
+    /// returned back if it must be destroyed) or without one (the slot is freed).
+    pub(crate) fn refilled(&self, e: Option<E>) -> Option<E> {
+        let mut wakeups = Wakeups::new();
+        let mut st = lock(&self.state);
+        st.refilling -= 1;
+        let out = match e {
+            Some(e) => st.put(e, &mut wakeups),
+            None => {
+                st.release(&mut wakeups);
+                None
+            }
+        };
+        drop(st);
+        wake_all(wakeups);
+        out
+    }
+
+    /// Removes idle connections for which `evict` returns true, freeing their slots.
+    /// The removed connections are returned for the caller to destroy.
+    pub(crate) fn evict_idle(&self, mut evict: impl FnMut(&E) -> bool) -> Vec<E> {
+        let mut wakeups = Wakeups::new();
+        let mut st = lock(&self.state);
+        let mut out = Vec::new();
+        let mut keep = VecDeque::with_capacity(st.idle.len());
+        while let Some(e) = st.idle.pop_front() {
+            if evict(&e) { out.push(e) } else { keep.push_back(e) }
+        }
+        st.idle = keep;
+        for _ in 0..out.len() {
+            st.release(&mut wakeups);
+        }
+        drop(st);
+        wake_all(wakeups);
+        out
+    }
+
+    /// Checks out up to `n` idle connections (oldest-returned first) that satisfy
+    /// `pick`, keeping their slots: the caller probes them and then `put`s or `release`s
+    /// each one.
+    pub(crate) fn take_idle(&self, n: usize, mut pick: impl FnMut(&E) -> bool) -> Vec<E> {
+        let mut st = lock(&self.state);
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < st.idle.len() && out.len() < n {
+            if pick(&st.idle[i]) {
+                out.extend(st.idle.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// Changes the maximum. Growing lets waiters connect at once; shrinking drops idle
+    /// connections over the new size (returned for destruction) and destroys checked-out
+    /// ones as they come back until the pool fits.
+    pub(crate) fn resize(&self, max: usize) -> Vec<E> {
+        let mut wakeups = Wakeups::new();
+        let mut st = lock(&self.state);
+        st.max = max;
+        let mut out = Vec::new();
+        while st.open > st.max {
+            let Some(e) = st.pop_idle() else { break };
+            st.open -= 1;
+            out.push(e);
+        }
+        st.grant_slots(&mut wakeups);
+        drop(st);
+        wake_all(wakeups);
+        out
+    }
+
+    /// Closes: waiters are woken with `Closed`, later acquires fail, idle connections
+    /// are returned for destruction.
+    pub(crate) fn close(&self) -> Vec<E> {
+        let mut wakeups = Wakeups::new();
+        let mut st = lock(&self.state);
+        st.closed = true;
+        let idle: Vec<E> = st.idle.drain(..).collect();
+        st.open -= idle.len();
+        for w in st.waiters.drain(..) {
+            let mut ws = lock(&w.inner);
+            if !ws.cancelled {
+                ws.closed = true;
+                wakeups.extend(ws.waker.take());
+            }
+        }
+        st.waiting = 0;
+        drop(st);
+        wake_all(wakeups);
+        idle
+    }
+
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let st = lock(&self.state);
+        Snapshot {
+            open: st.open,
+            idle: st.idle.len(),
+            waiting: st.waiting,
+            refilling: st.refilling,
+            max: st.max,
+            closed: st.closed,
+        }
+    }
+
+    /// Calls `f` on each idle connection (for stats), under the lock.
+    pub(crate) fn for_each_idle(&self, mut f: impl FnMut(&E)) {
+        let st = lock(&self.state);
+        st.idle.iter().for_each(&mut f);
+    }
+}
+
+impl<E> State<E> {
+    fn take(&mut self) -> Result<Option<Grant<E>>, Closed> {
+        if self.closed {
+            return Err(Closed);
+        }
+        if self.waiting > 0 {
+            return Ok(None);
+        }
+        if let Some(e) = self.pop_idle() {
+            return Ok(Some(Grant::Idle(e)));
+        }
+        if self.open < self.max {
+            self.open += 1;
+            return Ok(Some(Grant::Create));
+        }
+        Ok(None)
+    }
+
+    fn pop_idle(&mut self) -> Option<E> {
+        if self.lifo { self.idle.pop_back() } else { self.idle.pop_front() }
+    }
+
+    fn put(&mut self, e: E, wakeups: &mut Wakeups) -> Option<E> {
+        if self.closed || self.open > self.max {
+            self.open -= 1;
+            self.grant_slots(wakeups);
+            return Some(e);
+        }
+        while let Some(w) = self.waiters.pop_front() {
+            let mut ws = lock(&w.inner);
+            if ws.cancelled {
+                continue;
+            }
+            self.waiting -= 1;
+            ws.grant = Some(Grant::Idle(e));
+            wakeups.extend(ws.waker.take());
+            return None;
+        }
+        self.idle.push_back(e);
+        None
+    }
+
+    fn release(&mut self, wakeups: &mut Wakeups) {
+        self.open -= 1;
+        self.grant_slots(wakeups);
+    }
+
+    /// Turns free capacity into `Create` grants for the oldest live waiters.
+    fn grant_slots(&mut self, wakeups: &mut Wakeups) {
+        if self.closed {
+            return;
+        }
+        while self.open < self.max {
+            let Some(w) = self.waiters.pop_front() else { return };
+            let mut ws = lock(&w.inner);
+            if ws.cancelled {
+                continue;
+            }
+            self.waiting -= 1;
+            self.open += 1;
+            ws.grant = Some(Grant::Create);
+            wakeups.extend(ws.waker.take());
+        }
+    }
+}
