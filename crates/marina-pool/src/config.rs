@@ -202,7 +202,10 @@ impl Config {
         if self.min_idle > self.max_size {
             v.error(
                 "min_idle",
-                format!("{} is larger than max_size {}", self.min_idle, self.max_size),
+                format!(
+                    "{} is larger than max_size {}",
+                    self.min_idle, self.max_size
+                ),
             );
         }
         if self.max_connecting == 0 {
@@ -225,7 +228,10 @@ impl Config {
                 v.error(field, "must not be zero (use None to disable)".into());
             }
         }
-        if let Some(d) = self.acquire_timeout.filter(|d| !d.is_zero() && *d < secs(1)) {
+        if let Some(d) = self
+            .acquire_timeout
+            .filter(|d| !d.is_zero() && *d < secs(1))
+        {
             v.advise(
                 "acquire_timeout",
                 format!("{d:?} is under 1 s: short bursts will fail with Timeout"),
@@ -237,7 +243,10 @@ impl Config {
                 "None waits for ever when the backend stalls".into(),
             );
         }
-        if let Some(d) = self.health_check_interval.filter(|d| !d.is_zero() && *d < secs(10)) {
+        if let Some(d) = self
+            .health_check_interval
+            .filter(|d| !d.is_zero() && *d < secs(10))
+        {
             v.advise(
                 "health_check_interval",
                 format!("{d:?} is under 10 s: probes add load on the backend"),
@@ -250,15 +259,6 @@ impl Config {
                     format!("{idle:?} is not below max_lifetime {life:?}, so it never applies"),
                 );
             }
-        }
-        if self.max_connecting > self.max_size && self.max_size > 0 {
-            v.advise(
-                "max_connecting",
-                format!(
-                    "{} is above max_size {}: at most max_size connects can run",
-                    self.max_connecting, self.max_size
-                ),
-            );
         }
         v
     }
@@ -374,7 +374,11 @@ mod tests {
 
     #[test]
     fn min_above_max_is_an_error_and_advisories_alone_are_ok() {
-        let v = Config { min_idle: 21, ..Config::balanced() }.validate();
+        let v = Config {
+            min_idle: 21,
+            ..Config::balanced()
+        }
+        .validate();
         assert_eq!(v.errors.len(), 1);
         let v = Config {
             acquire_timeout: Some(Duration::from_millis(500)),

@@ -50,7 +50,9 @@ impl PoolError {
 impl fmt::Display for PoolError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PoolError::Timeout(d) => write!(f, "timed out after {d:?} waiting for a pooled connection"),
+            PoolError::Timeout(d) => {
+                write!(f, "timed out after {d:?} waiting for a pooled connection")
+            }
             PoolError::Connect(e) => write!(f, "pool failed to connect: {e}"),
             PoolError::Closed => f.write_str("pool is closed"),
             PoolError::Invalid(problems) => {
@@ -61,7 +63,10 @@ impl fmt::Display for PoolError {
                 Ok(())
             }
             PoolError::WrongTarget => f.write_str("pool was asked for a target other than its own"),
-            PoolError::TooManyTargets(n) => write!(f, "keyed pool already holds its maximum of {n} targets, all in use"),
+            PoolError::TooManyTargets(n) => write!(
+                f,
+                "keyed pool already holds its maximum of {n} targets, all in use"
+            ),
         }
     }
 }
@@ -86,7 +91,11 @@ pub struct ConnectTimeout {
 
 impl fmt::Display for ConnectTimeout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "connect to {} timed out after {:?}", self.target, self.timeout)
+        write!(
+            f,
+            "connect to {} timed out after {:?}",
+            self.target, self.timeout
+        )
     }
 }
 

@@ -84,7 +84,7 @@ where
     T: fmt::Debug,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let map = crate::sync::lock(&self.inner.map);
+        let map = crate::sync::lock_std(&self.inner.map);
         f.debug_struct("KeyedPool")
             .field("targets", &map.pools.keys().collect::<Vec<_>>())
             .field("max_targets", &self.max_targets)
@@ -128,7 +128,7 @@ where
 
     /// The pool for `target`, created if needed.
     pub fn pool(&self, target: &T) -> Result<Pool<C, T>, PoolError> {
-        let mut map = crate::sync::lock(&self.inner.map);
+        let mut map = crate::sync::lock_std(&self.inner.map);
         map.calls += 1;
         if map.calls % 256 == 0 {
             sweep(&mut map.pools);
@@ -152,7 +152,7 @@ where
 
     /// The number of targets with a pool now.
     pub fn len(&self) -> usize {
-        crate::sync::lock(&self.inner.map).pools.len()
+        crate::sync::lock_std(&self.inner.map).pools.len()
     }
 
     /// True when no target has a pool.
@@ -162,7 +162,7 @@ where
 
     /// Stats of every target's pool.
     pub fn stats(&self) -> Vec<(T, PoolStats)> {
-        let pools: Vec<_> = crate::sync::lock(&self.inner.map)
+        let pools: Vec<_> = crate::sync::lock_std(&self.inner.map)
             .pools
             .iter()
             .map(|(t, p)| (t.clone(), p.clone()))
@@ -172,7 +172,7 @@ where
 
     /// Drops the pools of targets that hold no connection and no waiter.
     pub fn sweep(&self) {
-        sweep(&mut crate::sync::lock(&self.inner.map).pools);
+        sweep(&mut crate::sync::lock_std(&self.inner.map).pools);
     }
 
     /// Closes every target's pool (see [`Pool::close`]) and forgets them.
@@ -182,7 +182,11 @@ where
     /// Cancel safe: every pool is closed before the first await; dropping the future
     /// only stops waiting for checked-out connections to come back.
     pub async fn close(&self) {
-        let pools: Vec<_> = crate::sync::lock(&self.inner.map).pools.drain().map(|(_, p)| p).collect();
+        let pools: Vec<_> = crate::sync::lock_std(&self.inner.map)
+            .pools
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
         for p in &pools {
             p.begin_close();
         }

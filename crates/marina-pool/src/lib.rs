@@ -88,28 +88,38 @@
 //!   `…_evicted_total`, `marina_pool_timeouts_total`, `marina_pool_connect_errors_total`,
 //!   `marina_pool_connections{state}`, `marina_pool_waiting`), labelled by pool name.
 #![forbid(unsafe_code)]
+// Under `--cfg loom` only the slot accounting and its models are built (tokio's
+// networking does not build under loom).
+#![cfg_attr(loom, allow(dead_code, unused_imports))]
 
-mod check;
-mod config;
-mod error;
-mod keyed;
-mod pool;
-mod pooled;
-mod service;
 mod slots;
-mod stats;
 mod sync;
-mod tcp;
 
 #[cfg(all(test, loom))]
 mod loom_tests;
 
-pub use check::socket_is_open;
-pub use config::{Config, Problem, Reuse, Validation};
-pub use error::{ConnectTimeout, PoolError};
-pub use keyed::KeyedPool;
-pub use pool::{Builder, Pool, PoolFuture};
-pub use pooled::Pooled;
-pub use service::{PoolService, ResponseFuture};
-pub use stats::{ConnStats, PoolStats};
-pub use tcp::{ConnectError, ConnectFuture, TcpConnector};
+macro_rules! not_loom {
+    ($($item:item)*) => { $( #[cfg(not(loom))] $item )* };
+}
+
+not_loom! {
+    mod check;
+    mod config;
+    mod error;
+    mod keyed;
+    mod pool;
+    mod pooled;
+    mod service;
+    mod stats;
+    mod tcp;
+
+    pub use check::socket_is_open;
+    pub use config::{Config, Problem, Reuse, Validation};
+    pub use error::{ConnectTimeout, PoolError};
+    pub use keyed::KeyedPool;
+    pub use pool::{Builder, Pool, PoolFuture};
+    pub use pooled::Pooled;
+    pub use service::{PoolService, ResponseFuture};
+    pub use stats::{ConnStats, PoolStats};
+    pub use tcp::{ConnectError, ConnectFuture, TcpConnector};
+}

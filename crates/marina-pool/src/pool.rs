@@ -67,7 +67,10 @@ impl Reason {
     }
 
     fn is_eviction(self) -> bool {
-        matches!(self, Reason::IdleTimeout | Reason::Lifetime | Reason::HealthCheck)
+        matches!(
+            self,
+            Reason::IdleTimeout | Reason::Lifetime | Reason::HealthCheck
+        )
     }
 }
 
@@ -178,7 +181,11 @@ impl<X> Core<X> {
         }
         e.meta.returned_ms.store(now, Relaxed);
         if let Some(e) = self.slots.put(e) {
-            let reason = if self.slots.snapshot().closed { Reason::Closed } else { Reason::Shrunk };
+            let reason = if self.slots.snapshot().closed {
+                Reason::Closed
+            } else {
+                Reason::Shrunk
+            };
             self.retire(e, reason, false);
         }
     }
@@ -207,7 +214,7 @@ impl<X> Core<X> {
     }
 
     pub(crate) fn forget(&self, meta: &ConnMeta) {
-        crate::sync::lock(&self.registry).remove(&meta.id);
+        crate::sync::lock_std(&self.registry).remove(&meta.id);
         self.counters
             .retired_uses
             .fetch_add(meta.uses.load(Relaxed), Relaxed);
@@ -223,11 +230,12 @@ impl<X> Core<X> {
             uses: AtomicU64::new(0),
             errors: AtomicU64::new(0),
         });
-        crate::sync::lock(&self.registry).insert(meta.id, meta.clone());
+        crate::sync::lock_std(&self.registry).insert(meta.id, meta.clone());
         self.counters.created.fetch_add(1, Relaxed);
         tracing::debug!(pool = %self.name, id = meta.id, "connection opened");
         #[cfg(feature = "metrics")]
-        metrics::counter!("marina_pool_connections_created_total", "pool" => self.name.to_string()).increment(1);
+        metrics::counter!("marina_pool_connections_created_total", "pool" => self.name.to_string())
+            .increment(1);
         Entry { conn, meta }
     }
 
@@ -242,7 +250,7 @@ impl<X> Core<X> {
         self.slots.for_each_idle(|e| idle_ids.push(e.meta.id));
         let now = Instant::now();
         let now_ms = self.clock.refresh();
-        let registry = crate::sync::lock(&self.registry);
+        let registry = crate::sync::lock_std(&self.registry);
         let mut acquired = self.counters.retired_uses.load(Relaxed);
         let mut connections: Vec<ConnStats> = registry
             .values()
@@ -460,7 +468,6 @@ where
         let s = self.inner.core.slots.snapshot();
         s.open == 0 && s.waiting == 0
     }
-
 }
 
 impl Pool<crate::TcpConnector, std::net::SocketAddr> {
@@ -604,7 +611,10 @@ where
         }
     }
 
-    async fn get_slow(&self, first: Option<Grant<Entry<C::Response>>>) -> Result<Pooled<C::Response>, PoolError> {
+    async fn get_slow(
+        &self,
+        first: Option<Grant<Entry<C::Response>>>,
+    ) -> Result<Pooled<C::Response>, PoolError> {
         self.start_maintenance();
         let core = &self.inner.core;
         core.clock.refresh();
@@ -624,7 +634,10 @@ where
         }
     }
 
-    async fn wait_or_connect(&self, mut grant: Option<Grant<Entry<C::Response>>>) -> Result<Pooled<C::Response>, PoolError> {
+    async fn wait_or_connect(
+        &self,
+        mut grant: Option<Grant<Entry<C::Response>>>,
+    ) -> Result<Pooled<C::Response>, PoolError> {
         let core = &self.inner.core;
         loop {
             let g = match grant.take() {
@@ -632,9 +645,12 @@ where
                 None => match core.slots.acquire_or_wait() {
                     Err(Closed) => return Err(PoolError::Closed),
                     Ok(Ok(g)) => g,
-                    Ok(Err(w)) => Wait { core, waiter: Some(w) }
-                        .await
-                        .map_err(|Closed| PoolError::Closed)?,
+                    Ok(Err(w)) => Wait {
+                        core,
+                        waiter: Some(w),
+                    }
+                    .await
+                    .map_err(|Closed| PoolError::Closed)?,
                 },
             };
             match g {
@@ -964,8 +980,10 @@ where
         {
             let s = inner.core.stats();
             let name = inner.core.name.to_string();
-            metrics::gauge!("marina_pool_connections", "pool" => name.clone(), "state" => "idle").set(s.idle as f64);
-            metrics::gauge!("marina_pool_connections", "pool" => name.clone(), "state" => "active").set(s.active as f64);
+            metrics::gauge!("marina_pool_connections", "pool" => name.clone(), "state" => "idle")
+                .set(s.idle as f64);
+            metrics::gauge!("marina_pool_connections", "pool" => name.clone(), "state" => "active")
+                .set(s.active as f64);
             metrics::gauge!("marina_pool_connections", "pool" => name.clone(), "state" => "connecting").set(s.connecting as f64);
             metrics::gauge!("marina_pool_waiting", "pool" => name).set(s.waiting as f64);
         }
@@ -975,7 +993,9 @@ where
 fn type_mismatch(hook: &str) -> PoolError {
     PoolError::Invalid(vec![Problem {
         field: if hook == "probe" { "probe" } else { "check" },
-        message: format!("the {hook} was written for another connection type than the connector makes"),
+        message: format!(
+            "the {hook} was written for another connection type than the connector makes"
+        ),
     }])
 }
 
@@ -1132,7 +1152,9 @@ pub struct PoolFuture<X> {
 }
 
 impl<X> PoolFuture<X> {
-    pub(crate) fn new(f: impl Future<Output = Result<Pooled<X>, PoolError>> + Send + 'static) -> Self {
+    pub(crate) fn new(
+        f: impl Future<Output = Result<Pooled<X>, PoolError>> + Send + 'static,
+    ) -> Self {
         PoolFuture { inner: Box::pin(f) }
     }
 }

@@ -51,11 +51,15 @@ impl<X> Pooled<X> {
     }
 
     fn entry(&self) -> &Entry<X> {
-        self.entry.as_ref().expect("Pooled used after being taken apart")
+        self.entry
+            .as_ref()
+            .expect("Pooled used after being taken apart")
     }
 
     fn entry_mut(&mut self) -> &mut Entry<X> {
-        self.entry.as_mut().expect("Pooled used after being taken apart")
+        self.entry
+            .as_mut()
+            .expect("Pooled used after being taken apart")
     }
 
     /// Closes the connection instead of returning it to the pool, now. Its slot is freed
@@ -82,7 +86,10 @@ impl<X> Pooled<X> {
     /// Takes the connection out of the pool for good. The pool forgets it and frees its
     /// slot; the caller owns the connection.
     pub fn detach(mut self) -> X {
-        let Entry { conn, meta } = self.entry.take().expect("Pooled used after being taken apart");
+        let Entry { conn, meta } = self
+            .entry
+            .take()
+            .expect("Pooled used after being taken apart");
         let core = &self.core;
         core.forget(&meta);
         core.counters.destroyed.fetch_add(1, Relaxed);
@@ -150,7 +157,11 @@ impl<X> Pooled<X> {
 }
 
 impl<X: AsyncRead + Unpin> AsyncRead for Pooled<X> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let wanted = buf.remaining() > 0;
@@ -165,7 +176,11 @@ impl<X: AsyncRead + Unpin> AsyncRead for Pooled<X> {
 }
 
 impl<X: AsyncWrite + Unpin> AsyncWrite for Pooled<X> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = this.io().poll_write(cx, buf);
         this.observe(&r);
@@ -212,7 +227,11 @@ mod hyper_io {
     use hyper_util::client::legacy::connect::{Connected, Connection};
 
     impl<X: Read + Unpin> Read for Pooled<X> {
-        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: ReadBufCursor<'_>,
+        ) -> Poll<io::Result<()>> {
             let this = self.get_mut();
             let r = Read::poll_read(this.io(), cx, buf);
             this.observe(&r);
@@ -221,7 +240,11 @@ mod hyper_io {
     }
 
     impl<X: Write + Unpin> Write for Pooled<X> {
-        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
             let this = self.get_mut();
             let r = Write::poll_write(this.io(), cx, buf);
             this.observe(&r);

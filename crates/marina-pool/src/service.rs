@@ -152,7 +152,9 @@ where
                 // Broken until proven otherwise: if this future is dropped before the
                 // response arrives, the client is closed, not reused mid-protocol.
                 conn.mark_broken();
-                poll_fn(|cx| conn.poll_ready(cx)).await.map_err(Into::into)?;
+                poll_fn(|cx| conn.poll_ready(cx))
+                    .await
+                    .map_err(Into::into)?;
                 let resp = conn.call(req).await.map_err(Into::into)?;
                 conn.set_healthy();
                 Ok(resp)

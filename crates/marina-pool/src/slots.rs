@@ -129,7 +129,11 @@ impl<E> Slots<E> {
     }
 
     /// Polls a queued waiter for its grant.
-    pub(crate) fn poll_waiter(&self, w: &Waiter<E>, cx: &mut Context<'_>) -> Poll<Result<Grant<E>, Closed>> {
+    pub(crate) fn poll_waiter(
+        &self,
+        w: &Waiter<E>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Grant<E>, Closed>> {
         let mut ws = lock(&w.inner);
         if let Some(g) = ws.grant.take() {
             return Poll::Ready(Ok(g));
@@ -234,7 +238,11 @@ impl<E> Slots<E> {
         let mut out = Vec::new();
         let mut keep = VecDeque::with_capacity(st.idle.len());
         while let Some(e) = st.idle.pop_front() {
-            if evict(&e) { out.push(e) } else { keep.push_back(e) }
+            if evict(&e) {
+                out.push(e)
+            } else {
+                keep.push_back(e)
+            }
         }
         st.idle = keep;
         for _ in 0..out.len() {
@@ -340,7 +348,11 @@ impl<E> State<E> {
     }
 
     fn pop_idle(&mut self) -> Option<E> {
-        if self.lifo { self.idle.pop_back() } else { self.idle.pop_front() }
+        if self.lifo {
+            self.idle.pop_back()
+        } else {
+            self.idle.pop_front()
+        }
     }
 
     fn put(&mut self, e: E, wakeups: &mut Wakeups) -> Option<E> {
@@ -374,7 +386,9 @@ impl<E> State<E> {
             return;
         }
         while self.open < self.max {
-            let Some(w) = self.waiters.pop_front() else { return };
+            let Some(w) = self.waiters.pop_front() else {
+                return;
+            };
             let mut ws = lock(&w.inner);
             if ws.cancelled {
                 continue;
