@@ -54,9 +54,12 @@ pub struct Config {
     pub connect_timeout: Option<Duration>,
     /// Idle connections older than this (since they were last returned) are closed.
     /// Set it below the server's keep-alive timeout so no stale connection is reused.
+    /// Checked at checkout and by the eviction pass with one-second granularity (the
+    /// hot path reads a clock the background task refreshes every second), erring
+    /// towards closing up to a second early, never handing out a connection late.
     pub idle_timeout: Option<Duration>,
     /// Connections older than this (since they were opened) are closed: when idle, or
-    /// when they come back from a checkout.
+    /// when they come back from a checkout (one-second granularity, like `idle_timeout`).
     pub max_lifetime: Option<Duration>,
     /// How often idle connections are validated in the background (socket state, then
     /// the pool's [`Probe`](marina_core::Probe) if it has one). `None` disables it.

@@ -123,3 +123,6 @@ not_loom! {
     pub use stats::{ConnStats, PoolStats};
     pub use tcp::{ConnectError, ConnectFuture, TcpConnector};
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests;

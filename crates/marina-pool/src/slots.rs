@@ -58,6 +58,8 @@ pub(crate) struct Waiter<E> {
 struct WaiterState<E> {
     waker: Option<Waker>,
     grant: Option<Grant<E>>,
+    /// A grant was assigned (and the waiter left the live count), taken or not.
+    served: bool,
     cancelled: bool,
     closed: bool,
 }
@@ -119,6 +121,7 @@ impl<E> Slots<E> {
             inner: Mutex::new(WaiterState {
                 waker: None,
                 grant: None,
+                served: false,
                 cancelled: false,
                 closed: false,
             }),
@@ -161,7 +164,7 @@ impl<E> Slots<E> {
             }
             ws.cancelled = true;
             let g = ws.grant.take();
-            if g.is_none() && !ws.closed {
+            if !ws.served && !ws.closed {
                 st.waiting -= 1;
             }
             g
@@ -367,6 +370,7 @@ impl<E> State<E> {
                 continue;
             }
             self.waiting -= 1;
+            ws.served = true;
             ws.grant = Some(Grant::Idle(e));
             wakeups.extend(ws.waker.take());
             return None;
@@ -395,8 +399,153 @@ impl<E> State<E> {
             }
             self.waiting -= 1;
             self.open += 1;
+            ws.served = true;
             ws.grant = Some(Grant::Create);
             wakeups.extend(ws.waker.take());
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+
+    fn poll_once(s: &Slots<u32>, w: &Waiter<u32>) -> Poll<Result<Grant<u32>, Closed>> {
+        s.poll_waiter(w, &mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn lifo_and_fifo_reuse_order() {
+        for (lifo, first) in [(true, 2), (false, 1)] {
+            let s = Slots::<u32>::new(2, lifo);
+            assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
+            assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
+            assert!(matches!(s.try_acquire(), Ok(None)));
+            assert!(s.put(1).is_none());
+            assert!(s.put(2).is_none());
+            match s.try_acquire() {
+                Ok(Some(Grant::Idle(e))) => assert_eq!(e, first, "lifo = {lifo}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn waiters_are_served_in_order_and_newcomers_do_not_barge() {
+        let s = Slots::<u32>::new(1, true);
+        assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
+        let waiters: Vec<_> = (0..3)
+            .map(|_| s.acquire_or_wait().unwrap().unwrap_err())
+            .collect();
+        assert_eq!(s.snapshot().waiting, 3);
+        assert!(s.put(10).is_none());
+        // The first waiter got it; a newcomer must not take anything while others wait.
+        assert!(matches!(s.try_acquire(), Ok(None)));
+        assert!(matches!(poll_once(&s, &waiters[1]), Poll::Pending));
+        match poll_once(&s, &waiters[0]) {
+            Poll::Ready(Ok(Grant::Idle(10))) => {}
+            other => panic!("{other:?}"),
+        }
+        // A destroyed connection frees its slot for the next waiter to connect.
+        s.release();
+        assert!(matches!(
+            poll_once(&s, &waiters[1]),
+            Poll::Ready(Ok(Grant::Create))
+        ));
+        assert!(matches!(poll_once(&s, &waiters[2]), Poll::Pending));
+        assert_eq!(s.snapshot().waiting, 1);
+    }
+
+    #[test]
+    fn cancelled_waiter_passes_its_grant_on() {
+        let s = Slots::<u32>::new(1, true);
+        assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
+        let a = s.acquire_or_wait().unwrap().unwrap_err();
+        let b = s.acquire_or_wait().unwrap().unwrap_err();
+        assert!(s.put(5).is_none()); // granted to `a`, who never looks
+        assert!(s.cancel(&a).is_none());
+        match poll_once(&s, &b) {
+            Poll::Ready(Ok(Grant::Idle(5))) => {}
+            other => panic!("{other:?}"),
+        }
+        let snap = s.snapshot();
+        assert_eq!((snap.open, snap.idle, snap.waiting), (1, 0, 0));
+        // Cancelling twice, or after completion, changes nothing.
+        assert!(s.cancel(&a).is_none());
+        assert!(s.cancel(&b).is_none());
+        assert_eq!(s.snapshot().waiting, 0);
+    }
+
+    #[test]
+    fn cancelled_waiters_do_not_pile_up() {
+        let s = Slots::<u32>::new(1, true);
+        assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
+        for _ in 0..10_000 {
+            let w = s.acquire_or_wait().unwrap().unwrap_err();
+            s.cancel(&w);
+        }
+        assert_eq!(s.snapshot().waiting, 0);
+        assert!(lock(&s.state).waiters.len() <= 17);
+    }
+
+    #[test]
+    fn shrink_closes_idle_then_returns_until_it_fits() {
+        let s = Slots::<u32>::new(3, true);
+        for _ in 0..3 {
+            assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
+        }
+        assert!(s.put(1).is_none());
+        let out = s.resize(1);
+        assert_eq!(out, vec![1]);
+        assert_eq!(s.snapshot().open, 2);
+        assert_eq!(s.put(2), Some(2), "over size: destroyed on return");
+        assert!(s.put(3).is_none(), "fits now: kept");
+        let snap = s.snapshot();
+        assert_eq!((snap.open, snap.idle, snap.max), (1, 1, 1));
+        // Growing lets a waiter connect at once.
+        assert!(matches!(s.try_acquire(), Ok(Some(Grant::Idle(3)))));
+        let w = s.acquire_or_wait().unwrap().unwrap_err();
+        assert!(s.resize(2).is_empty());
+        assert!(matches!(poll_once(&s, &w), Poll::Ready(Ok(Grant::Create))));
+    }
+
+    #[test]
+    fn close_rejects_everyone_and_hands_back_idle() {
+        let s = Slots::<u32>::new(2, true);
+        assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
+        assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
+        assert!(s.put(1).is_none());
+        let w = s.acquire_or_wait();
+        assert!(matches!(w, Ok(Ok(Grant::Idle(1)))));
+        let w = s.acquire_or_wait().unwrap().unwrap_err();
+        assert!(s.close().is_empty());
+        assert!(matches!(poll_once(&s, &w), Poll::Ready(Err(Closed))));
+        assert!(matches!(s.try_acquire(), Err(Closed)));
+        assert_eq!(s.put(1), Some(1));
+        s.release();
+        let snap = s.snapshot();
+        assert_eq!(
+            (snap.open, snap.idle, snap.waiting, snap.closed),
+            (0, 0, 0, true)
+        );
+    }
+
+    #[test]
+    fn refill_reserves_only_what_is_missing() {
+        let s = Slots::<u32>::new(4, true);
+        assert!(s.try_reserve_refill(2));
+        assert!(s.try_reserve_refill(2));
+        assert!(!s.try_reserve_refill(2), "two already in flight");
+        assert!(s.refilled(Some(1)).is_none());
+        assert!(s.refilled(None).is_none());
+        let snap = s.snapshot();
+        assert_eq!((snap.open, snap.idle, snap.refilling), (1, 1, 0));
+        assert!(s.try_reserve_refill(2));
+        // Nobody waiting is ever starved by refill: with a waiter queued, refill stops.
+        let s = Slots::<u32>::new(1, true);
+        assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
+        let _w = s.acquire_or_wait().unwrap().unwrap_err();
+        assert!(!s.try_reserve_refill(5));
     }
 }
