@@ -55,8 +55,8 @@ pub struct Config {
     /// Idle connections older than this (since they were last returned) are closed.
     /// Set it below the server's keep-alive timeout so no stale connection is reused.
     /// Checked at checkout and by the eviction pass with one-second granularity (the
-    /// hot path reads a clock the background task refreshes every second), erring
-    /// towards closing up to a second early, never handing out a connection late.
+    /// hot path reads a clock the background task refreshes every second), so keep it
+    /// a few seconds below the server's limit.
     pub idle_timeout: Option<Duration>,
     /// Connections older than this (since they were opened) are closed: when idle, or
     /// when they come back from a checkout (one-second granularity, like `idle_timeout`).
