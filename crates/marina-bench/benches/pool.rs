@@ -27,7 +27,7 @@
 //!
 //! ```text
 //! cargo bench -p marina-bench --bench pool -- [--quick] [--secs S] [--reps R]
-//!     [--workers N] [--mode touch|hold-yield|both] [--pools marina,deadpool,bb8,floor]
+//!     [--workers N] [--mode touch|hold-yield|both] [--pools marina,marina-fifo,deadpool,bb8,floor]
 //!     [--sizes 4,16,64] [--tasks 1,16,256,1024] [--marina-acquire-timeout none|SECS]
 //! ```
 //!
@@ -99,28 +99,53 @@ fn marina_connect(_: ()) -> Ready<io::Result<Conn>> {
     ready(Ok(Conn(0)))
 }
 
-/// `marina_pool::Pool` with `min_idle = max_size`, no expiry, default health checks.
+/// `marina_pool::Pool` with `min_idle = max_size`, no expiry, default health checks,
+/// reusing idle connections LIFO (marina's default).
 struct Marina(marina_pool::Pool<MarinaConnector, ()>);
+
+/// The same with FIFO reuse, the order deadpool, bb8 and the floor use by default.
+struct MarinaFifo(marina_pool::Pool<MarinaConnector, ()>);
+
+async fn build_marina(
+    size: usize,
+    reuse: marina_pool::Reuse,
+) -> marina_pool::Pool<MarinaConnector, ()> {
+    let connect: fn(()) -> Ready<io::Result<Conn>> = marina_connect;
+    let pool = marina_pool::Pool::builder()
+        .max_size(size)
+        .min_idle(size)
+        .no_expiry()
+        .reuse(reuse)
+        .acquire_timeout_opt(*MARINA_ACQUIRE_TIMEOUT.get().unwrap_or(&DEFAULT_TIMEOUT))
+        .build(tower::service_fn(connect), ())
+        .expect("valid marina config");
+    pool.ready_min().await.expect("marina warm-up");
+    pool
+}
 
 impl Contender for Marina {
     const NAME: &'static str = "marina";
     type Guard<'a> = marina_pool::Pooled<Conn>;
 
     async fn build(size: usize) -> Self {
-        let connect: fn(()) -> Ready<io::Result<Conn>> = marina_connect;
-        let pool = marina_pool::Pool::builder()
-            .max_size(size)
-            .min_idle(size)
-            .no_expiry()
-            .acquire_timeout_opt(*MARINA_ACQUIRE_TIMEOUT.get().unwrap_or(&DEFAULT_TIMEOUT))
-            .build(tower::service_fn(connect), ())
-            .expect("valid marina config");
-        pool.ready_min().await.expect("marina warm-up");
-        Marina(pool)
+        Marina(build_marina(size, marina_pool::Reuse::Lifo).await)
     }
 
     async fn acquire(&self) -> Self::Guard<'_> {
         self.0.get().await.expect("marina checkout")
+    }
+}
+
+impl Contender for MarinaFifo {
+    const NAME: &'static str = "marina-fifo";
+    type Guard<'a> = marina_pool::Pooled<Conn>;
+
+    async fn build(size: usize) -> Self {
+        MarinaFifo(build_marina(size, marina_pool::Reuse::Fifo).await)
+    }
+
+    async fn acquire(&self) -> Self::Guard<'_> {
+        self.0.get().await.expect("marina-fifo checkout")
     }
 }
 
@@ -455,9 +480,9 @@ fn cross_core_rtt() -> Duration {
 }
 
 /// The pools in column order.
-const POOLS: [&str; 4] = ["floor", "marina", "deadpool", "bb8"];
+const POOLS: [&str; 5] = ["floor", "marina", "marina-fifo", "deadpool", "bb8"];
 /// The order runs are interleaved in within a cell.
-const RUN_ORDER: [&str; 4] = ["marina", "deadpool", "bb8", "floor"];
+const RUN_ORDER: [&str; 5] = ["marina", "deadpool", "marina-fifo", "bb8", "floor"];
 
 /// Results of one cell: per pool (in `POOLS` order), every rep's outcome.
 #[derive(Debug)]
@@ -465,7 +490,7 @@ struct Cell {
     size: usize,
     tasks: usize,
     rtt: Duration,
-    runs: [Vec<Outcome>; 4],
+    runs: [Vec<Outcome>; 5],
 }
 
 impl Cell {
@@ -552,26 +577,28 @@ fn fmt_share(o: &Option<Outcome>) -> String {
 }
 
 fn print_tables(mode: Mode, cells: &[Cell], reps: usize) {
-    let [floor, marina, deadpool, bb8] = [0, 1, 2, 3];
+    let [floor, marina, fifo, deadpool, bb8] = [0, 1, 2, 3, 4];
     println!(
         "\n### `{}`: ns per acquire → touch → release (median of {reps})\n",
         mode.name()
     );
     println!(
-        "| pool size | tasks | floor | marina | deadpool | bb8 | marina/floor | marina/deadpool | marina/bb8 |"
+        "| pool size | tasks | floor | marina | marina-fifo | deadpool | bb8 | marina/floor | marina-fifo/floor | marina/deadpool | marina/bb8 |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for c in cells {
-        let m: Vec<Option<Outcome>> = (0..4).map(|i| c.median(i)).collect();
+        let m: Vec<Option<Outcome>> = (0..POOLS.len()).map(|i| c.median(i)).collect();
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             c.size,
             c.tasks,
             fmt_cell(&m[floor]),
             fmt_cell(&m[marina]),
+            fmt_cell(&m[fifo]),
             fmt_cell(&m[deadpool]),
             fmt_cell(&m[bb8]),
             fmt_ratio(&m[marina], &m[floor]),
+            fmt_ratio(&m[fifo], &m[floor]),
             fmt_ratio(&m[marina], &m[deadpool]),
             fmt_ratio(&m[marina], &m[bb8]),
         );
@@ -581,15 +608,16 @@ fn print_tables(mode: Mode, cells: &[Cell], reps: usize) {
         "\n### `{}`: per-task share of ops (min / max task ops ÷ mean)\n",
         mode.name()
     );
-    println!("| pool size | tasks | floor | marina | deadpool | bb8 | x-core RTT |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| pool size | tasks | floor | marina | marina-fifo | deadpool | bb8 | x-core RTT |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for c in cells {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} ns |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} ns |",
             c.size,
             c.tasks,
             fmt_share(&c.median(floor)),
             fmt_share(&c.median(marina)),
+            fmt_share(&c.median(fifo)),
             fmt_share(&c.median(deadpool)),
             fmt_share(&c.median(bb8)),
             c.rtt.as_nanos(),
@@ -601,8 +629,8 @@ fn print_tables(mode: Mode, cells: &[Cell], reps: usize) {
             "\n### `{}`: ns/op min–max over the {reps} reps\n",
             mode.name()
         );
-        println!("| pool size | tasks | floor | marina | deadpool | bb8 |");
-        println!("|---:|---:|---:|---:|---:|---:|");
+        println!("| pool size | tasks | floor | marina | marina-fifo | deadpool | bb8 |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|");
         for c in cells {
             let r = |i: usize| match c.range(i) {
                 Some((lo, hi)) => format!("{lo:.0}–{hi:.0}"),
@@ -610,11 +638,12 @@ fn print_tables(mode: Mode, cells: &[Cell], reps: usize) {
                 None => "HUNG".into(),
             };
             println!(
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 c.size,
                 c.tasks,
                 r(floor),
                 r(marina),
+                r(fifo),
                 r(deadpool),
                 r(bb8)
             );
@@ -817,6 +846,13 @@ fn main() -> ExitCode {
                             "marina" => {
                                 measure::<Marina>(&rt, &mut cell, mode, opts.secs, &mut problems)
                             }
+                            "marina-fifo" => measure::<MarinaFifo>(
+                                &rt,
+                                &mut cell,
+                                mode,
+                                opts.secs,
+                                &mut problems,
+                            ),
                             "deadpool" => {
                                 measure::<Deadpool>(&rt, &mut cell, mode, opts.secs, &mut problems)
                             }
@@ -844,7 +880,7 @@ fn main() -> ExitCode {
         // marina problem fails the run.
         let fatal = problems
             .iter()
-            .any(|p| p.starts_with("MISMATCH") || p.ends_with(" marina"));
+            .any(|p| p.starts_with("MISMATCH") || p.contains(" marina"));
         if fatal {
             ExitCode::FAILURE
         } else {

@@ -3,8 +3,11 @@
 use std::any::Any;
 use std::io;
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 
 use tokio::net::TcpStream;
+
+use crate::pool::CheckFn;
 
 /// Checks a socket without reading from the connection: a non-blocking `MSG_PEEK` of one
 /// byte. `false` when the peer closed it (EOF), reset it (an error), or sent bytes nobody
@@ -38,8 +41,30 @@ fn peek_open(sock: socket2::SockRef<'_>) -> bool {
     }
 }
 
-/// The check a pool uses unless [`Builder::check`](crate::Builder::check) replaces it.
-pub(crate) fn default_check<X: 'static>(conn: &mut X) -> bool {
+/// The check a pool uses unless [`Builder::check`](crate::Builder::check) replaces it:
+/// a socket-state check for the socket types it knows, `None` (nothing to run) for
+/// other connection types.
+pub(crate) fn default_check<X: 'static>() -> Option<CheckFn<X>> {
+    use std::any::TypeId;
+    let id = TypeId::of::<X>();
+    let mut known = id == TypeId::of::<TcpStream>();
+    #[cfg(unix)]
+    {
+        known |= id == TypeId::of::<tokio::net::UnixStream>();
+    }
+    #[cfg(feature = "hyper")]
+    {
+        use hyper_util::rt::TokioIo;
+        known |= id == TypeId::of::<TokioIo<TcpStream>>();
+        #[cfg(unix)]
+        {
+            known |= id == TypeId::of::<TokioIo<tokio::net::UnixStream>>();
+        }
+    }
+    known.then(|| Arc::new(socket_check::<X>) as CheckFn<X>)
+}
+
+fn socket_check<X: 'static>(conn: &mut X) -> bool {
     let any: &mut dyn Any = conn;
     if let Some(s) = any.downcast_ref::<TcpStream>() {
         return socket_is_open(s);

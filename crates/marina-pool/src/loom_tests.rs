@@ -14,13 +14,13 @@ use loom::sync::Arc;
 use loom::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use loom::thread;
 
-use crate::slots::{Closed, Grant, Slots};
+use crate::slots::{Grant, NEVER, Slots, WaitError};
 
 /// Acquire, waiting if needed; a `Create` grant becomes a new item `fresh`.
-fn acquire(s: &Slots<u32>, fresh: u32) -> Result<u32, Closed> {
-    let g = match s.acquire_or_wait()? {
+fn acquire(s: &Slots<u32>, fresh: u32) -> Result<u32, WaitError> {
+    let g = match s.acquire_or_wait(NEVER).map_err(|_| WaitError::Closed)? {
         Ok(g) => g,
-        Err(w) => loom::future::block_on(poll_fn(|cx| s.poll_waiter(&w, cx)))?,
+        Err(q) => loom::future::block_on(poll_fn(|cx| s.poll_waiter(&q.waiter, cx)))?,
     };
     Ok(match g {
         Grant::Idle(e) => e,
@@ -60,8 +60,8 @@ fn loom_cancel_races_put() {
             Some(Grant::Create) => 7,
             other => panic!("unexpected {other:?}"),
         };
-        let w = match slots.acquire_or_wait().unwrap() {
-            Err(w) => w,
+        let w = match slots.acquire_or_wait(NEVER).unwrap() {
+            Err(q) => q.waiter,
             Ok(g) => panic!("should have queued, got {g:?}"),
         };
         let s = slots.clone();
@@ -101,6 +101,30 @@ fn loom_release_grants_slot_to_waiter() {
 }
 
 #[test]
+fn loom_deadline_races_put() {
+    loom::model(|| {
+        let slots = Arc::new(Slots::<u32>::new(1, true));
+        assert!(matches!(slots.try_acquire().unwrap(), Some(Grant::Create)));
+        let q = match slots.acquire_or_wait(5).unwrap() {
+            Err(q) => q,
+            Ok(g) => panic!("should have queued, got {g:?}"),
+        };
+        let s = slots.clone();
+        let returner = thread::spawn(move || assert!(s.put(1).is_none()));
+        slots.expire(5);
+        returner.join().unwrap();
+        // Either the waiter timed out and the connection is idle, or it got the
+        // connection: never both, never neither.
+        match loom::future::block_on(poll_fn(|cx| slots.poll_waiter(&q.waiter, cx))) {
+            Ok(Grant::Idle(1)) => assert_eq!(slots.snapshot().idle, 0),
+            Err(WaitError::TimedOut) => assert_eq!(slots.snapshot().idle, 1),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(slots.snapshot().waiting, 0);
+    });
+}
+
+#[test]
 fn loom_close_wakes_waiter_and_rejects_returns() {
     loom::model(|| {
         let slots = Arc::new(Slots::<u32>::new(1, true));
@@ -108,7 +132,8 @@ fn loom_close_wakes_waiter_and_rejects_returns() {
         let s = slots.clone();
         let waiter = thread::spawn(move || match acquire(&s, 3) {
             Ok(item) => s.put(item),
-            Err(Closed) => None,
+            Err(WaitError::Closed) => None,
+            Err(e) => panic!("{e:?}"),
         });
         let closer = {
             let s = slots.clone();

@@ -19,7 +19,7 @@ use crate::check::default_check;
 use crate::config::{Config, Problem, Reuse};
 use crate::error::{ConnectTimeout, PoolError};
 use crate::pooled::Pooled;
-use crate::slots::{Closed, Grant, Slots, Waiter};
+use crate::slots::{Closed, Grant, NEVER, Slots, WaitError, Waiter};
 use crate::stats::{ConnStats, PoolStats};
 
 /// A synchronous liveness check of an idle connection, run at checkout.
@@ -95,6 +95,11 @@ impl Clock {
         self.now_ms.load(Relaxed)
     }
 
+    /// `at` in nanoseconds since the epoch (the unit of waiter deadlines).
+    fn ns_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos().min(NEVER as u128 - 1) as u64
+    }
+
     /// Reads tokio's clock and publishes it; returns it in milliseconds.
     fn refresh(&self) -> u64 {
         let ms = self.epoch.elapsed().as_millis() as u64;
@@ -125,7 +130,7 @@ pub(crate) struct Core<X> {
     clock: Clock,
     idle_timeout_ms: u64,
     max_lifetime_ms: u64,
-    check: CheckFn<X>,
+    check: Option<CheckFn<X>>,
     pub(crate) counters: Counters,
     registry: Mutex<HashMap<u64, Arc<ConnMeta>>>,
     next_id: AtomicU64,
@@ -133,6 +138,9 @@ pub(crate) struct Core<X> {
     refilled: Notify,
     pub(crate) connecting: AtomicUsize,
     probing: AtomicUsize,
+    /// Wakes the deadline timer (see [`expire_waiters`]).
+    timer: Notify,
+    timer_started: AtomicBool,
     pub(crate) name: Arc<str>,
 }
 
@@ -159,11 +167,12 @@ impl<X> Core<X> {
             self.retire(e, reason, true);
             return None;
         }
-        if !(self.check)(&mut e.conn) {
+        if self.check.as_ref().is_some_and(|check| !check(&mut e.conn)) {
             self.retire(e, Reason::Broken, true);
             return None;
         }
-        e.meta.uses.fetch_add(1, Relaxed);
+        // Only the holder of a connection writes its counter: no read-modify-write needed.
+        e.meta.uses.store(e.meta.uses.load(Relaxed) + 1, Relaxed);
         Some(Pooled::new(e, self.clone()))
     }
 
@@ -237,6 +246,44 @@ impl<X> Core<X> {
         metrics::counter!("marina_pool_connections_created_total", "pool" => self.name.to_string())
             .increment(1);
         Entry { conn, meta }
+    }
+
+    /// Closes the slots, closes idle connections and stops the deadline timer.
+    fn shut(&self) {
+        for e in self.slots.close() {
+            self.retire(e, Reason::Closed, false);
+        }
+        self.timer.notify_one();
+    }
+
+    /// Counts a checkout that gave up after `limit` and makes its error.
+    fn timed_out(&self, limit: Option<Duration>) -> PoolError {
+        let limit = limit.unwrap_or_default();
+        self.counters.timed_out.fetch_add(1, Relaxed);
+        tracing::debug!(pool = %self.name, ?limit, "checkout timed out");
+        #[cfg(feature = "metrics")]
+        metrics::counter!("marina_pool_timeouts_total", "pool" => self.name.to_string()).increment(1);
+        PoolError::Timeout(limit)
+    }
+
+    /// A waiter with a deadline was queued: make sure the deadline timer runs and is
+    /// awake.
+    fn arm_timer(self: &Arc<Self>, wake: bool)
+    where
+        X: Send + 'static,
+    {
+        if !self.timer_started.load(Relaxed) && !self.timer_started.swap(true, Relaxed) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(expire_waiters(self.clone()));
+                }
+                // Not in a runtime: waiters wait without a deadline until one is.
+                Err(_) => self.timer_started.store(false, Relaxed),
+            }
+        }
+        if wake {
+            self.timer.notify_one();
+        }
     }
 
     fn stats(&self) -> PoolStats {
@@ -329,7 +376,7 @@ struct Wait<'a, X> {
 }
 
 impl<X> Future for Wait<'_, X> {
-    type Output = Result<Grant<Entry<X>>, Closed>;
+    type Output = Result<Grant<Entry<X>>, WaitError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let w = self.waiter.as_ref().expect("polled after completion");
@@ -370,9 +417,7 @@ where
     fn drop(&mut self) {
         // The last handle is gone: close so idle connections (and the core they would
         // keep alive) are freed now; checked-out ones are closed when they come back.
-        for e in self.core.slots.close() {
-            self.core.retire(e, Reason::Closed, false);
-        }
+        self.core.shut();
     }
 }
 
@@ -457,10 +502,7 @@ where
 {
     /// Closes without waiting (the first step of [`close`](Self::close)).
     pub(crate) fn begin_close(&self) {
-        let core = &self.inner.core;
-        for e in core.slots.close() {
-            core.retire(e, Reason::Closed, false);
-        }
+        self.inner.core.shut();
     }
 
     /// True when the pool holds no connection, connects nothing and nobody waits.
@@ -504,12 +546,13 @@ where
         for a in &report.advisories {
             tracing::warn!(pool = %name, "{a}");
         }
-        let check: CheckFn<C::Response> = match &builder.check {
-            None => Arc::new(default_check::<C::Response>),
-            Some(any) => any
-                .downcast_ref::<CheckFn<C::Response>>()
-                .cloned()
-                .ok_or_else(|| type_mismatch("check"))?,
+        let check: Option<CheckFn<C::Response>> = match &builder.check {
+            None => default_check::<C::Response>(),
+            Some(any) => Some(
+                any.downcast_ref::<CheckFn<C::Response>>()
+                    .cloned()
+                    .ok_or_else(|| type_mismatch("check"))?,
+            ),
         };
         let probe = match &builder.probe {
             None => None,
@@ -532,6 +575,8 @@ where
             refilled: Notify::new(),
             connecting: AtomicUsize::new(0),
             probing: AtomicUsize::new(0),
+            timer: Notify::new(),
+            timer_started: AtomicBool::new(false),
             name,
         });
         let pool = Pool {
@@ -566,27 +611,29 @@ where
     /// waiter is withdrawn (a connection already handed to it goes to the next waiter or
     /// back to the idle queue), and a connect in flight is dropped and its slot freed
     /// (counted in [`PoolStats::cancelled`]).
-    pub async fn get(&self) -> Result<Pooled<C::Response>, PoolError> {
+    pub fn get(&self) -> impl Future<Output = Result<Pooled<C::Response>, PoolError>> + Send + '_ {
+        Checkout {
+            pool: self,
+            slow: None,
+        }
+    }
+
+    /// The fast path: an idle connection if one is ready.
+    #[inline]
+    fn try_checkout(&self) -> FastPath<C::Response> {
         let core = &self.inner.core;
-        let first = {
-            let coop = poll_fn(tokio::task::coop::poll_proceed).await;
-            let first = loop {
-                match core.slots.try_acquire() {
-                    Err(Closed) => return Err(PoolError::Closed),
-                    Ok(Some(Grant::Idle(e))) => {
-                        if let Some(p) = core.checkout(e) {
-                            coop.made_progress();
-                            return Ok(p);
-                        }
+        loop {
+            match core.slots.try_acquire() {
+                Err(Closed) => return FastPath::Closed,
+                Ok(Some(Grant::Idle(e))) => {
+                    if let Some(p) = core.checkout(e) {
+                        return FastPath::Ready(p);
                     }
-                    Ok(Some(Grant::Create)) => break Some(Grant::Create),
-                    Ok(None) => break None,
                 }
-            };
-            coop.made_progress();
-            first
-        };
-        self.get_slow(first).await
+                Ok(Some(Grant::Create)) => return FastPath::Slow(Some(Grant::Create)),
+                Ok(None) => return FastPath::Slow(None),
+            }
+        }
     }
 
     /// Checks out an idle connection if one is ready now, without waiting or connecting.
@@ -613,44 +660,36 @@ where
 
     async fn get_slow(
         &self,
-        first: Option<Grant<Entry<C::Response>>>,
+        mut grant: Option<Grant<Entry<C::Response>>>,
     ) -> Result<Pooled<C::Response>, PoolError> {
         self.start_maintenance();
         let core = &self.inner.core;
-        core.clock.refresh();
-        let work = self.wait_or_connect(first);
-        match self.inner.config.acquire_timeout {
-            None => work.await,
-            Some(limit) => match tokio::time::timeout(limit, work).await {
-                Ok(r) => r,
-                Err(_) => {
-                    core.counters.timed_out.fetch_add(1, Relaxed);
-                    tracing::debug!(pool = %core.name, ?limit, "checkout timed out");
-                    #[cfg(feature = "metrics")]
-                    metrics::counter!("marina_pool_timeouts_total", "pool" => core.name.to_string()).increment(1);
-                    Err(PoolError::Timeout(limit))
-                }
-            },
-        }
-    }
-
-    async fn wait_or_connect(
-        &self,
-        mut grant: Option<Grant<Entry<C::Response>>>,
-    ) -> Result<Pooled<C::Response>, PoolError> {
-        let core = &self.inner.core;
+        let limit = self.inner.config.acquire_timeout;
+        // One clock read per slow checkout: waiting costs hundreds of nanoseconds anyway.
+        let now = Instant::now();
+        let deadline = limit.and_then(|l| now.checked_add(l));
+        let deadline_ns = deadline.map_or(NEVER, |d| core.clock.ns_at(d));
         loop {
             let g = match grant.take() {
                 Some(g) => g,
-                None => match core.slots.acquire_or_wait() {
+                None => match core.slots.acquire_or_wait(deadline_ns) {
                     Err(Closed) => return Err(PoolError::Closed),
                     Ok(Ok(g)) => g,
-                    Ok(Err(w)) => Wait {
-                        core,
-                        waiter: Some(w),
+                    Ok(Err(queued)) => {
+                        if deadline.is_some() {
+                            core.arm_timer(queued.wake_timer);
+                        }
+                        let waited = Wait {
+                            core,
+                            waiter: Some(queued.waiter),
+                        }
+                        .await;
+                        match waited {
+                            Ok(g) => g,
+                            Err(WaitError::Closed) => return Err(PoolError::Closed),
+                            Err(WaitError::TimedOut) => return Err(core.timed_out(limit)),
+                        }
                     }
-                    .await
-                    .map_err(|Closed| PoolError::Closed)?,
                 },
             };
             match g {
@@ -661,16 +700,22 @@ where
                 }
                 Grant::Create => {
                     let guard = Connecting::new(core);
-                    let conn = self.inner.connect().await;
+                    let conn = match deadline {
+                        None => self.inner.connect().await,
+                        Some(d) => match tokio::time::timeout_at(d, self.inner.connect()).await {
+                            Ok(r) => r,
+                            // Dropping `guard` frees the slot and counts the cancel.
+                            Err(_) => return Err(core.timed_out(limit)),
+                        },
+                    };
+                    guard.done();
                     match conn {
                         Ok(conn) => {
-                            guard.done();
                             let e = core.register(conn);
-                            e.meta.uses.fetch_add(1, Relaxed);
+                            e.meta.uses.store(1, Relaxed);
                             return Ok(Pooled::new(e, core.clone()));
                         }
                         Err(err) => {
-                            guard.done();
                             core.counters.failed.fetch_add(1, Relaxed);
                             core.slots.release();
                             core.drained.notify_waiters();
@@ -774,6 +819,55 @@ where
             return;
         }
         rt.spawn(maintain(Arc::downgrade(&self.inner)));
+    }
+}
+
+/// What the fast path of a checkout found.
+enum FastPath<X> {
+    Ready(Pooled<X>),
+    Closed,
+    /// Wait or connect, starting with this grant if there is one.
+    Slow(Option<Grant<Entry<X>>>),
+}
+
+type SlowCheckout<'a, X> = Pin<Box<dyn Future<Output = Result<Pooled<X>, PoolError>> + Send + 'a>>;
+
+/// The future of [`Pool::get`]: the fast path runs inline; waiting and connecting run
+/// in a boxed future made only when needed, so the common case stays small and cheap.
+struct Checkout<'a, C, T>
+where
+    C: Service<T>,
+{
+    pool: &'a Pool<C, T>,
+    slow: Option<SlowCheckout<'a, C::Response>>,
+}
+
+impl<C, T> Future for Checkout<'_, C, T>
+where
+    C: Service<T> + Clone + Send + Sync + 'static,
+    C::Response: Send + 'static,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+    T: Clone + fmt::Debug + Send + Sync + 'static,
+{
+    type Output = Result<Pooled<C::Response>, PoolError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(slow) = self.slow.as_mut() {
+            return slow.as_mut().poll(cx);
+        }
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+        coop.made_progress();
+        let first = match self.pool.try_checkout() {
+            FastPath::Ready(p) => return Poll::Ready(Ok(p)),
+            FastPath::Closed => return Poll::Ready(Err(PoolError::Closed)),
+            FastPath::Slow(first) => first,
+        };
+        // A `Create` grant moves into the slow future, which guards it from its first
+        // poll, right below, on: no await point comes between.
+        let pool = self.pool;
+        let slow = self.slow.insert(Box::pin(pool.get_slow(first)));
+        slow.as_mut().poll(cx)
     }
 }
 
@@ -904,7 +998,7 @@ where
             let Some(mut e) = batch.pop() else { return };
             seen.push(e.meta.id);
             core.probing.fetch_add(1, Relaxed);
-            let mut ok = (core.check)(&mut e.conn);
+            let mut ok = core.check.as_ref().is_none_or(|check| check(&mut e.conn));
             if ok {
                 if let Some(probe) = &self.probe {
                     let limit = self.config.health_check_timeout;
@@ -922,6 +1016,29 @@ where
             } else {
                 tracing::debug!(pool = %core.name, id = e.meta.id, "idle connection failed its health check");
                 core.retire(e, Reason::HealthCheck, true);
+            }
+        }
+    }
+}
+
+/// The deadline timer: one task per pool (started by the first waiter with a
+/// deadline) times out queued waiters in order. Waiters share one timeout, so the
+/// front waiter is always due first and one sleep serves the whole queue, where a
+/// timer per waiter would cost a timer-wheel insert and removal on every wait. Ends
+/// when the pool is closed.
+async fn expire_waiters<X: Send + 'static>(core: Arc<Core<X>>) {
+    loop {
+        let woken = core.timer.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if core.slots.snapshot().closed {
+            return;
+        }
+        match core.slots.next_deadline() {
+            None => woken.await,
+            Some(due) => {
+                tokio::time::sleep_until(core.clock.epoch + Duration::from_nanos(due)).await;
+                core.slots.expire(core.clock.ns_at(Instant::now()));
             }
         }
     }

@@ -34,6 +34,33 @@ pub(crate) enum Grant<E> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Closed;
 
+/// Why a queued waiter got no grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WaitError {
+    /// The pool was closed.
+    Closed,
+    /// Its deadline passed (see [`Slots::expire`]).
+    TimedOut,
+}
+
+/// A waiter was queued.
+pub(crate) struct Queued<E> {
+    pub(crate) waiter: Arc<Waiter<E>>,
+    /// The deadline timer is parked on an empty queue and must be woken.
+    pub(crate) wake_timer: bool,
+}
+
+impl<E> std::fmt::Debug for Queued<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queued")
+            .field("wake_timer", &self.wake_timer)
+            .finish()
+    }
+}
+
+/// No deadline.
+pub(crate) const NEVER: u64 = u64::MAX;
+
 pub(crate) struct Slots<E> {
     state: Mutex<State<E>>,
 }
@@ -45,6 +72,8 @@ struct State<E> {
     open: usize,
     waiters: VecDeque<Arc<Waiter<E>>>,
     waiting: usize,
+    /// The deadline timer found the queue empty and waits to be woken.
+    timer_parked: bool,
     /// Slots reserved by background refill whose connects are still in flight.
     refilling: usize,
     closed: bool,
@@ -52,6 +81,10 @@ struct State<E> {
 
 /// A queued acquirer.
 pub(crate) struct Waiter<E> {
+    /// When it gives up, in the caller's time unit; [`NEVER`] for no deadline. Waiters
+    /// share one timeout, so deadlines grow along the queue and the front one is due
+    /// first: one timer per pool serves them all.
+    deadline: u64,
     inner: Mutex<WaiterState<E>>,
 }
 
@@ -62,6 +95,7 @@ struct WaiterState<E> {
     served: bool,
     cancelled: bool,
     closed: bool,
+    timed_out: bool,
 }
 
 /// A point-in-time view of the counters.
@@ -94,6 +128,7 @@ impl<E> Slots<E> {
                 open: 0,
                 waiters: VecDeque::new(),
                 waiting: 0,
+                timer_parked: false,
                 refilling: 0,
                 closed: false,
             }),
@@ -107,9 +142,12 @@ impl<E> Slots<E> {
         st.take()
     }
 
-    /// Like [`try_acquire`](Self::try_acquire), but queues a waiter when nothing is
-    /// free. Deciding and queueing happen under one lock.
-    pub(crate) fn acquire_or_wait(&self) -> Result<Result<Grant<E>, Arc<Waiter<E>>>, Closed> {
+    /// Like [`try_acquire`](Self::try_acquire), but queues a waiter (giving up at
+    /// `deadline`) when nothing is free. Deciding and queueing happen under one lock.
+    pub(crate) fn acquire_or_wait(
+        &self,
+        deadline: u64,
+    ) -> Result<Result<Grant<E>, Queued<E>>, Closed> {
         let mut st = lock(&self.state);
         if let Some(g) = st.take()? {
             return Ok(Ok(g));
@@ -118,17 +156,61 @@ impl<E> Slots<E> {
             st.waiters.retain(|w| !lock(&w.inner).cancelled);
         }
         let w = Arc::new(Waiter {
+            deadline,
             inner: Mutex::new(WaiterState {
                 waker: None,
                 grant: None,
                 served: false,
                 cancelled: false,
                 closed: false,
+                timed_out: false,
             }),
         });
         st.waiters.push_back(w.clone());
         st.waiting += 1;
-        Ok(Err(w))
+        let wake_timer = deadline != NEVER && std::mem::take(&mut st.timer_parked);
+        Ok(Err(Queued {
+            waiter: w,
+            wake_timer,
+        }))
+    }
+
+    /// For the deadline timer: the front waiter's deadline, or `None` when nobody
+    /// waits, in which case the timer counts as parked until a waiter with a deadline
+    /// is queued (its [`Queued::wake_timer`] says so).
+    pub(crate) fn next_deadline(&self) -> Option<u64> {
+        let mut st = lock(&self.state);
+        while let Some(w) = st.waiters.front() {
+            if w.deadline == NEVER || lock(&w.inner).cancelled {
+                st.waiters.pop_front();
+            } else {
+                return Some(w.deadline);
+            }
+        }
+        st.timer_parked = true;
+        None
+    }
+
+    /// Times out every waiter whose deadline is at or before `now`, from the front.
+    pub(crate) fn expire(&self, now: u64) {
+        let mut wakeups = Wakeups::new();
+        let mut st = lock(&self.state);
+        while let Some(w) = st.waiters.front() {
+            if w.deadline > now && w.deadline != NEVER {
+                break;
+            }
+            let w = st.waiters.pop_front().expect("front exists");
+            let mut ws = lock(&w.inner);
+            if ws.cancelled || w.deadline == NEVER {
+                continue;
+            }
+            st.waiting -= 1;
+            ws.served = true;
+            ws.timed_out = true;
+            wakeups.extend(ws.waker.take());
+        }
+        drop(st);
+        wake_all(wakeups);
     }
 
     /// Polls a queued waiter for its grant.
@@ -136,13 +218,16 @@ impl<E> Slots<E> {
         &self,
         w: &Waiter<E>,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<Grant<E>, Closed>> {
+    ) -> Poll<Result<Grant<E>, WaitError>> {
         let mut ws = lock(&w.inner);
         if let Some(g) = ws.grant.take() {
             return Poll::Ready(Ok(g));
         }
         if ws.closed {
-            return Poll::Ready(Err(Closed));
+            return Poll::Ready(Err(WaitError::Closed));
+        }
+        if ws.timed_out {
+            return Poll::Ready(Err(WaitError::TimedOut));
         }
         match &ws.waker {
             Some(old) if old.will_wake(cx.waker()) => {}
@@ -411,7 +496,7 @@ mod tests {
     use super::*;
     use std::task::Waker;
 
-    fn poll_once(s: &Slots<u32>, w: &Waiter<u32>) -> Poll<Result<Grant<u32>, Closed>> {
+    fn poll_once(s: &Slots<u32>, w: &Waiter<u32>) -> Poll<Result<Grant<u32>, WaitError>> {
         s.poll_waiter(w, &mut Context::from_waker(Waker::noop()))
     }
 
@@ -436,7 +521,7 @@ mod tests {
         let s = Slots::<u32>::new(1, true);
         assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
         let waiters: Vec<_> = (0..3)
-            .map(|_| s.acquire_or_wait().unwrap().unwrap_err())
+            .map(|_| s.acquire_or_wait(NEVER).unwrap().unwrap_err().waiter)
             .collect();
         assert_eq!(s.snapshot().waiting, 3);
         assert!(s.put(10).is_none());
@@ -461,8 +546,8 @@ mod tests {
     fn cancelled_waiter_passes_its_grant_on() {
         let s = Slots::<u32>::new(1, true);
         assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
-        let a = s.acquire_or_wait().unwrap().unwrap_err();
-        let b = s.acquire_or_wait().unwrap().unwrap_err();
+        let a = s.acquire_or_wait(NEVER).unwrap().unwrap_err().waiter;
+        let b = s.acquire_or_wait(NEVER).unwrap().unwrap_err().waiter;
         assert!(s.put(5).is_none()); // granted to `a`, who never looks
         assert!(s.cancel(&a).is_none());
         match poll_once(&s, &b) {
@@ -482,7 +567,7 @@ mod tests {
         let s = Slots::<u32>::new(1, true);
         assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
         for _ in 0..10_000 {
-            let w = s.acquire_or_wait().unwrap().unwrap_err();
+            let w = s.acquire_or_wait(NEVER).unwrap().unwrap_err().waiter;
             s.cancel(&w);
         }
         assert_eq!(s.snapshot().waiting, 0);
@@ -505,7 +590,7 @@ mod tests {
         assert_eq!((snap.open, snap.idle, snap.max), (1, 1, 1));
         // Growing lets a waiter connect at once.
         assert!(matches!(s.try_acquire(), Ok(Some(Grant::Idle(3)))));
-        let w = s.acquire_or_wait().unwrap().unwrap_err();
+        let w = s.acquire_or_wait(NEVER).unwrap().unwrap_err().waiter;
         assert!(s.resize(2).is_empty());
         assert!(matches!(poll_once(&s, &w), Poll::Ready(Ok(Grant::Create))));
     }
@@ -516,11 +601,14 @@ mod tests {
         assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
         assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
         assert!(s.put(1).is_none());
-        let w = s.acquire_or_wait();
+        let w = s.acquire_or_wait(NEVER);
         assert!(matches!(w, Ok(Ok(Grant::Idle(1)))));
-        let w = s.acquire_or_wait().unwrap().unwrap_err();
+        let w = s.acquire_or_wait(NEVER).unwrap().unwrap_err().waiter;
         assert!(s.close().is_empty());
-        assert!(matches!(poll_once(&s, &w), Poll::Ready(Err(Closed))));
+        assert!(matches!(
+            poll_once(&s, &w),
+            Poll::Ready(Err(WaitError::Closed))
+        ));
         assert!(matches!(s.try_acquire(), Err(Closed)));
         assert_eq!(s.put(1), Some(1));
         s.release();
@@ -529,6 +617,38 @@ mod tests {
             (snap.open, snap.idle, snap.waiting, snap.closed),
             (0, 0, 0, true)
         );
+    }
+
+    #[test]
+    fn deadlines_expire_from_the_front_and_the_timer_parks_on_an_empty_queue() {
+        let s = Slots::<u32>::new(1, true);
+        assert_eq!(s.next_deadline(), None);
+        assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
+        let a = s.acquire_or_wait(10).unwrap().unwrap_err();
+        assert!(a.wake_timer, "the parked timer must be woken");
+        let b = s.acquire_or_wait(20).unwrap().unwrap_err();
+        assert!(!b.wake_timer, "the timer is awake already");
+        let c = s.acquire_or_wait(30).unwrap().unwrap_err();
+        assert_eq!(s.next_deadline(), Some(10));
+        s.cancel(&b.waiter);
+        s.expire(25);
+        assert!(matches!(
+            poll_once(&s, &a.waiter),
+            Poll::Ready(Err(WaitError::TimedOut))
+        ));
+        assert!(matches!(poll_once(&s, &c.waiter), Poll::Pending));
+        assert_eq!(s.snapshot().waiting, 1);
+        assert_eq!(s.next_deadline(), Some(30));
+        // A timed-out waiter's later cancel changes nothing; the live one still gets served.
+        assert!(s.cancel(&a.waiter).is_none());
+        assert!(s.put(4).is_none());
+        assert!(matches!(
+            poll_once(&s, &c.waiter),
+            Poll::Ready(Ok(Grant::Idle(4)))
+        ));
+        assert_eq!(s.snapshot().waiting, 0);
+        assert_eq!(s.next_deadline(), None);
+        assert!(s.acquire_or_wait(40).unwrap().unwrap_err().wake_timer);
     }
 
     #[test]
@@ -545,7 +665,7 @@ mod tests {
         // Nobody waiting is ever starved by refill: with a waiter queued, refill stops.
         let s = Slots::<u32>::new(1, true);
         assert!(matches!(s.try_acquire(), Ok(Some(Grant::Create))));
-        let _w = s.acquire_or_wait().unwrap().unwrap_err();
+        let _w = s.acquire_or_wait(NEVER).unwrap().unwrap_err().waiter;
         assert!(!s.try_reserve_refill(5));
     }
 }

