@@ -65,18 +65,22 @@ pub(crate) struct Slots<E> {
     state: Mutex<State<E>>,
 }
 
+/// Field order matters: what every checkout and return touches comes first, next to
+/// the lock, so it shares the lock's cache line; the waiter queue and the rarely
+/// written fields come after.
+#[repr(C)]
 struct State<E> {
     idle: VecDeque<E>,
-    lifo: bool,
-    max: usize,
     open: usize,
-    waiters: VecDeque<Arc<Waiter<E>>>,
     waiting: usize,
+    closed: bool,
+    lifo: bool,
     /// The deadline timer found the queue empty and waits to be woken.
     timer_parked: bool,
+    max: usize,
+    waiters: VecDeque<Arc<Waiter<E>>>,
     /// Slots reserved by background refill whose connects are still in flight.
     refilling: usize,
-    closed: bool,
 }
 
 /// A queued acquirer.

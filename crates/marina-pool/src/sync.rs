@@ -31,14 +31,18 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn lock_contended<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     let mut spins = 0u32;
     loop {
+        // Test, then test-and-set: spin on a plain load so waiting does not steal the
+        // line from the holder; try the atomic swap only when the lock looks free.
+        while m.is_locked() {
+            if spins < 100 {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
         if let Some(g) = m.try_lock_weak() {
             return g;
-        }
-        if spins < 100 {
-            spins += 1;
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
         }
     }
 }
