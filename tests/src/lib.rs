@@ -634,3 +634,21 @@ pub fn check_invariants(s: &PoolStats) {
         "one ConnStats per open connection: {s:#?}"
     );
 }
+
+/// A generous real-time bound for anything that should be quick.
+pub const LIMIT: Duration = Duration::from_secs(10);
+
+/// A configuration for paused-time tests over [`MemConnector`]: no health checks, no
+/// expiry, eviction every second, 30 s acquire timeout.
+pub fn mem_config(max_size: usize) -> marina_pool::Config {
+    marina_pool::Config {
+        min_idle: 0,
+        max_size,
+        acquire_timeout: Some(Duration::from_secs(30)),
+        idle_timeout: None,
+        max_lifetime: None,
+        health_check_interval: None,
+        eviction_interval: Duration::from_secs(1),
+        ..marina_pool::Config::default()
+    }
+}

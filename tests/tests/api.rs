@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
 use integration_tests::{
-    EchoServer, MemConn, MemConnector, Step, check_invariants, echo_round, refused_addr, within,
-    yield_until,
+    EchoServer, LIMIT, MemConn, MemConnector, Step, check_invariants, echo_round, mem_config,
+    refused_addr, within, yield_until,
 };
 use marina_core::{BoxError, probe_fn};
 use marina_pool::{Config, KeyedPool, Pool, PoolError, PoolService, TcpConnector};
@@ -17,22 +17,6 @@ use tokio::io::AsyncReadExt;
 use tower::load::Load;
 use tower::make::MakeConnection;
 use tower::{Service, ServiceExt};
-
-const LIMIT: Duration = Duration::from_secs(10);
-
-/// No health checks, no expiry, eviction every second.
-fn mem_config(max_size: usize) -> Config {
-    Config {
-        min_idle: 0,
-        max_size,
-        acquire_timeout: Some(Duration::from_secs(30)),
-        idle_timeout: None,
-        max_lifetime: None,
-        health_check_interval: None,
-        eviction_interval: Duration::from_secs(1),
-        ..Config::default()
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // KeyedPool

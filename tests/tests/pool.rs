@@ -10,28 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use integration_tests::{
-    EchoServer, MemConn, MemConnector, Step, check_invariants, echo_round, eventually,
-    refused_addr, within, yield_until,
+    EchoServer, LIMIT, MemConn, MemConnector, Step, check_invariants, echo_round, eventually,
+    mem_config, refused_addr, within, yield_until,
 };
 use marina_pool::{Config, ConnectError, ConnectTimeout, Pool, PoolError, TcpConnector};
 use tokio::time::Instant;
-
-/// A generous real-time bound for anything that should be quick.
-const LIMIT: Duration = Duration::from_secs(10);
-
-/// A configuration for paused-time tests: no health checks, eviction every second.
-fn mem_config(max_size: usize) -> Config {
-    Config {
-        min_idle: 0,
-        max_size,
-        acquire_timeout: Some(Duration::from_secs(30)),
-        idle_timeout: None,
-        max_lifetime: None,
-        health_check_interval: None,
-        eviction_interval: Duration::from_secs(1),
-        ..Config::default()
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // 1. Reuse
