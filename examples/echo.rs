@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use marina_core::BoxError;
-use marina_pool::{Pool, PoolStats, TcpConnector};
+use marina_pool::{Pool, PoolStats, TcpConnector, TcpPool};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -83,16 +83,33 @@ impl EchoServer {
 }
 
 /// Sends `line` over a pooled connection and checks the echo.
-async fn round_trip(pool: &Pool<TcpConnector, SocketAddr>, line: &str) -> Result<(), BoxError> {
+///
+/// The exchange is bracketed by `mark_broken` / `mark_healthy`: if anything interrupts
+/// it (an error, a garbled reply, the task being cancelled), the connection is closed
+/// instead of going back to the pool out of step with the protocol. The I/O goes
+/// through the guard (`&mut conn`), so an error or EOF also marks it broken.
+async fn round_trip(pool: &TcpPool, line: &str) -> Result<(), BoxError> {
     let mut conn = pool.get().await?;
+    conn.mark_broken();
     conn.write_all(format!("{line}\n").as_bytes()).await?;
     let mut reply = String::new();
-    BufReader::new(&mut *conn).read_line(&mut reply).await?;
+    BufReader::new(&mut conn).read_line(&mut reply).await?;
     if reply.trim_end() != line {
-        conn.mark_broken();
         return Err(format!("garbled echo: sent {line:?}, got {reply:?}").into());
     }
+    conn.mark_healthy();
     Ok(())
+}
+
+/// An error with its sources, as `a: b: c`.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
 }
 
 fn print_stats(phase: &str, s: &PoolStats) {
@@ -146,7 +163,7 @@ async fn main() -> Result<(), BoxError> {
     while let Some(r) = set.join_next().await {
         if let Err(e) = r? {
             failures += 1;
-            eprintln!("  request failed: {e}");
+            eprintln!("  request failed: {}", chain(&*e));
         }
     }
     let s = pool.stats();
@@ -170,7 +187,7 @@ async fn main() -> Result<(), BoxError> {
     for i in 0..20 {
         match round_trip(&pool, &format!("after restart {i}")).await {
             Ok(()) => ok += 1,
-            Err(e) => eprintln!("  request failed: {e}"),
+            Err(e) => eprintln!("  request failed: {}", chain(&*e)),
         }
     }
     let s = pool.stats();

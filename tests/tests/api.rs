@@ -23,7 +23,7 @@ use tower::{Service, ServiceExt};
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
-async fn keyed_pool_bounds_targets_and_admits_new_ones_once_old_ones_are_empty() {
+async fn keyed_pool_bounds_targets_evicting_unused_ones_and_sweeps_idle_ones() {
     let connector = MemConnector::new();
     let builder = Pool::builder().config(Config {
         idle_timeout: Some(Duration::from_secs(10)),
@@ -62,24 +62,36 @@ async fn keyed_pool_bounds_targets_and_admits_new_ones_once_old_ones_are_empty()
     assert_eq!(connector.live(), 3);
     drop((a, a2, b));
 
-    // Idle connections keep their pools: still full.
-    let err = pools
-        .call("c")
-        .await
-        .expect_err("pools a and b still hold connections");
-    assert!(matches!(err, PoolError::TooManyTargets(2)), "{err:?}");
-
-    // Once idle_timeout has closed them, the pools are empty and make room.
-    tokio::time::sleep(Duration::from_secs(13)).await;
-    assert_eq!(connector.live(), 0, "idle connections were evicted");
+    // At capacity, the least recently used target that nobody uses makes room: b
+    // (a was asked for more recently). Its pool closes with it.
     let c = pools
         .call("c")
         .await
-        .expect("target c once a and b are empty");
-    assert_eq!(pools.len(), 1, "the empty pools were swept");
-    assert_eq!(connector.live(), 1);
+        .expect("b is unused and least recently used");
+    let mut targets: Vec<_> = pools.stats().into_iter().map(|(t, _)| t).collect();
+    targets.sort();
+    assert_eq!(targets, ["a", "c"]);
+    assert_eq!(
+        connector.live(),
+        3,
+        "b's idle connection was closed with its pool"
+    );
+
+    // While every target is in use, a new one is refused.
+    let a3 = pools.call("a").await.unwrap();
+    let err = pools.call("d").await.expect_err("a and c are both in use");
+    assert!(matches!(err, PoolError::TooManyTargets(2)), "{err:?}");
+    drop((a3, c));
+
+    // Unused for the target idle timeout (the builder's idle_timeout, 10 s), a sweep
+    // drops every target; their idle connections were already evicted.
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    assert_eq!(connector.live(), 0, "idle connections were evicted");
+    pools.sweep();
+    assert!(pools.is_empty(), "unused targets were swept");
+    let c = pools.call("c").await.expect("a fresh pool for c");
+    assert_eq!(pools.len(), 1);
     let stats = pools.stats();
-    assert_eq!(stats.len(), 1);
     assert_eq!(stats[0].0, "c");
     assert_eq!(stats[0].1.active, 1);
     drop(c);
@@ -91,6 +103,8 @@ async fn keyed_pool_bounds_targets_and_admits_new_ones_once_old_ones_are_empty()
     within(LIMIT, "keyed close", pools.close()).await;
     assert_eq!(connector.live(), 0);
     assert!(pools.is_empty());
+    let err = pools.call("c").await.expect_err("closed");
+    assert!(err.is_closed(), "{err:?}");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -327,7 +327,8 @@ async fn failed_connect_frees_its_slot() {
         .await
         .expect_err("scripted failure");
     assert!(err.is_connect(), "{err:?}");
-    assert!(err.to_string().contains("flaky"), "{err}");
+    let source = err.source().expect("the connector's error is the source");
+    assert!(source.to_string().contains("flaky"), "{source}");
     let conn = within(LIMIT, "get", pool.get())
         .await
         .expect("second connect succeeds");

@@ -116,7 +116,7 @@ async fn build_marina(
         .min_idle(size)
         .no_expiry()
         .reuse(reuse)
-        .acquire_timeout_opt(*MARINA_ACQUIRE_TIMEOUT.get().unwrap_or(&DEFAULT_TIMEOUT))
+        .acquire_timeout(*MARINA_ACQUIRE_TIMEOUT.get().unwrap_or(&DEFAULT_TIMEOUT))
         .build(tower::service_fn(connect), ())
         .expect("valid marina config");
     pool.ready_min().await.expect("marina warm-up");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use crate::pool::CheckFn;
+use crate::core::CheckFn;
 
 /// Checks a socket without reading from the connection: a non-blocking `MSG_PEEK` of one
 /// byte. `false` when the peer closed it (EOF), reset it (an error), or sent bytes nobody

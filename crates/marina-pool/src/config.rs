@@ -67,7 +67,8 @@ pub struct Config {
     /// How long one background probe may take before its connection counts as broken.
     pub health_check_timeout: Duration,
     /// How often the background task closes idle connections past `idle_timeout` or
-    /// `max_lifetime` and refills to `min_idle`.
+    /// `max_lifetime`. (Refill to `min_idle` runs on every tick of that task, at most a
+    /// second apart when expiry is on, and backs off while connects fail.)
     pub eviction_interval: Duration,
     /// The most connects in flight at once (bounds reconnect storms after an outage).
     pub max_connecting: usize,

@@ -53,7 +53,8 @@ impl fmt::Display for PoolError {
             PoolError::Timeout(d) => {
                 write!(f, "timed out after {d:?} waiting for a pooled connection")
             }
-            PoolError::Connect(e) => write!(f, "pool failed to connect: {e}"),
+            // The connect error itself is the `source()`, as error chains expect.
+            PoolError::Connect(_) => f.write_str("pool failed to connect"),
             PoolError::Closed => f.write_str("pool is closed"),
             PoolError::Invalid(problems) => {
                 f.write_str("invalid pool configuration")?;

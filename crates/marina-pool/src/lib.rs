@@ -18,8 +18,10 @@
 //!   `idle_timeout` and `max_lifetime`, and validated in the background with an optional
 //!   [`Probe`](marina_core::Probe). An I/O error or EOF seen through a [`Pooled`] closes
 //!   it instead of returning it.
-//! - **Background upkeep**: one task per pool warms up to `min_idle`, refills, evicts and
-//!   health-checks; it ends when the last handle is dropped.
+//! - **Background upkeep**: a maintenance task per pool warms up to `min_idle`, refills
+//!   (backing off while connects fail), evicts and health-checks; a second task, started
+//!   by the first `get()` that has to wait, times waiters out. Both end when the pool is
+//!   closed or its last handle dropped, and restart if their runtime went away.
 //! - **Visible**: [`Pool::stats`] (gauges, counters, per-connection details), `tracing`
 //!   events, and `metrics` counters and gauges with the `metrics` feature.
 //! - **Cancel safe** at every await point: a dropped `get()` leaves no slot, waiter or
@@ -54,7 +56,7 @@
 //! let mut conn = pool.get().await?;
 //! conn.write_all(b"hello\n").await?;
 //! let mut line = String::new();
-//! BufReader::new(&mut *conn).read_line(&mut line).await?;
+//! BufReader::new(&mut conn).read_line(&mut line).await?; // through the guard: EOF poisons it
 //! assert_eq!(line, "hello\n");
 //! drop(conn);
 //!
@@ -103,10 +105,13 @@ macro_rules! not_loom {
 }
 
 not_loom! {
+    mod builder;
     mod check;
     mod config;
+    mod core;
     mod error;
     mod keyed;
+    mod maintain;
     mod pool;
     mod pooled;
     mod service;
@@ -117,7 +122,8 @@ not_loom! {
     pub use config::{Config, Problem, Reuse, Validation};
     pub use error::{ConnectTimeout, PoolError};
     pub use keyed::KeyedPool;
-    pub use pool::{Builder, Pool, PoolFuture};
+    pub use builder::Builder;
+    pub use pool::{Connector, Pool, PoolFuture, Target, TcpPool};
     pub use pooled::Pooled;
     pub use service::{PoolService, ResponseFuture};
     pub use stats::{ConnStats, PoolStats};

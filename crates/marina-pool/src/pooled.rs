@@ -10,15 +10,40 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::pool::{Core, Entry, Reason};
+use crate::core::{Core, Entry, Reason};
 
 /// A checked-out connection. Dereferences to the connection; returns it to the pool
 /// when dropped, unless it was poisoned.
 ///
-/// A `Pooled` is poisoned — closed on drop instead of reused — by [`poison`](Self::poison),
-/// or when an I/O error or end-of-stream is seen through its `AsyncRead`/`AsyncWrite`
-/// (and hyper `rt::Read`/`rt::Write`) implementations, or when it is shut down.
-/// [`detach`](Self::detach) takes the connection out of the pool for good.
+/// A `Pooled` is poisoned — closed on drop instead of reused — by [`poison`](Self::poison)
+/// or [`mark_broken`](Self::mark_broken), or when an I/O error or end-of-stream is seen
+/// through its `AsyncRead`/`AsyncWrite` (and hyper `rt::Read`/`rt::Write`)
+/// implementations, or when it is shut down. Do the I/O through the guard
+/// (`&mut conn`, not `&mut *conn`) so it sees those. [`detach`](Self::detach) takes the
+/// connection out of the pool for good.
+///
+/// # Cancellation in the middle of an exchange
+///
+/// If a request/reply exchange on the connection is abandoned half-way (the task is
+/// cancelled, a `timeout` around it fires), the connection is out of step with the
+/// protocol: a late reply would be read by its next user. The checkout check only
+/// catches reply bytes that have already arrived. Bracket each exchange instead:
+/// [`mark_broken`](Self::mark_broken) before it, [`mark_healthy`](Self::mark_healthy) once
+/// the reply is fully read. Whatever interrupts it in between, the connection is closed
+/// rather than reused. [`PoolService`](crate::PoolService) does this for you.
+///
+/// ```
+/// # use marina_pool::{Pool, TcpConnector};
+/// # use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// # async fn exchange(pool: &Pool<TcpConnector, std::net::SocketAddr>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// let mut conn = pool.get().await?;
+/// conn.mark_broken(); // until the reply is in
+/// conn.write_all(b"ping\n").await?;
+/// let mut reply = [0; 5];
+/// conn.read_exact(&mut reply).await?;
+/// conn.mark_healthy(); // in step again: reusable
+/// # Ok(()) }
+/// ```
 ///
 /// # Examples
 ///
@@ -74,8 +99,17 @@ impl<X> Pooled<X> {
         self.poisoned = true;
     }
 
-    pub(crate) fn set_healthy(&mut self) {
+    /// Undoes [`mark_broken`](Self::mark_broken): the connection goes back to the pool
+    /// when the guard drops. For bracketing an exchange (see the type's docs); do not
+    /// call it after an I/O error.
+    pub fn mark_healthy(&mut self) {
         self.poisoned = false;
+    }
+
+    /// Counts an error seen on this connection that does not make it unusable (an
+    /// application-level error reply, say), in [`ConnStats::errors`](crate::ConnStats::errors).
+    pub fn record_error(&self) {
+        self.entry().meta.errors.fetch_add(1, Relaxed);
     }
 
     /// True if the connection will be closed rather than reused when dropped.
@@ -91,10 +125,11 @@ impl<X> Pooled<X> {
             .take()
             .expect("Pooled used after being taken apart");
         let core = &self.core;
+        meta.released();
         core.forget(&meta);
         core.counters.destroyed.fetch_add(1, Relaxed);
         tracing::debug!(pool = %core.name, id = meta.id, reason = Reason::Detached.as_str(), "connection detached");
-        core.slots.release();
+        core.release_slot();
         conn
     }
 

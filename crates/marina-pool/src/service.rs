@@ -13,9 +13,12 @@ use tower_service::Service;
 
 use crate::Pool;
 
-/// A `Service<Req>` over a pool whose items are themselves `Service<Req>` (an echo line
-/// client, a hyper `SendRequest`): each call checks a client out, calls it, and returns
-/// it once the response future completes.
+/// A `Service<Req>` over a pool whose items are themselves `Service<Req>` (a line
+/// protocol client, a tower wrapper around hyper's `SendRequest`): each call checks a
+/// client out, calls it, and returns it once the response future completes. For
+/// protocols whose response body streams after the response future completes (HTTP/1),
+/// the client goes back while the body may still be arriving: the next user's
+/// `poll_ready` then waits for it.
 ///
 /// A client whose `poll_ready` or call fails, or whose call is cancelled before its
 /// response arrives (the request future dropped mid-way), is closed rather than reused:
@@ -156,7 +159,7 @@ where
                     .await
                     .map_err(Into::into)?;
                 let resp = conn.call(req).await.map_err(Into::into)?;
-                conn.set_healthy();
+                conn.mark_healthy();
                 Ok(resp)
             }),
         }

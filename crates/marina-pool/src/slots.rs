@@ -185,8 +185,11 @@ impl<E> Slots<E> {
     pub(crate) fn next_deadline(&self) -> Option<u64> {
         let mut st = lock(&self.state);
         while let Some(w) = st.waiters.front() {
-            if w.deadline == NEVER || lock(&w.inner).cancelled {
+            if lock(&w.inner).cancelled {
                 st.waiters.pop_front();
+            } else if w.deadline == NEVER {
+                // Nothing to time out at the front; park until woken.
+                break;
             } else {
                 return Some(w.deadline);
             }
@@ -200,12 +203,13 @@ impl<E> Slots<E> {
         let mut wakeups = Wakeups::new();
         let mut st = lock(&self.state);
         while let Some(w) = st.waiters.front() {
-            if w.deadline > now && w.deadline != NEVER {
+            if w.deadline > now {
+                // Not due yet (`NEVER` never is): neither is anyone behind it.
                 break;
             }
             let w = st.waiters.pop_front().expect("front exists");
             let mut ws = lock(&w.inner);
-            if ws.cancelled || w.deadline == NEVER {
+            if ws.cancelled {
                 continue;
             }
             st.waiting -= 1;
@@ -400,6 +404,10 @@ impl<E> Slots<E> {
         drop(st);
         wake_all(wakeups);
         idle
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        lock(&self.state).closed
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {

@@ -37,7 +37,8 @@ pub struct PoolStats {
     pub timed_out: u64,
     /// Connects that failed.
     pub failed: u64,
-    /// Connects abandoned because their `get()` was cancelled.
+    /// Connects abandoned before they finished: their `get()` was cancelled or timed
+    /// out, or a background refill was stopped by `close()`.
     pub cancelled: u64,
     /// True once the pool was closed.
     pub closed: bool,
@@ -58,6 +59,7 @@ pub struct ConnStats {
     pub idle_for: Option<Duration>,
     /// Times it was checked out.
     pub uses: u64,
-    /// I/O errors seen through it (a connection that saw one is closed).
+    /// Errors reported with [`Pooled::record_error`](crate::Pooled::record_error) (a
+    /// connection that sees an I/O error is closed instead, and leaves this list).
     pub errors: u64,
 }

@@ -142,7 +142,7 @@ impl ConnectError {
 
 impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "connect to {}: {}", self.target, self.source)
+        write!(f, "connect to {} failed", self.target)
     }
 }
 

@@ -1,0 +1,530 @@
+//! The shared core of a pool: slot accounting, per-connection bookkeeping, the coarse
+//! clock, and the waiting machinery (waiter futures and the deadline timer).
+
+use std::collections::HashMap;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::config::{Config, Reuse};
+use crate::error::PoolError;
+use crate::pooled::Pooled;
+use crate::slots::{Grant, NEVER, Slots, WaitError, Waiter};
+use crate::stats::{ConnStats, PoolStats};
+
+/// A synchronous liveness check of an idle connection, run at checkout.
+pub(crate) type CheckFn<X> = Arc<dyn Fn(&mut X) -> bool + Send + Sync>;
+
+/// A connection in the pool, with its bookkeeping.
+pub(crate) struct Entry<X> {
+    pub(crate) conn: X,
+    pub(crate) meta: Arc<ConnMeta>,
+}
+
+/// Per-connection bookkeeping, shared with the stats registry.
+pub(crate) struct ConnMeta {
+    pub(crate) id: u64,
+    created_at: Instant,
+    created_ms: u64,
+    pub(crate) returned_ms: AtomicU64,
+    pub(crate) uses: AtomicU64,
+    /// Checkouts of it that ended (returned, closed or detached).
+    pub(crate) releases: AtomicU64,
+    pub(crate) errors: AtomicU64,
+}
+
+impl ConnMeta {
+    /// Counts one more checkout ending. Only the holder writes it: no read-modify-write.
+    pub(crate) fn released(&self) {
+        self.releases.store(self.releases.load(Relaxed) + 1, Relaxed);
+    }
+}
+
+/// Why a connection was closed (for stats and events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reason {
+    Broken,
+    IdleTimeout,
+    Lifetime,
+    HealthCheck,
+    Closed,
+    Shrunk,
+    Detached,
+}
+
+impl Reason {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Reason::Broken => "broken",
+            Reason::IdleTimeout => "idle_timeout",
+            Reason::Lifetime => "max_lifetime",
+            Reason::HealthCheck => "health_check",
+            Reason::Closed => "closed",
+            Reason::Shrunk => "shrunk",
+            Reason::Detached => "detached",
+        }
+    }
+
+    pub(crate) fn is_eviction(self) -> bool {
+        matches!(
+            self,
+            Reason::IdleTimeout | Reason::Lifetime | Reason::HealthCheck
+        )
+    }
+}
+
+/// Milliseconds since the pool started, refreshed by the maintenance task and by slow
+/// paths. The hot path reads it instead of the system clock (a clock read costs about
+/// 30 ns here, half of a whole checkout), so idle and lifetime limits are enforced at
+/// checkout with the maintenance tick's granularity (at most one second).
+pub(crate) struct Clock {
+    pub(crate) epoch: Instant,
+    now_ms: AtomicU64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Clock {
+            epoch: Instant::now(),
+            now_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn coarse_ms(&self) -> u64 {
+        self.now_ms.load(Relaxed)
+    }
+
+    /// `at` in nanoseconds since the epoch (the unit of waiter deadlines).
+    pub(crate) fn ns_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos().min(NEVER as u128 - 1) as u64
+    }
+
+    /// Reads tokio's clock and publishes it; returns it in milliseconds.
+    pub(crate) fn refresh(&self) -> u64 {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.now_ms.fetch_max(ms, Relaxed);
+        ms
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) created: AtomicU64,
+    pub(crate) destroyed: AtomicU64,
+    pub(crate) evicted: AtomicU64,
+    pub(crate) timed_out: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
+    pub(crate) retired_uses: AtomicU64,
+    pub(crate) retired_releases: AtomicU64,
+}
+
+/// The part of a pool that checked-out connections point back to. It does not know the
+/// connector, so `Pooled<X>` has one type parameter.
+///
+/// `slots` comes first so its lock shares a cache line with the `Arc`'s counters, which
+/// every checkout touches too.
+#[repr(C)]
+pub(crate) struct Core<X> {
+    pub(crate) slots: Slots<Entry<X>>,
+    pub(crate) clock: Clock,
+    idle_timeout_ms: u64,
+    max_lifetime_ms: u64,
+    pub(crate) check: Option<CheckFn<X>>,
+    pub(crate) counters: Counters,
+    registry: Mutex<HashMap<u64, Arc<ConnMeta>>>,
+    next_id: AtomicU64,
+    /// Notified whenever a slot is freed (`close()` waits for the last one).
+    drained: Notify,
+    /// Notified when a background refill ends (`ready_min()` waits for them).
+    pub(crate) refilled: Notify,
+    /// Notified once, when the pool closes (background tasks end on it).
+    pub(crate) closing: Notify,
+    pub(crate) connecting: AtomicUsize,
+    pub(crate) probing: AtomicUsize,
+    /// Wakes the deadline timer (see [`expire_waiters`]).
+    timer: Notify,
+    /// The deadline timer task, respawned if the runtime it ran on went away.
+    timer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    pub(crate) name: Arc<str>,
+}
+
+impl<X> Core<X> {
+    pub(crate) fn new(config: &Config, check: Option<CheckFn<X>>, name: Arc<str>) -> Self {
+        Core {
+            slots: Slots::new(config.max_size, config.reuse == Reuse::Lifo),
+            clock: Clock::new(),
+            idle_timeout_ms: as_ms(config.idle_timeout),
+            max_lifetime_ms: as_ms(config.max_lifetime),
+            check,
+            counters: Counters::default(),
+            registry: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            drained: Notify::new(),
+            refilled: Notify::new(),
+            closing: Notify::new(),
+            connecting: AtomicUsize::new(0),
+            probing: AtomicUsize::new(0),
+            timer: Notify::new(),
+            timer_task: Mutex::new(None),
+            name,
+        }
+    }
+}
+
+fn as_ms(d: Option<Duration>) -> u64 {
+    d.map_or(u64::MAX, |d| d.as_millis().min(u64::MAX as u128) as u64)
+}
+
+impl<X> Core<X> {
+    /// Why `meta`'s connection must not be used any more at `now_ms`, if it must not.
+    pub(crate) fn expired(&self, meta: &ConnMeta, now_ms: u64) -> Option<Reason> {
+        if now_ms.saturating_sub(meta.created_ms) >= self.max_lifetime_ms {
+            Some(Reason::Lifetime)
+        } else if now_ms.saturating_sub(meta.returned_ms.load(Relaxed)) >= self.idle_timeout_ms {
+            Some(Reason::IdleTimeout)
+        } else {
+            None
+        }
+    }
+
+    /// Turns an idle entry just taken (its slot held) into a checked-out connection, or
+    /// closes it when it expired or fails the liveness check.
+    pub(crate) fn checkout(self: &Arc<Self>, e: Entry<X>) -> Option<Pooled<X>> {
+        self.checkout_inner(e, true)
+    }
+
+    /// Like [`checkout`](Self::checkout), but a connection that fails the checks keeps
+    /// its slot for the caller to connect in.
+    pub(crate) fn checkout_or_keep_slot(self: &Arc<Self>, e: Entry<X>) -> Option<Pooled<X>> {
+        self.checkout_inner(e, false)
+    }
+
+    #[inline]
+    fn checkout_inner(self: &Arc<Self>, mut e: Entry<X>, release_on_failure: bool) -> Option<Pooled<X>> {
+        if let Some(reason) = self.expired(&e.meta, self.clock.coarse_ms()) {
+            self.retire(e, reason, release_on_failure);
+            return None;
+        }
+        if self.check.as_ref().is_some_and(|check| !check(&mut e.conn)) {
+            self.retire(e, Reason::Broken, release_on_failure);
+            return None;
+        }
+        // Only the holder of a connection writes its counter: no read-modify-write needed.
+        e.meta.uses.store(e.meta.uses.load(Relaxed) + 1, Relaxed);
+        Some(Pooled::new(e, self.clone()))
+    }
+
+    /// Takes back a checked-out connection.
+    pub(crate) fn give_back(&self, e: Entry<X>, broken: bool) {
+        e.meta.released();
+        if broken {
+            self.retire(e, Reason::Broken, true);
+            return;
+        }
+        let now = self.clock.coarse_ms();
+        if now.saturating_sub(e.meta.created_ms) >= self.max_lifetime_ms {
+            self.retire(e, Reason::Lifetime, true);
+            return;
+        }
+        e.meta.returned_ms.store(now, Relaxed);
+        if let Some(e) = self.slots.put(e) {
+            let reason = if self.slots.snapshot().closed {
+                Reason::Closed
+            } else {
+                Reason::Shrunk
+            };
+            self.retire(e, reason, false);
+        }
+    }
+
+    /// Closes a connection: bookkeeping, event, drop; frees its slot if it still holds one.
+    pub(crate) fn retire(&self, e: Entry<X>, reason: Reason, release_slot: bool) {
+        let Entry { conn, meta } = e;
+        self.forget(&meta);
+        drop(conn);
+        self.counters.destroyed.fetch_add(1, Relaxed);
+        if reason.is_eviction() {
+            self.counters.evicted.fetch_add(1, Relaxed);
+        }
+        if reason.is_eviction() {
+            tracing::debug!(pool = %self.name, id = meta.id, reason = reason.as_str(), "connection evicted");
+        } else {
+            tracing::debug!(pool = %self.name, id = meta.id, reason = reason.as_str(), "connection closed");
+        }
+        #[cfg(feature = "metrics")]
+        {
+            metrics::counter!("marina_pool_connections_closed_total", "pool" => self.name.to_string(), "reason" => reason.as_str()).increment(1);
+            if reason.is_eviction() {
+                metrics::counter!("marina_pool_connections_evicted_total", "pool" => self.name.to_string()).increment(1);
+            }
+        }
+        if release_slot {
+            self.slots.release();
+        }
+        self.drained.notify_waiters();
+    }
+
+    pub(crate) fn forget(&self, meta: &ConnMeta) {
+        crate::sync::lock_std(&self.registry).remove(&meta.id);
+        let c = &self.counters;
+        c.retired_uses.fetch_add(meta.uses.load(Relaxed), Relaxed);
+        c.retired_releases.fetch_add(meta.releases.load(Relaxed), Relaxed);
+    }
+
+    pub(crate) fn register(&self, conn: X) -> Entry<X> {
+        let now = self.clock.refresh();
+        let meta = Arc::new(ConnMeta {
+            id: self.next_id.fetch_add(1, Relaxed),
+            created_at: Instant::now(),
+            created_ms: now,
+            returned_ms: AtomicU64::new(now),
+            uses: AtomicU64::new(0),
+            releases: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        });
+        crate::sync::lock_std(&self.registry).insert(meta.id, meta.clone());
+        self.counters.created.fetch_add(1, Relaxed);
+        tracing::debug!(pool = %self.name, id = meta.id, "connection opened");
+        #[cfg(feature = "metrics")]
+        metrics::counter!("marina_pool_connections_created_total", "pool" => self.name.to_string())
+            .increment(1);
+        Entry { conn, meta }
+    }
+
+    /// Closes the slots, closes idle connections and stops the deadline timer.
+    pub(crate) fn shut(&self) {
+        for e in self.slots.close() {
+            self.retire(e, Reason::Closed, false);
+        }
+        self.closing.notify_waiters();
+        self.timer.notify_one();
+        self.drained.notify_waiters();
+    }
+
+    /// Frees a slot that holds no connection (a connect that failed or was abandoned).
+    pub(crate) fn release_slot(&self) {
+        self.slots.release();
+        self.drained.notify_waiters();
+    }
+
+    /// Withdraws a queued waiter (see [`Slots::cancel`]).
+    pub(crate) fn cancel_wait(&self, w: &Waiter<Entry<X>>) {
+        if let Some(e) = self.slots.cancel(w) {
+            self.retire(e, Reason::Closed, false);
+        }
+        self.drained.notify_waiters();
+    }
+
+    /// Ends a refill reservation (see [`Slots::refilled`]).
+    pub(crate) fn refilled(&self, e: Option<Entry<X>>) {
+        if let Some(e) = self.slots.refilled(e) {
+            self.retire(e, Reason::Closed, false);
+        }
+        self.drained.notify_waiters();
+        self.refilled.notify_waiters();
+    }
+
+    /// Waits until every slot is free: no connection open, none connecting.
+    pub(crate) async fn drained(&self) {
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if self.slots.snapshot().open == 0 {
+                return;
+            }
+            drained.await;
+        }
+    }
+
+    /// Counts a checkout that gave up after `limit` and makes its error.
+    pub(crate) fn timed_out(&self, limit: Option<Duration>) -> PoolError {
+        let limit = limit.unwrap_or_default();
+        self.counters.timed_out.fetch_add(1, Relaxed);
+        tracing::debug!(pool = %self.name, ?limit, "checkout timed out");
+        #[cfg(feature = "metrics")]
+        metrics::counter!("marina_pool_timeouts_total", "pool" => self.name.to_string()).increment(1);
+        PoolError::Timeout(limit)
+    }
+
+    /// A waiter with a deadline was queued: make sure the deadline timer runs and is
+    /// awake.
+    pub(crate) fn arm_timer(self: &Arc<Self>, wake: bool)
+    where
+        X: Send + 'static,
+    {
+        {
+            let mut task = crate::sync::lock_std(&self.timer_task);
+            // (Re)start it when it never ran or its runtime shut down under it.
+            if task.as_ref().is_none_or(|t| t.is_finished()) && !self.slots.snapshot().closed {
+                // Outside a runtime nothing can time out; the next waiter inside one
+                // starts the timer.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    *task = Some(rt.spawn(expire_waiters(self.clone())));
+                }
+            }
+        }
+        if wake {
+            self.timer.notify_one();
+        }
+    }
+
+    pub(crate) fn stats(&self) -> PoolStats {
+        let snap = self.slots.snapshot();
+        let connecting = self.connecting.load(Relaxed);
+        let probing = self.probing.load(Relaxed);
+        let total = snap.open.saturating_sub(connecting);
+        let idle = (snap.idle + probing).min(total);
+        let active = total - idle;
+        let mut idle_ids = std::collections::HashSet::with_capacity(snap.idle);
+        self.slots.for_each_idle(|e| {
+            idle_ids.insert(e.meta.id);
+        });
+        let now = Instant::now();
+        let now_ms = self.clock.refresh();
+        let registry = crate::sync::lock_std(&self.registry);
+        let mut acquired = self.counters.retired_uses.load(Relaxed);
+        let mut released = self.counters.retired_releases.load(Relaxed);
+        let mut connections: Vec<ConnStats> = registry
+            .values()
+            .map(|m| {
+                let uses = m.uses.load(Relaxed);
+                acquired += uses;
+                released += m.releases.load(Relaxed);
+                ConnStats {
+                    id: m.id,
+                    age: now.saturating_duration_since(m.created_at),
+                    idle_for: idle_ids.contains(&m.id).then(|| {
+                        Duration::from_millis(now_ms.saturating_sub(m.returned_ms.load(Relaxed)))
+                    }),
+                    uses,
+                    errors: m.errors.load(Relaxed),
+                }
+            })
+            .collect();
+        drop(registry);
+        connections.sort_by_key(|c| c.id);
+        let c = &self.counters;
+        PoolStats {
+            max_size: snap.max,
+            total,
+            idle,
+            active,
+            connecting,
+            waiting: snap.waiting,
+            created: c.created.load(Relaxed),
+            acquired,
+            released,
+            destroyed: c.destroyed.load(Relaxed),
+            evicted: c.evicted.load(Relaxed),
+            timed_out: c.timed_out.load(Relaxed),
+            failed: c.failed.load(Relaxed),
+            cancelled: c.cancelled.load(Relaxed),
+            closed: snap.closed,
+            connections,
+        }
+    }
+}
+
+/// Holds a `Create` grant while a connect runs: if the connect is cancelled or fails,
+/// the slot goes back (to a waiter, if any).
+pub(crate) struct Connecting<'a, X> {
+    core: &'a Core<X>,
+    armed: bool,
+}
+
+impl<'a, X> Connecting<'a, X> {
+    pub(crate) fn new(core: &'a Core<X>) -> Self {
+        core.connecting.fetch_add(1, Relaxed);
+        Connecting { core, armed: true }
+    }
+
+    pub(crate) fn done(mut self) {
+        self.armed = false;
+        self.core.connecting.fetch_sub(1, Relaxed);
+    }
+}
+
+impl<X> Drop for Connecting<'_, X> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.core.connecting.fetch_sub(1, Relaxed);
+            self.core.counters.cancelled.fetch_add(1, Relaxed);
+            self.core.release_slot();
+        }
+    }
+}
+
+/// A queued `get()`: withdraws itself from the queue when dropped.
+pub(crate) struct Wait<'a, X> {
+    pub(crate) core: &'a Core<X>,
+    pub(crate) waiter: Option<Arc<Waiter<Entry<X>>>>,
+}
+
+impl<X> Future for Wait<'_, X> {
+    type Output = Result<Grant<Entry<X>>, WaitError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let w = self.waiter.as_ref().expect("polled after completion");
+        let r = std::task::ready!(self.core.slots.poll_waiter(w, cx));
+        self.waiter = None;
+        Poll::Ready(r)
+    }
+}
+
+impl<X> Drop for Wait<'_, X> {
+    fn drop(&mut self) {
+        if let Some(w) = self.waiter.take() {
+            self.core.cancel_wait(&w);
+        }
+    }
+}
+
+/// The deadline timer: one task per pool (started by the first waiter with a
+/// deadline) times out queued waiters in order. Waiters share one timeout, so the
+/// front waiter is always due first and one sleep serves the whole queue, where a
+/// timer per waiter would cost a timer-wheel insert and removal on every wait. Ends
+/// when the pool is closed.
+async fn expire_waiters<X: Send + 'static>(core: Arc<Core<X>>) {
+    loop {
+        let woken = core.timer.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if core.slots.snapshot().closed {
+            return;
+        }
+        match core.slots.next_deadline() {
+            None => woken.await,
+            Some(due) => {
+                let sleep = tokio::time::sleep_until(core.clock.epoch + Duration::from_nanos(due));
+                // Also wake when the pool closes, so the task does not outlive it.
+                if !first(sleep, woken).await {
+                    continue;
+                }
+                core.slots.expire(core.clock.ns_at(Instant::now()));
+            }
+        }
+    }
+}
+
+/// Runs two futures until either finishes: `true` if `a` did.
+pub(crate) async fn first<A: Future, B: Future>(a: A, b: B) -> bool {
+    tokio::pin!(a, b);
+    poll_fn(|cx| {
+        if a.as_mut().poll(cx).is_ready() {
+            Poll::Ready(true)
+        } else if b.as_mut().poll(cx).is_ready() {
+            Poll::Ready(false)
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}

@@ -1,0 +1,234 @@
+//! The background work of a pool: connects, refill to `min_idle`, eviction, health
+//! checks, and the maintenance task that schedules them.
+
+use std::future::poll_fn;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use marina_core::BoxError;
+use tokio::time::Instant;
+
+use crate::core::{Core, Reason, first};
+use crate::error::{ConnectTimeout, PoolError};
+use crate::pool::{Connector, Inner, Target};
+
+impl<C, T> Inner<C, T>
+where
+    C: Connector<T>,
+    T: Target,
+{
+    /// One connect: waits for a `max_connecting` permit, then the connector, bounded by
+    /// `connect_timeout`.
+    pub(crate) async fn connect(&self) -> Result<C::Response, BoxError> {
+        let _permit = self.connect_gate.acquire().await.map_err(BoxError::from)?;
+        let mut svc = crate::sync::lock_std(&self.connector).clone();
+        let target = self.target.clone();
+        let attempt = async move {
+            poll_fn(|cx| svc.poll_ready(cx)).await.map_err(Into::into)?;
+            svc.call(target).await.map_err(Into::into)
+        };
+        let r = match self.config.connect_timeout {
+            None => attempt.await,
+            Some(timeout) => match tokio::time::timeout(timeout, attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(ConnectTimeout {
+                    timeout,
+                    target: format!("{:?}", self.target),
+                }
+                .into()),
+            },
+        };
+        if let Err(e) = &r {
+            tracing::warn!(pool = %self.core.name, error = %e, "connect failed");
+            #[cfg(feature = "metrics")]
+            metrics::counter!("marina_pool_connect_errors_total", "pool" => self.core.name.to_string()).increment(1);
+        }
+        r
+    }
+
+    /// Opens connections until `min_idle` are idle (or being opened). Returns how many
+    /// it started; fails with the first connect error.
+    pub(crate) async fn refill(self: &Arc<Self>) -> Result<usize, PoolError> {
+        let min = self.config.min_idle;
+        let mut set = tokio::task::JoinSet::new();
+        while self.core.slots.try_reserve_refill(min) {
+            let inner = self.clone();
+            set.spawn(async move { inner.refill_one().await });
+        }
+        let started = set.len();
+        let mut first = None;
+        while let Some(r) = set.join_next().await {
+            if let Ok(Err(e)) = r {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(started), Err)
+    }
+
+    async fn refill_one(&self) -> Result<(), PoolError> {
+        struct Reserved<'a, X> {
+            core: &'a Core<X>,
+            armed: bool,
+        }
+        impl<X> Drop for Reserved<'_, X> {
+            fn drop(&mut self) {
+                if self.armed {
+                    self.core.connecting.fetch_sub(1, Relaxed);
+                    self.core.counters.cancelled.fetch_add(1, Relaxed);
+                    self.core.refilled(None);
+                }
+            }
+        }
+        let core = &*self.core;
+        core.connecting.fetch_add(1, Relaxed);
+        let mut reserved = Reserved { core, armed: true };
+        let r = self.connect().await;
+        reserved.armed = false;
+        core.connecting.fetch_sub(1, Relaxed);
+        match r {
+            Ok(conn) => {
+                let e = core.register(conn);
+                core.refilled(Some(e));
+                Ok(())
+            }
+            Err(err) => {
+                core.counters.failed.fetch_add(1, Relaxed);
+                core.refilled(None);
+                Err(PoolError::Connect(err))
+            }
+        }
+    }
+
+    fn evict(&self) {
+        let core = &*self.core;
+        let now = core.clock.refresh();
+        let mut reasons = Vec::new();
+        let out = core.slots.evict_idle(|e| match core.expired(&e.meta, now) {
+            Some(r) => {
+                reasons.push(r);
+                true
+            }
+            None => false,
+        });
+        for (e, r) in out.into_iter().zip(reasons) {
+            core.retire(e, r, false);
+        }
+    }
+
+    /// Validates idle connections that have been idle for at least the health-check
+    /// interval, one at a time so the others stay available.
+    async fn health_check(&self, interval: Duration) {
+        let core = &*self.core;
+        let now = core.clock.refresh();
+        let min_idle_ms = interval.as_millis() as u64;
+        let mut seen = Vec::new();
+        loop {
+            let mut batch = core.slots.take_idle(1, |e| {
+                !seen.contains(&e.meta.id)
+                    && now.saturating_sub(e.meta.returned_ms.load(Relaxed)) >= min_idle_ms
+            });
+            let Some(mut e) = batch.pop() else { return };
+            seen.push(e.meta.id);
+            core.probing.fetch_add(1, Relaxed);
+            let mut ok = core.check.as_ref().is_none_or(|check| check(&mut e.conn));
+            if ok {
+                if let Some(probe) = &self.probe {
+                    let limit = self.config.health_check_timeout;
+                    ok = matches!(
+                        tokio::time::timeout(limit, probe.probe(&mut e.conn)).await,
+                        Ok(Ok(_))
+                    );
+                }
+            }
+            core.probing.fetch_sub(1, Relaxed);
+            if ok {
+                if let Some(e) = core.slots.put(e) {
+                    core.retire(e, Reason::Closed, false);
+                }
+            } else {
+                tracing::debug!(pool = %core.name, id = e.meta.id, "idle connection failed its health check");
+                core.retire(e, Reason::HealthCheck, true);
+            }
+        }
+    }
+}
+
+/// The maintenance task, one per pool: refreshes the coarse clock, evicts expired idle
+/// connections, health-checks idle ones, and refills to `min_idle` (backing off
+/// exponentially, up to a minute, while connects fail). Ends when the pool closes,
+/// which also abandons a refill in flight.
+pub(crate) async fn maintain<C, T>(inner: Arc<Inner<C, T>>)
+where
+    C: Connector<T>,
+    T: Target,
+{
+    let c = &inner.config;
+    let mut tick = c.eviction_interval;
+    if let Some(h) = c.health_check_interval {
+        tick = tick.min(h);
+    }
+    if c.idle_timeout.is_some() || c.max_lifetime.is_some() {
+        // The coarse clock that checkouts read is refreshed at least every second.
+        tick = tick.min(Duration::from_secs(1));
+    }
+    let (evict_every, health_every) = (c.eviction_interval, c.health_check_interval);
+    let start = Instant::now();
+    let mut next_evict = start + evict_every;
+    let mut next_health = health_every.map(|h| start + h);
+    let mut next_refill = start;
+    let mut backoff = Duration::ZERO;
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let core = &inner.core;
+    loop {
+        let closing = core.closing.notified();
+        tokio::pin!(closing);
+        closing.as_mut().enable();
+        if core.slots.is_closed() {
+            return;
+        }
+        if !first(interval.tick(), closing.as_mut()).await {
+            return;
+        }
+        core.clock.refresh();
+        let now = Instant::now();
+        if now >= next_evict {
+            inner.evict();
+            next_evict = now + evict_every;
+        }
+        if let (Some(at), Some(every)) = (next_health, health_every) {
+            if now >= at {
+                if !first(inner.health_check(every), closing.as_mut()).await {
+                    return;
+                }
+                next_health = Some(Instant::now() + every);
+            }
+        }
+        if now >= next_refill {
+            let mut result = None;
+            if !first(async { result = Some(inner.refill().await) }, closing.as_mut()).await {
+                return;
+            }
+            match result {
+                Some(Err(e)) => {
+                    backoff = (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                    next_refill = Instant::now() + backoff;
+                    tracing::debug!(pool = %core.name, error = %e, retry_in = ?backoff, "refill to min_idle failed");
+                }
+                _ => backoff = Duration::ZERO,
+            }
+        }
+        #[cfg(feature = "metrics")]
+        {
+            let s = core.stats();
+            let name = core.name.to_string();
+            metrics::gauge!("marina_pool_connections", "pool" => name.clone(), "state" => "idle")
+                .set(s.idle as f64);
+            metrics::gauge!("marina_pool_connections", "pool" => name.clone(), "state" => "active")
+                .set(s.active as f64);
+            metrics::gauge!("marina_pool_connections", "pool" => name.clone(), "state" => "connecting").set(s.connecting as f64);
+            metrics::gauge!("marina_pool_waiting", "pool" => name).set(s.waiting as f64);
+        }
+    }
+}
