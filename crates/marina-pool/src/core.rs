@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst}};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -150,8 +150,11 @@ pub(crate) struct Core<X> {
     pub(crate) probing: AtomicUsize,
     /// Wakes the deadline timer (see [`expire_waiters`]).
     timer: Notify,
-    /// The deadline timer task, respawned if the runtime it ran on went away.
-    timer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// True while the deadline timer task exists; its future clears it when dropped
+    /// (also when the runtime it ran on shuts down), so the next waiter restarts it.
+    timer_running: AtomicBool,
+    /// Mirrors the slots' closed flag, readable without their lock.
+    closed: AtomicBool,
     pub(crate) name: Arc<str>,
 }
 
@@ -172,7 +175,8 @@ impl<X> Core<X> {
             connecting: AtomicUsize::new(0),
             probing: AtomicUsize::new(0),
             timer: Notify::new(),
-            timer_task: Mutex::new(None),
+            timer_running: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             name,
         }
     }
@@ -300,12 +304,18 @@ impl<X> Core<X> {
 
     /// Closes the slots, closes idle connections and stops the deadline timer.
     pub(crate) fn shut(&self) {
+        self.closed.store(true, SeqCst);
         for e in self.slots.close() {
             self.retire(e, Reason::Closed, false);
         }
         self.closing.notify_waiters();
         self.timer.notify_one();
         self.drained.notify_waiters();
+    }
+
+    /// True once the pool was closed (no lock taken).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(SeqCst)
     }
 
     /// Frees a slot that holds no connection (a connect that failed or was abandoned).
@@ -360,15 +370,20 @@ impl<X> Core<X> {
     where
         X: Send + 'static,
     {
-        {
-            let mut task = crate::sync::lock_std(&self.timer_task);
-            // (Re)start it when it never ran or its runtime shut down under it.
-            if task.as_ref().is_none_or(|t| t.is_finished()) && !self.slots.snapshot().closed {
+        // (Re)start it when it never ran or its runtime shut down under it.
+        if !self.timer_running.load(Acquire) && !self.timer_running.swap(true, AcqRel) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    let running = RunningFlag(self.clone(), |c| &c.timer_running);
+                    rt.spawn(async move {
+                        let core = running.0.clone();
+                        let _running = running;
+                        expire_waiters(core).await
+                    });
+                }
                 // Outside a runtime nothing can time out; the next waiter inside one
                 // starts the timer.
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    *task = Some(rt.spawn(expire_waiters(self.clone())));
-                }
+                Err(_) => self.timer_running.store(false, Release),
             }
         }
         if wake {
@@ -511,6 +526,16 @@ async fn expire_waiters<X: Send + 'static>(core: Arc<Core<X>>) {
                 core.slots.expire(core.clock.ns_at(Instant::now()));
             }
         }
+    }
+}
+
+/// Clears a "task running" flag when the task's future is dropped: when it ends, and
+/// when the runtime it ran on shuts down and drops it.
+pub(crate) struct RunningFlag<S>(pub(crate) Arc<S>, pub(crate) fn(&S) -> &AtomicBool);
+
+impl<S> Drop for RunningFlag<S> {
+    fn drop(&mut self) {
+        (self.1)(&self.0).store(false, Release);
     }
 }
 

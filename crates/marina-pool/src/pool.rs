@@ -14,7 +14,7 @@ use tower_service::Service;
 
 use crate::builder::Builder;
 use crate::config::Config;
-use crate::core::{Connecting, Core, Entry, Reason, Wait};
+use crate::core::{Connecting, Core, Entry, Reason, RunningFlag, Wait};
 use crate::error::PoolError;
 use crate::pooled::Pooled;
 use crate::slots::{Closed, Grant, NEVER, WaitError};
@@ -59,8 +59,9 @@ where
     pub(crate) config: Config,
     pub(crate) probe: Option<Arc<dyn Probe<C::Response>>>,
     pub(crate) connect_gate: Semaphore,
-    /// The maintenance task, respawned if the runtime it ran on went away.
-    maintenance: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// True while the maintenance task exists; cleared when its future is dropped (also
+    /// when its runtime shuts down), so the next checkout restarts it.
+    pub(crate) maintenance_running: std::sync::atomic::AtomicBool,
 }
 
 /// What users' `Pool` clones share: when the last one is dropped, the pool closes.
@@ -216,7 +217,7 @@ where
                     target,
                     config,
                     probe,
-                    maintenance: std::sync::Mutex::new(None),
+                    maintenance_running: std::sync::atomic::AtomicBool::new(false),
                 }),
             }),
         };
@@ -324,7 +325,7 @@ where
                 },
             };
             // A grant handed over just before `close()` must not outlive it.
-            if core.slots.is_closed() {
+            if core.is_closed() {
                 match g {
                     Grant::Idle(e) => core.retire(e, Reason::Closed, true),
                     Grant::Create => core.release_slot(),
@@ -352,7 +353,7 @@ where
                     match conn {
                         Ok(conn) => {
                             let e = core.register(conn);
-                            if core.slots.is_closed() {
+                            if core.is_closed() {
                                 core.retire(e, Reason::Closed, true);
                                 return Err(PoolError::Closed);
                             }
@@ -472,13 +473,24 @@ where
     /// Starts the maintenance task, or restarts it if the runtime it ran on has shut
     /// down (a pool can outlive a runtime). Outside a runtime it starts on first use.
     fn start_maintenance(&self) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
         let inner = &self.handle.inner;
-        let mut task = crate::sync::lock_std(&inner.maintenance);
-        if task.as_ref().is_some_and(|t| !t.is_finished()) || inner.core.slots.is_closed() {
+        if inner.maintenance_running.load(Acquire)
+            || inner.core.is_closed()
+            || inner.maintenance_running.swap(true, AcqRel)
+        {
             return;
         }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            *task = Some(rt.spawn(crate::maintain::maintain(inner.clone())));
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let running = RunningFlag(inner.clone(), |i| &i.maintenance_running);
+                rt.spawn(async move {
+                    let inner = running.0.clone();
+                    let _running = running;
+                    crate::maintain::maintain(inner).await
+                });
+            }
+            Err(_) => inner.maintenance_running.store(false, Release),
         }
     }
 }
