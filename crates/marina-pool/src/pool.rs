@@ -270,6 +270,21 @@ where
     /// Checks out an idle connection if one is ready now, without waiting or connecting.
     ///
     /// `Ok(None)` when none is idle (or others are already waiting: they go first).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use marina_pool::{Pool, TcpConnector};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina_pool::PoolError> {
+    /// # let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    /// let pool = Pool::builder().max_size(1).build(TcpConnector::new(), l.local_addr().unwrap())?;
+    /// assert!(pool.try_get()?.is_none()); // nothing opened yet
+    /// drop(pool.get().await?);
+    /// let conn = pool.try_get()?.expect("the idle connection");
+    /// assert!(pool.try_get()?.is_none()); // it is checked out
+    /// # drop(conn); Ok(()) }
+    /// ```
     pub fn try_get(&self) -> Result<Option<Pooled<C::Response>>, PoolError> {
         let core = &self.handle.inner.core;
         loop {
@@ -372,6 +387,22 @@ where
     }
 
     /// A snapshot of the pool's gauges, counters and connections.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use marina_pool::{Pool, TcpConnector};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina_pool::PoolError> {
+    /// # let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    /// let pool = Pool::builder().build(TcpConnector::new(), l.local_addr().unwrap())?;
+    /// let conn = pool.get().await?;
+    /// let s = pool.stats();
+    /// assert_eq!((s.total, s.active, s.idle, s.created, s.acquired), (1, 1, 0, 1, 1));
+    /// assert_eq!(s.connections[0].id, conn.id());
+    /// assert_eq!(s.connections[0].idle_for, None); // checked out
+    /// # Ok(()) }
+    /// ```
     pub fn stats(&self) -> PoolStats {
         self.handle.inner.core.stats()
     }
@@ -390,6 +421,21 @@ where
     /// Changes `max_size` at run time. Growing lets waiters connect at once; shrinking
     /// closes idle connections over the new size now and checked-out ones as they are
     /// returned, until the pool fits. A `max_size` of 0 is raised to 1.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use marina_pool::{Pool, TcpConnector};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina_pool::PoolError> {
+    /// # let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    /// let pool = Pool::builder().max_size(2).build(TcpConnector::new(), l.local_addr().unwrap())?;
+    /// let (a, b) = (pool.get().await?, pool.get().await?);
+    /// pool.resize(1);
+    /// drop((a, b)); // one is closed on return, so the pool fits in its new size
+    /// assert_eq!((pool.stats().total, pool.stats().max_size), (1, 1));
+    /// # Ok(()) }
+    /// ```
     pub fn resize(&self, max_size: usize) {
         let core = &self.handle.inner.core;
         for e in core.slots.resize(max_size.max(1)) {
@@ -542,6 +588,11 @@ where
 }
 
 /// The future of [`Pool`] and [`KeyedPool`](crate::KeyedPool) used as a `Service`.
+///
+/// # Cancel safety
+///
+/// Cancel safe, like [`Pool::get`]: dropping it leaves no slot, waiter or half-made
+/// connection behind.
 pub struct PoolFuture<X> {
     inner: Pin<Box<dyn Future<Output = Result<Pooled<X>, PoolError>> + Send>>,
 }

@@ -119,6 +119,19 @@ impl<X> Pooled<X> {
 
     /// Takes the connection out of the pool for good. The pool forgets it and frees its
     /// slot; the caller owns the connection.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use marina_pool::{Pool, TcpConnector};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina_pool::PoolError> {
+    /// # let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    /// let pool = Pool::builder().max_size(1).build(TcpConnector::new(), l.local_addr().unwrap())?;
+    /// let stream: tokio::net::TcpStream = pool.get().await?.detach(); // e.g. to upgrade it
+    /// assert_eq!(pool.stats().total, 0); // its slot is free for a new connection
+    /// # drop(stream); Ok(()) }
+    /// ```
     pub fn detach(mut self) -> X {
         let Entry { conn, meta } = self
             .entry

@@ -167,6 +167,11 @@ where
 }
 
 /// The future of [`PoolService`]'s calls.
+///
+/// # Cancel safety
+///
+/// Dropping it before it completes is safe and leaks nothing, but the client it had
+/// checked out is closed rather than reused (it may be mid-protocol).
 pub struct ResponseFuture<R> {
     inner: Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>,
 }
