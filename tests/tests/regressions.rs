@@ -170,3 +170,85 @@ fn a_pool_outlives_the_runtime_its_tasks_started_on() {
     });
     assert_eq!(timeouts.load(SeqCst), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn close_ends_while_a_health_probe_is_in_flight() {
+    let connector = MemConnector::new();
+    let pool = Pool::builder()
+        .config(mem_config(1))
+        .health_check_interval(Duration::from_secs(1))
+        .probe(marina_core::probe_fn(|_: &mut MemConn| {
+            Box::pin(async {
+                std::future::pending::<()>().await;
+                Ok(())
+            })
+        }))
+        .health_check_timeout(Duration::from_secs(3600))
+        .build(connector.clone(), "probe")
+        .unwrap();
+    drop(pool.get().await.unwrap());
+    // Let the probe start: the idle connection leaves the idle queue.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        pool.try_get().unwrap().map(|c| c.id()),
+        None,
+        "being probed"
+    );
+    within(LIMIT, "close during a probe", pool.close()).await;
+    let s = pool.stats();
+    assert_eq!((s.total, s.idle, s.connections.len()), (0, 0, 0));
+    assert_eq!(connector.live(), 0);
+}
+
+#[test]
+fn maintenance_restarts_on_a_new_runtime_even_on_the_fast_path() {
+    let connector = MemConnector::new();
+    let paused = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    };
+    let pool = paused().block_on(async {
+        let pool = Pool::builder()
+            .config(mem_config(1))
+            .idle_timeout(Duration::from_secs(10))
+            .build(connector.clone(), "rt-fast")
+            .unwrap();
+        drop(pool.get().await.unwrap());
+        pool
+    });
+    // That runtime is gone with its maintenance task. Here every get() is a fast-path
+    // hit on the idle connection, yet eviction must run again.
+    paused().block_on(async {
+        drop(pool.get().await.unwrap());
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        let s = pool.stats();
+        assert_eq!((s.evicted, s.total), (1, 0), "{s:?}");
+    });
+    assert_eq!(connector.live(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_keyed_target_with_a_live_handle_is_never_dropped_for_another() {
+    use marina_pool::KeyedPool;
+    let connector = MemConnector::new();
+    let keyed = KeyedPool::new(Pool::builder().config(mem_config(1)), connector.clone())
+        .unwrap()
+        .max_targets(1);
+    // A handle to a's pool is held (as an unpolled `call` future would), with nothing
+    // checked out: a must not be evicted, or a second pool for a could appear.
+    let a = keyed.pool(&"a").unwrap();
+    let err = keyed.pool(&"b").expect_err("a is held");
+    assert!(matches!(err, PoolError::TooManyTargets(1)), "{err:?}");
+    drop(a);
+    keyed.pool(&"b").expect("a is unused now");
+    // A target whose pool was closed through a clone is replaced.
+    let b = keyed.pool(&"b").unwrap();
+    b.close().await;
+    drop(b);
+    let b2 = keyed.pool(&"b").unwrap();
+    assert!(!b2.is_closed());
+    assert!(b2.get().await.is_ok());
+}

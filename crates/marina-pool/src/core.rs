@@ -239,12 +239,7 @@ impl<X> Core<X> {
         }
         e.meta.returned_ms.store(now, Relaxed);
         if let Some(e) = self.slots.put(e) {
-            let reason = if self.slots.snapshot().closed {
-                Reason::Closed
-            } else {
-                Reason::Shrunk
-            };
-            self.retire(e, reason, false);
+            self.retire(e, self.surplus_reason(), false);
         }
     }
 
@@ -313,6 +308,11 @@ impl<X> Core<X> {
         self.drained.notify_waiters();
     }
 
+    /// Why a connection the slots would not take back is closed.
+    pub(crate) fn surplus_reason(&self) -> Reason {
+        if self.is_closed() { Reason::Closed } else { Reason::Shrunk }
+    }
+
     /// True once the pool was closed (no lock taken).
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(SeqCst)
@@ -335,7 +335,7 @@ impl<X> Core<X> {
     /// Ends a refill reservation (see [`Slots::refilled`]).
     pub(crate) fn refilled(&self, e: Option<Entry<X>>) {
         if let Some(e) = self.slots.refilled(e) {
-            self.retire(e, Reason::Closed, false);
+            self.retire(e, self.surplus_reason(), false);
         }
         self.drained.notify_waiters();
         self.refilled.notify_waiters();

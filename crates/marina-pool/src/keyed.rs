@@ -20,7 +20,9 @@ use crate::{PoolError, PoolStats};
 ///
 /// The number of targets is bounded by [`max_targets`](Self::max_targets) (default 1024).
 /// A target is *unused* when nothing is checked out from its pool, being connected or
-/// waited for. Unused targets are dropped (their idle connections closed):
+/// waited for, and no handle to it is held outside the map (a `call` future not yet
+/// polled, a clone from [`pool`](Self::pool)): so dropping it never leaves a second
+/// pool for the same target behind. Unused targets are dropped (their idle connections closed):
 ///
 /// - by a sweep, every 256 calls and on [`sweep`](Self::sweep), once unused for
 ///   [`target_idle_timeout`](Self::target_idle_timeout) (default: the builder's
@@ -177,9 +179,13 @@ where
         }
         let call = map.calls;
         if let Some(t) = map.pools.get_mut(target) {
-            t.last_used = now;
-            t.last_call = call;
-            return Ok(t.pool.clone());
+            // A pool someone closed through a clone is replaced, not served forever.
+            if !t.pool.is_closed() {
+                t.last_used = now;
+                t.last_call = call;
+                return Ok(t.pool.clone());
+            }
+            map.pools.remove(target);
         }
         let max = self.inner.max_targets.load(Relaxed);
         if map.pools.len() >= max {

@@ -20,7 +20,8 @@
 //!   it instead of returning it.
 //! - **Background upkeep**: a maintenance task per pool warms up to `min_idle`, refills
 //!   (backing off while connects fail), evicts and health-checks; a second task, started
-//!   by the first `get()` that has to wait, times waiters out. Both end when the pool is
+//!   by the first `get()` that has to wait while an `acquire_timeout` is set, times
+//!   waiters out. Both end when the pool is
 //!   closed or its last handle dropped, and restart if their runtime went away.
 //! - **Visible**: [`Pool::stats`] (gauges, counters, per-connection details), `tracing`
 //!   events, and `metrics` counters and gauges with the `metrics` feature.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use marina_core::BoxError;
 use tokio::time::Instant;
 
-use crate::core::{Core, Reason, first};
+use crate::core::{Core, Entry, Reason, first};
 use crate::error::{ConnectTimeout, PoolError};
 use crate::pool::{Connector, Inner, Target};
 
@@ -128,28 +128,59 @@ where
                 !seen.contains(&e.meta.id)
                     && now.saturating_sub(e.meta.returned_ms.load(Relaxed)) >= min_idle_ms
             });
-            let Some(mut e) = batch.pop() else { return };
+            let Some(e) = batch.pop() else { return };
             seen.push(e.meta.id);
-            core.probing.fetch_add(1, Relaxed);
-            let mut ok = core.check.as_ref().is_none_or(|check| check(&mut e.conn));
+            // If this future is dropped mid-probe (the pool closes, the runtime shuts
+            // down), the guard closes the connection and frees its slot.
+            let mut probing = Probing::new(core, e);
+            let conn = &mut probing.entry_mut().conn;
+            let mut ok = core.check.as_ref().is_none_or(|check| check(conn));
             if ok {
                 if let Some(probe) = &self.probe {
                     let limit = self.config.health_check_timeout;
-                    ok = matches!(
-                        tokio::time::timeout(limit, probe.probe(&mut e.conn)).await,
-                        Ok(Ok(_))
-                    );
+                    ok = matches!(tokio::time::timeout(limit, probe.probe(conn)).await, Ok(Ok(_)));
                 }
             }
-            core.probing.fetch_sub(1, Relaxed);
+            let e = probing.finish();
             if ok {
                 if let Some(e) = core.slots.put(e) {
-                    core.retire(e, Reason::Closed, false);
+                    core.retire(e, core.surplus_reason(), false);
                 }
             } else {
                 tracing::debug!(pool = %core.name, id = e.meta.id, "idle connection failed its health check");
                 core.retire(e, Reason::HealthCheck, true);
             }
+        }
+    }
+}
+
+/// An idle connection taken out for a health check, holding its slot.
+struct Probing<'a, X> {
+    core: &'a Core<X>,
+    entry: Option<Entry<X>>,
+}
+
+impl<'a, X> Probing<'a, X> {
+    fn new(core: &'a Core<X>, e: Entry<X>) -> Self {
+        core.probing.fetch_add(1, Relaxed);
+        Probing { core, entry: Some(e) }
+    }
+
+    fn entry_mut(&mut self) -> &mut Entry<X> {
+        self.entry.as_mut().expect("probe in progress")
+    }
+
+    fn finish(mut self) -> Entry<X> {
+        self.core.probing.fetch_sub(1, Relaxed);
+        self.entry.take().expect("probe in progress")
+    }
+}
+
+impl<X> Drop for Probing<'_, X> {
+    fn drop(&mut self) {
+        if let Some(e) = self.entry.take() {
+            self.core.probing.fetch_sub(1, Relaxed);
+            self.core.retire(e, Reason::Closed, true);
         }
     }
 }

@@ -168,8 +168,12 @@ where
         self.handle.inner.core.shut();
     }
 
-    /// True when a connection is checked out or being opened, or someone waits.
+    /// True when a connection is checked out or being opened, someone waits, or another
+    /// handle than this one exists (a `call` future not yet polled, a user's clone).
     pub(crate) fn in_use(&self) -> bool {
+        if Arc::strong_count(&self.handle) > 1 {
+            return true;
+        }
         let s = self.handle.inner.core.slots.snapshot();
         s.open > s.idle || s.waiting > 0
     }
@@ -286,6 +290,7 @@ where
     /// # drop(conn); Ok(()) }
     /// ```
     pub fn try_get(&self) -> Result<Option<Pooled<C::Response>>, PoolError> {
+        self.start_maintenance();
         let core = &self.handle.inner.core;
         loop {
             match core.slots.try_acquire() {
@@ -571,6 +576,11 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let Some(slow) = self.slow.as_mut() {
             return slow.as_mut().poll(cx);
+        }
+        // A relaxed load of a flag that rarely changes: restarts maintenance if its
+        // runtime went away, even for a pool that never reaches the slow path.
+        if !self.pool.handle.inner.maintenance_running.load(Relaxed) {
+            self.pool.start_maintenance();
         }
         let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         coop.made_progress();

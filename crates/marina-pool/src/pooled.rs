@@ -142,6 +142,8 @@ impl<X> Pooled<X> {
         core.forget(&meta);
         core.counters.destroyed.fetch_add(1, Relaxed);
         tracing::debug!(pool = %core.name, id = meta.id, reason = Reason::Detached.as_str(), "connection detached");
+        #[cfg(feature = "metrics")]
+        metrics::counter!("marina_pool_connections_closed_total", "pool" => core.name.to_string(), "reason" => Reason::Detached.as_str()).increment(1);
         core.release_slot();
         conn
     }

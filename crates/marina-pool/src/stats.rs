@@ -37,8 +37,9 @@ pub struct PoolStats {
     pub timed_out: u64,
     /// Connects that failed.
     pub failed: u64,
-    /// Connects abandoned before they finished: their `get()` was cancelled or timed
-    /// out, or a background refill was stopped by `close()`.
+    /// Connects abandoned before they finished: their `get()` or `ready_min()` was
+    /// cancelled or timed out, or a background refill was stopped (the pool closed, its
+    /// last handle was dropped, or its runtime shut down).
     pub cancelled: u64,
     /// True once the pool was closed.
     pub closed: bool,
