@@ -133,3 +133,8 @@ not_loom! {
 
 #[cfg(all(test, not(loom)))]
 mod tests;
+
+/// The workspace README's examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
