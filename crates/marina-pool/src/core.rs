@@ -201,28 +201,30 @@ impl<X> Core<X> {
     /// Turns an idle entry just taken (its slot held) into a checked-out connection, or
     /// closes it when it expired or fails the liveness check.
     pub(crate) fn checkout(self: &Arc<Self>, e: Entry<X>) -> Option<Pooled<X>> {
-        self.checkout_inner(e, true)
+        Self::checkout_with(self.clone(), e, true)
     }
 
     /// Like [`checkout`](Self::checkout), but a connection that fails the checks keeps
     /// its slot for the caller to connect in.
     pub(crate) fn checkout_or_keep_slot(self: &Arc<Self>, e: Entry<X>) -> Option<Pooled<X>> {
-        self.checkout_inner(e, false)
+        Self::checkout_with(self.clone(), e, false)
     }
 
+    /// [`checkout`](Self::checkout) with the guard's reference to the pool taken already
+    /// (the fast path takes it under the slot lock, whose cache line it shares).
     #[inline]
-    fn checkout_inner(self: &Arc<Self>, mut e: Entry<X>, release_on_failure: bool) -> Option<Pooled<X>> {
-        if let Some(reason) = self.expired(&e.meta, self.clock.coarse_ms()) {
-            self.retire(e, reason, release_on_failure);
+    pub(crate) fn checkout_with(this: Arc<Self>, mut e: Entry<X>, release_on_failure: bool) -> Option<Pooled<X>> {
+        if let Some(reason) = this.expired(&e.meta, this.clock.coarse_ms()) {
+            this.retire(e, reason, release_on_failure);
             return None;
         }
-        if self.check.as_ref().is_some_and(|check| !check(&mut e.conn)) {
-            self.retire(e, Reason::Broken, release_on_failure);
+        if this.check.as_ref().is_some_and(|check| !check(&mut e.conn)) {
+            this.retire(e, Reason::Broken, release_on_failure);
             return None;
         }
         // Only the holder of a connection writes its counter: no read-modify-write needed.
         e.meta.uses.store(e.meta.uses.load(Relaxed) + 1, Relaxed);
-        Some(Pooled::new(e, self.clone()))
+        Some(Pooled::new(e, this))
     }
 
     /// Takes back a checked-out connection.

@@ -258,15 +258,20 @@ where
     fn try_checkout(&self) -> FastPath<C::Response> {
         let core = &self.handle.inner.core;
         loop {
-            match core.slots.try_acquire() {
-                Err(Closed) => return FastPath::Closed,
-                Ok(Some(Grant::Idle(e))) => {
+            match core.slots.try_acquire_with(|| core.clone()) {
+                (Err(Closed), _) => return FastPath::Closed,
+                (Ok(Some(Grant::Idle(e))), Some(handle)) => {
+                    if let Some(p) = Core::checkout_with(handle, e, true) {
+                        return FastPath::Ready(p);
+                    }
+                }
+                (Ok(Some(Grant::Idle(e))), None) => {
                     if let Some(p) = core.checkout(e) {
                         return FastPath::Ready(p);
                     }
                 }
-                Ok(Some(Grant::Create)) => return FastPath::Slow(Some(Grant::Create)),
-                Ok(None) => return FastPath::Slow(None),
+                (Ok(Some(Grant::Create)), _) => return FastPath::Slow(Some(Grant::Create)),
+                (Ok(None), _) => return FastPath::Slow(None),
             }
         }
     }

@@ -146,6 +146,20 @@ impl<E> Slots<E> {
         st.take()
     }
 
+    /// [`try_acquire`](Self::try_acquire) that also runs `f` under the lock when it
+    /// hands out an idle connection (the checkout's reference to the pool is taken
+    /// there, while the lock's cache line, which it shares, is held exclusively).
+    #[inline]
+    pub(crate) fn try_acquire_with<R>(
+        &self,
+        f: impl FnOnce() -> R,
+    ) -> (Result<Option<Grant<E>>, Closed>, Option<R>) {
+        let mut st = lock(&self.state);
+        let g = st.take();
+        let r = matches!(g, Ok(Some(Grant::Idle(_)))).then(f);
+        (g, r)
+    }
+
     /// Like [`try_acquire`](Self::try_acquire), but queues a waiter (giving up at
     /// `deadline`) when nothing is free. Deciding and queueing happen under one lock.
     pub(crate) fn acquire_or_wait(
