@@ -329,7 +329,7 @@ impl<X> Core<X> {
     /// Withdraws a queued waiter (see [`Slots::cancel`]).
     pub(crate) fn cancel_wait(&self, w: &Waiter<Entry<X>>) {
         if let Some(e) = self.slots.cancel(w) {
-            self.retire(e, Reason::Closed, false);
+            self.retire(e, self.surplus_reason(), false);
         }
         self.drained.notify_waiters();
     }

@@ -21,8 +21,8 @@
 //! - **Background upkeep**: a maintenance task per pool warms up to `min_idle`, refills
 //!   (backing off while connects fail), evicts and health-checks; a second task, started
 //!   by the first `get()` that has to wait while an `acquire_timeout` is set, times
-//!   waiters out. Both end when the pool is
-//!   closed or its last handle dropped, and restart if their runtime went away.
+//!   waiters out. Both end when the pool is closed or its last handle dropped, and
+//!   restart if their runtime went away.
 //! - **Visible**: [`Pool::stats`] (gauges, counters, per-connection details), `tracing`
 //!   events, and `metrics` counters and gauges with the `metrics` feature.
 //! - **Cancel safe** at every await point: a dropped `get()` leaves no slot, waiter or
