@@ -1,0 +1,189 @@
+//! `HealthLayer`: builds `Health<S>` for each endpoint.
+
+use std::fmt;
+use std::sync::Arc;
+
+use marina_core::Probe;
+use tower_layer::Layer;
+
+use crate::classify::ErrorsOnly;
+use crate::config::{ActiveConfig, HealthConfig};
+use crate::service::{Health, ProbeRound, probe_round};
+
+/// A [`Layer`] that wraps a service in [`Health`].
+///
+/// Passive checks apply to every service it wraps. Active probing needs a target per
+/// endpoint: give one with [`probe`](Self::probe) when the layer wraps a single endpoint,
+/// or build each endpoint with [`Health::builder`].
+///
+/// ```
+/// use marina_health::{HealthConfig, HealthLayer};
+/// use tower::{ServiceBuilder, service_fn};
+///
+/// let svc = ServiceBuilder::new()
+///     .layer(HealthLayer::new(HealthConfig::default()).name("backend-a"))
+///     .service(service_fn(|req: u32| async move { Ok::<_, std::io::Error>(req) }));
+/// assert!(svc.handle().status().is_ready());
+/// ```
+pub struct HealthLayer<K = ErrorsOnly> {
+    config: HealthConfig,
+    name: Arc<str>,
+    classify: Arc<K>,
+    active: Option<(ActiveConfig, ProbeRound)>,
+}
+
+impl HealthLayer {
+    /// Passive checks with `config`; every `Err` counts as a failure.
+    pub fn new(config: HealthConfig) -> Self {
+        HealthLayer {
+            config,
+            name: "endpoint".into(),
+            classify: Arc::new(ErrorsOnly),
+            active: None,
+        }
+    }
+}
+
+impl<K> HealthLayer<K> {
+    /// Names the endpoint in events and reports.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into().into();
+        self
+    }
+
+    /// Replaces the classifier (which outcomes are failures).
+    pub fn classify<K2>(self, classify: K2) -> HealthLayer<K2> {
+        HealthLayer {
+            config: self.config,
+            name: self.name,
+            classify: Arc::new(classify),
+            active: self.active,
+        }
+    }
+
+    /// Adds active checks: `probe` against `target` every `active.interval` (hybrid mode:
+    /// passive and active at once). Each wrapped service gets its own probe task.
+    pub fn probe<P, T>(mut self, active: ActiveConfig, probe: P, target: T) -> Self
+    where
+        P: Probe<T>,
+        T: Clone + Send + Sync + 'static,
+    {
+        self.active = Some((active, probe_round(probe, target)));
+        self
+    }
+}
+
+impl<S, K> Layer<S> for HealthLayer<K> {
+    type Service = Health<S, K>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Health::with_parts(
+            inner,
+            self.name.clone(),
+            self.config.clone(),
+            self.classify.clone(),
+            self.active.clone(),
+        )
+    }
+}
+
+impl<K> Clone for HealthLayer<K> {
+    fn clone(&self) -> Self {
+        HealthLayer {
+            config: self.config.clone(),
+            name: self.name.clone(),
+            classify: self.classify.clone(),
+            active: self.active.clone(),
+        }
+    }
+}
+
+impl<K> fmt::Debug for HealthLayer<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthLayer")
+            .field("config", &self.config)
+            .field("name", &self.name)
+            .field("active", &self.active.as_ref().map(|a| a.0))
+            .finish()
+    }
+}
+
+/// Builds one endpoint's [`Health`] service; see [`Health::builder`].
+pub struct HealthBuilder<S, K = ErrorsOnly> {
+    inner: S,
+    layer: HealthLayer<K>,
+}
+
+impl<S> Health<S> {
+    /// Starts building a `Health` around `inner`, with the default configuration.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use marina_health::{ActiveConfig, Health, HealthConfig, TcpConnectProbe};
+    /// use tower::service_fn;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let addr: std::net::SocketAddr = "127.0.0.1:7000".parse().unwrap();
+    /// let svc = Health::builder(service_fn(|req: u32| async move { Ok::<_, std::io::Error>(req) }))
+    ///     .name("a")
+    ///     .config(HealthConfig { consecutive_failures: 3, ..HealthConfig::default() })
+    ///     .probe(ActiveConfig { interval: Duration::from_secs(5), ..ActiveConfig::default() }, TcpConnectProbe, addr)
+    ///     .build();
+    /// let status = svc.handle().subscribe(); // follow status changes
+    /// # drop(status);
+    /// # }
+    /// ```
+    pub fn builder(inner: S) -> HealthBuilder<S> {
+        HealthBuilder {
+            inner,
+            layer: HealthLayer::new(HealthConfig::default()),
+        }
+    }
+}
+
+impl<S, K> HealthBuilder<S, K> {
+    /// Replaces the configuration.
+    pub fn config(mut self, config: HealthConfig) -> Self {
+        self.layer.config = config;
+        self
+    }
+
+    /// Names the endpoint in events and reports.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.layer = self.layer.name(name);
+        self
+    }
+
+    /// Replaces the classifier; see [`HealthLayer::classify`].
+    pub fn classify<K2>(self, classify: K2) -> HealthBuilder<S, K2> {
+        HealthBuilder {
+            inner: self.inner,
+            layer: self.layer.classify(classify),
+        }
+    }
+
+    /// Adds active checks; see [`HealthLayer::probe`].
+    pub fn probe<P, T>(mut self, active: ActiveConfig, probe: P, target: T) -> Self
+    where
+        P: Probe<T>,
+        T: Clone + Send + Sync + 'static,
+    {
+        self.layer = self.layer.probe(active, probe, target);
+        self
+    }
+
+    /// Builds the service (starting its probe task, if any, on the current runtime).
+    pub fn build(self) -> Health<S, K> {
+        self.layer.layer(self.inner)
+    }
+}
+
+impl<S: fmt::Debug, K> fmt::Debug for HealthBuilder<S, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthBuilder")
+            .field("inner", &self.inner)
+            .field("layer", &self.layer)
+            .finish()
+    }
+}

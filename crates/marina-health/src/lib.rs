@@ -1,0 +1,85 @@
+//! Health checking for tower endpoints: passive outlier detection and active probes,
+//! as a readiness gate.
+//!
+//! [`Health<S>`](Health) wraps one endpoint's service:
+//!
+//! - **Passive**: every completed request is classified ([`Classify`]; by default every
+//!   `Err` is a failure). Two detectors eject the endpoint: `consecutive_failures` in a
+//!   row (default 5), and a failure rate over a sliding window once it holds enough
+//!   requests ([`FailureRate`]).
+//! - **Ejection is a closed readiness gate**: `poll_ready` returns `Pending` and wakes the
+//!   task when the ejection ends — never `Err`, which would make tower's balancers drop
+//!   the endpoint for good. The n-th ejection lasts `n × base_ejection` (30 s), capped
+//!   at `max_ejection` (300 s); the count resets after `reset_after` healthy. When an
+//!   ejection ends the endpoint is half-open: exactly one trial request (or probe round)
+//!   decides between healthy and ejected again.
+//! - **Active**: with a [`Probe`](marina_core::Probe) — [`TcpConnectProbe`],
+//!   [`LineProbe`], [`HttpProbe`], or any closure through [`probe_fn`](marina_core::probe_fn)
+//!   — one task per endpoint probes every `interval` (with jitter) under a `timeout`;
+//!   `unhealthy_threshold` failing rounds in a row take the endpoint out,
+//!   `healthy_threshold` passing ones bring it back ([`ActiveConfig`]). Passive and
+//!   active run together (hybrid). A probe that panics or hangs only fails its round.
+//! - **Visible**: [`HealthHandle`] gives the [`Status`] (`Unknown`, `Healthy`, `Degraded`,
+//!   `Ejected { until }`), a [`HealthReport`] (health % over the last probe rounds, the
+//!   last round's checks: socket, response time, error rate, age), and a
+//!   `tokio::sync::watch` subscription to status changes. Every change is a `tracing`
+//!   event.
+//!
+//! It works under any tower balancer, tower's own `p2c::Balance` included, and under
+//! marina-balance.
+//!
+//! # Examples
+//!
+//! ```
+//! use std::time::Duration;
+//! use marina_health::{Health, HealthConfig, Status};
+//! use tower::{Service, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! // An endpoint that fails every request.
+//! let backend = service_fn(|_: ()| async { Err::<(), _>(std::io::Error::other("down")) });
+//! let mut svc = Health::builder(backend)
+//!     .config(HealthConfig { consecutive_failures: 3, ..HealthConfig::default() })
+//!     .build();
+//! let handle = svc.handle();
+//!
+//! for _ in 0..3 {
+//!     let _ = svc.ready().await.unwrap().call(()).await;
+//! }
+//! assert!(matches!(handle.status(), Status::Ejected { until: Some(_) }));
+//!
+//! // Ejected: not ready for the 30 s base ejection...
+//! assert!(tokio::time::timeout(Duration::from_secs(29), svc.ready()).await.is_err());
+//! // ...then half-open: ready for one trial request.
+//! svc.ready().await.unwrap();
+//! assert_eq!(handle.status(), Status::Degraded);
+//! # }
+//! ```
+//!
+//! # Cargo features
+//!
+//! - `http`: [`Http5xx`], a classifier that counts HTTP 5xx responses as failures.
+#![forbid(unsafe_code)]
+
+mod active;
+mod classify;
+mod config;
+mod future;
+mod handle;
+mod layer;
+mod probe;
+mod report;
+mod service;
+mod shared;
+
+#[cfg(feature = "http")]
+pub use classify::Http5xx;
+pub use classify::{Classify, ClassifyFn, ErrorsOnly, classify_fn};
+pub use config::{ActiveConfig, FailureRate, HealthConfig};
+pub use future::ResponseFuture;
+pub use handle::HealthHandle;
+pub use layer::{HealthBuilder, HealthLayer};
+pub use probe::{HttpProbe, LineProbe, TcpConnectProbe};
+pub use report::{CheckResult, CheckRound, HealthReport, Status};
+pub use service::Health;

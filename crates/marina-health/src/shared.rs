@@ -1,0 +1,491 @@
+//! The state every clone of a `Health<S>` shares: detectors, ejection, probe history.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::{FailureRate, HealthConfig};
+use crate::report::{CheckResult, CheckRound, HealthReport, Status};
+
+pub(crate) struct Shared {
+    pub(crate) key: Arc<str>,
+    pub(crate) config: HealthConfig,
+    state: Mutex<State>,
+    status: watch::Sender<Status>,
+}
+
+/// The passive state machine.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Serving,
+    Ejected {
+        until: Instant,
+    },
+    /// After an ejection: one trial request (or probe round) decides.
+    HalfOpen {
+        trial: bool,
+    },
+}
+
+struct State {
+    mode: Mode,
+    seen_outcome: bool,
+    consecutive: u32,
+    window: Window,
+    ejections: u32,
+    serving_since: Option<Instant>,
+    /// Taken out by active probes.
+    probed_out: bool,
+    probe_passes: u32,
+    probe_fails: u32,
+    last_success: Option<Instant>,
+    history: VecDeque<CheckRound>,
+    degraded: bool,
+    wakers: Vec<Waker>,
+}
+
+/// Failure counts in 10 buckets over the window.
+struct Window {
+    epoch: Instant,
+    bucket: Duration,
+    slots: [(u64, u32, u32); 10],
+}
+
+impl Window {
+    fn new(rate: Option<FailureRate>) -> Self {
+        let window = rate.map_or(Duration::from_secs(10), |r| r.window);
+        Window {
+            epoch: Instant::now(),
+            bucket: (window / 10).max(Duration::from_millis(1)),
+            slots: [(u64::MAX, 0, 0); 10],
+        }
+    }
+
+    fn index(&self, now: Instant) -> u64 {
+        (now.saturating_duration_since(self.epoch).as_nanos() / self.bucket.as_nanos()) as u64
+    }
+
+    fn record(&mut self, idx: u64, failed: bool) {
+        let slot = &mut self.slots[(idx % 10) as usize];
+        if slot.0 != idx {
+            *slot = (idx, 0, 0);
+        }
+        slot.1 += 1;
+        slot.2 += failed as u32;
+    }
+
+    /// (requests, failures) within the window ending at bucket `idx`.
+    fn totals(&self, idx: u64) -> (u32, u32) {
+        self.slots
+            .iter()
+            .filter(|s| s.0 != u64::MAX && s.0 + 10 > idx && s.0 <= idx)
+            .fold((0, 0), |(t, f), s| (t + s.1, f + s.2))
+    }
+
+    fn clear(&mut self) {
+        self.slots = [(u64::MAX, 0, 0); 10];
+    }
+}
+
+/// What `poll_ready` may do now.
+pub(crate) enum Gate {
+    Open,
+    /// Closed until this instant (a passive ejection); the caller sleeps until then.
+    Until(Instant),
+    /// Closed until a status change wakes the registered waker.
+    Wait,
+}
+
+impl Shared {
+    pub(crate) fn new(key: Arc<str>, config: HealthConfig) -> Self {
+        let (status, _) = watch::channel(Status::Unknown);
+        Shared {
+            key,
+            state: Mutex::new(State {
+                mode: Mode::Serving,
+                seen_outcome: false,
+                consecutive: 0,
+                window: Window::new(config.failure_rate),
+                ejections: 0,
+                serving_since: None,
+                probed_out: false,
+                probe_passes: 0,
+                probe_fails: 0,
+                last_success: None,
+                history: VecDeque::new(),
+                degraded: false,
+                wakers: Vec::new(),
+            }),
+            config,
+            status,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    pub(crate) fn status(&self) -> Status {
+        *self.status.borrow()
+    }
+
+    /// Readiness. `holds_trial` is the caller's claim on the half-open trial.
+    pub(crate) fn gate(&self, waker: &Waker, holds_trial: &mut bool) -> Gate {
+        let mut st = self.lock();
+        if st.probed_out {
+            register(&mut st.wakers, waker);
+            return Gate::Wait;
+        }
+        if let Mode::Ejected { until } = st.mode {
+            if Instant::now() < until {
+                register(&mut st.wakers, waker);
+                return Gate::Until(until);
+            }
+            st.mode = Mode::HalfOpen { trial: false };
+            self.publish(&st, "ejection ended: half-open");
+        }
+        match st.mode {
+            Mode::HalfOpen { trial } => {
+                if *holds_trial {
+                    Gate::Open
+                } else if !trial {
+                    st.mode = Mode::HalfOpen { trial: true };
+                    *holds_trial = true;
+                    Gate::Open
+                } else {
+                    register(&mut st.wakers, waker);
+                    Gate::Wait
+                }
+            }
+            _ => Gate::Open,
+        }
+    }
+
+    /// A trial claim given up without a decision (its service or response dropped).
+    pub(crate) fn release_trial(&self) {
+        let mut st = self.lock();
+        if let Mode::HalfOpen { trial: true } = st.mode {
+            st.mode = Mode::HalfOpen { trial: false };
+            wake(&mut st);
+        }
+    }
+
+    /// A request completed; `trial` if it was the half-open trial.
+    pub(crate) fn record(&self, failed: bool, trial: bool) {
+        let mut st = self.lock();
+        st.seen_outcome = true;
+        match st.mode {
+            Mode::Ejected { .. } => {} // a late answer from before the ejection
+            Mode::HalfOpen { .. } if !trial => {}
+            Mode::HalfOpen { .. } => {
+                if failed {
+                    self.eject(&mut st, "half-open trial failed");
+                } else {
+                    self.recover(&mut st, "half-open trial succeeded");
+                }
+            }
+            Mode::Serving => {
+                if failed {
+                    st.consecutive += 1;
+                } else {
+                    st.consecutive = 0;
+                }
+                let mut tripped = None;
+                let threshold = self.config.consecutive_failures;
+                if threshold > 0 && st.consecutive >= threshold {
+                    tripped = Some("consecutive failures");
+                }
+                if let Some(rate) = self.config.failure_rate {
+                    let idx = st.window.index(Instant::now());
+                    st.window.record(idx, failed);
+                    let (total, fails) = st.window.totals(idx);
+                    if total >= rate.min_requests
+                        && f64::from(fails) > rate.threshold * f64::from(total)
+                    {
+                        tripped = tripped.or(Some("failure rate"));
+                    }
+                }
+                match tripped {
+                    Some(reason) => self.eject(&mut st, reason),
+                    None => self.publish(&st, "request completed"),
+                }
+            }
+        }
+    }
+
+    fn eject(&self, st: &mut State, reason: &str) {
+        let now = Instant::now();
+        if st
+            .serving_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= self.config.reset_after)
+        {
+            st.ejections = 0;
+        }
+        st.ejections += 1;
+        let d = self
+            .config
+            .base_ejection
+            .saturating_mul(st.ejections)
+            .min(self.config.max_ejection);
+        st.mode = Mode::Ejected { until: now + d };
+        st.consecutive = 0;
+        st.window.clear();
+        st.serving_since = None;
+        self.publish(st, reason);
+    }
+
+    fn recover(&self, st: &mut State, reason: &str) {
+        st.mode = Mode::Serving;
+        st.consecutive = 0;
+        st.window.clear();
+        st.serving_since = Some(Instant::now());
+        self.publish(st, reason);
+        wake(st);
+    }
+
+    /// A probe round ended: `Ok(response time)` or the failure. `rise`/`fall` are the
+    /// active thresholds.
+    pub(crate) fn record_probe(&self, result: Result<Duration, String>, rise: u32, fall: u32) {
+        let (rise, fall) = (rise.max(1), fall.max(1));
+        let now = Instant::now();
+        let mut st = self.lock();
+        let passed = result.is_ok();
+        if passed {
+            st.last_success = Some(now);
+        }
+        let cap = self.config.history.max(1);
+        // The error rate of the recent rounds (this one and up to 19 before it), so one
+        // blip does not mark the endpoint degraded for the whole history.
+        let (fails, total) = st
+            .history
+            .iter()
+            .rev()
+            .take(19)
+            .fold((u32::from(!passed), 1u32), |(f, t), r| {
+                (f + u32::from(!r.passed), t + 1)
+            });
+        let error_rate = f64::from(fails) / f64::from(total);
+        let mut checks = Vec::with_capacity(4);
+        checks.push(match &result {
+            Ok(_) => check("socket", true, "answered".into(), "ok".into()),
+            Err(e) => check("socket", false, "no answer".into(), e.clone()),
+        });
+        let slow = result
+            .as_ref()
+            .is_ok_and(|rt| *rt > self.config.response_time_threshold);
+        checks.push(match &result {
+            Ok(rt) => check(
+                "response_time",
+                !slow,
+                format!("{rt:?}"),
+                if slow {
+                    format!(
+                        "over the {:?} threshold",
+                        self.config.response_time_threshold
+                    )
+                } else {
+                    "ok".into()
+                },
+            ),
+            Err(_) => check("response_time", false, "-".into(), "no answer".into()),
+        });
+        let high = error_rate > self.config.error_rate_threshold;
+        checks.push(check(
+            "error_rate",
+            !high,
+            format!("{:.0}%", error_rate * 100.0),
+            if high {
+                format!("over {:.0}%", self.config.error_rate_threshold * 100.0)
+            } else {
+                "ok".into()
+            },
+        ));
+        let age = st.last_success.map(|t| now.saturating_duration_since(t));
+        checks.push(check(
+            "age",
+            passed,
+            age.map_or("never".into(), |a| format!("{a:?} since the last answer")),
+            if passed { "ok".into() } else { "stale".into() },
+        ));
+        st.history.push_back(CheckRound {
+            at: now,
+            passed,
+            response_time: result.as_ref().ok().copied(),
+            checks,
+        });
+        while st.history.len() > cap {
+            st.history.pop_front();
+        }
+        st.degraded = passed && (slow || high);
+        if passed {
+            st.probe_fails = 0;
+            st.probe_passes += 1;
+        } else {
+            st.probe_passes = 0;
+            st.probe_fails += 1;
+        }
+        st.seen_outcome = true;
+        // Half-open: a probe round decides like a trial request.
+        if let Mode::HalfOpen { .. } = st.mode {
+            if passed {
+                self.recover(&mut st, "half-open probe passed");
+            } else {
+                self.eject(&mut st, "half-open probe failed");
+            }
+        }
+        if !st.probed_out && st.probe_fails >= fall {
+            st.probed_out = true;
+            self.publish(&st, "active probes failing");
+        } else if st.probed_out && st.probe_passes >= rise {
+            st.probed_out = false;
+            self.publish(&st, "active probes passing again");
+            wake(&mut st);
+        } else {
+            self.publish(&st, "probe round");
+        }
+    }
+
+    fn publish(&self, st: &State, reason: &str) {
+        let new = status_of(st);
+        let key = &self.key;
+        self.status.send_if_modified(|old| {
+            if *old == new {
+                return false;
+            }
+            tracing::info!(endpoint = %key, from = ?*old, to = ?new, reason, "health status changed");
+            *old = new;
+            true
+        });
+    }
+
+    pub(crate) fn report(&self) -> HealthReport {
+        let st = self.lock();
+        let recent = st.history.len();
+        let healthy = st.history.iter().filter(|r| r.passed).count();
+        let idx = st.window.index(Instant::now());
+        HealthReport {
+            status: status_of(&st),
+            health_percent: if recent == 0 {
+                100.0
+            } else {
+                healthy as f64 * 100.0 / recent as f64
+            },
+            recent,
+            healthy,
+            unhealthy: recent - healthy,
+            last: st.history.back().cloned(),
+            consecutive_failures: st.consecutive,
+            window: st.window.totals(idx),
+            ejections: st.ejections,
+        }
+    }
+}
+
+fn check(name: &'static str, passed: bool, value: String, message: String) -> CheckResult {
+    CheckResult {
+        name,
+        passed,
+        value,
+        message,
+    }
+}
+
+fn status_of(st: &State) -> Status {
+    if st.probed_out {
+        return Status::Ejected { until: None };
+    }
+    match st.mode {
+        Mode::Ejected { until } => Status::Ejected { until: Some(until) },
+        Mode::HalfOpen { .. } => Status::Degraded,
+        Mode::Serving if !st.seen_outcome => Status::Unknown,
+        Mode::Serving if st.degraded => Status::Degraded,
+        Mode::Serving => Status::Healthy,
+    }
+}
+
+fn register(wakers: &mut Vec<Waker>, waker: &Waker) {
+    if !wakers.iter().any(|w| w.will_wake(waker)) {
+        wakers.push(waker.clone());
+    }
+}
+
+fn wake(st: &mut State) {
+    for w in st.wakers.drain(..) {
+        w.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_counts_only_its_last_ten_buckets() {
+        let mut w = Window::new(Some(FailureRate::default()));
+        for i in 0..10 {
+            w.record(i, i % 2 == 0);
+        }
+        assert_eq!(w.totals(9), (10, 5));
+        // Bucket 10 reuses slot 0: bucket 0's counts drop out of the window.
+        w.record(10, false);
+        assert_eq!(w.totals(10), (10, 4));
+        // Far in the future, everything has aged out.
+        assert_eq!(w.totals(100), (0, 0));
+        w.clear();
+        assert_eq!(w.totals(10), (0, 0));
+    }
+
+    #[test]
+    fn status_follows_mode_probes_and_outcomes() {
+        let shared = Shared::new("t".into(), HealthConfig::default());
+        assert_eq!(shared.status(), Status::Unknown);
+        shared.record(false, false);
+        assert_eq!(shared.status(), Status::Healthy);
+        // Probes taking the endpoint out win over a healthy passive state.
+        for _ in 0..3 {
+            shared.record_probe(Err("refused".into()), 2, 3);
+        }
+        assert_eq!(shared.status(), Status::Ejected { until: None });
+        shared.record_probe(Ok(Duration::from_millis(1)), 2, 3);
+        assert_eq!(
+            shared.status(),
+            Status::Ejected { until: None },
+            "one pass is not enough"
+        );
+        shared.record_probe(Ok(Duration::from_millis(1)), 2, 3);
+        // Back in, but the recent error rate (3 of 5 rounds) is over 10%: degraded.
+        assert_eq!(shared.status(), Status::Degraded);
+        let report = shared.report();
+        assert_eq!((report.recent, report.healthy, report.unhealthy), (5, 2, 3));
+        let last = report.last.unwrap();
+        let names: Vec<_> = last.checks.iter().map(|c| c.name).collect();
+        assert_eq!(names, ["socket", "response_time", "error_rate", "age"]);
+        assert!(last.checks[0].passed && !last.checks[2].passed);
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let shared = Shared::new(
+            "t".into(),
+            HealthConfig {
+                history: 4,
+                ..HealthConfig::default()
+            },
+        );
+        for _ in 0..10 {
+            shared.record_probe(Ok(Duration::from_millis(1)), 2, 3);
+        }
+        let r = shared.report();
+        assert_eq!((r.recent, r.health_percent), (4, 100.0));
+    }
+}
