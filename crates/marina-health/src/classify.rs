@@ -75,3 +75,26 @@ impl<B, E> Classify<http::Response<B>, E> for Http5xx {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_only_counts_errors() {
+        assert!(Classify::<u8, ()>::is_failure(&ErrorsOnly, Err(&())));
+        assert!(!Classify::<u8, ()>::is_failure(&ErrorsOnly, Ok(&1)));
+    }
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn http_5xx_counts_server_errors_only() {
+        let resp = |code: u16| http::Response::builder().status(code).body(()).unwrap();
+        let k = Http5xx;
+        assert!(Classify::<_, ()>::is_failure(&k, Ok(&resp(503))));
+        assert!(Classify::<_, ()>::is_failure(&k, Ok(&resp(500))));
+        assert!(!Classify::<_, ()>::is_failure(&k, Ok(&resp(404))));
+        assert!(!Classify::<_, ()>::is_failure(&k, Ok(&resp(200))));
+        assert!(Classify::<http::Response<()>, ()>::is_failure(&k, Err(&())));
+    }
+}
