@@ -16,7 +16,9 @@ pub enum Status {
     /// decides).
     Degraded,
     /// Taken out: `poll_ready` is `Pending`. `until` is when a passive ejection ends;
-    /// `None` when active probes took it out (it comes back when they pass again).
+    /// `None` when active probes took it out (it comes back when they pass again). The
+    /// switch to half-open happens when the service is next polled, so `until` can lie
+    /// in the past for an endpoint nobody is polling.
     Ejected {
         /// When the ejection ends, if it is timed.
         until: Option<Instant>,

@@ -242,6 +242,9 @@ impl Shared {
         st.window.clear();
         st.serving_since = None;
         self.publish(st, reason);
+        // Callers parked behind a half-open trial must learn the new deadline and set
+        // their own timers.
+        wake(st);
     }
 
     fn recover(&self, st: &mut State, reason: &str) {
