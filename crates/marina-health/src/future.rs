@@ -30,19 +30,19 @@ pin_project! {
 struct Report<K> {
     shared: Arc<Shared>,
     classify: Arc<K>,
-    trial: bool,
+    trial: Option<u64>,
 }
 
 impl<K> Drop for Report<K> {
     fn drop(&mut self) {
-        if self.trial {
-            self.shared.release_trial();
+        if let Some(claim) = self.trial {
+            self.shared.release_trial(claim);
         }
     }
 }
 
 impl<F, K> ResponseFuture<F, K> {
-    pub(crate) fn new(inner: F, shared: Arc<Shared>, classify: Arc<K>, trial: bool) -> Self {
+    pub(crate) fn new(inner: F, shared: Arc<Shared>, classify: Arc<K>, trial: Option<u64>) -> Self {
         ResponseFuture {
             inner,
             report: Some(Report {

@@ -65,7 +65,8 @@ pub struct Health<S, K = ErrorsOnly> {
     clones: Arc<Clones>,
     sleep: Option<Pin<Box<Sleep>>>,
     sleeping_until: Option<Instant>,
-    trial: bool,
+    /// This clone's claim on the half-open trial (the period's number).
+    trial: Option<u64>,
 }
 
 impl<S> Health<S> {
@@ -103,7 +104,7 @@ impl<S, K> Health<S, K> {
             clones,
             sleep: None,
             sleeping_until: None,
-            trial: false,
+            trial: None,
         }
     }
 
@@ -140,15 +141,15 @@ impl<S: Clone, K> Clone for Health<S, K> {
             clones: self.clones.clone(),
             sleep: None,
             sleeping_until: None,
-            trial: false,
+            trial: None,
         }
     }
 }
 
 impl<S, K> Drop for Health<S, K> {
     fn drop(&mut self) {
-        if self.trial {
-            self.shared.release_trial();
+        if let Some(claim) = self.trial {
+            self.shared.release_trial(claim);
         }
     }
 }

@@ -25,9 +25,11 @@ enum Mode {
     Ejected {
         until: Instant,
     },
-    /// After an ejection: one trial request (or probe round) decides.
+    /// After an ejection: one trial request (or probe round) decides. `epoch` numbers
+    /// the half-open periods, so a claim from an earlier one is recognised as stale.
     HalfOpen {
         trial: bool,
+        epoch: u64,
     },
 }
 
@@ -38,6 +40,8 @@ struct State {
     window: Window,
     ejections: u32,
     serving_since: Option<Instant>,
+    /// Half-open periods so far (the epoch of trial claims).
+    half_opens: u64,
     /// Taken out by active probes.
     probed_out: bool,
     probe_passes: u32,
@@ -112,6 +116,7 @@ impl Shared {
                 window: Window::new(config.failure_rate),
                 ejections: 0,
                 serving_since: None,
+                half_opens: 0,
                 probed_out: false,
                 probe_passes: 0,
                 probe_fails: 0,
@@ -140,7 +145,7 @@ impl Shared {
     }
 
     /// Readiness. `holds_trial` is the caller's claim on the half-open trial.
-    pub(crate) fn gate(&self, waker: &Waker, holds_trial: &mut bool) -> Gate {
+    pub(crate) fn gate(&self, waker: &Waker, holds_trial: &mut Option<u64>) -> Gate {
         let mut st = self.lock();
         if st.probed_out {
             register(&mut st.wakers, waker);
@@ -151,42 +156,56 @@ impl Shared {
                 register(&mut st.wakers, waker);
                 return Gate::Until(until);
             }
-            st.mode = Mode::HalfOpen { trial: false };
+            st.half_opens += 1;
+            st.mode = Mode::HalfOpen {
+                trial: false,
+                epoch: st.half_opens,
+            };
             self.publish(&st, "ejection ended: half-open");
         }
         match st.mode {
-            Mode::HalfOpen { trial } => {
-                if *holds_trial {
+            Mode::HalfOpen { trial, epoch } => {
+                if *holds_trial == Some(epoch) {
                     Gate::Open
                 } else if !trial {
-                    st.mode = Mode::HalfOpen { trial: true };
-                    *holds_trial = true;
+                    st.mode = Mode::HalfOpen { trial: true, epoch };
+                    *holds_trial = Some(epoch);
                     Gate::Open
                 } else {
+                    *holds_trial = None;
                     register(&mut st.wakers, waker);
                     Gate::Wait
                 }
             }
-            _ => Gate::Open,
+            _ => {
+                // A claim from a half-open period that has since been decided.
+                *holds_trial = None;
+                Gate::Open
+            }
         }
     }
 
     /// A trial claim given up without a decision (its service or response dropped).
-    pub(crate) fn release_trial(&self) {
+    pub(crate) fn release_trial(&self, claim: u64) {
         let mut st = self.lock();
-        if let Mode::HalfOpen { trial: true } = st.mode {
-            st.mode = Mode::HalfOpen { trial: false };
-            wake(&mut st);
+        if let Mode::HalfOpen { trial: true, epoch } = st.mode {
+            if epoch == claim {
+                st.mode = Mode::HalfOpen {
+                    trial: false,
+                    epoch,
+                };
+                wake(&mut st);
+            }
         }
     }
 
-    /// A request completed; `trial` if it was the half-open trial.
-    pub(crate) fn record(&self, failed: bool, trial: bool) {
+    /// A request completed; `trial` is its claim if it was sent as a half-open trial.
+    pub(crate) fn record(&self, failed: bool, trial: Option<u64>) {
         let mut st = self.lock();
         st.seen_outcome = true;
         match st.mode {
             Mode::Ejected { .. } => {} // a late answer from before the ejection
-            Mode::HalfOpen { .. } if !trial => {}
+            Mode::HalfOpen { epoch, .. } if trial != Some(epoch) => {}
             Mode::HalfOpen { .. } => {
                 if failed {
                     self.eject(&mut st, "half-open trial failed");
@@ -329,7 +348,9 @@ impl Shared {
         while st.history.len() > cap {
             st.history.pop_front();
         }
-        st.degraded = passed && (slow || high);
+        // Slow answers, or a high recent error rate (failing rounds not yet enough to
+        // take the endpoint out), mark it degraded.
+        st.degraded = (passed && slow) || high;
         if passed {
             st.probe_fails = 0;
             st.probe_passes += 1;
@@ -452,7 +473,7 @@ mod tests {
     fn status_follows_mode_probes_and_outcomes() {
         let shared = Shared::new("t".into(), HealthConfig::default());
         assert_eq!(shared.status(), Status::Unknown);
-        shared.record(false, false);
+        shared.record(false, None);
         assert_eq!(shared.status(), Status::Healthy);
         // Probes taking the endpoint out win over a healthy passive state.
         for _ in 0..3 {
