@@ -569,10 +569,10 @@ async fn http_server() -> (
                 if header.is_empty() {
                     break;
                 }
-                if let Some((name, value)) = header.split_once(':') {
-                    if name.eq_ignore_ascii_case("host") {
-                        host = value.trim().to_string();
-                    }
+                if let Some((name, value)) = header.split_once(':')
+                    && name.eq_ignore_ascii_case("host")
+                {
+                    host = value.trim().to_string();
                 }
             }
             log.lock().unwrap().push((path.clone(), host));

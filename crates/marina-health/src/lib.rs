@@ -14,7 +14,7 @@
 //!   ejection ends the endpoint is half-open: exactly one trial request (or probe round)
 //!   decides between healthy and ejected again.
 //! - **Active**: with a [`Probe`](marina_core::Probe) — [`TcpConnectProbe`],
-//!   [`LineProbe`], [`HttpProbe`], or any closure through [`probe_fn`](marina_core::probe_fn)
+//!   [`LineProbe`], [`HttpProbe`], `GrpcProbe` (feature `grpc`), or any closure through [`probe_fn`](marina_core::probe_fn)
 //!   — one task per endpoint probes every `interval` (with jitter) under a `timeout`;
 //!   `unhealthy_threshold` failing rounds in a row take the endpoint out,
 //!   `healthy_threshold` passing ones bring it back ([`ActiveConfig`]). Passive and
@@ -60,6 +60,7 @@
 //! # Cargo features
 //!
 //! - `http`: [`Http5xx`], a classifier that counts HTTP 5xx responses as failures.
+//! - `grpc`: `GrpcProbe`, the standard `grpc.health.v1` check through tonic-health.
 #![forbid(unsafe_code)]
 
 mod active;
@@ -80,6 +81,8 @@ pub use config::{ActiveConfig, FailureRate, HealthConfig};
 pub use future::ResponseFuture;
 pub use handle::HealthHandle;
 pub use layer::{HealthBuilder, HealthLayer};
+#[cfg(feature = "grpc")]
+pub use probe::GrpcProbe;
 pub use probe::{HttpProbe, LineProbe, TcpConnectProbe};
 pub use report::{CheckResult, CheckRound, HealthReport, Status};
 pub use service::Health;

@@ -215,3 +215,74 @@ impl Probe<SocketAddr> for HttpProbe {
         })
     }
 }
+
+/// The standard gRPC health check: `grpc.health.v1.Health/Check` for a service name
+/// (empty for the whole server), passing on `SERVING` (feature `grpc`).
+///
+/// As a `Probe<SocketAddr>` it opens a plaintext HTTP/2 channel per round; as a
+/// `Probe<tonic::transport::Channel>` it reuses a channel you already have.
+///
+/// ```
+/// use marina_health::GrpcProbe;
+/// let probe = GrpcProbe::new("my.package.MyService");
+/// # let _ = probe;
+/// ```
+#[cfg(feature = "grpc")]
+#[derive(Debug, Clone, Default)]
+pub struct GrpcProbe {
+    service: String,
+}
+
+#[cfg(feature = "grpc")]
+impl GrpcProbe {
+    /// Checks `service` (`""` for the server as a whole).
+    pub fn new(service: impl Into<String>) -> Self {
+        GrpcProbe {
+            service: service.into(),
+        }
+    }
+
+    async fn check(&self, channel: tonic::transport::Channel) -> Result<(), BoxError> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: self.service.clone(),
+            })
+            .await?
+            .into_inner();
+        match ServingStatus::try_from(reply.status) {
+            Ok(ServingStatus::Serving) => Ok(()),
+            Ok(other) => Err(format!("service reports {}", other.as_str_name()).into()),
+            Err(_) => Err(format!("unknown serving status {}", reply.status).into()),
+        }
+    }
+}
+
+#[cfg(feature = "grpc")]
+impl Probe<SocketAddr> for GrpcProbe {
+    fn probe<'a>(&'a self, addr: &'a mut SocketAddr) -> BoxFuture<'a, Result<Duration, BoxError>> {
+        Box::pin(async move {
+            let start = Instant::now();
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await?;
+            self.check(channel).await?;
+            Ok(start.elapsed())
+        })
+    }
+}
+
+#[cfg(feature = "grpc")]
+impl Probe<tonic::transport::Channel> for GrpcProbe {
+    fn probe<'a>(
+        &'a self,
+        channel: &'a mut tonic::transport::Channel,
+    ) -> BoxFuture<'a, Result<Duration, BoxError>> {
+        Box::pin(async move {
+            let start = Instant::now();
+            self.check(channel.clone()).await?;
+            Ok(start.elapsed())
+        })
+    }
+}

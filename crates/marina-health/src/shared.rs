@@ -188,14 +188,14 @@ impl Shared {
     /// A trial claim given up without a decision (its service or response dropped).
     pub(crate) fn release_trial(&self, claim: u64) {
         let mut st = self.lock();
-        if let Mode::HalfOpen { trial: true, epoch } = st.mode {
-            if epoch == claim {
-                st.mode = Mode::HalfOpen {
-                    trial: false,
-                    epoch,
-                };
-                wake(&mut st);
-            }
+        if let Mode::HalfOpen { trial: true, epoch } = st.mode
+            && epoch == claim
+        {
+            st.mode = Mode::HalfOpen {
+                trial: false,
+                epoch,
+            };
+            wake(&mut st);
         }
     }
 

@@ -256,14 +256,13 @@ impl Config {
                 format!("{d:?} is under 10 s: probes add load on the backend"),
             );
         }
-        if let (Some(idle), Some(life)) = (self.idle_timeout, self.max_lifetime) {
-            if !idle.is_zero() && idle >= life {
+        if let (Some(idle), Some(life)) = (self.idle_timeout, self.max_lifetime)
+            && !idle.is_zero() && idle >= life {
                 v.advise(
                     "idle_timeout",
                     format!("{idle:?} is not below max_lifetime {life:?}, so it never applies"),
                 );
             }
-        }
         v
     }
 }

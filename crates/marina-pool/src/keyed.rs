@@ -174,7 +174,7 @@ where
             return Err(PoolError::Closed);
         }
         map.calls += 1;
-        if map.calls % 256 == 0 {
+        if map.calls.is_multiple_of(256) {
             self.sweep_locked(&mut map, now);
         }
         let call = map.calls;

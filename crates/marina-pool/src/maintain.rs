@@ -135,12 +135,11 @@ where
             let mut probing = Probing::new(core, e);
             let conn = &mut probing.entry_mut().conn;
             let mut ok = core.check.as_ref().is_none_or(|check| check(conn));
-            if ok {
-                if let Some(probe) = &self.probe {
+            if ok
+                && let Some(probe) = &self.probe {
                     let limit = self.config.health_check_timeout;
                     ok = matches!(tokio::time::timeout(limit, probe.probe(conn)).await, Ok(Ok(_)));
                 }
-            }
             let e = probing.finish();
             if ok {
                 if let Some(e) = core.slots.put(e) {
@@ -228,14 +227,13 @@ where
             inner.evict();
             next_evict = now + evict_every;
         }
-        if let (Some(at), Some(every)) = (next_health, health_every) {
-            if now >= at {
+        if let (Some(at), Some(every)) = (next_health, health_every)
+            && now >= at {
                 if !first(inner.health_check(every), closing.as_mut()).await {
                     return;
                 }
                 next_health = Some(Instant::now() + every);
             }
-        }
         if now >= next_refill {
             let mut result = None;
             if !first(async { result = Some(inner.refill().await) }, closing.as_mut()).await {
