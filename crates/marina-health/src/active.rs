@@ -1,6 +1,7 @@
 //! The active prober: one task per endpoint.
 
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -39,7 +40,9 @@ async fn run(
     loop {
         if !first {
             let jitter = cfg.jitter.clamp(0.0, 1.0) * (fastrand::f64() * 2.0 - 1.0);
-            let wait = cfg.interval.mul_f64((1.0 + jitter).max(0.0));
+            let wait =
+                Duration::try_from_secs_f64(cfg.interval.as_secs_f64() * (1.0 + jitter).max(0.0))
+                    .unwrap_or(cfg.interval);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = gone.notified() => {}
@@ -50,16 +53,20 @@ async fn run(
             return;
         }
         // Each round runs in a task of its own, so a probe that panics fails its round
-        // instead of ending the prober; the timeout bounds one that hangs.
-        let probe = round();
+        // instead of ending the prober; the timeout is kept here, outside that task, so
+        // even a probe that blocks its thread cannot stall the prober (the round task
+        // is aborted and left behind).
         let timeout = cfg.timeout;
-        let outcome = tokio::spawn(async move { tokio::time::timeout(timeout, probe).await }).await;
-        let result = match outcome {
+        let mut task = tokio::spawn(round());
+        let result = match tokio::time::timeout(timeout, &mut task).await {
             Ok(Ok(Ok(rt))) => Ok(rt),
             Ok(Ok(Err(e))) => Err(e.to_string()),
-            Ok(Err(_)) => Err(format!("timed out after {timeout:?}")),
-            Err(e) if e.is_panic() => Err("probe panicked".to_string()),
-            Err(_) => Err("probe cancelled".to_string()),
+            Ok(Err(e)) if e.is_panic() => Err("probe panicked".to_string()),
+            Ok(Err(_)) => Err("probe cancelled".to_string()),
+            Err(_) => {
+                task.abort();
+                Err(format!("timed out after {timeout:?}"))
+            }
         };
         shared.record_probe(result, cfg.healthy_threshold, cfg.unhealthy_threshold);
     }

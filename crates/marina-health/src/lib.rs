@@ -25,8 +25,11 @@
 //!   `tokio::sync::watch` subscription to status changes. Every change is a `tracing`
 //!   event.
 //!
-//! It works under any tower balancer, tower's own `p2c::Balance` included, and under
-//! marina-balance.
+//! It works under any tower balancer, tower's own `p2c::Balance` included. Put load
+//! tracking (`tower::load::PendingRequests`, …) outside `Health`, and a request timeout
+//! inside it: a call cancelled from outside says nothing about the endpoint, so a
+//! backend that accepts and never answers is only caught if the timeout's error reaches
+//! the classifier (or by an active probe).
 //!
 //! # Examples
 //!

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use marina_core::{BoxError, BoxFuture, Probe};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -99,7 +99,6 @@ impl Probe<TcpStream> for LineProbe {
 /// Reads one line byte by byte, so nothing after it is taken from the connection (it
 /// stays usable for the pool).
 async fn read_reply_line(stream: &mut TcpStream) -> Result<String, BoxError> {
-    use tokio::io::AsyncReadExt;
     let mut line = Vec::new();
     loop {
         let mut b = [0u8; 1];
@@ -131,7 +130,11 @@ impl Probe<SocketAddr> for LineProbe {
                 .write_all(format!("{}\n", self.send).as_bytes())
                 .await?;
             let mut line = String::new();
-            let n = BufReader::new(&mut stream).read_line(&mut line).await?;
+            // At most 8 KiB: a peer that streams without a newline cannot grow it further.
+            let n = BufReader::new(&mut stream)
+                .take(8192)
+                .read_line(&mut line)
+                .await?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -192,7 +195,11 @@ impl Probe<SocketAddr> for HttpProbe {
             );
             stream.write_all(req.as_bytes()).await?;
             let mut line = String::new();
-            let n = BufReader::new(&mut stream).read_line(&mut line).await?;
+            // At most 8 KiB: a peer that streams without a newline cannot grow it further.
+            let n = BufReader::new(&mut stream)
+                .take(8192)
+                .read_line(&mut line)
+                .await?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

@@ -26,7 +26,8 @@ pub enum Status {
 }
 
 impl Status {
-    /// True unless ejected.
+    /// True unless ejected. (A half-open endpoint whose one trial is taken is
+    /// `Degraded`, and other callers still wait.)
     pub fn is_ready(self) -> bool {
         !matches!(self, Status::Ejected { .. })
     }
@@ -35,7 +36,9 @@ impl Status {
 /// One named check of a probe round: socket state, response time, error rate, age.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckResult {
-    /// `"socket"`, `"response_time"`, `"error_rate"` or `"age"`.
+    /// `"socket"` (the probe got the expected answer; its error otherwise: refused, reset,
+    /// closed, timed out, a wrong reply or status), `"response_time"`, `"error_rate"` or
+    /// `"age"`.
     pub name: &'static str,
     /// Whether it passed.
     pub passed: bool,
@@ -50,7 +53,8 @@ pub struct CheckResult {
 pub struct CheckRound {
     /// When it ended.
     pub at: Instant,
-    /// True when the endpoint answered (the socket check passed).
+    /// True when the probe passed (the `socket` check: the endpoint answered as
+    /// expected; otherwise its message is the probe's error).
     pub passed: bool,
     /// The probe's measured response time, when it answered.
     pub response_time: Option<Duration>,
@@ -78,6 +82,7 @@ pub struct HealthReport {
     pub consecutive_failures: u32,
     /// Requests and failures in the failure-rate window.
     pub window: (u32, u32),
-    /// Passive ejections so far (reset after a healthy period).
+    /// Passive ejections so far, which set the next ejection's length (0 once the
+    /// endpoint has been healthy for `reset_after`).
     pub ejections: u32,
 }

@@ -57,6 +57,11 @@ impl Drop for Clones {
 /// Clones share one state and one [`HealthHandle`]. Errors of the inner service pass
 /// through unchanged.
 ///
+/// A clone that got readiness while the endpoint is half-open holds the one trial until
+/// it calls (and the call completes) or is dropped: do not keep a ready `Health` idle.
+/// Without a tokio runtime at construction, active checks are off (a warning is
+/// logged) and a passive ejection ends when the service is next polled.
+///
 /// See the [crate docs](crate) for an example.
 pub struct Health<S, K = ErrorsOnly> {
     inner: S,
@@ -84,7 +89,7 @@ impl<S, K> Health<S, K> {
         classify: Arc<K>,
         active: Option<(ActiveConfig, ProbeRound)>,
     ) -> Self {
-        let shared = Arc::new(Shared::new(key, config));
+        let shared = Shared::new(key, config);
         let clones = Arc::new(Clones {
             gone: Arc::new(Notify::new()),
         });
@@ -121,14 +126,6 @@ impl<S, K> Health<S, K> {
     /// The inner service, mutably.
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
-    }
-
-    /// The inner service, unwrapped.
-    pub fn into_inner(self) -> S
-    where
-        S: Clone,
-    {
-        self.inner.clone()
     }
 }
 

@@ -12,6 +12,8 @@ use crate::config::{FailureRate, HealthConfig};
 use crate::report::{CheckResult, CheckRound, HealthReport, Status};
 
 pub(crate) struct Shared {
+    /// This state itself, for the timer that ends an ejection.
+    this: std::sync::Weak<Shared>,
     pub(crate) key: Arc<str>,
     pub(crate) config: HealthConfig,
     state: Mutex<State>,
@@ -105,9 +107,10 @@ pub(crate) enum Gate {
 }
 
 impl Shared {
-    pub(crate) fn new(key: Arc<str>, config: HealthConfig) -> Self {
+    pub(crate) fn new(key: Arc<str>, config: HealthConfig) -> Arc<Self> {
         let (status, _) = watch::channel(Status::Unknown);
-        Shared {
+        Arc::new_cyclic(|this| Shared {
+            this: this.clone(),
             key,
             state: Mutex::new(State {
                 mode: Mode::Serving,
@@ -127,7 +130,7 @@ impl Shared {
             }),
             config,
             status,
-        }
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -153,15 +156,10 @@ impl Shared {
         }
         if let Mode::Ejected { until } = st.mode {
             if Instant::now() < until {
-                register(&mut st.wakers, waker);
+                // The caller sleeps until `until` on its own timer.
                 return Gate::Until(until);
             }
-            st.half_opens += 1;
-            st.mode = Mode::HalfOpen {
-                trial: false,
-                epoch: st.half_opens,
-            };
-            self.publish(&st, "ejection ended: half-open");
+            self.half_open(&mut st);
         }
         match st.mode {
             Mode::HalfOpen { trial, epoch } => {
@@ -242,6 +240,26 @@ impl Shared {
         }
     }
 
+    /// Ends a timed ejection: half-open, one trial decides.
+    fn half_open(&self, st: &mut State) {
+        st.half_opens += 1;
+        st.mode = Mode::HalfOpen {
+            trial: false,
+            epoch: st.half_opens,
+        };
+        self.publish(st, "ejection ended: half-open");
+        wake(st);
+    }
+
+    /// Called by the ejection's timer: publishes the end of the ejection even if nobody
+    /// polls the service (a subscriber learns the endpoint is half-open).
+    fn ejection_due(&self, until: Instant) {
+        let mut st = self.lock();
+        if st.mode == (Mode::Ejected { until }) {
+            self.half_open(&mut st);
+        }
+    }
+
     fn eject(&self, st: &mut State, reason: &str) {
         let now = Instant::now();
         if st
@@ -256,7 +274,17 @@ impl Shared {
             .base_ejection
             .saturating_mul(st.ejections)
             .min(self.config.max_ejection);
-        st.mode = Mode::Ejected { until: now + d };
+        let until = now + d;
+        st.mode = Mode::Ejected { until };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let this = self.this.clone();
+            rt.spawn(async move {
+                tokio::time::sleep_until(until).await;
+                if let Some(shared) = this.upgrade() {
+                    shared.ejection_due(until);
+                }
+            });
+        }
         st.consecutive = 0;
         st.window.clear();
         st.serving_since = None;
@@ -360,6 +388,11 @@ impl Shared {
         }
         st.seen_outcome = true;
         // Half-open: a probe round decides like a trial request.
+        if let Mode::Ejected { until } = st.mode {
+            if now >= until {
+                self.half_open(&mut st);
+            }
+        }
         if let Mode::HalfOpen { .. } = st.mode {
             if passed {
                 self.recover(&mut st, "half-open probe passed");
@@ -410,7 +443,13 @@ impl Shared {
             last: st.history.back().cloned(),
             consecutive_failures: st.consecutive,
             window: st.window.totals(idx),
-            ejections: st.ejections,
+            ejections: if st.serving_since.is_some_and(|since| {
+                Instant::now().saturating_duration_since(since) >= self.config.reset_after
+            }) {
+                0
+            } else {
+                st.ejections
+            },
         }
     }
 }
@@ -438,6 +477,13 @@ fn status_of(st: &State) -> Status {
 }
 
 fn register(wakers: &mut Vec<Waker>, waker: &Waker) {
+    // Waiters that gave up leave their wakers behind; past a bound, wake everyone (a
+    // spurious wake-up only makes a task poll again) and start over.
+    if wakers.len() >= 256 {
+        for w in wakers.drain(..) {
+            w.wake();
+        }
+    }
     if !wakers.iter().any(|w| w.will_wake(waker)) {
         wakers.push(waker.clone());
     }

@@ -894,3 +894,33 @@ async fn late_responses_while_half_open_do_not_decide_the_trial() {
     assert!(assert_ready!(trial.poll()).is_err());
     assert_eq!(ejected_for(&h), secs(60));
 }
+
+/// The end of an ejection is published even when nobody polls the service, so a
+/// subscriber can react without polling.
+#[tokio::test(start_paused = true)]
+async fn ejection_end_is_published_without_polling() {
+    let (backend, fail) = backend();
+    fail.store(true, Ordering::SeqCst);
+    let mut svc = Health::new(backend, HealthConfig::default());
+    let handle = svc.handle();
+    for _ in 0..5 {
+        let _ = tower::ServiceExt::ready(&mut svc)
+            .await
+            .unwrap()
+            .call(1)
+            .await;
+    }
+    assert!(matches!(
+        handle.status(),
+        Status::Ejected { until: Some(_) }
+    ));
+    let mut rx = handle.subscribe();
+    rx.borrow_and_update();
+    // Nobody polls `svc`; the subscriber still sees half-open at the 30 s mark.
+    tokio::time::timeout(Duration::from_secs(31), rx.changed())
+        .await
+        .expect("a status change without polling")
+        .unwrap();
+    assert_eq!(*rx.borrow(), Status::Degraded);
+    drop(svc);
+}
