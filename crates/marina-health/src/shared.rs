@@ -388,10 +388,10 @@ impl Shared {
         }
         st.seen_outcome = true;
         // Half-open: a probe round decides like a trial request.
-        if let Mode::Ejected { until } = st.mode {
-            if now >= until {
-                self.half_open(&mut st);
-            }
+        if let Mode::Ejected { until } = st.mode
+            && now >= until
+        {
+            self.half_open(&mut st);
         }
         if let Mode::HalfOpen { .. } = st.mode {
             if passed {
