@@ -1,10 +1,13 @@
 //! The small shared vocabulary of marina.
 //!
 //! marina's crates (pool, health, balance, affinity, limit) meet only through the types
-//! in this crate, so each one stays usable alone. Its only dependency is tokio's clock.
+//! in this crate, so each one stays usable alone. Its dependencies are tokio's clock and
+//! a SipHash implementation.
 //!
 //! - [`BoxError`]: the error type of layers that add failures of their own. Callers
 //!   downcast it to the small named error structs each crate exports.
+//! - [`RouteHint`] and [`EndpointId`]: where a request would like to go (written by the
+//!   affinity layer, read by the balancer), and a stable id for an endpoint's key.
 //! - [`Probe`]: an asynchronous check of something — a pooled connection or an endpoint —
 //!   that returns the measured response time or an error. The pool uses it to validate
 //!   idle connections; the health layer uses it for active probes.
@@ -36,8 +39,10 @@
 #![forbid(unsafe_code)]
 
 mod probe;
+mod route;
 
 pub use probe::{BoxFuture, Probe, ProbeFn, probe_fn};
+pub use route::{EndpointId, HintTarget, RouteHint, stable_hash};
 
 /// A type-erased error, as tower uses: `Box<dyn Error + Send + Sync>`.
 ///

@@ -1,0 +1,56 @@
+//! Load balancing for tower services: the pickers.
+//!
+//! A [`Pick`] chooses one of the ready endpoints for a request, through a read-only
+//! [`Endpoints`] view (id, weight, load, latency) and the request's
+//! [`RouteHint`](marina_core::RouteHint), if the affinity layer set one. Every picker
+//! here works in place: no allocation per pick.
+//!
+//! | picker | chooses | cost per pick |
+//! |---|---|---|
+//! | [`RoundRobin`] | each endpoint in turn | O(1) |
+//! | [`WeightedRoundRobin`] | in proportion to weights, smoothly (nginx's algorithm: exact proportions over every window of Σweights picks) | O(N) |
+//! | [`LeastConnections`] | the least loaded (full scan, ties in turn) | O(N) |
+//! | [`LeastResponseTime`] | the lowest latency EWMA × (load + 1) (ties in turn) | O(N) |
+//! | [`Random`] | uniformly at random | O(1) |
+//! | [`PowerOfTwoChoices`] | the less loaded of two distinct random endpoints | O(1) |
+//! | [`ConsistentHash`] | by the request's hash: rendezvous for small sets, a Maglev table for large ones, optionally bounded load | O(N) / O(1) |
+//!
+//! Random pickers take a seed ([`Random::with_seed`], [`PowerOfTwoChoices::with_seed`])
+//! so simulations and tests are reproducible.
+//!
+//! The `Balance` service that drives discovery, readiness, fail-fast and failover over
+//! these pickers is not in this release yet.
+//!
+//! # Examples
+//!
+//! ```
+//! use marina_balance::{Endpoints, Pick, PowerOfTwoChoices, RoundRobin};
+//! use marina_core::EndpointId;
+//! use std::time::Duration;
+//!
+//! /// Three endpoints with in-flight counts.
+//! struct View(Vec<(u64, f64)>);
+//!
+//! impl Endpoints for View {
+//!     fn len(&self) -> usize { self.0.len() }
+//!     fn id(&self, i: usize) -> EndpointId { EndpointId(self.0[i].0) }
+//!     fn load(&self, i: usize) -> f64 { self.0[i].1 }
+//! }
+//!
+//! let view = View(vec![(1, 3.0), (2, 0.0), (3, 7.0)]);
+//! let mut rr = RoundRobin::new();
+//! let picks: Vec<usize> = (0..6).map(|_| rr.pick(&view, None)).collect();
+//! assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+//!
+//! // P2C compares two distinct endpoints: the busiest one (index 2) can never win.
+//! let mut p2c = PowerOfTwoChoices::with_seed(7);
+//! assert!((0..100).all(|_| p2c.pick(&view, None) != 2));
+//! ```
+#![forbid(unsafe_code)]
+
+mod pick;
+
+pub use pick::{
+    ConsistentHash, Endpoints, LeastConnections, LeastResponseTime, Pick, PowerOfTwoChoices,
+    Random, RoundRobin, WeightedRoundRobin,
+};

@@ -1,0 +1,109 @@
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, OnceLock};
+
+/// A stable 64-bit id of an endpoint, hashed from its discovery key with a fixed-key
+/// SipHash-1-3, so every client instance (every process, every version of marina)
+/// computes the same id for the same key.
+///
+/// ```
+/// use marina_core::EndpointId;
+/// let a = EndpointId::of("10.0.0.1:7000");
+/// assert_eq!(a, EndpointId::of("10.0.0.1:7000"));
+/// assert_ne!(a, EndpointId::of("10.0.0.2:7000"));
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointId(pub u64);
+
+impl EndpointId {
+    /// The id of `key`.
+    pub fn of<K: Hash + ?Sized>(key: &K) -> Self {
+        EndpointId(stable_hash(key))
+    }
+}
+
+impl fmt::Debug for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EndpointId({:016x})", self.0)
+    }
+}
+
+/// Hashes `value` with a fixed-key SipHash-1-3: the same on every machine. Not for maps
+/// keyed by client-controlled data (use a randomly seeded hasher there).
+pub fn stable_hash<K: Hash + ?Sized>(value: &K) -> u64 {
+    let mut h =
+        siphasher::sip::SipHasher13::new_with_keys(0x6d61_7269_6e61_2d31, 0x726f_7574_652d_6964);
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// Where a request would like to go: written by the affinity layer, read by the
+/// balancer's picker.
+///
+/// It also carries a slot through which the balancer reports the endpoint it chose, so
+/// the layer that set the hint learns where a new session landed (or that it was moved)
+/// without reading responses. Clones share the slot.
+///
+/// ```
+/// use marina_core::{EndpointId, RouteHint};
+/// let hint = RouteHint::hash(42);
+/// let seen_by_balancer = hint.clone();
+/// seen_by_balancer.report_chosen(EndpointId(7));
+/// assert_eq!(hint.chosen(), Some(EndpointId(7)));
+/// ```
+#[derive(Clone)]
+pub struct RouteHint {
+    target: HintTarget,
+    chosen: Arc<OnceLock<EndpointId>>,
+}
+
+/// What a [`RouteHint`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HintTarget {
+    /// This endpoint, if it is ready.
+    Endpoint(EndpointId),
+    /// Whichever endpoint a consistent hash of this value picks.
+    Hash(u64),
+}
+
+impl RouteHint {
+    /// Prefer `endpoint`.
+    pub fn endpoint(endpoint: EndpointId) -> Self {
+        RouteHint {
+            target: HintTarget::Endpoint(endpoint),
+            chosen: Arc::default(),
+        }
+    }
+
+    /// Route by consistent hash of `hash` (e.g. [`stable_hash`] of a client IP).
+    pub fn hash(hash: u64) -> Self {
+        RouteHint {
+            target: HintTarget::Hash(hash),
+            chosen: Arc::default(),
+        }
+    }
+
+    /// What the hint asks for.
+    pub fn target(&self) -> HintTarget {
+        self.target
+    }
+
+    /// The balancer reports the endpoint it chose (the first report wins).
+    pub fn report_chosen(&self, endpoint: EndpointId) {
+        let _ = self.chosen.set(endpoint);
+    }
+
+    /// The endpoint the balancer chose, once it has.
+    pub fn chosen(&self) -> Option<EndpointId> {
+        self.chosen.get().copied()
+    }
+}
+
+impl fmt::Debug for RouteHint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteHint")
+            .field("target", &self.target)
+            .field("chosen", &self.chosen())
+            .finish()
+    }
+}
