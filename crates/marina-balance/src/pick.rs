@@ -35,6 +35,13 @@ pub trait Endpoints {
     fn latency(&self, _i: usize) -> Option<Duration> {
         None
     }
+
+    /// A number that changes whenever the endpoint set (ids or order) changes, if the
+    /// view tracks one. Pickers with per-set state ([`ConsistentHash`]'s Maglev table,
+    /// [`WeightedRoundRobin`]) then check it in O(1) instead of comparing every id.
+    fn generation(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Chooses an endpoint for one request.
@@ -79,6 +86,7 @@ impl Pick for RoundRobin {
 #[derive(Debug, Clone, Default)]
 pub struct WeightedRoundRobin {
     current: Vec<(EndpointId, i64)>,
+    generation: Option<u64>,
 }
 
 impl WeightedRoundRobin {
@@ -88,12 +96,18 @@ impl WeightedRoundRobin {
     }
 
     fn sync(&mut self, e: &dyn Endpoints) {
-        let same = self.current.len() == e.len()
-            && self
-                .current
-                .iter()
-                .enumerate()
-                .all(|(i, (id, _))| *id == e.id(i));
+        let same = match (e.generation(), self.generation) {
+            (Some(g), Some(seen)) => g == seen && self.current.len() == e.len(),
+            _ => {
+                self.current.len() == e.len()
+                    && self
+                        .current
+                        .iter()
+                        .enumerate()
+                        .all(|(i, (id, _))| *id == e.id(i))
+            }
+        };
+        self.generation = e.generation();
         if same {
             return;
         }
@@ -308,8 +322,9 @@ impl Pick for PowerOfTwoChoices {
 ///
 /// - Up to `maglev_above` endpoints (default 64): rendezvous (highest random weight)
 ///   hashing, O(N) per pick, no state.
-/// - Above: a Maglev lookup table (65,537 entries), O(1) per pick, rebuilt when the
-///   endpoint set changes.
+/// - Above: a Maglev lookup table (65,537 entries), rebuilt when the endpoint set
+///   changes: O(1) per pick when the view reports a [`generation`](Endpoints::generation),
+///   O(N) (an id comparison) otherwise.
 /// - With [`bounded_load`](Self::bounded_load)`(c)`: an endpoint already carrying more
 ///   than `c` times the average load (plus one) is skipped for the next in the key's
 ///   preference order (Google's consistent hashing with bounded loads).
@@ -413,6 +428,7 @@ impl Pick for ConsistentHash {
 #[derive(Clone)]
 struct Maglev {
     ids: Vec<EndpointId>,
+    generation: Option<u64>,
     slots: Vec<u32>,
 }
 
@@ -430,7 +446,13 @@ const MAGLEV_SIZE: usize = 65_537;
 
 impl Maglev {
     fn matches(&self, e: &dyn Endpoints) -> bool {
-        self.ids.len() == e.len() && self.ids.iter().enumerate().all(|(i, id)| *id == e.id(i))
+        match (e.generation(), self.generation) {
+            (Some(g), Some(built)) => g == built && self.ids.len() == e.len(),
+            _ => {
+                self.ids.len() == e.len()
+                    && self.ids.iter().enumerate().all(|(i, id)| *id == e.id(i))
+            }
+        }
     }
 
     fn build(e: &dyn Endpoints) -> Self {
@@ -464,6 +486,10 @@ impl Maglev {
                 }
             }
         }
-        Maglev { ids, slots }
+        Maglev {
+            ids,
+            generation: e.generation(),
+            slots,
+        }
     }
 }
