@@ -81,8 +81,7 @@ impl Pick for RoundRobin {
 /// Smooth weighted round robin (nginx): over every window of Σweights consecutive picks
 /// each endpoint is chosen exactly `weight` times, interleaved rather than in bursts.
 ///
-/// State follows endpoints by id, so an endpoint keeps its place when others come or
-/// go; the endpoint set's order only matters when it changes.
+/// When the endpoint set changes, the sequence starts afresh over the new set.
 #[derive(Debug, Clone, Default)]
 pub struct WeightedRoundRobin {
     current: Vec<(EndpointId, i64)>,
@@ -111,14 +110,11 @@ impl WeightedRoundRobin {
         if same {
             return;
         }
-        let old = std::mem::take(&mut self.current);
-        self.current = (0..e.len())
-            .map(|i| {
-                let id = e.id(i);
-                let cw = old.iter().find(|(o, _)| *o == id).map_or(0, |(_, w)| *w);
-                (id, cw)
-            })
-            .collect();
+        // Start the new set from zero: nginx's sequence then repeats every Σweights picks,
+        // so every window is exact at once (carrying old counters over can skew the
+        // proportions for many windows).
+        self.current.clear();
+        self.current.extend((0..e.len()).map(|i| (e.id(i), 0)));
     }
 }
 
@@ -324,7 +320,10 @@ impl Pick for PowerOfTwoChoices {
 ///   hashing, O(N) per pick, no state.
 /// - Above: a Maglev lookup table (65,537 entries), rebuilt when the endpoint set
 ///   changes: O(1) per pick when the view reports a [`generation`](Endpoints::generation),
-///   O(N) (an id comparison) otherwise.
+///   O(N) (an id comparison) otherwise. Maglev trades some disruption for that: when
+///   one of N endpoints is added or removed, about 1.5 × the ideal 1/N of keys move
+///   (measured at N = 100 and 200), a few of them between endpoints that stayed;
+///   rendezvous moves exactly the ideal share, all to or from the changed endpoint.
 /// - With [`bounded_load`](Self::bounded_load)`(c)`: an endpoint already carrying more
 ///   than `c` times the average load (plus one) is skipped for the next in the key's
 ///   preference order (Google's consistent hashing with bounded loads).
