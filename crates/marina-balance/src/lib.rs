@@ -18,8 +18,10 @@
 //! Random pickers take a seed ([`Random::with_seed`], [`PowerOfTwoChoices::with_seed`])
 //! so simulations and tests are reproducible.
 //!
-//! The `Balance` service that drives discovery, readiness, fail-fast and failover over
-//! these pickers is not in this release yet.
+//! [`Balance`] drives them: a `Service` over any `tower::discover::Discover`, with a ready
+//! set that does not churn, fail-fast ([`NoReadyEndpoints`]) and per-endpoint stats
+//! ([`BalanceHandle`]). Not yet here: weights from discovery, route hints read from
+//! requests, the panic threshold, and failover with a retry budget.
 //!
 //! # Examples
 //!
@@ -48,7 +50,10 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod balance;
 mod pick;
+
+pub use balance::{Balance, BalanceHandle, EndpointSnapshot, NoReadyEndpoints, ResponseFuture};
 
 pub use pick::{
     ConsistentHash, Endpoints, LeastConnections, LeastResponseTime, Pick, PowerOfTwoChoices,

@@ -1,0 +1,579 @@
+//! `Balance`: a `Service` over discovered endpoints, choosing one per request with a
+//! [`Pick`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use marina_core::{BoxError, EndpointId};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower::discover::{Change, Discover};
+use tower_service::Service;
+
+use crate::pick::{Endpoints, Pick};
+
+/// Nothing was ready within the fail-fast timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoReadyEndpoints {
+    /// How long the balancer waited for a ready endpoint.
+    pub waited: Duration,
+}
+
+impl fmt::Display for NoReadyEndpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "no endpoint became ready within {:?}", self.waited)
+    }
+}
+
+impl std::error::Error for NoReadyEndpoints {}
+
+/// One endpoint's counters, shared with its response futures and the handle.
+#[derive(Debug, Default)]
+struct EndpointStats {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    in_flight: AtomicU64,
+    latency_total_us: AtomicU64,
+    completed: AtomicU64,
+    /// Peak EWMA of response time, in microseconds, as f64 bits.
+    ewma_us: AtomicU64,
+    ready: AtomicBool,
+}
+
+impl EndpointStats {
+    fn ewma(&self) -> Option<Duration> {
+        (self.completed.load(Relaxed) > 0)
+            .then(|| Duration::from_secs_f64(f64::from_bits(self.ewma_us.load(Relaxed)) / 1e6))
+    }
+
+    fn observe(&self, elapsed: Duration, failed: bool) {
+        let us = elapsed.as_secs_f64() * 1e6;
+        let old = f64::from_bits(self.ewma_us.load(Relaxed));
+        // Peak-sensitive: jump up at once, decay slowly.
+        let new = if self.completed.load(Relaxed) == 0 || us > old {
+            us
+        } else {
+            old * 0.9 + us * 0.1
+        };
+        self.ewma_us.store(new.to_bits(), Relaxed);
+        self.latency_total_us.fetch_add(us as u64, Relaxed);
+        self.completed.fetch_add(1, Relaxed);
+        if failed {
+            self.errors.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// A snapshot of one endpoint, from [`BalanceHandle::stats`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct EndpointSnapshot {
+    /// The endpoint's key, as text.
+    pub key: String,
+    /// Its id.
+    pub id: EndpointId,
+    /// Requests sent to it.
+    pub requests: u64,
+    /// Of those, the ones that failed.
+    pub errors: u64,
+    /// `errors / completed requests` (0 with none).
+    pub error_rate: f64,
+    /// Requests in flight now.
+    pub in_flight: u64,
+    /// Mean response time of completed requests.
+    pub avg_latency: Option<Duration>,
+    /// Peak EWMA of response time.
+    pub ewma_latency: Option<Duration>,
+    /// Ready at the last look.
+    pub ready: bool,
+}
+
+/// One endpoint in the handle's registry: key text, id, counters.
+type Registered = (String, EndpointId, Arc<EndpointStats>);
+
+/// Per-endpoint statistics of a [`Balance`], readable from anywhere.
+#[derive(Clone, Default)]
+pub struct BalanceHandle {
+    endpoints: Arc<Mutex<Vec<Registered>>>,
+}
+
+impl fmt::Debug for BalanceHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BalanceHandle").finish_non_exhaustive()
+    }
+}
+
+impl BalanceHandle {
+    /// Every current endpoint's counters.
+    pub fn stats(&self) -> Vec<EndpointSnapshot> {
+        let eps = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        eps.iter()
+            .map(|(key, id, s)| {
+                let completed = s.completed.load(Relaxed);
+                let errors = s.errors.load(Relaxed);
+                EndpointSnapshot {
+                    key: key.clone(),
+                    id: *id,
+                    requests: s.requests.load(Relaxed),
+                    errors,
+                    error_rate: if completed == 0 {
+                        0.0
+                    } else {
+                        errors as f64 / completed as f64
+                    },
+                    in_flight: s.in_flight.load(Relaxed),
+                    avg_latency: (completed > 0).then(|| {
+                        Duration::from_micros(s.latency_total_us.load(Relaxed) / completed)
+                    }),
+                    ewma_latency: s.ewma(),
+                    ready: s.ready.load(Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    fn insert(&self, key: String, id: EndpointId, stats: Arc<EndpointStats>) {
+        self.lock().push((key, id, stats));
+    }
+
+    fn remove(&self, id: EndpointId) {
+        self.lock().retain(|(_, i, _)| *i != id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Registered>> {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+struct Endpoint<K, S> {
+    key: K,
+    id: EndpointId,
+    svc: S,
+    stats: Arc<EndpointStats>,
+    /// Position in `ready`, when ready.
+    ready_pos: Option<usize>,
+}
+
+/// A `Service<Req>` that spreads requests over the endpoints a
+/// [`Discover`](tower::discover::Discover) yields, choosing among the ready ones with a
+/// [`Pick`].
+///
+/// - **Readiness without churn**: an endpoint that stays ready keeps its place in the
+///   ready set; only the endpoint just called is polled again before the next request
+///   (the tower contract), and pending endpoints are polled until they are ready. The
+///   picker sees a stable, indexed view (with a generation that changes only when the
+///   set does), so stateful pickers keep their state.
+/// - **Fail fast**: when no endpoint is ready for `failfast_timeout`, the balancer turns
+///   ready and each call fails at once with [`NoReadyEndpoints`] (inside a `BoxError`),
+///   until an endpoint is ready again — rather than leaving callers hanging.
+/// - **Drain**: an endpoint removed by discovery gets no new requests; its requests in
+///   flight complete.
+/// - **Stats** through [`BalanceHandle`]: per endpoint requests, errors, error rate,
+///   in flight, average and peak-EWMA response time, readiness.
+///
+/// The load the pickers see is the balancer's own count of requests in flight per
+/// endpoint, and the latency is its own peak EWMA of response times.
+///
+/// Not yet here: weights from discovery, route hints from request extensions, the
+/// panic threshold, and failover with a retry budget.
+///
+/// # Examples
+///
+/// ```
+/// use marina_balance::{Balance, RoundRobin};
+/// use tower::discover::ServiceList;
+/// use tower::{Service, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), marina_core::BoxError> {
+/// let endpoints = (0..3).map(|n| service_fn(move |req: u32| async move { Ok::<_, std::io::Error>(req * 10 + n) }));
+/// let mut lb = Balance::new(ServiceList::new(endpoints), RoundRobin::new());
+/// let mut answers = Vec::new();
+/// for _ in 0..3 {
+///     answers.push(lb.ready().await?.call(1).await?);
+/// }
+/// answers.sort();
+/// assert_eq!(answers, [10, 11, 12]); // each endpoint once
+/// assert_eq!(lb.handle().stats().iter().map(|s| s.requests).sum::<u64>(), 3);
+/// # Ok(()) }
+/// ```
+pub struct Balance<D, Req>
+where
+    D: Discover,
+{
+    discover: D,
+    slots: Vec<Option<Endpoint<D::Key, D::Service>>>,
+    free: Vec<usize>,
+    by_key: HashMap<D::Key, usize>,
+    ready: Vec<usize>,
+    unready: Vec<usize>,
+    just_called: Option<usize>,
+    generation: u64,
+    picker: Box<dyn Pick>,
+    failfast: Duration,
+    failfast_sleep: Option<Pin<Box<Sleep>>>,
+    failing: bool,
+    handle: BalanceHandle,
+    _req: PhantomData<fn(Req)>,
+}
+
+impl<D: Discover, Req> fmt::Debug for Balance<D, Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balance")
+            .field("endpoints", &self.by_key.len())
+            .field("ready", &self.ready.len())
+            .field("failing", &self.failing)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The picker's view: the ready endpoints, in the ready set's order.
+struct ReadyView<'a, K, S> {
+    slots: &'a [Option<Endpoint<K, S>>],
+    ready: &'a [usize],
+    generation: u64,
+}
+
+impl<K, S> ReadyView<'_, K, S> {
+    fn ep(&self, i: usize) -> &Endpoint<K, S> {
+        self.slots[self.ready[i]]
+            .as_ref()
+            .expect("ready endpoints exist")
+    }
+}
+
+impl<K, S> Endpoints for ReadyView<'_, K, S> {
+    fn len(&self) -> usize {
+        self.ready.len()
+    }
+    fn id(&self, i: usize) -> EndpointId {
+        self.ep(i).id
+    }
+    fn load(&self, i: usize) -> f64 {
+        self.ep(i).stats.in_flight.load(Relaxed) as f64
+    }
+    fn latency(&self, i: usize) -> Option<Duration> {
+        self.ep(i).stats.ewma()
+    }
+    fn generation(&self) -> Option<u64> {
+        Some(self.generation)
+    }
+}
+
+impl<D, Req> Balance<D, Req>
+where
+    D: Discover + Unpin,
+    D::Key: Hash + Clone + fmt::Debug,
+    D::Service: Service<Req>,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+    D::Error: Into<BoxError>,
+{
+    /// A balancer over `discover`'s endpoints, choosing with `picker`; fail-fast after
+    /// 10 s with nothing ready.
+    pub fn new(discover: D, picker: impl Pick) -> Self {
+        Balance {
+            discover,
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_key: HashMap::new(),
+            ready: Vec::new(),
+            unready: Vec::new(),
+            just_called: None,
+            generation: 0,
+            picker: Box::new(picker),
+            failfast: Duration::from_secs(10),
+            failfast_sleep: None,
+            failing: false,
+            handle: BalanceHandle::default(),
+            _req: PhantomData,
+        }
+    }
+
+    /// How long nothing may be ready before calls fail with [`NoReadyEndpoints`].
+    pub fn failfast_timeout(mut self, timeout: Duration) -> Self {
+        self.failfast = timeout;
+        self
+    }
+
+    /// The handle to the per-endpoint statistics.
+    pub fn handle(&self) -> BalanceHandle {
+        self.handle.clone()
+    }
+
+    fn insert(&mut self, key: D::Key, svc: D::Service) {
+        if let Some(&old) = self.by_key.get(&key) {
+            self.remove_slot(old);
+        }
+        let id = EndpointId::of(&format!("{key:?}"));
+        let stats = Arc::new(EndpointStats::default());
+        self.handle.insert(format!("{key:?}"), id, stats.clone());
+        let ep = Endpoint {
+            key: key.clone(),
+            id,
+            svc,
+            stats,
+            ready_pos: None,
+        };
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(ep);
+                i
+            }
+            None => {
+                self.slots.push(Some(ep));
+                self.slots.len() - 1
+            }
+        };
+        self.by_key.insert(key, slot);
+        self.unready.push(slot);
+        tracing::debug!(endpoint = ?self.slots[slot].as_ref().map(|e| &e.key), "endpoint added");
+    }
+
+    fn remove_slot(&mut self, slot: usize) {
+        let Some(ep) = self.slots[slot].take() else {
+            return;
+        };
+        self.by_key.remove(&ep.key);
+        self.handle.remove(ep.id);
+        if let Some(pos) = ep.ready_pos {
+            self.unready_at(pos);
+        }
+        self.unready.retain(|&s| s != slot);
+        if self.just_called == Some(slot) {
+            self.just_called = None;
+        }
+        self.free.push(slot);
+        tracing::debug!(endpoint = ?ep.key, "endpoint removed (its requests in flight complete)");
+        // Dropping `ep.svc` here: requests in flight own their futures and finish.
+    }
+
+    /// Takes the endpoint at `pos` out of the ready set (swap-remove; the set changes).
+    fn unready_at(&mut self, pos: usize) {
+        let slot = self.ready.swap_remove(pos);
+        if let Some(moved) = self.ready.get(pos).copied()
+            && let Some(ep) = self.slots[moved].as_mut()
+        {
+            ep.ready_pos = Some(pos);
+        }
+        if let Some(ep) = self.slots[slot].as_mut() {
+            ep.ready_pos = None;
+            ep.stats.ready.store(false, Relaxed);
+        }
+        self.generation += 1;
+    }
+
+    fn make_ready(&mut self, slot: usize) {
+        if let Some(ep) = self.slots[slot].as_mut() {
+            ep.ready_pos = Some(self.ready.len());
+            ep.stats.ready.store(true, Relaxed);
+            self.ready.push(slot);
+            self.generation += 1;
+        }
+    }
+
+    fn poll_discover(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError> {
+        loop {
+            match Pin::new(&mut self.discover).poll_discover(cx) {
+                Poll::Ready(Some(Ok(Change::Insert(key, svc)))) => self.insert(key, svc),
+                Poll::Ready(Some(Ok(Change::Remove(key)))) => {
+                    if let Some(&slot) = self.by_key.get(&key) {
+                        self.remove_slot(slot);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Err(e.into()),
+                Poll::Ready(None) | Poll::Pending => return Ok(()),
+            }
+        }
+    }
+
+    /// Polls one endpoint; `true` if it is ready. An endpoint whose `poll_ready` fails is
+    /// removed (it cannot serve).
+    fn poll_endpoint(&mut self, slot: usize, cx: &mut Context<'_>) -> bool {
+        let Some(ep) = self.slots[slot].as_mut() else {
+            return false;
+        };
+        match ep.svc.poll_ready(cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Pending => false,
+            Poll::Ready(Err(e)) => {
+                let e: BoxError = e.into();
+                tracing::warn!(endpoint = ?ep.key, error = %e, "endpoint failed; removed");
+                self.remove_slot(slot);
+                false
+            }
+        }
+    }
+}
+
+impl<D, Req> Service<Req> for Balance<D, Req>
+where
+    D: Discover + Unpin,
+    D::Key: Hash + Clone + fmt::Debug,
+    D::Service: Service<Req>,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+    D::Error: Into<BoxError>,
+{
+    type Response = <D::Service as Service<Req>>::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<<D::Service as Service<Req>>::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.poll_discover(cx)?;
+        // The endpoint called last must be ready again before it is picked again.
+        if let Some(slot) = self.just_called.take()
+            && !self.poll_endpoint(slot, cx)
+            && let Some(pos) = self.slots[slot].as_ref().and_then(|e| e.ready_pos)
+        {
+            self.unready_at(pos);
+            self.unready.push(slot);
+        }
+        // Pending endpoints are polled until they are ready (their wakers bring us back).
+        let mut i = 0;
+        while i < self.unready.len() {
+            let slot = self.unready[i];
+            if self.poll_endpoint(slot, cx) {
+                self.unready.swap_remove(i);
+                self.make_ready(slot);
+            } else if self.slots[slot].is_none() {
+                // Removed while polling.
+                if i < self.unready.len() && self.unready[i] == slot {
+                    self.unready.swap_remove(i);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        if !self.ready.is_empty() {
+            self.failfast_sleep = None;
+            self.failing = false;
+            return Poll::Ready(Ok(()));
+        }
+        if self.failing {
+            return Poll::Ready(Ok(()));
+        }
+        let deadline = Instant::now() + self.failfast;
+        let sleep = self
+            .failfast_sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.as_mut().poll(cx).is_ready() {
+            tracing::warn!(waited = ?self.failfast, "no endpoint ready: failing fast");
+            self.failing = true;
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        if self.ready.is_empty() {
+            return ResponseFuture::failed(
+                NoReadyEndpoints {
+                    waited: self.failfast,
+                }
+                .into(),
+            );
+        }
+        let view = ReadyView {
+            slots: &self.slots,
+            ready: &self.ready,
+            generation: self.generation,
+        };
+        let pick = self.picker.pick(&view, None).min(self.ready.len() - 1);
+        let slot = self.ready[pick];
+        let ep = self.slots[slot].as_mut().expect("ready endpoints exist");
+        ep.stats.requests.fetch_add(1, Relaxed);
+        ep.stats.in_flight.fetch_add(1, Relaxed);
+        let fut = ep.svc.call(req);
+        let stats = ep.stats.clone();
+        self.just_called = Some(slot);
+        ResponseFuture::sent(fut, stats)
+    }
+}
+
+pin_project! {
+    /// The future of [`Balance`]'s calls: the endpoint's response, timed and counted.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it drops the endpoint's future (cancelling the request there) and stops
+    /// counting it as in flight.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: Option<F>,
+        error: Option<BoxError>,
+        track: Option<Track>,
+    }
+}
+
+struct Track {
+    stats: Arc<EndpointStats>,
+    start: Instant,
+}
+
+impl Drop for Track {
+    fn drop(&mut self) {
+        self.stats.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    fn sent(inner: F, stats: Arc<EndpointStats>) -> Self {
+        ResponseFuture {
+            inner: Some(inner),
+            error: None,
+            track: Some(Track {
+                stats,
+                start: Instant::now(),
+            }),
+        }
+    }
+
+    fn failed(error: BoxError) -> Self {
+        ResponseFuture {
+            inner: None,
+            error: Some(error),
+            track: None,
+        }
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Ready(Err(this
+                .error
+                .take()
+                .unwrap_or_else(|| "polled after completion".into())));
+        };
+        let out = ready!(inner.poll(cx));
+        if let Some(track) = this.track.take() {
+            track.stats.observe(track.start.elapsed(), out.is_err());
+        }
+        Poll::Ready(out.map_err(Into::into))
+    }
+}
