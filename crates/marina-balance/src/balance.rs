@@ -38,11 +38,14 @@ impl std::error::Error for NoReadyEndpoints {}
 /// One endpoint's counters, shared with its response futures and the handle.
 #[derive(Debug, Default)]
 struct EndpointStats {
-    requests: AtomicU64,
+    /// Requests dropped before they completed.
+    cancelled: AtomicU64,
     errors: AtomicU64,
     in_flight: AtomicU64,
     latency_total_us: AtomicU64,
     completed: AtomicU64,
+    /// Completed requests that were timed (one in `TIME_EVERY`).
+    timed: AtomicU64,
     /// Peak EWMA of response time, in microseconds, as f64 bits.
     ewma_us: AtomicU64,
     ready: AtomicBool,
@@ -50,21 +53,25 @@ struct EndpointStats {
 
 impl EndpointStats {
     fn ewma(&self) -> Option<Duration> {
-        (self.completed.load(Relaxed) > 0)
+        (self.timed.load(Relaxed) > 0)
             .then(|| Duration::from_secs_f64(f64::from_bits(self.ewma_us.load(Relaxed)) / 1e6))
     }
 
-    fn observe(&self, elapsed: Duration, failed: bool) {
-        let us = elapsed.as_secs_f64() * 1e6;
-        let old = f64::from_bits(self.ewma_us.load(Relaxed));
-        // Peak-sensitive: jump up at once, decay slowly.
-        let new = if self.completed.load(Relaxed) == 0 || us > old {
-            us
-        } else {
-            old * 0.9 + us * 0.1
-        };
-        self.ewma_us.store(new.to_bits(), Relaxed);
-        self.latency_total_us.fetch_add(us as u64, Relaxed);
+    /// A request completed; `elapsed` when it was one of the timed ones.
+    fn observe(&self, elapsed: Option<Duration>, failed: bool) {
+        if let Some(elapsed) = elapsed {
+            let us = elapsed.as_secs_f64() * 1e6;
+            let old = f64::from_bits(self.ewma_us.load(Relaxed));
+            // Peak-sensitive: jump up at once, decay slowly.
+            let new = if self.timed.load(Relaxed) == 0 || us > old {
+                us
+            } else {
+                old * 0.9 + us * 0.1
+            };
+            self.ewma_us.store(new.to_bits(), Relaxed);
+            self.latency_total_us.fetch_add(us as u64, Relaxed);
+            self.timed.fetch_add(1, Relaxed);
+        }
         self.completed.fetch_add(1, Relaxed);
         if failed {
             self.errors.fetch_add(1, Relaxed);
@@ -88,9 +95,9 @@ pub struct EndpointSnapshot {
     pub error_rate: f64,
     /// Requests in flight now.
     pub in_flight: u64,
-    /// Mean response time of completed requests.
+    /// Mean response time (of the timed requests: one in 8).
     pub avg_latency: Option<Duration>,
-    /// Peak EWMA of response time.
+    /// Peak EWMA of response time (of the timed requests).
     pub ewma_latency: Option<Duration>,
     /// Ready at the last look.
     pub ready: bool,
@@ -122,20 +129,21 @@ impl BalanceHandle {
             .map(|(key, id, s)| {
                 let completed = s.completed.load(Relaxed);
                 let errors = s.errors.load(Relaxed);
+                let in_flight = s.in_flight.load(Relaxed);
+                let timed = s.timed.load(Relaxed);
                 EndpointSnapshot {
                     key: key.clone(),
                     id: *id,
-                    requests: s.requests.load(Relaxed),
+                    requests: completed + in_flight + s.cancelled.load(Relaxed),
                     errors,
                     error_rate: if completed == 0 {
                         0.0
                     } else {
                         errors as f64 / completed as f64
                     },
-                    in_flight: s.in_flight.load(Relaxed),
-                    avg_latency: (completed > 0).then(|| {
-                        Duration::from_micros(s.latency_total_us.load(Relaxed) / completed)
-                    }),
+                    in_flight,
+                    avg_latency: (timed > 0)
+                        .then(|| Duration::from_micros(s.latency_total_us.load(Relaxed) / timed)),
                     ewma_latency: s.ewma(),
                     ready: s.ready.load(Relaxed),
                 }
@@ -226,9 +234,13 @@ where
     failfast: Duration,
     failfast_sleep: Option<Pin<Box<Sleep>>>,
     failing: bool,
+    calls: u64,
     handle: BalanceHandle,
     _req: PhantomData<fn(Req)>,
 }
+
+/// One request in this many is timed for the latency statistics.
+const TIME_EVERY: u64 = 8;
 
 impl<D: Discover, Req> fmt::Debug for Balance<D, Req> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -297,6 +309,7 @@ where
             failfast: Duration::from_secs(10),
             failfast_sleep: None,
             failing: false,
+            calls: 0,
             handle: BalanceHandle::default(),
             _req: PhantomData,
         }
@@ -493,12 +506,15 @@ where
         let pick = self.picker.pick(&view, None).min(self.ready.len() - 1);
         let slot = self.ready[pick];
         let ep = self.slots[slot].as_mut().expect("ready endpoints exist");
-        ep.stats.requests.fetch_add(1, Relaxed);
         ep.stats.in_flight.fetch_add(1, Relaxed);
         let fut = ep.svc.call(req);
         let stats = ep.stats.clone();
         self.just_called = Some(slot);
-        ResponseFuture::sent(fut, stats)
+        // Time one request in `TIME_EVERY` (a clock read costs about as much as the rest
+        // of a pick and call together): the latency EWMA and average come from those.
+        self.calls = self.calls.wrapping_add(1);
+        let start = self.calls.is_multiple_of(TIME_EVERY).then(Instant::now);
+        ResponseFuture::sent(fut, stats, start)
     }
 }
 
@@ -519,23 +535,28 @@ pin_project! {
 
 struct Track {
     stats: Arc<EndpointStats>,
-    start: Instant,
+    start: Option<Instant>,
+    done: bool,
 }
 
 impl Drop for Track {
     fn drop(&mut self) {
+        if !self.done {
+            self.stats.cancelled.fetch_add(1, Relaxed);
+        }
         self.stats.in_flight.fetch_sub(1, Relaxed);
     }
 }
 
 impl<F> ResponseFuture<F> {
-    fn sent(inner: F, stats: Arc<EndpointStats>) -> Self {
+    fn sent(inner: F, stats: Arc<EndpointStats>, start: Option<Instant>) -> Self {
         ResponseFuture {
             inner: Some(inner),
             error: None,
             track: Some(Track {
                 stats,
-                start: Instant::now(),
+                start,
+                done: false,
             }),
         }
     }
@@ -571,8 +592,11 @@ where
                 .unwrap_or_else(|| "polled after completion".into())));
         };
         let out = ready!(inner.poll(cx));
-        if let Some(track) = this.track.take() {
-            track.stats.observe(track.start.elapsed(), out.is_err());
+        if let Some(mut track) = this.track.take() {
+            track.done = true;
+            track
+                .stats
+                .observe(track.start.map(|s| s.elapsed()), out.is_err());
         }
         Poll::Ready(out.map_err(Into::into))
     }
