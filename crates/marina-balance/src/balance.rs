@@ -173,6 +173,8 @@ struct Endpoint<K, S> {
     stats: Arc<EndpointStats>,
     /// Position in `ready`, when ready.
     ready_pos: Option<usize>,
+    /// Requests sent to it (for the one-in-`TIME_EVERY` latency sampling).
+    calls: u64,
 }
 
 /// A `Service<Req>` that spreads requests over the endpoints a
@@ -234,7 +236,6 @@ where
     failfast: Duration,
     failfast_sleep: Option<Pin<Box<Sleep>>>,
     failing: bool,
-    calls: u64,
     handle: BalanceHandle,
     _req: PhantomData<fn(Req)>,
 }
@@ -309,7 +310,6 @@ where
             failfast: Duration::from_secs(10),
             failfast_sleep: None,
             failing: false,
-            calls: 0,
             handle: BalanceHandle::default(),
             _req: PhantomData,
         }
@@ -339,6 +339,7 @@ where
             svc,
             stats,
             ready_pos: None,
+            calls: 0,
         };
         let slot = match self.free.pop() {
             Some(i) => {
@@ -477,10 +478,11 @@ where
         if self.failing {
             return Poll::Ready(Ok(()));
         }
-        let deadline = Instant::now() + self.failfast;
+        let failfast = self.failfast;
+        // (tokio's `sleep` caps an over-long timeout instead of overflowing.)
         let sleep = self
             .failfast_sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(failfast)));
         if sleep.as_mut().poll(cx).is_ready() {
             tracing::warn!(waited = ?self.failfast, "no endpoint ready: failing fast");
             self.failing = true;
@@ -512,8 +514,10 @@ where
         self.just_called = Some(slot);
         // Time one request in `TIME_EVERY` (a clock read costs about as much as the rest
         // of a pick and call together): the latency EWMA and average come from those.
-        self.calls = self.calls.wrapping_add(1);
-        let start = self.calls.is_multiple_of(TIME_EVERY).then(Instant::now);
+        // Counted per endpoint, so a picker's periodic pattern cannot hide one.
+        let timed = ep.calls.is_multiple_of(TIME_EVERY);
+        ep.calls = ep.calls.wrapping_add(1);
+        let start = timed.then(Instant::now);
         ResponseFuture::sent(fut, stats, start)
     }
 }
@@ -584,14 +588,17 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let Some(inner) = this.inner.as_pin_mut() else {
-            return Poll::Ready(Err(this
-                .error
-                .take()
-                .unwrap_or_else(|| "polled after completion".into())));
+        let mut this = self.project();
+        let out = match this.inner.as_mut().as_pin_mut() {
+            Some(inner) => ready!(inner.poll(cx)),
+            None => {
+                return Poll::Ready(Err(this
+                    .error
+                    .take()
+                    .unwrap_or_else(|| "polled after completion".into())));
+            }
         };
-        let out = ready!(inner.poll(cx));
+        this.inner.set(None);
         if let Some(mut track) = this.track.take() {
             track.done = true;
             track
