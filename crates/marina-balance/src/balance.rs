@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use marina_core::{BoxError, EndpointId};
+use marina_core::{BoxError, EndpointId, HintTarget, RouteHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::discover::{Change, Discover};
@@ -197,8 +197,10 @@ struct Endpoint<K, S> {
 /// The load the pickers see is the balancer's own count of requests in flight per
 /// endpoint, and the latency is its own peak EWMA of response times.
 ///
-/// Not yet here: weights from discovery, route hints from request extensions, the
-/// panic threshold, and failover with a retry budget.
+/// Route hints: see [`route_hint`](Self::route_hint).
+///
+/// Not yet here: weights from discovery, the panic threshold, and failover with a retry
+/// budget.
 ///
 /// # Examples
 ///
@@ -237,8 +239,12 @@ where
     failfast_sleep: Option<Pin<Box<Sleep>>>,
     failing: bool,
     handle: BalanceHandle,
+    hint: Option<HintFn<Req>>,
     _req: PhantomData<fn(Req)>,
 }
+
+/// Reads a request's route hint (see [`Balance::route_hint`]).
+type HintFn<Req> = Box<dyn Fn(&Req) -> Option<RouteHint> + Send + Sync>;
 
 /// One request in this many is timed for the latency statistics.
 const TIME_EVERY: u64 = 8;
@@ -311,6 +317,7 @@ where
             failfast_sleep: None,
             failing: false,
             handle: BalanceHandle::default(),
+            hint: None,
             _req: PhantomData,
         }
     }
@@ -318,6 +325,36 @@ where
     /// How long nothing may be ready before calls fail with [`NoReadyEndpoints`].
     pub fn failfast_timeout(mut self, timeout: Duration) -> Self {
         self.failfast = timeout;
+        self
+    }
+
+    /// Reads each request's [`RouteHint`] with `hint` (for example from its extensions,
+    /// where marina-affinity puts it), passes it to the picker, and reports the chosen
+    /// endpoint back through the hint. A hint naming an endpoint that is ready is
+    /// honoured whatever the picker.
+    ///
+    /// ```
+    /// use marina_balance::{Balance, ConsistentHash};
+    /// use marina_core::RouteHint;
+    /// use tower::discover::ServiceList;
+    /// use tower::{Service, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina_core::BoxError> {
+    /// let endpoints = (0..4).map(|n| service_fn(move |_: (u64, RouteHint)| async move { Ok::<_, std::io::Error>(n) }));
+    /// let mut lb = Balance::new(ServiceList::new(endpoints), ConsistentHash::new())
+    ///     .route_hint(|req: &(u64, RouteHint)| Some(req.1.clone()));
+    /// // The same key reaches the same endpoint.
+    /// let a = lb.ready().await?.call((1, RouteHint::hash(42))).await?;
+    /// let b = lb.ready().await?.call((2, RouteHint::hash(42))).await?;
+    /// assert_eq!(a, b);
+    /// # Ok(()) }
+    /// ```
+    pub fn route_hint(
+        mut self,
+        hint: impl Fn(&Req) -> Option<RouteHint> + Send + Sync + 'static,
+    ) -> Self {
+        self.hint = Some(Box::new(hint));
         self
     }
 
@@ -505,12 +542,22 @@ where
             ready: &self.ready,
             generation: self.generation,
         };
-        let pick = self.picker.pick(&view, None).min(self.ready.len() - 1);
+        let hint = self.hint.as_ref().and_then(|f| f(&req));
+        let preferred = match hint.as_ref().map(RouteHint::target) {
+            Some(HintTarget::Endpoint(id)) => (0..view.len()).find(|&i| view.id(i) == id),
+            _ => None,
+        };
+        let pick = preferred
+            .unwrap_or_else(|| self.picker.pick(&view, hint.as_ref()))
+            .min(self.ready.len() - 1);
         let slot = self.ready[pick];
         let ep = self.slots[slot].as_mut().expect("ready endpoints exist");
         ep.stats.in_flight.fetch_add(1, Relaxed);
         let fut = ep.svc.call(req);
         let stats = ep.stats.clone();
+        if let Some(h) = &hint {
+            h.report_chosen(ep.id);
+        }
         self.just_called = Some(slot);
         // Time one request in `TIME_EVERY` (a clock read costs about as much as the rest
         // of a pick and call together): the latency EWMA and average come from those.

@@ -20,8 +20,9 @@
 //!
 //! [`Balance`] drives them: a `Service` over any `tower::discover::Discover`, with a ready
 //! set that does not churn, fail-fast ([`NoReadyEndpoints`]) and per-endpoint stats
-//! ([`BalanceHandle`]). Not yet here: weights from discovery, route hints read from
-//! requests, the panic threshold, and failover with a retry budget.
+//! ([`BalanceHandle`]), route hints ([`Balance::route_hint`]), a [`BalanceLayer`] and
+//! discovery from a channel ([`ChangeStream`]). Not yet here: weights from discovery,
+//! the panic threshold, and failover with a retry budget.
 //!
 //! # Examples
 //!
@@ -51,9 +52,11 @@
 #![forbid(unsafe_code)]
 
 mod balance;
+mod layer;
 mod pick;
 
 pub use balance::{Balance, BalanceHandle, EndpointSnapshot, NoReadyEndpoints, ResponseFuture};
+pub use layer::{BalanceLayer, ChangeStream};
 
 pub use pick::{
     ConsistentHash, Endpoints, LeastConnections, LeastResponseTime, Pick, PowerOfTwoChoices,

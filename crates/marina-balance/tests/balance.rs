@@ -856,3 +856,31 @@ async fn failfast_timeout_max_never_fails_fast() {
     assert!(task.is_woken());
     assert_ready_ok!(poll_ready(&mut task, &mut lb));
 }
+
+/// A hint naming a ready endpoint is honoured whatever the picker, and the balancer
+/// reports the endpoint it chose back through the hint.
+#[tokio::test]
+async fn endpoint_hints_are_honoured_and_the_choice_reported() {
+    use marina_core::{EndpointId, RouteHint};
+    use tower::ServiceExt;
+    let endpoints = (0..3usize).map(|n| {
+        tower::service_fn(move |_: RouteHint| async move { Ok::<_, std::convert::Infallible>(n) })
+    });
+    let mut lb = marina_balance::Balance::new(
+        tower::discover::ServiceList::new(endpoints),
+        marina_balance::RoundRobin::new(),
+    )
+    .route_hint(|req: &RouteHint| Some(req.clone()));
+    // ServiceList keys endpoints by index; ids hash the key's Debug text.
+    let want = EndpointId::of(&format!("{:?}", 1usize));
+    for _ in 0..5 {
+        let hint = RouteHint::endpoint(want);
+        let got = lb.ready().await.unwrap().call(hint.clone()).await.unwrap();
+        assert_eq!(got, 1);
+        assert_eq!(hint.chosen(), Some(want));
+    }
+    // A hash hint goes to the picker (round robin here) and is reported too.
+    let hint = RouteHint::hash(9);
+    lb.ready().await.unwrap().call(hint.clone()).await.unwrap();
+    assert!(hint.chosen().is_some());
+}
