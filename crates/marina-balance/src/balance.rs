@@ -155,8 +155,10 @@ impl BalanceHandle {
         self.lock().push((key, id, stats));
     }
 
-    fn remove(&self, id: EndpointId) {
-        self.lock().retain(|(_, i, _)| *i != id);
+    /// Forgets the endpoint whose counters are `stats` (not by id: two keys may share
+    /// one).
+    fn remove(&self, stats: &Arc<EndpointStats>) {
+        self.lock().retain(|(_, _, s)| !Arc::ptr_eq(s, stats));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Registered>> {
@@ -199,6 +201,13 @@ struct Endpoint<K, S> {
 ///
 /// Route hints: see [`route_hint`](Self::route_hint).
 ///
+/// Needs a tokio runtime with timers (the fail-fast timer); without one, the first
+/// `poll_ready` with nothing ready panics, like any tokio timer. The ready set's
+/// generation changes whenever an endpoint becomes ready or unready (including the one
+/// just called going pending, behind a concurrency limit say): pickers with per-set
+/// state restart then ([`WeightedRoundRobin`](crate::WeightedRoundRobin) restarts its
+/// sequence, [`ConsistentHash`](crate::ConsistentHash) rebuilds its Maglev table).
+///
 /// Not yet here: weights from discovery, the panic threshold, and failover with a retry
 /// budget.
 ///
@@ -238,6 +247,7 @@ where
     failfast: Duration,
     failfast_sleep: Option<Pin<Box<Sleep>>>,
     failing: bool,
+    discover_done: bool,
     handle: BalanceHandle,
     hint: Option<HintFn<Req>>,
     _req: PhantomData<fn(Req)>,
@@ -316,6 +326,7 @@ where
             failfast: Duration::from_secs(10),
             failfast_sleep: None,
             failing: false,
+            discover_done: false,
             handle: BalanceHandle::default(),
             hint: None,
             _req: PhantomData,
@@ -398,7 +409,7 @@ where
             return;
         };
         self.by_key.remove(&ep.key);
-        self.handle.remove(ep.id);
+        self.handle.remove(&ep.stats);
         if let Some(pos) = ep.ready_pos {
             self.unready_at(pos);
         }
@@ -436,6 +447,9 @@ where
     }
 
     fn poll_discover(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError> {
+        if self.discover_done {
+            return Ok(());
+        }
         loop {
             match Pin::new(&mut self.discover).poll_discover(cx) {
                 Poll::Ready(Some(Ok(Change::Insert(key, svc)))) => self.insert(key, svc),
@@ -445,7 +459,13 @@ where
                     }
                 }
                 Poll::Ready(Some(Err(e))) => return Err(e.into()),
-                Poll::Ready(None) | Poll::Pending => return Ok(()),
+                Poll::Ready(None) => {
+                    // Discovery ended: keep the endpoints, never poll it again (a stream
+                    // may panic when polled after its end).
+                    self.discover_done = true;
+                    return Ok(());
+                }
+                Poll::Pending => return Ok(()),
             }
         }
     }
@@ -552,8 +572,8 @@ where
             .min(self.ready.len() - 1);
         let slot = self.ready[pick];
         let ep = self.slots[slot].as_mut().expect("ready endpoints exist");
-        ep.stats.in_flight.fetch_add(1, Relaxed);
         let fut = ep.svc.call(req);
+        ep.stats.in_flight.fetch_add(1, Relaxed);
         let stats = ep.stats.clone();
         if let Some(h) = &hint {
             h.report_chosen(ep.id);

@@ -74,8 +74,9 @@ where
 }
 
 /// Discovery from a channel of [`Change`]s: send `Change::Insert(key, service)` and
-/// `Change::Remove(key)` from anywhere; the balancer applies them as they come. Dropping
-/// every sender ends discovery (the current endpoints stay).
+/// `Change::Remove(key)` from anywhere; the balancer applies them when it is next
+/// polled (the channel is unbounded: with no traffic, changes queue until then).
+/// Dropping every sender ends discovery (the current endpoints stay).
 ///
 /// ```
 /// use marina_balance::{Balance, ChangeStream, RoundRobin};

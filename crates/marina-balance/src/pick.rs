@@ -324,9 +324,10 @@ impl Pick for PowerOfTwoChoices {
 ///   one of N endpoints is added or removed, about 1.5 × the ideal 1/N of keys move
 ///   (measured at N = 100 and 200), a few of them between endpoints that stayed;
 ///   rendezvous moves exactly the ideal share, all to or from the changed endpoint.
-/// - With [`bounded_load`](Self::bounded_load)`(c)`: an endpoint already carrying more
-///   than `c` times the average load (plus one) is skipped for the next in the key's
-///   preference order (Google's consistent hashing with bounded loads).
+/// - With [`bounded_load`](Self::bounded_load)`(c)`: an endpoint already carrying
+///   `ceil(c × (total load + 1) / N)` or more is skipped for the next in the key's
+///   preference order (Google's consistent hashing with bounded loads); this makes
+///   each pick O(N) for the total.
 ///
 /// Requests without a hint go round robin.
 #[derive(Debug, Clone)]
