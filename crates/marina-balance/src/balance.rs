@@ -177,6 +177,7 @@ struct Endpoint<K, S> {
     ready_pos: Option<usize>,
     /// Requests sent to it (for the one-in-`TIME_EVERY` latency sampling).
     calls: u64,
+    weight: u32,
 }
 
 /// A `Service<Req>` that spreads requests over the endpoints a
@@ -208,8 +209,9 @@ struct Endpoint<K, S> {
 /// state restart then ([`WeightedRoundRobin`](crate::WeightedRoundRobin) restarts its
 /// sequence, [`ConsistentHash`](crate::ConsistentHash) rebuilds its Maglev table).
 ///
-/// Not yet here: weights from discovery, the panic threshold, and failover with a retry
-/// budget.
+/// Weights: see [`weights`](Self::weights).
+///
+/// Not yet here: the panic threshold, and failover with a retry budget.
 ///
 /// # Examples
 ///
@@ -250,8 +252,12 @@ where
     discover_done: bool,
     handle: BalanceHandle,
     hint: Option<HintFn<Req>>,
+    weigh: Option<WeighFn<D::Key>>,
     _req: PhantomData<fn(Req)>,
 }
+
+/// Gives an endpoint's weight from its key (see [`Balance::weights`]).
+type WeighFn<K> = Box<dyn Fn(&K) -> u32 + Send + Sync>;
 
 /// Reads a request's route hint (see [`Balance::route_hint`]).
 type HintFn<Req> = Box<dyn Fn(&Req) -> Option<RouteHint> + Send + Sync>;
@@ -297,6 +303,9 @@ impl<K, S> Endpoints for ReadyView<'_, K, S> {
     fn latency(&self, i: usize) -> Option<Duration> {
         self.ep(i).stats.ewma()
     }
+    fn weight(&self, i: usize) -> u32 {
+        self.ep(i).weight
+    }
     fn generation(&self) -> Option<u64> {
         Some(self.generation)
     }
@@ -329,6 +338,7 @@ where
             discover_done: false,
             handle: BalanceHandle::default(),
             hint: None,
+            weigh: None,
             _req: PhantomData,
         }
     }
@@ -369,6 +379,34 @@ where
         self
     }
 
+    /// Gives each endpoint a weight from its discovery key (discovery metadata usually
+    /// travels in the key), for [`WeightedRoundRobin`](crate::WeightedRoundRobin) and
+    /// any picker that reads weights. Weights below 1 count as 1; applies to endpoints
+    /// discovered from now on.
+    ///
+    /// ```
+    /// use marina_balance::{Balance, WeightedRoundRobin};
+    /// use tower::discover::ServiceList;
+    /// use tower::{Service, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina_core::BoxError> {
+    /// let endpoints = (0..2).map(|n| service_fn(move |_: ()| async move { Ok::<_, std::io::Error>(n) }));
+    /// // ServiceList keys endpoints by position: give the second three times the weight.
+    /// let mut lb = Balance::new(ServiceList::new(endpoints), WeightedRoundRobin::new())
+    ///     .weights(|index: &usize| if *index == 1 { 3 } else { 1 });
+    /// let mut seen = [0; 2];
+    /// for _ in 0..8 {
+    ///     seen[lb.ready().await?.call(()).await?] += 1;
+    /// }
+    /// assert_eq!(seen, [2, 6]);
+    /// # Ok(()) }
+    /// ```
+    pub fn weights(mut self, weigh: impl Fn(&D::Key) -> u32 + Send + Sync + 'static) -> Self {
+        self.weigh = Some(Box::new(weigh));
+        self
+    }
+
     /// The handle to the per-endpoint statistics.
     pub fn handle(&self) -> BalanceHandle {
         self.handle.clone()
@@ -388,6 +426,7 @@ where
             stats,
             ready_pos: None,
             calls: 0,
+            weight: self.weigh.as_ref().map_or(1, |f| f(&key).max(1)),
         };
         let slot = match self.free.pop() {
             Some(i) => {

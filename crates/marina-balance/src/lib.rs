@@ -20,9 +20,10 @@
 //!
 //! [`Balance`] drives them: a `Service` over any `tower::discover::Discover`, with a ready
 //! set that does not churn, fail-fast ([`NoReadyEndpoints`]) and per-endpoint stats
-//! ([`BalanceHandle`]), route hints ([`Balance::route_hint`]), a [`BalanceLayer`] and
-//! discovery from a channel ([`ChangeStream`]). Not yet here: weights from discovery,
-//! the panic threshold, and failover with a retry budget.
+//! ([`BalanceHandle`]), route hints ([`Balance::route_hint`]), weights from discovery
+//! keys ([`Balance::weights`]), a [`BalanceLayer`] and discovery from a channel
+//! ([`ChangeStream`]). Not yet here: the panic threshold, and failover with a retry
+//! budget.
 //!
 //! # Examples
 //!
