@@ -41,9 +41,10 @@ struct EndpointStats {
     /// Requests dropped before they completed.
     cancelled: AtomicU64,
     errors: AtomicU64,
-    in_flight: AtomicU64,
+    /// Requests in flight (low 24 bits) and finished (completed or cancelled, the rest):
+    /// one atomic add starts a request, one ends it.
+    flow: AtomicU64,
     latency_total_us: AtomicU64,
-    completed: AtomicU64,
     /// Completed requests that were timed (one in `TIME_EVERY`).
     timed: AtomicU64,
     /// Peak EWMA of response time, in microseconds, as f64 bits.
@@ -51,7 +52,17 @@ struct EndpointStats {
     ready: AtomicBool,
 }
 
+/// `flow` bits: in flight below, finished above.
+const IN_FLIGHT_BITS: u32 = 24;
+const IN_FLIGHT_MASK: u64 = (1 << IN_FLIGHT_BITS) - 1;
+/// Added to `flow` when a request ends: one more finished, one fewer in flight.
+const FINISH: u64 = (1 << IN_FLIGHT_BITS) - 1;
+
 impl EndpointStats {
+    fn in_flight(&self) -> u64 {
+        self.flow.load(Relaxed) & IN_FLIGHT_MASK
+    }
+
     fn ewma(&self) -> Option<Duration> {
         (self.timed.load(Relaxed) > 0)
             .then(|| Duration::from_secs_f64(f64::from_bits(self.ewma_us.load(Relaxed)) / 1e6))
@@ -72,7 +83,6 @@ impl EndpointStats {
             self.latency_total_us.fetch_add(us as u64, Relaxed);
             self.timed.fetch_add(1, Relaxed);
         }
-        self.completed.fetch_add(1, Relaxed);
         if failed {
             self.errors.fetch_add(1, Relaxed);
         }
@@ -127,14 +137,16 @@ impl BalanceHandle {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         eps.iter()
             .map(|(key, id, s)| {
-                let completed = s.completed.load(Relaxed);
-                let errors = s.errors.load(Relaxed);
-                let in_flight = s.in_flight.load(Relaxed);
+                let flow = s.flow.load(Relaxed);
+                let in_flight = flow & IN_FLIGHT_MASK;
+                let finished = flow >> IN_FLIGHT_BITS;
+                let completed = finished.saturating_sub(s.cancelled.load(Relaxed));
+                let errors = s.errors.load(Relaxed).min(completed);
                 let timed = s.timed.load(Relaxed);
                 EndpointSnapshot {
                     key: key.clone(),
                     id: *id,
-                    requests: completed + in_flight + s.cancelled.load(Relaxed),
+                    requests: finished + in_flight,
                     errors,
                     error_rate: if completed == 0 {
                         0.0
@@ -298,7 +310,7 @@ impl<K, S> Endpoints for ReadyView<'_, K, S> {
         self.ep(i).id
     }
     fn load(&self, i: usize) -> f64 {
-        self.ep(i).stats.in_flight.load(Relaxed) as f64
+        self.ep(i).stats.in_flight() as f64
     }
     fn latency(&self, i: usize) -> Option<Duration> {
         self.ep(i).stats.ewma()
@@ -612,7 +624,7 @@ where
         let slot = self.ready[pick];
         let ep = self.slots[slot].as_mut().expect("ready endpoints exist");
         let fut = ep.svc.call(req);
-        ep.stats.in_flight.fetch_add(1, Relaxed);
+        ep.stats.flow.fetch_add(1, Relaxed);
         let stats = ep.stats.clone();
         if let Some(h) = &hint {
             h.report_chosen(ep.id);
@@ -654,7 +666,7 @@ impl Drop for Track {
         if !self.done {
             self.stats.cancelled.fetch_add(1, Relaxed);
         }
-        self.stats.in_flight.fetch_sub(1, Relaxed);
+        self.stats.flow.fetch_add(FINISH, Relaxed);
     }
 }
 
