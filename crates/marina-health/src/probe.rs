@@ -96,6 +96,24 @@ impl Probe<TcpStream> for LineProbe {
     }
 }
 
+/// Reads the first line the peer sends, at most 8 KiB (a peer that streams without a
+/// newline cannot grow it further); EOF before it is an error naming `what`.
+async fn first_line(stream: &mut TcpStream, what: &str) -> Result<String, BoxError> {
+    let mut line = String::new();
+    let n = BufReader::new(stream)
+        .take(8192)
+        .read_line(&mut line)
+        .await?;
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("connection closed before {what}"),
+        )
+        .into());
+    }
+    Ok(line)
+}
+
 /// Reads one line byte by byte, so nothing after it is taken from the connection (it
 /// stays usable for the pool).
 async fn read_reply_line(stream: &mut TcpStream) -> Result<String, BoxError> {
@@ -129,19 +147,7 @@ impl Probe<SocketAddr> for LineProbe {
             stream
                 .write_all(format!("{}\n", self.send).as_bytes())
                 .await?;
-            let mut line = String::new();
-            // At most 8 KiB: a peer that streams without a newline cannot grow it further.
-            let n = BufReader::new(&mut stream)
-                .take(8192)
-                .read_line(&mut line)
-                .await?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed before the reply",
-                )
-                .into());
-            }
+            let line = first_line(&mut stream, "the reply").await?;
             let reply = line.trim_end_matches(['\r', '\n']);
             if reply != self.expect {
                 return Err(format!("expected {:?}, got {reply:?}", self.expect).into());
@@ -194,19 +200,7 @@ impl Probe<SocketAddr> for HttpProbe {
                 self.path
             );
             stream.write_all(req.as_bytes()).await?;
-            let mut line = String::new();
-            // At most 8 KiB: a peer that streams without a newline cannot grow it further.
-            let n = BufReader::new(&mut stream)
-                .take(8192)
-                .read_line(&mut line)
-                .await?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed before the status line",
-                )
-                .into());
-            }
+            let line = first_line(&mut stream, "the status line").await?;
             let mut parts = line.split_whitespace();
             let (version, code) = (parts.next(), parts.next());
             let code: u16 = match (version, code) {
