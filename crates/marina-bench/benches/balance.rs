@@ -67,25 +67,7 @@ fn marina(n: usize, picker: impl Pick) -> Balance<ServiceList<Vec<Endpoint>>, u6
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let smoke = !args.iter().any(|a| a == "--bench");
-    let value = |flag: &str, default: u64| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let iters = if smoke {
-        1000
-    } else {
-        value("--iters", 1_000_000)
-    };
-    let reps = if smoke {
-        1
-    } else {
-        value("--reps", 5) as usize
-    };
+    let marina_bench::RunLength { iters, reps } = marina_bench::RunLength::from_args(1_000_000);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

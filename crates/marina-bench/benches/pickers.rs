@@ -101,25 +101,7 @@ fn measure(picker: &mut dyn Pick, n: usize, hashed: bool, iters: u64, reps: usiz
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let smoke = !args.iter().any(|a| a == "--bench");
-    let value = |flag: &str, default: u64| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let iters = if smoke {
-        1000
-    } else {
-        value("--iters", 2_000_000)
-    };
-    let reps = if smoke {
-        1
-    } else {
-        value("--reps", 5) as usize
-    };
+    let marina_bench::RunLength { iters, reps } = marina_bench::RunLength::from_args(2_000_000);
     let sizes = [2usize, 16, 256];
     println!("pickers bench: {iters} picks × {reps} reps (median), ns per pick");
     println!();
