@@ -174,9 +174,10 @@ async fn pool_service_surfaces_checkout_errors() {
     let err: BoxError = within(LIMIT, "call", svc.call(Duration::ZERO))
         .await
         .expect_err("the connect fails");
-    let pe = err
-        .downcast_ref::<PoolError>()
-        .unwrap_or_else(|| panic!("a PoolError: {err:?}"));
+    // Marked "not sent" (safe to fail over), the PoolError inside.
+    assert!(marina_core::is_not_sent(&*err), "{err:?}");
+    let pe =
+        marina_core::find::<PoolError>(&*err).unwrap_or_else(|| panic!("a PoolError: {err:?}"));
     assert!(pe.is_connect(), "{pe:?}");
     assert_eq!(svc.load(), 0);
     assert_eq!(pool.stats().total, 0);

@@ -12,12 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use marina_core::{BoxError, EndpointId, HintTarget, RouteHint};
+use marina_core::{BoxError, EjectionGate, EndpointId, HintTarget, RouteHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::discover::{Change, Discover};
 use tower_service::Service;
 
+use crate::failover::Failover;
 use crate::pick::{Endpoints, Pick};
 
 /// Nothing was ready within the fail-fast timeout.
@@ -109,17 +110,52 @@ pub struct EndpointSnapshot {
     pub avg_latency: Option<Duration>,
     /// Peak EWMA of response time (of the timed requests).
     pub ewma_latency: Option<Duration>,
-    /// Ready at the last look.
+    /// Its weight (1 unless set by [`Balance::weights`] or [`Weighted`](crate::Weighted)).
+    pub weight: u32,
+    /// Ready at the last look (false: pending).
     pub ready: bool,
 }
 
-/// One endpoint in the handle's registry: key text, id, counters.
-type Registered = (String, EndpointId, Arc<EndpointStats>);
+/// One endpoint in the handle's registry: key text, id, weight, counters.
+type Registered = (String, EndpointId, u32, Arc<EndpointStats>);
+
+/// Balancer-wide counters.
+#[derive(Debug, Default)]
+struct Totals {
+    retries: AtomicU64,
+    retries_refused: AtomicU64,
+    panicking: AtomicBool,
+}
+
+/// Balancer-wide figures, from [`BalanceHandle::totals`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct BalanceTotals {
+    /// Endpoints known now.
+    pub endpoints: usize,
+    /// Of those, ready at the last look.
+    pub ready: usize,
+    /// Of those, pending (not ready: ejected, at a concurrency limit, connecting).
+    pub pending: usize,
+    /// Requests sent, over the current endpoints (failover attempts included).
+    pub requests: u64,
+    /// Of those, the ones that failed.
+    pub errors: u64,
+    /// Requests in flight now.
+    pub in_flight: u64,
+    /// Failover attempts made (a request sent again to another endpoint).
+    pub retries: u64,
+    /// Failover attempts the retry budget refused.
+    pub retries_refused: u64,
+    /// The panic threshold is crossed: requests go to every endpoint, healthy or not.
+    pub panicking: bool,
+}
 
 /// Per-endpoint statistics of a [`Balance`], readable from anywhere.
 #[derive(Clone, Default)]
 pub struct BalanceHandle {
     endpoints: Arc<Mutex<Vec<Registered>>>,
+    totals: Arc<Totals>,
 }
 
 impl fmt::Debug for BalanceHandle {
@@ -136,7 +172,7 @@ impl BalanceHandle {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         eps.iter()
-            .map(|(key, id, s)| {
+            .map(|(key, id, weight, s)| {
                 let flow = s.flow.load(Relaxed);
                 let in_flight = flow & IN_FLIGHT_MASK;
                 let finished = flow >> IN_FLIGHT_BITS;
@@ -157,20 +193,39 @@ impl BalanceHandle {
                     avg_latency: (timed > 0)
                         .then(|| Duration::from_micros(s.latency_total_us.load(Relaxed) / timed)),
                     ewma_latency: s.ewma(),
+                    weight: *weight,
                     ready: s.ready.load(Relaxed),
                 }
             })
             .collect()
     }
 
-    fn insert(&self, key: String, id: EndpointId, stats: Arc<EndpointStats>) {
-        self.lock().push((key, id, stats));
+    /// The balancer-wide figures: endpoint counts, request totals over the current
+    /// endpoints, failover and panic state.
+    pub fn totals(&self) -> BalanceTotals {
+        let eps = self.stats();
+        let t = &self.totals;
+        BalanceTotals {
+            endpoints: eps.len(),
+            ready: eps.iter().filter(|e| e.ready).count(),
+            pending: eps.iter().filter(|e| !e.ready).count(),
+            requests: eps.iter().map(|e| e.requests).sum(),
+            errors: eps.iter().map(|e| e.errors).sum(),
+            in_flight: eps.iter().map(|e| e.in_flight).sum(),
+            retries: t.retries.load(Relaxed),
+            retries_refused: t.retries_refused.load(Relaxed),
+            panicking: t.panicking.load(Relaxed),
+        }
+    }
+
+    fn insert(&self, key: String, id: EndpointId, weight: u32, stats: Arc<EndpointStats>) {
+        self.lock().push((key, id, weight, stats));
     }
 
     /// Forgets the endpoint whose counters are `stats` (not by id: two keys may share
     /// one).
     fn remove(&self, stats: &Arc<EndpointStats>) {
-        self.lock().retain(|(_, _, s)| !Arc::ptr_eq(s, stats));
+        self.lock().retain(|(_, _, _, s)| !Arc::ptr_eq(s, stats));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Registered>> {
@@ -265,11 +320,55 @@ where
     handle: BalanceHandle,
     hint: Option<HintFn<Req>>,
     weigh: Option<WeighFn<D::Key>>,
+    weigh_service: Option<WeighFn<D::Service>>,
+    failover: Option<Arc<FailoverShared<D::Service, Req>>>,
+    gate: Option<EjectionGate>,
+    panic_threshold: f64,
+    panicking: bool,
     _req: PhantomData<fn(Req)>,
 }
 
-/// Gives an endpoint's weight from its key (see [`Balance::weights`]).
+/// Gives an endpoint's weight from its key or service (see [`Balance::weights`]).
 type WeighFn<K> = Box<dyn Fn(&K) -> u32 + Send + Sync>;
+
+/// What failover needs beyond the balancer: the policy, how to copy requests and
+/// endpoint services, and a copy of every endpoint to fail over to.
+struct FailoverShared<S, Req> {
+    policy: Failover,
+    clone_req: fn(&Req) -> Req,
+    clone_svc: fn(&S) -> S,
+    peers: Mutex<Vec<Peer<S>>>,
+    totals: Arc<Totals>,
+}
+
+/// An endpoint a failed request may go to instead.
+struct Peer<S> {
+    id: EndpointId,
+    stats: Arc<EndpointStats>,
+    svc: S,
+}
+
+impl<S, Req> FailoverShared<S, Req> {
+    fn peers(&self) -> std::sync::MutexGuard<'_, Vec<Peer<S>>> {
+        self.peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The ready endpoint, not yet tried, with the fewest requests in flight.
+    fn next_peer(&self, tried: &[EndpointId]) -> Option<Peer<S>> {
+        let peers = self.peers();
+        let best = peers
+            .iter()
+            .filter(|p| p.stats.ready.load(Relaxed) && !tried.contains(&p.id))
+            .min_by_key(|p| p.stats.in_flight())?;
+        Some(Peer {
+            id: best.id,
+            stats: best.stats.clone(),
+            svc: (self.clone_svc)(&best.svc),
+        })
+    }
+}
 
 /// Reads a request's route hint (see [`Balance::route_hint`]).
 type HintFn<Req> = Box<dyn Fn(&Req) -> Option<RouteHint> + Send + Sync>;
@@ -351,8 +450,47 @@ where
             handle: BalanceHandle::default(),
             hint: None,
             weigh: None,
+            weigh_service: None,
+            failover: None,
+            gate: None,
+            panic_threshold: 0.5,
+            panicking: false,
             _req: PhantomData,
         }
+    }
+
+    /// Links the balancer to its endpoints' health checks through `gate` (give the same
+    /// gate to each endpoint's `marina_health::HealthLayer::ejection_gate`), enabling
+    /// the [panic threshold](Self::panic_threshold).
+    pub fn ejection_gate(mut self, gate: EjectionGate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// The panic threshold (default 0.5): when the share of endpoints not ejected by
+    /// their health checks falls below it, the balancer opens its
+    /// [`EjectionGate`](Self::ejection_gate) and routes over every endpoint, ejected or
+    /// not, until the share recovers (Envoy's panic mode). 0 turns it off. Without a
+    /// gate, nothing reports ejections and the threshold has no effect.
+    pub fn panic_threshold(mut self, healthy_share: f64) -> Self {
+        self.panic_threshold = if healthy_share.is_nan() {
+            0.0
+        } else {
+            healthy_share.clamp(0.0, 1.0)
+        };
+        self
+    }
+
+    /// Gives each endpoint a weight read from its service, for example from a
+    /// [`Weighted`](crate::Weighted) wrapper with
+    /// `.service_weights(Weighted::weight)`. Applies to endpoints discovered from now
+    /// on; a weight from [`weights`](Self::weights) wins over this one.
+    pub fn service_weights(
+        mut self,
+        weigh: impl Fn(&D::Service) -> u32 + Send + Sync + 'static,
+    ) -> Self {
+        self.weigh_service = Some(Box::new(weigh));
+        self
     }
 
     /// How long nothing may be ready before calls fail with [`NoReadyEndpoints`].
@@ -430,7 +568,21 @@ where
         }
         let id = EndpointId::of(&format!("{key:?}"));
         let stats = Arc::new(EndpointStats::default());
-        self.handle.insert(format!("{key:?}"), id, stats.clone());
+        let weight = match (&self.weigh, &self.weigh_service) {
+            (Some(f), _) => f(&key).max(1),
+            (None, Some(f)) => f(&svc).max(1),
+            (None, None) => 1,
+        };
+        self.handle
+            .insert(format!("{key:?}"), id, weight, stats.clone());
+        if let Some(f) = &self.failover {
+            let peer = Peer {
+                id,
+                stats: stats.clone(),
+                svc: (f.clone_svc)(&svc),
+            };
+            f.peers().push(peer);
+        }
         let ep = Endpoint {
             key: key.clone(),
             id,
@@ -438,7 +590,7 @@ where
             stats,
             ready_pos: None,
             calls: 0,
-            weight: self.weigh.as_ref().map_or(1, |f| f(&key).max(1)),
+            weight,
         };
         let slot = match self.free.pop() {
             Some(i) => {
@@ -461,6 +613,9 @@ where
         };
         self.by_key.remove(&ep.key);
         self.handle.remove(&ep.stats);
+        if let Some(f) = &self.failover {
+            f.peers().retain(|p| !Arc::ptr_eq(&p.stats, &ep.stats));
+        }
         if let Some(pos) = ep.ready_pos {
             self.unready_at(pos);
         }
@@ -494,6 +649,44 @@ where
             ep.stats.ready.store(true, Relaxed);
             self.ready.push(slot);
             self.generation += 1;
+        }
+    }
+
+    /// Enters or leaves panic mode as the share of ejected endpoints crosses the
+    /// threshold.
+    fn check_panic(&mut self, cx: &mut Context<'_>) {
+        let Some(gate) = &self.gate else {
+            return;
+        };
+        let share = gate.healthy_share();
+        let panic = share < self.panic_threshold;
+        if panic == self.panicking {
+            return;
+        }
+        self.panicking = panic;
+        gate.set_open(panic);
+        self.handle.totals.panicking.store(panic, Relaxed);
+        if panic {
+            tracing::warn!(
+                healthy_share = share,
+                threshold = self.panic_threshold,
+                "panic threshold crossed: routing over every endpoint, ejected or not"
+            );
+            // The pending endpoints are polled next, and the gate lets ejected ones
+            // through.
+        } else {
+            tracing::info!(healthy_share = share, "panic mode over");
+            // Ejected endpoints leave the ready set again.
+            let mut pos = 0;
+            while pos < self.ready.len() {
+                let slot = self.ready[pos];
+                if self.poll_endpoint(slot, cx) {
+                    pos += 1;
+                } else if let Some(p) = self.slots[slot].as_ref().and_then(|e| e.ready_pos) {
+                    self.unready_at(p);
+                    self.unready.push(slot);
+                }
+            }
         }
     }
 
@@ -540,6 +733,73 @@ where
     }
 }
 
+impl<D, Req> Balance<D, Req>
+where
+    D: Discover + Unpin,
+    D::Key: Hash + Clone + fmt::Debug,
+    D::Service: Service<Req> + Clone,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+    D::Error: Into<BoxError>,
+    Req: Clone,
+{
+    /// Turns on failover: a request whose endpoint fails with an error the policy
+    /// accepts (by default, errors marked [`NotSent`](marina_core::NotSent): the request
+    /// never reached the endpoint) is sent again to another ready endpoint, one not
+    /// tried yet for it (the least loaded), up to the policy's attempts and within its
+    /// [`RetryBudget`](crate::RetryBudget).
+    ///
+    /// Needs `Req: Clone` (each request is copied before it is sent, for the next
+    /// attempt) and `Clone` endpoint services (an attempt goes through a copy of the
+    /// endpoint, readied in the response future). Counts:
+    /// [`BalanceTotals::retries`] and [`retries_refused`](BalanceTotals::retries_refused).
+    ///
+    /// ```
+    /// use marina_balance::{Balance, Failover, RoundRobin};
+    /// use marina_core::NotSent;
+    /// use tower::discover::ServiceList;
+    /// use tower::{Service, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina_core::BoxError> {
+    /// // Endpoint 0 refuses every connection; endpoint 1 answers.
+    /// let endpoints = (0..2).map(|n| service_fn(move |req: u32| async move {
+    ///     if n == 0 {
+    ///         Err(NotSent::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)))
+    ///     } else {
+    ///         Ok(req + 1)
+    ///     }
+    /// }));
+    /// let mut lb = Balance::new(ServiceList::new(endpoints), RoundRobin::new())
+    ///     .failover(Failover::new());
+    /// for _ in 0..4 {
+    ///     assert_eq!(lb.ready().await?.call(1).await?, 2); // never fails
+    /// }
+    /// assert_eq!(lb.handle().totals().retries, 2); // the two that went to endpoint 0
+    /// # Ok(()) }
+    /// ```
+    pub fn failover(mut self, policy: Failover) -> Self {
+        let shared = FailoverShared {
+            policy,
+            clone_req: Req::clone,
+            clone_svc: D::Service::clone,
+            peers: Mutex::new(Vec::new()),
+            totals: self.handle.totals.clone(),
+        };
+        {
+            let mut peers = shared.peers();
+            for ep in self.slots.iter().flatten() {
+                peers.push(Peer {
+                    id: ep.id,
+                    stats: ep.stats.clone(),
+                    svc: ep.svc.clone(),
+                });
+            }
+        }
+        self.failover = Some(Arc::new(shared));
+        self
+    }
+}
+
 impl<D, Req> Service<Req> for Balance<D, Req>
 where
     D: Discover + Unpin,
@@ -550,10 +810,11 @@ where
 {
     type Response = <D::Service as Service<Req>>::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<<D::Service as Service<Req>>::Future>;
+    type Future = ResponseFuture<D::Service, Req>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.poll_discover(cx)?;
+        self.check_panic(cx);
         // The endpoint called last must be ready again before it is picked again.
         if let Some(slot) = self.just_called.take()
             && !self.poll_endpoint(slot, cx)
@@ -596,6 +857,10 @@ where
             self.failing = true;
             return Poll::Ready(Ok(()));
         }
+        if let Some(gate) = &self.gate {
+            // An ejection or recovery may cross the panic threshold.
+            gate.watch(cx.waker());
+        }
         Poll::Pending
     }
 
@@ -623,6 +888,17 @@ where
             .min(self.ready.len() - 1);
         let slot = self.ready[pick];
         let ep = self.slots[slot].as_mut().expect("ready endpoints exist");
+        let retry = self.failover.as_ref().map(|f| {
+            f.policy.budget.deposit();
+            Retry {
+                req: (f.policy.max_attempts > 1).then(|| (f.clone_req)(&req)),
+                shared: f.clone(),
+                tried: Vec::new(),
+                first: ep.id,
+                attempts: 1,
+                readying: None,
+            }
+        });
         let fut = ep.svc.call(req);
         ep.stats.flow.fetch_add(1, Relaxed);
         let stats = ep.stats.clone();
@@ -636,22 +912,72 @@ where
         let timed = ep.calls.is_multiple_of(TIME_EVERY);
         ep.calls = ep.calls.wrapping_add(1);
         let start = timed.then(Instant::now);
-        ResponseFuture::sent(fut, stats, start)
+        let mut f = ResponseFuture::sent(fut, stats, start);
+        f.retry = retry;
+        f
     }
 }
 
 pin_project! {
-    /// The future of [`Balance`]'s calls: the endpoint's response, timed and counted.
+    /// The future of [`Balance`]'s calls: the endpoint's response, timed and counted,
+    /// and with [failover](Balance::failover) on, further attempts on other endpoints.
     ///
     /// # Cancel safety
     ///
     /// Dropping it drops the endpoint's future (cancelling the request there) and stops
-    /// counting it as in flight.
-    pub struct ResponseFuture<F> {
+    /// counting it as in flight; a failover attempt not yet sent is abandoned.
+    pub struct ResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
         #[pin]
-        inner: Option<F>,
+        inner: Option<S::Future>,
         error: Option<BoxError>,
         track: Option<Track>,
+        retry: Option<Retry<S, Req>>,
+    }
+}
+
+/// A request's failover state.
+struct Retry<S, Req> {
+    shared: Arc<FailoverShared<S, Req>>,
+    /// The copy kept for the next attempt (none once attempts are used up).
+    req: Option<Req>,
+    first: EndpointId,
+    /// Endpoints tried after the first.
+    tried: Vec<EndpointId>,
+    attempts: u32,
+    /// The next attempt's endpoint, being readied.
+    readying: Option<Peer<S>>,
+}
+
+impl<S, Req> Retry<S, Req> {
+    /// After a failed attempt: chooses the next endpoint if the error, the attempt
+    /// count, the endpoints left and the budget allow.
+    fn next(&mut self, error: &BoxError) -> bool {
+        let f = &*self.shared;
+        if self.req.is_none()
+            || self.attempts >= f.policy.max_attempts
+            || !(f.policy.retry_if)(error)
+        {
+            return false;
+        }
+        self.tried.push(self.first);
+        let Some(peer) = f.next_peer(&self.tried) else {
+            tracing::debug!(%error, "no other ready endpoint to fail over to");
+            return false;
+        };
+        if !f.policy.budget.withdraw() {
+            f.totals.retries_refused.fetch_add(1, Relaxed);
+            tracing::debug!(%error, "retry budget spent: not failing over");
+            return false;
+        }
+        f.totals.retries.fetch_add(1, Relaxed);
+        tracing::debug!(%error, to = ?peer.id, attempt = self.attempts + 1, "failing over");
+        self.first = peer.id;
+        self.attempts += 1;
+        self.readying = Some(peer);
+        true
     }
 }
 
@@ -670,8 +996,8 @@ impl Drop for Track {
     }
 }
 
-impl<F> ResponseFuture<F> {
-    fn sent(inner: F, stats: Arc<EndpointStats>, start: Option<Instant>) -> Self {
+impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    fn sent(inner: S::Future, stats: Arc<EndpointStats>, start: Option<Instant>) -> Self {
         ResponseFuture {
             inner: Some(inner),
             error: None,
@@ -680,6 +1006,7 @@ impl<F> ResponseFuture<F> {
                 start,
                 done: false,
             }),
+            retry: None,
         }
     }
 
@@ -688,41 +1015,89 @@ impl<F> ResponseFuture<F> {
             inner: None,
             error: Some(error),
             track: None,
+            retry: None,
         }
     }
 }
 
-impl<F> fmt::Debug for ResponseFuture<F> {
+impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, T, E> Future for ResponseFuture<F>
+impl<S, Req> Future for ResponseFuture<S, Req>
 where
-    F: Future<Output = Result<T, E>>,
-    E: Into<BoxError>,
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
 {
-    type Output = Result<T, BoxError>;
+    type Output = Result<S::Response, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let out = match this.inner.as_mut().as_pin_mut() {
-            Some(inner) => ready!(inner.poll(cx)),
-            None => {
-                return Poll::Ready(Err(this
-                    .error
-                    .take()
-                    .unwrap_or_else(|| "polled after completion".into())));
+        loop {
+            // A failover attempt whose endpoint is being readied.
+            if let Some(retry) = this.retry.as_mut()
+                && let Some(peer) = retry.readying.as_mut()
+            {
+                match peer.svc.poll_ready(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => {
+                        let e: BoxError = e.into();
+                        retry.readying = None;
+                        if retry.next(&e) {
+                            continue;
+                        }
+                        return Poll::Ready(Err(e));
+                    }
+                    Poll::Ready(Ok(())) => {
+                        let mut peer = retry.readying.take().expect("readying");
+                        let req = retry
+                            .req
+                            .take()
+                            .expect("a copy is kept while attempts remain");
+                        if retry.attempts < retry.shared.policy.max_attempts {
+                            retry.req = Some((retry.shared.clone_req)(&req));
+                        }
+                        let fut = peer.svc.call(req);
+                        peer.stats.flow.fetch_add(1, Relaxed);
+                        this.inner.set(Some(fut));
+                        *this.track = Some(Track {
+                            stats: peer.stats,
+                            start: Some(Instant::now()),
+                            done: false,
+                        });
+                    }
+                }
             }
-        };
-        this.inner.set(None);
-        if let Some(mut track) = this.track.take() {
-            track.done = true;
-            track
-                .stats
-                .observe(track.start.map(|s| s.elapsed()), out.is_err());
+            let out = match this.inner.as_mut().as_pin_mut() {
+                Some(inner) => ready!(inner.poll(cx)),
+                None => {
+                    return Poll::Ready(Err(this
+                        .error
+                        .take()
+                        .unwrap_or_else(|| "polled after completion".into())));
+                }
+            };
+            this.inner.set(None);
+            if let Some(mut track) = this.track.take() {
+                track.done = true;
+                track
+                    .stats
+                    .observe(track.start.map(|s| s.elapsed()), out.is_err());
+            }
+            match out {
+                Ok(resp) => return Poll::Ready(Ok(resp)),
+                Err(e) => {
+                    let e: BoxError = e.into();
+                    if let Some(retry) = this.retry.as_mut()
+                        && retry.next(&e)
+                    {
+                        continue;
+                    }
+                    return Poll::Ready(Err(e));
+                }
+            }
         }
-        Poll::Ready(out.map_err(Into::into))
     }
 }

@@ -53,11 +53,17 @@
 #![forbid(unsafe_code)]
 
 mod balance;
+mod failover;
 mod layer;
 mod pick;
+mod weighted;
 
-pub use balance::{Balance, BalanceHandle, EndpointSnapshot, NoReadyEndpoints, ResponseFuture};
+pub use balance::{
+    Balance, BalanceHandle, BalanceTotals, EndpointSnapshot, NoReadyEndpoints, ResponseFuture,
+};
+pub use failover::{Failover, RetryBudget};
 pub use layer::{BalanceLayer, ChangeStream};
+pub use weighted::Weighted;
 
 pub use pick::{
     ConsistentHash, Endpoints, LeastConnections, LeastResponseTime, Pick, PowerOfTwoChoices,

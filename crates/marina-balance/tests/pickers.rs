@@ -653,6 +653,15 @@ fn hashed(ch: &mut ConsistentHash, view: &dyn Endpoints, key: u64) -> usize {
     i
 }
 
+/// 0: rendezvous, 1: the ring, 2: Maglev (the tables forced at any size).
+fn mode_picker(mode: u8) -> ConsistentHash {
+    match mode {
+        0 => ConsistentHash::new(),
+        1 => ConsistentHash::new().table_above(0),
+        _ => ConsistentHash::new().maglev().table_above(0),
+    }
+}
+
 /// The endpoint id each key in `0..KEYS` lands on.
 fn assign(ch: &mut ConsistentHash, view: &dyn Endpoints) -> Vec<EndpointId> {
     (0..KEYS).map(|k| view.id(hashed(ch, view, k))).collect()
@@ -664,11 +673,11 @@ proptest! {
     #[test]
     fn consistent_hash_is_stable(
         n in 1usize..=24,
-        maglev in any::<bool>(),
+        mode in 0u8..3,
         keys in prop::collection::vec(any::<u64>(), 1..50),
     ) {
         let view = View::numbered(n);
-        let make = || if maglev { ConsistentHash::new().maglev_above(0) } else { ConsistentHash::new() };
+        let make = || mode_picker(mode);
         let mut ch = make();
         let first: Vec<usize> = keys.iter().map(|&k| hashed(&mut ch, &view, k)).collect();
         let again: Vec<usize> = keys.iter().map(|&k| hashed(&mut ch, &view, k)).collect();
@@ -710,11 +719,11 @@ proptest! {
         n in 1usize..=12,
         changes in prop::collection::vec(change(), 1..5),
         with_generation in any::<bool>(),
-        maglev in any::<bool>(),
+        mode in 0u8..3,
         keys in prop::collection::vec(any::<u64>(), 1..40),
     ) {
         // A long-lived picker routes every key as a fresh one would, after any change.
-        let make = || if maglev { ConsistentHash::new().maglev_above(0) } else { ConsistentHash::new() };
+        let make = || mode_picker(mode);
         let mut view = View::numbered(n);
         let mut next = 1_000;
         let mut long = make();
@@ -826,6 +835,37 @@ fn rendezvous_removing_one_moves_only_its_keys() {
     }
 }
 
+#[test]
+fn ring_adding_one_moves_only_to_it() {
+    // The default above 64 endpoints.
+    for n in [100, 200] {
+        check_add(n, ConsistentHash::new);
+    }
+}
+
+#[test]
+fn ring_removing_one_moves_only_its_keys() {
+    for n in [100, 200] {
+        check_remove(n, ConsistentHash::new);
+    }
+}
+
+#[test]
+fn ring_distribution_is_even() {
+    check_even(100, ConsistentHash::new(), 0.25);
+}
+
+#[test]
+fn ring_bounded_load_holds_under_skew() {
+    let loads = check_bounded(
+        100,
+        ConsistentHash::new().bounded_load(1.25),
+        1.25,
+        &skewed_keys(),
+    );
+    assert_eq!(loads.iter().sum::<u64>(), 10_000);
+}
+
 // Maglev is not minimally disruptive: a new endpoint takes table slots other endpoints
 // would have filled and their preference lists shift, so ~0.6% (N = 100) to ~0.7%
 // (N = 200) of all keys also move between old endpoints (an independent reference
@@ -837,7 +877,8 @@ fn maglev_disruption_is_small() {
     // one gives up all of its ≈ 1/N, each within 20% of ideal; the extra churn among
     // the other endpoints stays under 2% of all keys.
     for n in [100, 200] {
-        let m = add_one(n, ConsistentHash::new);
+        let maglev = || ConsistentHash::new().maglev();
+        let m = add_one(n, maglev);
         let ideal = KEYS as f64 / (n + 1) as f64;
         let to_new = m.moved - m.stray;
         assert!(
@@ -849,7 +890,7 @@ fn maglev_disruption_is_small() {
             "N = {n} + 1: {} keys moved among old endpoints",
             m.stray
         );
-        let m = remove_one(n, ConsistentHash::new);
+        let m = remove_one(n, maglev);
         let ideal = KEYS as f64 / n as f64;
         let off_gone = m.moved - m.stray;
         assert!(
@@ -881,7 +922,7 @@ fn check_even(n: usize, mut ch: ConsistentHash, tolerance: f64) {
 
 #[test]
 fn maglev_distribution_is_even() {
-    check_even(100, ConsistentHash::new(), 0.25);
+    check_even(100, ConsistentHash::new().maglev(), 0.25);
 }
 
 #[test]
@@ -931,7 +972,7 @@ fn rendezvous_bounded_load_holds_under_skew() {
 fn maglev_bounded_load_holds_under_skew() {
     let loads = check_bounded(
         100,
-        ConsistentHash::new().bounded_load(1.25),
+        ConsistentHash::new().maglev().bounded_load(1.25),
         1.25,
         &skewed_keys(),
     );
@@ -944,11 +985,11 @@ proptest! {
     #[test]
     fn bounded_load_holds_for_any_skew(
         n in 1usize..=12,
-        maglev in any::<bool>(),
+        mode in 0u8..3,
         factor in prop::sample::select(vec![1.0f64, 1.1, 1.25, 1.5, 2.0]),
         keys in prop::collection::vec(prop::sample::select(vec![1u64, 2, 3, 7, 1_000]), 1..300),
     ) {
-        let ch = if maglev { ConsistentHash::new().maglev_above(0) } else { ConsistentHash::new() };
+        let ch = mode_picker(mode);
         let _ = check_bounded(n, ch.bounded_load(factor), factor, &keys);
     }
 }
@@ -980,12 +1021,14 @@ fn consistent_hash_keys_spread_by_id_not_index() {
     let view = View::numbered(100);
     let mut reversed = view.clone();
     reversed.0.reverse();
+    // Rendezvous and the ring are order-free.
     let mut ch = ConsistentHash::new();
+    assert_eq!(assign(&mut ch, &view), assign(&mut ch, &reversed));
+    // Maglev's fill order follows the index order, so allow a little.
+    let mut ch = ConsistentHash::new().maglev();
     let a = assign(&mut ch, &view);
     let b = assign(&mut ch, &reversed);
     let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
-    // Rendezvous is order-free; Maglev's fill order follows the index order, so allow
-    // a little.
     assert!(
         same as u64 >= KEYS * 95 / 100,
         "{same} of {KEYS} keys kept their endpoint"

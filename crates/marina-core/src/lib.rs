@@ -8,6 +8,11 @@
 //!   downcast it to the small named error structs each crate exports.
 //! - [`RouteHint`] and [`EndpointId`]: where a request would like to go (written by the
 //!   affinity layer, read by the balancer), and a stable id for an endpoint's key.
+//! - [`NotSent`]: marks an error that happened before the request was sent (connect
+//!   refused, pool checkout timeout), so a balancer may safely send it elsewhere;
+//!   [`find`] reaches a named error through such wrappers.
+//! - [`EjectionGate`]: links a balancer's panic threshold to its endpoints' health
+//!   checks.
 //! - [`Probe`]: an asynchronous check of something — a pooled connection or an endpoint —
 //!   that returns the measured response time or an error. The pool uses it to validate
 //!   idle connections; the health layer uses it for active probes.
@@ -38,9 +43,13 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod error;
+mod gate;
 mod probe;
 mod route;
 
+pub use error::{NotSent, find, is_not_sent};
+pub use gate::{EjectionGate, GateMember};
 pub use probe::{BoxFuture, Probe, ProbeFn, probe_fn};
 pub use route::{EndpointId, HintTarget, RouteHint, stable_hash};
 

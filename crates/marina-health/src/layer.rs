@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use marina_core::Probe;
+use marina_core::{EjectionGate, Probe};
 use tower_layer::Layer;
 
 use crate::classify::ErrorsOnly;
@@ -30,6 +30,7 @@ pub struct HealthLayer<K = ErrorsOnly> {
     name: Arc<str>,
     classify: Arc<K>,
     active: Option<(ActiveConfig, ProbeRound)>,
+    gate: Option<EjectionGate>,
 }
 
 impl HealthLayer {
@@ -40,6 +41,7 @@ impl HealthLayer {
             name: "endpoint".into(),
             classify: Arc::new(ErrorsOnly),
             active: None,
+            gate: None,
         }
     }
 }
@@ -58,7 +60,16 @@ impl<K> HealthLayer<K> {
             name: self.name,
             classify: Arc::new(classify),
             active: self.active,
+            gate: self.gate,
         }
+    }
+
+    /// Joins each wrapped endpoint to a balancer's [`EjectionGate`] (its panic
+    /// threshold): the gate counts ejected endpoints, and while the balancer holds it
+    /// open, ejected endpoints take traffic again. Use one gate per balancer.
+    pub fn ejection_gate(mut self, gate: EjectionGate) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// Adds active checks: `probe` against `target` every `active.interval` (hybrid mode:
@@ -83,6 +94,7 @@ impl<S, K> Layer<S> for HealthLayer<K> {
             self.config.clone(),
             self.classify.clone(),
             self.active.clone(),
+            self.gate.as_ref().map(EjectionGate::join),
         )
     }
 }
@@ -94,6 +106,7 @@ impl<K> Clone for HealthLayer<K> {
             name: self.name.clone(),
             classify: self.classify.clone(),
             active: self.active.clone(),
+            gate: self.gate.clone(),
         }
     }
 }
@@ -170,6 +183,12 @@ impl<S, K> HealthBuilder<S, K> {
         T: Clone + Send + Sync + 'static,
     {
         self.layer = self.layer.probe(active, probe, target);
+        self
+    }
+
+    /// Joins a balancer's [`EjectionGate`]; see [`HealthLayer::ejection_gate`].
+    pub fn ejection_gate(mut self, gate: EjectionGate) -> Self {
+        self.layer = self.layer.ejection_gate(gate);
         self
     }
 

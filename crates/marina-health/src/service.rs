@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use marina_core::{BoxError, BoxFuture, Probe};
+use marina_core::{BoxError, BoxFuture, GateMember, Probe};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -77,7 +77,14 @@ pub struct Health<S, K = ErrorsOnly> {
 impl<S> Health<S> {
     /// Wraps `inner` with passive checks only, classifying every `Err` as a failure.
     pub fn new(inner: S, config: HealthConfig) -> Self {
-        Health::with_parts(inner, "endpoint".into(), config, Arc::new(ErrorsOnly), None)
+        Health::with_parts(
+            inner,
+            "endpoint".into(),
+            config,
+            Arc::new(ErrorsOnly),
+            None,
+            None,
+        )
     }
 }
 
@@ -88,8 +95,10 @@ impl<S, K> Health<S, K> {
         config: HealthConfig,
         classify: Arc<K>,
         active: Option<(ActiveConfig, ProbeRound)>,
+        member: Option<GateMember>,
     ) -> Self {
         let shared = Shared::new(key, config);
+        shared.set_member(member);
         let clones = Arc::new(Clones {
             gone: Arc::new(Notify::new()),
         });

@@ -8,6 +8,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use marina_core::GateMember;
+
 use crate::config::{FailureRate, HealthConfig};
 use crate::report::{CheckResult, CheckRound, HealthReport, Status};
 
@@ -18,6 +20,8 @@ pub(crate) struct Shared {
     pub(crate) config: HealthConfig,
     state: Mutex<State>,
     status: watch::Sender<Status>,
+    /// Membership in a balancer's ejection gate (panic threshold), if any.
+    member: std::sync::OnceLock<GateMember>,
 }
 
 /// The passive state machine.
@@ -130,7 +134,19 @@ impl Shared {
             }),
             config,
             status,
+            member: std::sync::OnceLock::new(),
         })
+    }
+
+    pub(crate) fn set_member(&self, member: Option<GateMember>) {
+        if let Some(m) = member {
+            let _ = self.member.set(m);
+        }
+    }
+
+    /// The balancer is in panic mode: ejected endpoints take traffic.
+    fn gate_open(&self) -> bool {
+        self.member.get().is_some_and(GateMember::gate_open)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -149,6 +165,10 @@ impl Shared {
 
     /// Readiness. `holds_trial` is the caller's claim on the half-open trial.
     pub(crate) fn gate(&self, waker: &Waker, holds_trial: &mut Option<u64>) -> Gate {
+        if self.gate_open() {
+            // Panic mode: the balancer routes over every endpoint, ejected or not.
+            return Gate::Open;
+        }
         let mut st = self.lock();
         if st.probed_out {
             register(&mut st.wakers, waker);
@@ -414,6 +434,9 @@ impl Shared {
 
     fn publish(&self, st: &State, reason: &str) {
         let new = status_of(st);
+        if let Some(m) = self.member.get() {
+            m.set_ejected(matches!(new, Status::Ejected { .. }));
+        }
         let key = &self.key;
         self.status.send_if_modified(|old| {
             if *old == new {

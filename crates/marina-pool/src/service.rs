@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::task::{Context, Poll};
 
-use marina_core::BoxError;
+use marina_core::{BoxError, NotSent};
 use tower::load::Load;
 use tower_service::Service;
 
@@ -27,8 +27,12 @@ use crate::Pool;
 /// Implements [`tower::load::Load`] with the number of requests in flight, so any load
 /// balancer (tower's p2c, marina-balance) can use it as an endpoint.
 ///
-/// Errors are [`BoxError`]s holding a [`PoolError`](crate::PoolError) (checkout failed)
-/// or the client's own error.
+/// Errors are [`BoxError`]s. When the request never reached a client — the checkout
+/// failed (a [`PoolError`](crate::PoolError): connect refused, acquire timeout, pool
+/// closed) or the checked-out client's `poll_ready` failed — the error is marked
+/// [`NotSent`] (wrapping the original), so a balancer may fail over to another endpoint
+/// safely; reach the `PoolError` with [`marina_core::find`]. Errors from the client's
+/// call are passed on as they are: the request may have been sent.
 ///
 /// # Examples
 ///
@@ -151,13 +155,13 @@ where
         ResponseFuture {
             inner: Box::pin(async move {
                 let _guard = guard;
-                let mut conn = pool.get().await?;
+                let mut conn = pool.get().await.map_err(NotSent::new)?;
                 // Broken until proven otherwise: if this future is dropped before the
                 // response arrives, the client is closed, not reused mid-protocol.
                 conn.mark_broken();
                 poll_fn(|cx| conn.poll_ready(cx))
                     .await
-                    .map_err(Into::into)?;
+                    .map_err(NotSent::new)?;
                 let resp = conn.call(req).await.map_err(Into::into)?;
                 conn.mark_healthy();
                 Ok(resp)
