@@ -652,3 +652,204 @@ pub fn mem_config(max_size: usize) -> marina_pool::Config {
         ..marina_pool::Config::default()
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Line client over TCP (request-level services for PoolService and balancers)
+// ---------------------------------------------------------------------------------------
+
+/// Opens [`LineClient`]s over TCP: a `Clone` `tower::Service<SocketAddr>` wrapping
+/// [`TcpConnector`](marina_pool::TcpConnector), so a `Pool` of them can back a
+/// [`PoolService`](marina_pool::PoolService) whose requests are lines.
+#[derive(Debug, Clone, Default)]
+pub struct LineConnector {
+    tcp: marina_pool::TcpConnector,
+}
+
+impl LineConnector {
+    /// Connects with `TcpConnector::new()` (no connect timeout of its own: the pool's
+    /// `connect_timeout` bounds it).
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// The future of a [`LineConnector`] connect.
+pub struct LineConnectFuture {
+    inner: Pin<Box<dyn Future<Output = Result<LineClient, marina_pool::ConnectError>> + Send>>,
+}
+
+impl fmt::Debug for LineConnectFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LineConnectFuture").finish_non_exhaustive()
+    }
+}
+
+impl Future for LineConnectFuture {
+    type Output = Result<LineClient, marina_pool::ConnectError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl Service<SocketAddr> for LineConnector {
+    type Response = LineClient;
+    type Error = marina_pool::ConnectError;
+    type Future = LineConnectFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::<SocketAddr>::poll_ready(&mut self.tcp, cx)
+    }
+
+    fn call(&mut self, addr: SocketAddr) -> Self::Future {
+        let connect = self.tcp.call(addr);
+        LineConnectFuture {
+            inner: Box::pin(async move { Ok(LineClient::new(connect.await?)) }),
+        }
+    }
+}
+
+/// A client of a line protocol on one TCP connection, for an echo server: a
+/// `tower::Service<String>` whose request is one line (without its `\n`) and whose
+/// response is the line read back (without its `\n`).
+///
+/// One request at a time, as a pooled client is used. Errors are `io::Error`s: EOF
+/// before the whole reply is `UnexpectedEof`, a request holding `\n` is
+/// `InvalidInput` (refused before anything is sent). A call that fails or is dropped
+/// before its reply leaves the client broken (the stream may be mid-reply): its
+/// `poll_ready` fails from then on.
+pub struct LineClient {
+    io: Arc<tokio::sync::Mutex<tokio::io::BufReader<TcpStream>>>,
+    broken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl fmt::Debug for LineClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LineClient")
+            .field("broken", &self.broken.load(SeqCst))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Marks a [`LineClient`] broken when dropped before being disarmed.
+struct BreakGuard(Option<Arc<std::sync::atomic::AtomicBool>>);
+
+impl Drop for BreakGuard {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0.take() {
+            flag.store(true, SeqCst);
+        }
+    }
+}
+
+impl LineClient {
+    /// A client on `stream`.
+    pub fn new(stream: TcpStream) -> Self {
+        LineClient {
+            io: Arc::new(tokio::sync::Mutex::new(tokio::io::BufReader::new(stream))),
+            broken: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+
+    /// False when an earlier call failed or was cancelled, when the peer closed or reset
+    /// the socket, or when unread bytes are waiting. No I/O on the wire (a `MSG_PEEK`):
+    /// fit for a pool's [`check`](marina_pool::Builder::check) hook. A client busy with a
+    /// call counts as open.
+    pub fn is_open(&self) -> bool {
+        if self.broken.load(SeqCst) {
+            return false;
+        }
+        match self.io.try_lock() {
+            Ok(io) => io.buffer().is_empty() && marina_pool::socket_is_open(io.get_ref()),
+            Err(_) => true,
+        }
+    }
+}
+
+impl Service<String> for LineClient {
+    type Response = String;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<String>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.broken.load(SeqCst) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "line client broken by an earlier failed or cancelled call",
+            )));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, line: String) -> Self::Future {
+        let io = self.io.clone();
+        let broken = self.broken.clone();
+        Box::pin(async move {
+            if line.contains('\n') {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a line request may not hold '\\n'",
+                ));
+            }
+            let mut guard = BreakGuard(Some(broken));
+            let mut io = io.lock_owned().await;
+            let mut msg = line.into_bytes();
+            msg.push(b'\n');
+            io.get_mut().write_all(&msg).await?;
+            io.get_mut().flush().await?;
+            msg.clear();
+            tokio::io::AsyncBufReadExt::read_until(&mut *io, b'\n', &mut msg).await?;
+            if msg.pop() != Some(b'\n') {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("connection closed after {} bytes of a reply", msg.len()),
+                ));
+            }
+            let reply = String::from_utf8(msg)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            guard.0 = None;
+            Ok(reply)
+        })
+    }
+}
+
+/// A pool configuration for [`LineClient`]s: at most `max_size` connections, 2 s to
+/// acquire, 1 s to connect, no background health checks, no expiry, and no checkout
+/// check (a client whose peer went away is handed out, and fails when used).
+pub fn line_pool_builder(max_size: usize) -> marina_pool::Builder {
+    marina_pool::Pool::builder()
+        .max_size(max_size)
+        .acquire_timeout(Some(Duration::from_secs(2)))
+        .connect_timeout(Some(Duration::from_secs(1)))
+        .health_check_interval(None)
+        .no_expiry()
+}
+
+/// A pool of [`LineClient`]s to `addr` configured by [`line_pool_builder`], plus a
+/// checkout check ([`LineClient::is_open`]) that closes clients whose peer went away
+/// instead of handing them out.
+pub fn line_pool(
+    addr: SocketAddr,
+    max_size: usize,
+) -> marina_pool::Pool<LineConnector, SocketAddr> {
+    line_pool_builder(max_size)
+        .check(|c: &mut LineClient| c.is_open())
+        .build(LineConnector::new(), addr)
+        .expect("a valid line pool configuration")
+}
+
+/// Binds (without listening) the port of `addr`, once the server that listened there
+/// has shut down, so connects to it are refused and the port is neither reused nor
+/// picked as a connecting socket's own port (a TCP self-connect) while the returned
+/// socket lives. Sets `SO_REUSEADDR`, so server-side connections lingering in
+/// `TIME_WAIT` do not block it.
+pub fn hold_port(addr: SocketAddr) -> io::Result<TcpSocket> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}

@@ -278,7 +278,8 @@ struct Endpoint<K, S> {
 ///
 /// Weights: see [`weights`](Self::weights).
 ///
-/// Not yet here: the panic threshold, and failover with a retry budget.
+/// Failover: see [`failover`](Self::failover); the panic threshold: see
+/// [`panic_threshold`](Self::panic_threshold).
 ///
 /// # Examples
 ///
@@ -1041,7 +1042,25 @@ where
                 && let Some(peer) = retry.readying.as_mut()
             {
                 match peer.svc.poll_ready(cx) {
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {
+                        // Its readiness flag was stale (ejected, at a limit since the
+                        // balancer last looked): prefer another ready endpoint, if any;
+                        // wait on this one only when none is left.
+                        let waiting = peer.id;
+                        retry.tried.push(waiting);
+                        match retry.shared.next_peer(&retry.tried) {
+                            Some(other) => {
+                                tracing::debug!(skipped = ?waiting, to = ?other.id, "failover endpoint not ready: trying another");
+                                retry.first = other.id;
+                                retry.readying = Some(other);
+                                continue;
+                            }
+                            None => {
+                                retry.tried.pop();
+                                return Poll::Pending;
+                            }
+                        }
+                    }
                     Poll::Ready(Err(e)) => {
                         let e: BoxError = e.into();
                         retry.readying = None;

@@ -88,8 +88,10 @@ impl Failover {
 /// `min_per_sec × ttl + ratio × requests`. When a whole backend fleet is down, this
 /// keeps failover from multiplying the load by the attempt count.
 ///
-/// Each request costs two relaxed atomic adds (the clock is read once per 16 requests,
-/// to move the window); each retry takes a lock. Clones share one budget.
+/// Each request costs one relaxed atomic add; the clock is read once per 16 requests
+/// (and at each retry) to file them under the second it reads, so a request counts for
+/// the window at most 15 requests late, never early. Each retry takes a lock. Clones
+/// share one budget.
 ///
 /// ```
 /// use marina_balance::RetryBudget;
@@ -117,7 +119,8 @@ struct Budget {
     withdrawals: Box<[AtomicU64]>,
     /// Seconds since `origin` of the newest bucket.
     current: AtomicU64,
-    ticks: AtomicU64,
+    /// Requests counted since the last clock read.
+    unplaced: AtomicU64,
     origin: Instant,
     rotate: Mutex<()>,
 }
@@ -162,7 +165,7 @@ impl RetryBudget {
                 deposits: (0..secs).map(|_| AtomicU64::new(0)).collect(),
                 withdrawals: (0..secs).map(|_| AtomicU64::new(0)).collect(),
                 current: AtomicU64::new(0),
-                ticks: AtomicU64::new(0),
+                unplaced: AtomicU64::new(0),
                 origin: Instant::now(),
                 rotate: Mutex::new(()),
             }),
@@ -172,11 +175,11 @@ impl RetryBudget {
     /// Counts one request.
     pub fn deposit(&self) {
         let b = &*self.inner;
-        if b.ticks.fetch_add(1, Relaxed).is_multiple_of(TICK_EVERY) {
+        // Counted as unplaced until the next clock read (at most `TICK_EVERY` requests
+        // later, or the next withdrawal) files them under the second it reads.
+        if b.unplaced.fetch_add(1, Relaxed) + 1 >= TICK_EVERY {
             b.advance();
         }
-        let cur = b.current.load(Relaxed) as usize % b.deposits.len();
-        b.deposits[cur].fetch_add(1, Relaxed);
     }
 
     /// Takes one retry from the budget; false when it is spent.
@@ -204,25 +207,29 @@ impl Budget {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Moves the window to now, clearing the buckets of the seconds that passed.
+    /// Moves the window to now, clearing the buckets of the seconds that passed, and
+    /// files the unplaced requests under the current second.
     fn advance(&self) {
         let now = Instant::now()
             .saturating_duration_since(self.origin)
             .as_secs();
-        if now <= self.current.load(Relaxed) {
-            return;
-        }
-        let _g = self.lock();
-        let cur = self.current.load(Relaxed);
-        if now <= cur {
-            return;
-        }
         let n = self.deposits.len() as u64;
-        for s in (cur + 1)..=now.min(cur + n) {
-            let i = (s % n) as usize;
-            self.deposits[i].store(0, Relaxed);
-            self.withdrawals[i].store(0, Relaxed);
+        if now > self.current.load(Relaxed) {
+            let _g = self.lock();
+            let cur = self.current.load(Relaxed);
+            if now > cur {
+                for s in (cur + 1)..=now.min(cur + n) {
+                    let i = (s % n) as usize;
+                    self.deposits[i].store(0, Relaxed);
+                    self.withdrawals[i].store(0, Relaxed);
+                }
+                self.current.store(now, Relaxed);
+            }
         }
-        self.current.store(now, Relaxed);
+        let unplaced = self.unplaced.swap(0, Relaxed);
+        if unplaced > 0 {
+            let i = (self.current.load(Relaxed) % n) as usize;
+            self.deposits[i].fetch_add(unplaced, Relaxed);
+        }
     }
 }

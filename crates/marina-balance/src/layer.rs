@@ -116,3 +116,46 @@ impl<K, S> Stream for ChangeStream<K, S> {
         self.rx.poll_recv(cx).map(|c| c.map(Ok))
     }
 }
+
+impl<S, Req> Balance<tower::discover::ServiceList<Vec<S>>, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    /// A balancer over a fixed list of endpoint services (keyed by position).
+    ///
+    /// ```
+    /// use marina_balance::{Balance, RoundRobin};
+    /// use tower::{Service, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina_core::BoxError> {
+    /// let mut lb = Balance::from_services(
+    ///     (0..2).map(|n| service_fn(move |_: ()| async move { Ok::<_, std::io::Error>(n) })),
+    ///     RoundRobin::new(),
+    /// );
+    /// assert_eq!(lb.ready().await?.call(()).await?, 0);
+    /// assert_eq!(lb.ready().await?.call(()).await?, 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn from_services(services: impl IntoIterator<Item = S>, picker: impl Pick) -> Self {
+        Balance::new(
+            tower::discover::ServiceList::new(services.into_iter().collect::<Vec<_>>()),
+            picker,
+        )
+    }
+}
+
+impl<K, S, Req> Balance<ChangeStream<K, S>, Req>
+where
+    K: std::hash::Hash + Eq + Clone + fmt::Debug,
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    /// A balancer whose endpoints come from a channel of [`Change`]s (see
+    /// [`ChangeStream`]), and the sender to feed it.
+    pub fn from_channel(picker: impl Pick) -> (mpsc::UnboundedSender<Change<K, S>>, Self) {
+        let (tx, changes) = ChangeStream::channel();
+        (tx, Balance::new(changes, picker))
+    }
+}

@@ -13,17 +13,33 @@
 //! | [`LeastResponseTime`] | the lowest latency EWMA × (load + 1) (ties in turn) | O(N) |
 //! | [`Random`] | uniformly at random | O(1) |
 //! | [`PowerOfTwoChoices`] | the less loaded of two distinct random endpoints | O(1) |
-//! | [`ConsistentHash`] | by the request's hash: rendezvous for small sets, a Maglev table for large ones, optionally bounded load | O(N) / O(1) |
+//! | [`ConsistentHash`] | by the request's hash: rendezvous for small sets, a hash ring (or a Maglev table) for large ones, optionally bounded load | O(N) / O(log N) (O(1) Maglev) |
 //!
 //! Random pickers take a seed ([`Random::with_seed`], [`PowerOfTwoChoices::with_seed`])
 //! so simulations and tests are reproducible.
 //!
-//! [`Balance`] drives them: a `Service` over any `tower::discover::Discover`, with a ready
-//! set that does not churn, fail-fast ([`NoReadyEndpoints`]) and per-endpoint stats
-//! ([`BalanceHandle`]), route hints ([`Balance::route_hint`]), weights from discovery
-//! keys ([`Balance::weights`]), a [`BalanceLayer`] and discovery from a channel
-//! ([`ChangeStream`]). Not yet here: the panic threshold, and failover with a retry
-//! budget.
+//! [`Balance`] drives them: a `Service` over any `tower::discover::Discover`
+//! ([`Balance::from_services`] for a fixed list, [`Balance::from_channel`] for a channel
+//! of changes), with
+//!
+//! - a ready set that does not churn, and pending endpoints and discovery driven with
+//!   no traffic;
+//! - **fail fast**: [`NoReadyEndpoints`] when nothing is ready within
+//!   `failfast_timeout`;
+//! - **failover** ([`Balance::failover`]): a request that never reached its endpoint
+//!   (an error marked [`NotSent`](marina_core::NotSent), as marina-pool's `PoolService`
+//!   marks connect and checkout failures) goes to another endpoint, within
+//!   `max_attempts` and a [`RetryBudget`];
+//! - a **panic threshold** ([`Balance::panic_threshold`]): below 50% healthy endpoints
+//!   (as reported by marina-health through an
+//!   [`EjectionGate`](marina_core::EjectionGate)), route over all of them;
+//! - per-endpoint stats and totals ([`BalanceHandle`]), route hints
+//!   ([`Balance::route_hint`]), weights from discovery keys ([`Balance::weights`]) or
+//!   services ([`Weighted`]), and a [`BalanceLayer`].
+//!
+//! Endpoint services need not implement `tower::load::Load`: the balancer counts each
+//! endpoint's requests in flight and measures its response times itself, and every
+//! picker reads those.
 //!
 //! # Examples
 //!

@@ -6,6 +6,12 @@
 //! over one endpoint, no balancer) is the balancer's overhead. tower's balancer gets
 //! `PendingRequests` load, as its docs use; marina's counts in-flight requests itself.
 //!
+//! Every picker is measured, plus round robin with failover on (a copy of each request
+//! kept, a retry-budget deposit) and consistent hash with a route hint per request. A
+//! second, shorter pass counts heap allocations per request with `allocation-counter`
+//! (its counting allocator is installed for the whole binary; when not counting it
+//! costs a thread-local check per allocation).
+//!
 //! ```text
 //! cargo bench -p marina-bench --bench balance -- [--iters N] [--reps R]
 //! ```
@@ -19,7 +25,11 @@ use std::convert::Infallible;
 use std::future::{Ready, ready};
 use std::time::Instant;
 
-use marina_balance::{Balance, LeastConnections, Pick, PowerOfTwoChoices, RoundRobin};
+use marina_balance::{
+    Balance, ConsistentHash, Failover, LeastConnections, LeastResponseTime, Pick,
+    PowerOfTwoChoices, Random, RoundRobin, WeightedRoundRobin,
+};
+use marina_core::RouteHint;
 use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PendingRequests};
 use tower::util::ServiceFn;
@@ -35,6 +45,18 @@ fn endpoint() -> Endpoint {
     service_fn(answer as fn(u64) -> Ready<Result<u64, Infallible>>)
 }
 
+/// Sends `count` requests through `svc`, one at a time.
+async fn drive<S>(svc: &mut S, count: u64)
+where
+    S: Service<u64, Response = u64>,
+    S::Error: std::fmt::Debug,
+{
+    for i in 0..count {
+        let r = svc.ready().await.unwrap().call(i).await.unwrap();
+        std::hint::black_box(r);
+    }
+}
+
 /// ns per request through `svc`, median of `reps` runs of `iters` requests.
 fn measure<S>(rt: &tokio::runtime::Runtime, mut svc: S, iters: u64, reps: usize) -> f64
 where
@@ -42,16 +64,11 @@ where
     S::Error: std::fmt::Debug,
 {
     rt.block_on(async {
-        for i in 0..1000 {
-            svc.ready().await.unwrap().call(i).await.unwrap();
-        }
+        drive(&mut svc, 1000).await;
         let mut runs = Vec::with_capacity(reps);
         for _ in 0..reps {
             let start = Instant::now();
-            for i in 0..iters {
-                let r = svc.ready().await.unwrap().call(i).await.unwrap();
-                std::hint::black_box(r);
-            }
+            drive(&mut svc, iters).await;
             runs.push(start.elapsed().as_nanos() as f64 / iters as f64);
         }
         runs.sort_by(f64::total_cmp);
@@ -59,11 +76,61 @@ where
     })
 }
 
-fn marina(n: usize, picker: impl Pick) -> Balance<ServiceList<Vec<Endpoint>>, u64> {
+type Marina = Balance<ServiceList<Vec<Endpoint>>, u64>;
+
+fn marina(n: usize, picker: impl Pick) -> Marina {
     Balance::new(
         ServiceList::new((0..n).map(|_| endpoint()).collect::<Vec<_>>()),
         picker,
     )
+}
+
+/// Heap allocations per request through `svc` (after a warm-up).
+fn allocs<S>(rt: &tokio::runtime::Runtime, mut svc: S, iters: u64) -> f64
+where
+    S: Service<u64, Response = u64>,
+    S::Error: std::fmt::Debug,
+{
+    rt.block_on(drive(&mut svc, 1000));
+    let info = allocation_counter::measure(|| rt.block_on(drive(&mut svc, iters)));
+    info.count_total as f64 / iters as f64
+}
+
+/// The marina configurations measured, by column name.
+fn configs(n: usize) -> Vec<(&'static str, Marina)> {
+    // Hints made up front: a route hint is built by the affinity layer, and its
+    // allocation is not the balancer's.
+    let hints: Vec<RouteHint> = (0..1024u64).map(RouteHint::hash).collect();
+    vec![
+        ("P2C", marina(n, PowerOfTwoChoices::with_seed(1))),
+        ("round robin", marina(n, RoundRobin::new())),
+        ("weighted RR", marina(n, WeightedRoundRobin::new())),
+        ("least conn.", marina(n, LeastConnections::new())),
+        ("least resp. time", marina(n, LeastResponseTime::new())),
+        ("random", marina(n, Random::with_seed(1))),
+        (
+            "consistent hash",
+            marina(n, ConsistentHash::new())
+                .route_hint(move |req: &u64| Some(hints[(*req % 1024) as usize].clone())),
+        ),
+        (
+            "RR + failover",
+            marina(n, RoundRobin::new()).failover(Failover::new()),
+        ),
+    ]
+}
+
+fn tower_p2c(
+    n: usize,
+) -> tower::balance::p2c::Balance<
+    ServiceList<Vec<PendingRequests<Endpoint, CompleteOnResponse>>>,
+    u64,
+> {
+    tower::balance::p2c::Balance::new(ServiceList::new(
+        (0..n)
+            .map(|_| PendingRequests::new(endpoint(), CompleteOnResponse::default()))
+            .collect::<Vec<_>>(),
+    ))
 }
 
 fn main() {
@@ -75,24 +142,37 @@ fn main() {
     let floor = measure(&rt, endpoint(), iters, reps);
     println!("balance bench: {iters} requests × {reps} reps (median), current-thread runtime");
     println!("direct call (floor): {floor:.1} ns/request\n");
+    let names: Vec<&str> = configs(2).iter().map(|(name, _)| *name).collect();
+    println!("ns of overhead per request (minus the floor):\n");
     println!(
-        "| N | tower p2c | marina P2C | marina round robin | marina least connections | marina P2C ÷ tower | marina RR ÷ tower |"
+        "| N | tower p2c | {} | P2C ÷ tower | RR ÷ tower |",
+        names.join(" | ")
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|{}---:|---:|", "---:|".repeat(names.len()));
     for n in [2usize, 16, 256] {
-        let tower_p2c = tower::balance::p2c::Balance::new(ServiceList::new(
-            (0..n)
-                .map(|_| PendingRequests::new(endpoint(), CompleteOnResponse::default()))
-                .collect::<Vec<_>>(),
-        ));
-        let t = measure(&rt, tower_p2c, iters, reps) - floor;
-        let p = measure(&rt, marina(n, PowerOfTwoChoices::with_seed(1)), iters, reps) - floor;
-        let r = measure(&rt, marina(n, RoundRobin::new()), iters, reps) - floor;
-        let l = measure(&rt, marina(n, LeastConnections::new()), iters, reps) - floor;
+        let t = measure(&rt, tower_p2c(n), iters, reps) - floor;
+        let cells: Vec<f64> = configs(n)
+            .into_iter()
+            .map(|(_, lb)| measure(&rt, lb, iters, reps) - floor)
+            .collect();
+        let text: Vec<String> = cells.iter().map(|c| format!("{c:.1}")).collect();
         println!(
-            "| {n} | {t:.1} | {p:.1} | {r:.1} | {l:.1} | {:.2} | {:.2} |",
-            p / t,
-            r / t
+            "| {n} | {t:.1} | {} | {:.2} | {:.2} |",
+            text.join(" | "),
+            cells[0] / t,
+            cells[1] / t
         );
+    }
+    let count = (iters / 10).max(1);
+    println!("\nheap allocations per request ({count} requests):\n");
+    println!("| N | tower p2c | {} |", names.join(" | "));
+    println!("|---:|---:|{}", "---:|".repeat(names.len()));
+    for n in [2usize, 16, 256] {
+        let t = allocs(&rt, tower_p2c(n), count);
+        let cells: Vec<String> = configs(n)
+            .into_iter()
+            .map(|(_, lb)| format!("{:.2}", allocs(&rt, lb, count)))
+            .collect();
+        println!("| {n} | {t:.2} | {} |", cells.join(" | "));
     }
 }
