@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use marina_core::{BoxError, EjectionGate, EndpointId, HintTarget, RouteHint};
+use marina_core::{
+    BoxError, EjectionGate, EndpointId, HasExtensions, HintTarget, PinnedEndpointUnavailable,
+    RouteHint,
+};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::discover::{Change, Discover};
@@ -738,6 +741,23 @@ impl<D, Req> Balance<D, Req>
 where
     D: Discover + Unpin,
     D::Key: Hash + Clone + fmt::Debug,
+    D::Service: Service<Req>,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+    D::Error: Into<BoxError>,
+    Req: HasExtensions,
+{
+    /// Reads each request's [`RouteHint`] from its extensions, where marina-affinity
+    /// puts it: [`route_hint`](Self::route_hint) for `http::Request`s and
+    /// `marina_core::Request`s.
+    pub fn route_hints_from_extensions(self) -> Self {
+        self.route_hint(|req: &Req| req.extensions().get::<RouteHint>().cloned())
+    }
+}
+
+impl<D, Req> Balance<D, Req>
+where
+    D: Discover + Unpin,
+    D::Key: Hash + Clone + fmt::Debug,
     D::Service: Service<Req> + Clone,
     <D::Service as Service<Req>>::Error: Into<BoxError>,
     D::Error: Into<BoxError>,
@@ -884,21 +904,28 @@ where
             Some(HintTarget::Endpoint(id)) => (0..view.len()).find(|&i| view.id(i) == id),
             _ => None,
         };
+        let strict = hint.as_ref().is_some_and(RouteHint::is_strict);
+        if let (true, None, Some(HintTarget::Endpoint(endpoint))) =
+            (strict, preferred, hint.as_ref().map(RouteHint::target))
+        {
+            return ResponseFuture::failed(PinnedEndpointUnavailable { endpoint }.into());
+        }
         let pick = preferred
             .unwrap_or_else(|| self.picker.pick(&view, hint.as_ref()))
             .min(self.ready.len() - 1);
         let slot = self.ready[pick];
         let ep = self.slots[slot].as_mut().expect("ready endpoints exist");
-        let retry = self.failover.as_ref().map(|f| {
+        // Boxed: the future's size costs on every request, failover or not.
+        // A strict hint never fails over to another endpoint.
+        let retry = self.failover.as_ref().filter(|_| !strict).map(|f| {
             f.policy.budget.deposit();
-            Retry {
+            Box::new(Retry {
                 req: (f.policy.max_attempts > 1).then(|| (f.clone_req)(&req)),
                 shared: f.clone(),
-                tried: Vec::new(),
                 first: ep.id,
                 attempts: 1,
-                readying: None,
-            }
+                more: None,
+            })
         });
         let fut = ep.svc.call(req);
         ep.stats.flow.fetch_add(1, Relaxed);
@@ -932,10 +959,19 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        inner: Option<S::Future>,
-        error: Option<BoxError>,
+        inner: State<S::Future>,
         track: Option<Track>,
-        retry: Option<Retry<S, Req>>,
+        retry: Option<Box<Retry<S, Req>>>,
+    }
+}
+
+pin_project! {
+    /// The current attempt: its endpoint's future, or an error to return at once.
+    #[project = StateProj]
+    enum State<F> {
+        Call { #[pin] fut: F },
+        Failed { error: Option<BoxError> },
+        Done,
     }
 }
 
@@ -944,10 +980,17 @@ struct Retry<S, Req> {
     shared: Arc<FailoverShared<S, Req>>,
     /// The copy kept for the next attempt (none once attempts are used up).
     req: Option<Req>,
+    /// The current attempt's endpoint.
     first: EndpointId,
-    /// Endpoints tried after the first.
-    tried: Vec<EndpointId>,
     attempts: u32,
+    /// Made at the first failover only.
+    more: Option<Box<RetryMore<S>>>,
+}
+
+/// The failover state past the first attempt.
+struct RetryMore<S> {
+    /// Endpoints tried before the current one.
+    tried: Vec<EndpointId>,
     /// The next attempt's endpoint, being readied.
     readying: Option<Peer<S>>,
 }
@@ -963,8 +1006,14 @@ impl<S, Req> Retry<S, Req> {
         {
             return false;
         }
-        self.tried.push(self.first);
-        let Some(peer) = f.next_peer(&self.tried) else {
+        let more = self.more.get_or_insert_with(|| {
+            Box::new(RetryMore {
+                tried: Vec::new(),
+                readying: None,
+            })
+        });
+        more.tried.push(self.first);
+        let Some(peer) = f.next_peer(&more.tried) else {
             tracing::debug!(%error, "no other ready endpoint to fail over to");
             return false;
         };
@@ -977,7 +1026,7 @@ impl<S, Req> Retry<S, Req> {
         tracing::debug!(%error, to = ?peer.id, attempt = self.attempts + 1, "failing over");
         self.first = peer.id;
         self.attempts += 1;
-        self.readying = Some(peer);
+        more.readying = Some(peer);
         true
     }
 }
@@ -1000,8 +1049,7 @@ impl Drop for Track {
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     fn sent(inner: S::Future, stats: Arc<EndpointStats>, start: Option<Instant>) -> Self {
         ResponseFuture {
-            inner: Some(inner),
-            error: None,
+            inner: State::Call { fut: inner },
             track: Some(Track {
                 stats,
                 start,
@@ -1013,8 +1061,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
 
     fn failed(error: BoxError) -> Self {
         ResponseFuture {
-            inner: None,
-            error: Some(error),
+            inner: State::Failed { error: Some(error) },
             track: None,
             retry: None,
         }
@@ -1039,7 +1086,8 @@ where
         loop {
             // A failover attempt whose endpoint is being readied.
             if let Some(retry) = this.retry.as_mut()
-                && let Some(peer) = retry.readying.as_mut()
+                && let Some(more) = retry.more.as_mut()
+                && let Some(peer) = more.readying.as_mut()
             {
                 match peer.svc.poll_ready(cx) {
                     Poll::Pending => {
@@ -1047,30 +1095,30 @@ where
                         // balancer last looked): prefer another ready endpoint, if any;
                         // wait on this one only when none is left.
                         let waiting = peer.id;
-                        retry.tried.push(waiting);
-                        match retry.shared.next_peer(&retry.tried) {
+                        more.tried.push(waiting);
+                        match retry.shared.next_peer(&more.tried) {
                             Some(other) => {
                                 tracing::debug!(skipped = ?waiting, to = ?other.id, "failover endpoint not ready: trying another");
                                 retry.first = other.id;
-                                retry.readying = Some(other);
+                                more.readying = Some(other);
                                 continue;
                             }
                             None => {
-                                retry.tried.pop();
+                                more.tried.pop();
                                 return Poll::Pending;
                             }
                         }
                     }
                     Poll::Ready(Err(e)) => {
                         let e: BoxError = e.into();
-                        retry.readying = None;
+                        more.readying = None;
                         if retry.next(&e) {
                             continue;
                         }
                         return Poll::Ready(Err(e));
                     }
                     Poll::Ready(Ok(())) => {
-                        let mut peer = retry.readying.take().expect("readying");
+                        let mut peer = more.readying.take().expect("readying");
                         let req = retry
                             .req
                             .take()
@@ -1080,7 +1128,7 @@ where
                         }
                         let fut = peer.svc.call(req);
                         peer.stats.flow.fetch_add(1, Relaxed);
-                        this.inner.set(Some(fut));
+                        this.inner.set(State::Call { fut });
                         *this.track = Some(Track {
                             stats: peer.stats,
                             start: Some(Instant::now()),
@@ -1089,16 +1137,16 @@ where
                     }
                 }
             }
-            let out = match this.inner.as_mut().as_pin_mut() {
-                Some(inner) => ready!(inner.poll(cx)),
-                None => {
-                    return Poll::Ready(Err(this
-                        .error
+            let out = match this.inner.as_mut().project() {
+                StateProj::Call { fut } => ready!(fut.poll(cx)),
+                StateProj::Failed { error } => {
+                    return Poll::Ready(Err(error
                         .take()
                         .unwrap_or_else(|| "polled after completion".into())));
                 }
+                StateProj::Done => return Poll::Ready(Err("polled after completion".into())),
             };
-            this.inner.set(None);
+            this.inner.set(State::Done);
             if let Some(mut track) = this.track.take() {
                 track.done = true;
                 track

@@ -13,6 +13,11 @@
 //!   [`find`] reaches a named error through such wrappers.
 //! - [`EjectionGate`]: links a balancer's panic threshold to its endpoints' health
 //!   checks.
+//! - [`HasExtensions`], [`Request`] and [`Response`]: where those typed values travel —
+//!   `http::Extensions`, on HTTP messages or on marina's wrappers for raw protocols.
+//! - [`KeyExtractor`]: reads a session or client key from a request ([`HeaderKey`],
+//!   [`CookieKey`], [`ClientIp`] with trusted proxies, or a closure); shared by the
+//!   affinity layer and the limits.
 //! - [`Probe`]: an asynchronous check of something — a pooled connection or an endpoint —
 //!   that returns the measured response time or an error. The pool uses it to validate
 //!   idle connections; the health layer uses it for active probes.
@@ -44,14 +49,20 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod ext;
 mod gate;
+mod key;
 mod probe;
 mod route;
 
 pub use error::{NotSent, find, is_not_sent};
+pub use ext::{Extensions, HasExtensions, Request, Response};
 pub use gate::{EjectionGate, GateMember};
+pub use key::{
+    ClientIp, CookieKey, HeaderKey, InvalidIpNet, IpNet, KeyExtractor, MAX_KEY_LEN, PeerAddr,
+};
 pub use probe::{BoxFuture, Probe, ProbeFn, probe_fn};
-pub use route::{EndpointId, HintTarget, RouteHint, stable_hash};
+pub use route::{EndpointId, HintTarget, PinnedEndpointUnavailable, RouteHint, stable_hash};
 
 /// A type-erased error, as tower uses: `Box<dyn Error + Send + Sync>`.
 ///

@@ -54,6 +54,7 @@ pub fn stable_hash<K: Hash + ?Sized>(value: &K) -> u64 {
 #[derive(Clone)]
 pub struct RouteHint {
     target: HintTarget,
+    strict: bool,
     chosen: Arc<OnceLock<EndpointId>>,
 }
 
@@ -64,6 +65,9 @@ pub enum HintTarget {
     Endpoint(EndpointId),
     /// Whichever endpoint a consistent hash of this value picks.
     Hash(u64),
+    /// No preference: the balancer picks as usual and reports its choice (a new
+    /// session learning where it landed).
+    Any,
 }
 
 impl RouteHint {
@@ -71,14 +75,38 @@ impl RouteHint {
     pub fn endpoint(endpoint: EndpointId) -> Self {
         RouteHint {
             target: HintTarget::Endpoint(endpoint),
+            strict: false,
             chosen: Arc::default(),
         }
+    }
+
+    /// No preference; only learn the balancer's choice.
+    pub fn any() -> Self {
+        RouteHint {
+            target: HintTarget::Any,
+            strict: false,
+            chosen: Arc::default(),
+        }
+    }
+
+    /// Makes an [`endpoint`](Self::endpoint) hint binding: when that endpoint is not
+    /// ready (or gone), the balancer fails the request with
+    /// [`PinnedEndpointUnavailable`] instead of choosing another.
+    pub fn strict(mut self) -> Self {
+        self.strict = true;
+        self
+    }
+
+    /// Whether the hint is [`strict`](Self::strict).
+    pub fn is_strict(&self) -> bool {
+        self.strict
     }
 
     /// Route by consistent hash of `hash` (e.g. [`stable_hash`] of a client IP).
     pub fn hash(hash: u64) -> Self {
         RouteHint {
             target: HintTarget::Hash(hash),
+            strict: false,
             chosen: Arc::default(),
         }
     }
@@ -103,7 +131,23 @@ impl fmt::Debug for RouteHint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RouteHint")
             .field("target", &self.target)
+            .field("strict", &self.strict)
             .field("chosen", &self.chosen())
             .finish()
     }
 }
+
+/// A [`strict`](RouteHint::strict) hint named an endpoint that is not ready or gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinnedEndpointUnavailable {
+    /// The endpoint the request was pinned to.
+    pub endpoint: EndpointId,
+}
+
+impl fmt::Display for PinnedEndpointUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pinned endpoint {:?} is unavailable", self.endpoint)
+    }
+}
+
+impl std::error::Error for PinnedEndpointUnavailable {}
