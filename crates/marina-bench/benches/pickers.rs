@@ -132,7 +132,7 @@ fn main() {
             false,
         ),
         (
-            "ConsistentHash (rendezvous ≤ 64, Maglev above)",
+            "ConsistentHash (rendezvous ≤ 64, ring above)",
             || Box::new(ConsistentHash::new()),
             true,
         ),
