@@ -1,0 +1,106 @@
+//! Session affinity for tower services: a session stays on its backend while it lives.
+//!
+//! [`AffinityLayer`] reads a session key from each request with a
+//! [`KeyExtractor`](marina_core::KeyExtractor) (a header, a cookie, the client's IP
+//! behind trusted proxies, a closure) and routes the request by writing a
+//! [`RouteHint`](marina_core::RouteHint) into its extensions, which marina-balance's
+//! `Balance` reads (`route_hints_from_extensions`). The balancer reports the endpoint it
+//! chose through the same hint, so the layer learns where a new session landed, or
+//! that a session moved, without reading responses. Three modes:
+//!
+//! | mode | state | sessions shared between client instances | when the pinned endpoint is down |
+//! |---|---|---|---|
+//! | [`sticky`](AffinityLayer::sticky) table | bounded table, idle expiry, sweep | no | re-pin (or `strict`: fail) |
+//! | signed [`token`](AffinityLayer::token) | none: the client carries `{endpoint, expiry}` + HMAC | yes | re-pin, new token |
+//! | consistent [`hash`](AffinityLayer::hash) | none | yes, for the same endpoint set | the hash maps elsewhere |
+//!
+//! Also: new sessions for key-less requests ([`AffinityLayer::new_sessions`]: 256-bit
+//! ids from the OS CSPRNG, returned as [`NewSession`] in the response's extensions),
+//! session-pinned connections over marina-pool ([`SessionPool`]), and stats
+//! ([`AffinityHandle`]).
+//!
+//! # Examples
+//!
+//! A raw protocol (lines), sticky sessions keyed by a user name carried in the request:
+//!
+//! ```
+//! use marina_affinity::{AffinityLayer, TableConfig};
+//! use marina_balance::{Balance, RoundRobin};
+//! use marina_core::{Request, Response};
+//! use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), marina_core::BoxError> {
+//! // Three backends that answer with their number.
+//! let backends = (0..3).map(|n| {
+//!     service_fn(move |_req: Request<(String, String)>| async move {
+//!         Ok::<_, std::io::Error>(Response::new(n))
+//!     })
+//! });
+//! let balance = Balance::from_services(backends, RoundRobin::new()).route_hints_from_extensions();
+//! let affinity = AffinityLayer::sticky(
+//!     |req: &Request<(String, String)>| Some(req.body.0.clone()), // (user, line)
+//!     TableConfig::default(),
+//! );
+//! let handle = affinity.handle();
+//! let mut svc = ServiceBuilder::new().layer(affinity).service(balance);
+//! let mut seen = Vec::new();
+//! for line in ["a", "b", "c", "d"] {
+//!     let req = Request::new(("alice".to_string(), line.to_string()));
+//!     seen.push(svc.ready().await?.call(req).await?.body);
+//! }
+//! assert!(seen.iter().all(|&b| b == seen[0])); // alice stays on one backend
+//! assert_eq!(handle.stats().sessions, 1);
+//! # Ok(()) }
+//! ```
+//!
+//! HTTP, with signed tokens in a cookie (no server-side state):
+//!
+//! ```
+//! use marina_affinity::{AffinityLayer, IssuedToken, TokenCodec};
+//! use marina_balance::{Balance, PowerOfTwoChoices};
+//! use marina_core::CookieKey;
+//! use std::time::Duration;
+//! use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), marina_core::BoxError> {
+//! let backends = (0..3).map(|n| {
+//!     service_fn(move |_req: http::Request<()>| async move {
+//!         Ok::<_, std::io::Error>(http::Response::new(n))
+//!     })
+//! });
+//! let balance = Balance::from_services(backends, PowerOfTwoChoices::new()).route_hints_from_extensions();
+//! let codec = TokenCodec::new(b"keep this secret, 32 bytes long.", Duration::from_secs(3600))?;
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(AffinityLayer::token(CookieKey::new("route"), codec).new_sessions(true))
+//!     .service(balance);
+//!
+//! // First request: no cookie; the response carries a token to set as the cookie.
+//! let resp = svc.ready().await?.call(http::Request::new(())).await?;
+//! let backend = *resp.body();
+//! let token = resp.extensions().get::<IssuedToken>().expect("a new session").0.clone();
+//!
+//! // Later requests carrying it reach the same backend.
+//! for _ in 0..5 {
+//!     let req = http::Request::builder().header("cookie", format!("route={token}")).body(())?;
+//!     assert_eq!(*svc.ready().await?.call(req).await?.body(), backend);
+//! }
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod service;
+mod session;
+mod table;
+mod token;
+
+pub use service::{
+    Affinity, AffinityHandle, AffinityLayer, AffinityStats, IssuedToken, NewSession,
+    ResponseFuture, SessionTableFull,
+};
+pub use session::{
+    SessionConn, SessionError, SessionPool, SessionSnapshot, TooManySessions, new_session_id,
+};
+pub use table::{SessionInfo, TableConfig, WhenFull};
+pub use token::{TOKEN_LEN, Token, TokenCodec, WeakKey};

@@ -1,0 +1,548 @@
+//! `Affinity<S, X>`: pins each request's session to an endpoint through a `RouteHint`.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll, ready};
+
+use marina_core::{BoxError, EndpointId, HasExtensions, KeyExtractor, RouteHint, stable_hash};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::session::new_session_id;
+use crate::table::{Counters, Inserted, SessionInfo, Table, TableConfig};
+use crate::token::TokenCodec;
+
+/// A new session was refused: the sticky table is full and set to
+/// [`WhenFull::Refuse`](crate::WhenFull::Refuse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionTableFull {
+    /// The table's capacity.
+    pub max_sessions: usize,
+}
+
+impl fmt::Display for SessionTableFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "session table full ({} sessions): new session refused",
+            self.max_sessions
+        )
+    }
+}
+
+impl std::error::Error for SessionTableFull {}
+
+/// In a response's extensions: the layer created a session for a request that had
+/// none. Send the id back to the client (a cookie, a header, a field of your protocol)
+/// so its next requests carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSession(pub String);
+
+/// In a response's extensions (token mode): the token the client should carry from
+/// now on — new, re-pinned after a failover, or refreshed before it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedToken(pub String);
+
+#[derive(Clone)]
+enum Mode {
+    Table(Arc<Table>),
+    Token(TokenCodec),
+    Hash,
+}
+
+/// Adds [`Affinity`] around a service (a balancer, usually).
+///
+/// Three modes, by constructor:
+///
+/// - [`sticky`](Self::sticky): a bounded table of session key → endpoint, with idle
+///   expiry, refreshed on use (HAProxy's stick tables).
+/// - [`token`](Self::token): no state; the client carries a signed
+///   `{endpoint, expiry}` token ([`TokenCodec`]), so any number of instances share
+///   sessions.
+/// - [`hash`](Self::hash): no state; the key's hash is the route, and the balancer's
+///   `ConsistentHash` picker maps it (IP hash, user hash).
+///
+/// When the pinned endpoint is not ready or gone, the balancer chooses another and the
+/// layer re-pins the session there (the table entry or a new token); with
+/// [`strict`](Self::strict) the request fails with
+/// [`PinnedEndpointUnavailable`](marina_core::PinnedEndpointUnavailable) instead.
+///
+/// Requests must carry extensions ([`HasExtensions`]: `http::Request`,
+/// `marina_core::Request`) and so must responses (where [`NewSession`] and
+/// [`IssuedToken`] go). The balancer must read hints from extensions
+/// (`Balance::route_hints_from_extensions` in marina-balance).
+///
+/// See the [crate docs](crate) for examples.
+pub struct AffinityLayer<X> {
+    extractor: Arc<X>,
+    mode: Mode,
+    strict: bool,
+    new_sessions: bool,
+    counters: Arc<Counters>,
+}
+
+impl<X> Clone for AffinityLayer<X> {
+    fn clone(&self) -> Self {
+        AffinityLayer {
+            extractor: self.extractor.clone(),
+            mode: self.mode.clone(),
+            strict: self.strict,
+            new_sessions: self.new_sessions,
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+impl<X> fmt::Debug for AffinityLayer<X> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mode = match &self.mode {
+            Mode::Table(_) => "sticky table",
+            Mode::Token(_) => "signed token",
+            Mode::Hash => "consistent hash",
+        };
+        f.debug_struct("AffinityLayer")
+            .field("mode", &mode)
+            .field("strict", &self.strict)
+            .field("new_sessions", &self.new_sessions)
+            .finish()
+    }
+}
+
+impl<X> AffinityLayer<X> {
+    fn with_mode(extractor: X, mode: Mode, counters: Arc<Counters>) -> Self {
+        AffinityLayer {
+            extractor: Arc::new(extractor),
+            mode,
+            strict: false,
+            new_sessions: false,
+            counters,
+        }
+    }
+
+    /// Sticky-table mode: sessions keyed by what `extractor` reads. Starts the table's
+    /// sweep task on the current tokio runtime, if any (it ends when the last clone of
+    /// the layer and its services is dropped).
+    pub fn sticky(extractor: X, config: TableConfig) -> Self {
+        let counters = Arc::new(Counters::default());
+        let table = Table::new(config, counters.clone());
+        Self::with_mode(extractor, Mode::Table(table), counters)
+    }
+
+    /// Signed-token mode: `extractor` reads the token the client carries (a cookie, a
+    /// header); `codec` checks and issues them.
+    pub fn token(extractor: X, codec: TokenCodec) -> Self {
+        Self::with_mode(extractor, Mode::Token(codec), Arc::default())
+    }
+
+    /// Consistent-hash mode: the key's hash becomes the route.
+    pub fn hash(extractor: X) -> Self {
+        Self::with_mode(extractor, Mode::Hash, Arc::default())
+    }
+
+    /// Fail requests whose pinned endpoint is unavailable instead of re-pinning.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
+    /// Create a session for requests without a key: a 256-bit id from the OS CSPRNG,
+    /// hex-encoded, returned in the response's extensions as [`NewSession`] (in token
+    /// mode the new token, as [`IssuedToken`], is the session).
+    pub fn new_sessions(mut self, create: bool) -> Self {
+        self.new_sessions = create;
+        self
+    }
+
+    /// The handle to the layer's sessions and counters.
+    pub fn handle(&self) -> AffinityHandle {
+        AffinityHandle {
+            table: match &self.mode {
+                Mode::Table(t) => Some(t.clone()),
+                _ => None,
+            },
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+impl<S, X> Layer<S> for AffinityLayer<X> {
+    type Service = Affinity<S, X>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Affinity {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The affinity layer's sessions and counters, readable from anywhere.
+#[derive(Clone)]
+pub struct AffinityHandle {
+    table: Option<Arc<Table>>,
+    counters: Arc<Counters>,
+}
+
+impl fmt::Debug for AffinityHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AffinityHandle")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// The affinity layer's figures, from [`AffinityHandle::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AffinityStats {
+    /// Sessions in the table now (0 in token and hash modes: they keep no state).
+    pub sessions: usize,
+    /// Sessions created: pinned for the first time, or issued a first token.
+    pub created: u64,
+    /// Sessions moved to another endpoint because theirs was unavailable.
+    pub repinned: u64,
+    /// Sessions forgotten after their idle timeout.
+    pub expired: u64,
+    /// Sessions forgotten to make room for new ones (table full).
+    pub purged: u64,
+    /// New sessions refused (table full, set to refuse).
+    pub refused: u64,
+    /// Tokens that did not check out (forged, expired, garbled) and were replaced.
+    pub rejected_tokens: u64,
+}
+
+impl AffinityHandle {
+    /// The counters and the table's size.
+    pub fn stats(&self) -> AffinityStats {
+        let c = &self.counters;
+        AffinityStats {
+            sessions: self.table.as_ref().map_or(0, |t| t.len()),
+            created: c.created.load(Relaxed),
+            repinned: c.repinned.load(Relaxed),
+            expired: c.expired.load(Relaxed),
+            purged: c.purged.load(Relaxed),
+            refused: c.refused.load(Relaxed),
+            rejected_tokens: c.rejected_tokens.load(Relaxed),
+        }
+    }
+
+    /// Up to `limit` sessions of the table, most recently used first (none in token
+    /// and hash modes).
+    pub fn sessions(&self, limit: usize) -> Vec<SessionInfo> {
+        self.table.as_ref().map_or_else(Vec::new, |t| t.list(limit))
+    }
+
+    /// The endpoint a session is pinned to (touching it, like a request would).
+    pub fn pinned(&self, key: &str) -> Option<EndpointId> {
+        self.table.as_ref()?.get(key)
+    }
+
+    /// Ends a session (table mode); true if it existed.
+    pub fn end_session(&self, key: &str) -> bool {
+        self.table.as_ref().is_some_and(|t| t.remove(key))
+    }
+
+    /// Drops the idle sessions now, as the background sweep does; returns how many.
+    pub fn sweep(&self) -> usize {
+        self.table.as_ref().map_or(0, |t| t.sweep())
+    }
+}
+
+/// Pins each request's session to an endpoint; see [`AffinityLayer`].
+pub struct Affinity<S, X> {
+    inner: S,
+    layer: AffinityLayer<X>,
+}
+
+impl<S: Clone, X> Clone for Affinity<S, X> {
+    fn clone(&self) -> Self {
+        Affinity {
+            inner: self.inner.clone(),
+            layer: self.layer.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, X> fmt::Debug for Affinity<S, X> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Affinity")
+            .field("inner", &self.inner)
+            .field("layer", &self.layer)
+            .finish()
+    }
+}
+
+impl<S, X> Affinity<S, X> {
+    /// The handle to the sessions and counters.
+    pub fn handle(&self) -> AffinityHandle {
+        self.layer.handle()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// What to do when the response comes back.
+enum After {
+    Nothing,
+    /// Table mode: pin `key` to the chosen endpoint (new, or re-pin from `pinned`).
+    Pin {
+        key: String,
+        pinned: Option<EndpointId>,
+        new: bool,
+    },
+    /// Token mode: issue a token unless the chosen endpoint is `valid`'s and it is
+    /// fresh enough.
+    Token {
+        codec: TokenCodec,
+        valid: Option<crate::token::Token>,
+    },
+    /// A session was created for this key-less request (hash mode).
+    NewSession(String),
+}
+
+impl<S, X, Req> Service<Req> for Affinity<S, X>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    S::Response: HasExtensions,
+    X: KeyExtractor<Req>,
+    Req: HasExtensions,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        let l = &self.layer;
+        let key = l.extractor.extract(&req);
+        let (hint, after) = match (&l.mode, key) {
+            (Mode::Hash, Some(k)) => (Some(RouteHint::hash(stable_hash(&k))), After::Nothing),
+            (Mode::Hash, None) if l.new_sessions => {
+                let id = new_session_id();
+                l.counters.created.fetch_add(1, Relaxed);
+                (
+                    Some(RouteHint::hash(stable_hash(&id))),
+                    After::NewSession(id),
+                )
+            }
+            (Mode::Table(table), key) => {
+                let (key, new) = match key {
+                    Some(k) => (Some(k), false),
+                    None if l.new_sessions => (Some(new_session_id()), true),
+                    None => (None, false),
+                };
+                match key {
+                    None => (None, After::Nothing),
+                    Some(key) => match table.get(&key) {
+                        Some(ep) => (
+                            Some(self.endpoint_hint(ep)),
+                            After::Pin {
+                                key,
+                                pinned: Some(ep),
+                                new,
+                            },
+                        ),
+                        None if table.would_refuse(&key) => {
+                            l.counters.refused.fetch_add(1, Relaxed);
+                            return ResponseFuture::failed(
+                                SessionTableFull {
+                                    max_sessions: table.capacity(),
+                                }
+                                .into(),
+                            );
+                        }
+                        None => (
+                            Some(RouteHint::any()),
+                            After::Pin {
+                                key,
+                                pinned: None,
+                                new,
+                            },
+                        ),
+                    },
+                }
+            }
+            (Mode::Token(codec), token) => {
+                let valid = token.as_deref().and_then(|t| codec.check(t));
+                if token.is_some() && valid.is_none() {
+                    l.counters.rejected_tokens.fetch_add(1, Relaxed);
+                }
+                match valid {
+                    Some(t) => (
+                        Some(self.endpoint_hint(t.endpoint)),
+                        After::Token {
+                            codec: codec.clone(),
+                            valid,
+                        },
+                    ),
+                    None if token.is_some() || l.new_sessions => (
+                        Some(RouteHint::any()),
+                        After::Token {
+                            codec: codec.clone(),
+                            valid: None,
+                        },
+                    ),
+                    None => (None, After::Nothing),
+                }
+            }
+            (Mode::Hash, None) => (None, After::Nothing),
+        };
+        if let Some(h) = &hint {
+            req.extensions_mut().insert(h.clone());
+        }
+        ResponseFuture {
+            inner: Some(self.inner.call(req)),
+            error: None,
+            hint,
+            after: Some(after),
+            layer: Some(Shared {
+                counters: l.counters.clone(),
+                table: match &l.mode {
+                    Mode::Table(t) => Some(t.clone()),
+                    _ => None,
+                },
+            }),
+        }
+    }
+}
+
+impl<S, X> Affinity<S, X> {
+    fn endpoint_hint(&self, ep: EndpointId) -> RouteHint {
+        let h = RouteHint::endpoint(ep);
+        if self.layer.strict { h.strict() } else { h }
+    }
+}
+
+/// What the response future needs of the layer.
+struct Shared {
+    counters: Arc<Counters>,
+    table: Option<Arc<Table>>,
+}
+
+pin_project! {
+    /// The future of [`Affinity`]'s calls: the inner response, then the session's
+    /// bookkeeping (pin, re-pin, token).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it cancels the inner request; a session it would have created is not
+    /// pinned.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: Option<F>,
+        error: Option<BoxError>,
+        hint: Option<RouteHint>,
+        after: Option<After>,
+        layer: Option<Shared>,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    fn failed(error: BoxError) -> Self {
+        ResponseFuture {
+            inner: None,
+            error: Some(error),
+            hint: None,
+            after: None,
+            layer: None,
+        }
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, R, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<R, E>>,
+    E: Into<BoxError>,
+    R: HasExtensions,
+{
+    type Output = Result<R, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+            return Poll::Ready(Err(this
+                .error
+                .take()
+                .unwrap_or_else(|| "polled after completion".into())));
+        };
+        let out = ready!(inner.poll(cx));
+        this.inner.set(None);
+        let mut resp = out.map_err(Into::into)?;
+        let chosen = this.hint.as_ref().and_then(RouteHint::chosen);
+        let (Some(after), Some(shared)) = (this.after.take(), this.layer.take()) else {
+            return Poll::Ready(Ok(resp));
+        };
+        match (after, chosen) {
+            (After::Nothing, _) => {}
+            (After::NewSession(id), _) => {
+                resp.extensions_mut().insert(NewSession(id));
+            }
+            (After::Pin { key, pinned, new }, Some(chosen)) => {
+                if let Some(table) = &shared.table {
+                    if pinned.is_some_and(|p| p != chosen) {
+                        tracing::debug!(session = %key, from = ?pinned, to = ?chosen, "session re-pinned");
+                    }
+                    // `pin` counts created and re-pinned sessions itself.
+                    if table.pin(&key, chosen) == Inserted::Refused {
+                        tracing::debug!(session = %key, "session table full: not pinned");
+                    } else if new {
+                        resp.extensions_mut().insert(NewSession(key));
+                    }
+                }
+            }
+            (After::Pin { .. }, None) => {
+                // The inner service reported no choice (no balancer reading hints).
+            }
+            (After::Token { codec, valid }, chosen) => {
+                let Some(chosen) = chosen.or(valid.map(|t| t.endpoint)) else {
+                    return Poll::Ready(Ok(resp));
+                };
+                let now = codec.now();
+                let refresh = match valid {
+                    None => {
+                        shared.counters.created.fetch_add(1, Relaxed);
+                        true
+                    }
+                    Some(t) if t.endpoint != chosen => {
+                        shared.counters.repinned.fetch_add(1, Relaxed);
+                        true
+                    }
+                    // Refreshed once half its life is gone.
+                    Some(t) => t.expires.saturating_sub(now) < codec.ttl().as_secs() / 2,
+                };
+                if refresh {
+                    resp.extensions_mut()
+                        .insert(IssuedToken(codec.issue(chosen)));
+                }
+            }
+        }
+        Poll::Ready(Ok(resp))
+    }
+}

@@ -1,0 +1,432 @@
+//! The sticky table: session key → endpoint, bounded, with idle expiry.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use marina_core::EndpointId;
+use tokio::time::Instant;
+
+/// What the table does with a new session when it is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WhenFull {
+    /// Forget the least recently used session to make room (HAProxy's stick tables).
+    #[default]
+    PurgeOldest,
+    /// Refuse the new session: its request fails with [`SessionTableFull`](crate::SessionTableFull).
+    Refuse,
+}
+
+/// The sticky table's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct TableConfig {
+    /// The most sessions held (default 100,000).
+    pub max_sessions: usize,
+    /// A session unused for this long is forgotten (default 30 minutes).
+    pub idle_timeout: Duration,
+    /// How often the background sweep drops idle sessions (default 60 s).
+    pub sweep_interval: Duration,
+    /// What happens to a new session when the table is full.
+    pub when_full: WhenFull,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        TableConfig {
+            max_sessions: 100_000,
+            idle_timeout: Duration::from_secs(30 * 60),
+            sweep_interval: Duration::from_secs(60),
+            when_full: WhenFull::PurgeOldest,
+        }
+    }
+}
+
+impl TableConfig {
+    /// The defaults with room for `max_sessions`.
+    pub fn with_capacity(max_sessions: usize) -> Self {
+        TableConfig {
+            max_sessions,
+            ..Self::default()
+        }
+    }
+
+    /// Sets the idle timeout.
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle;
+        self
+    }
+
+    /// Sets the sweep interval.
+    pub fn sweep_interval(mut self, every: Duration) -> Self {
+        self.sweep_interval = every;
+        self
+    }
+
+    /// Sets what happens when the table is full.
+    pub fn when_full(mut self, when_full: WhenFull) -> Self {
+        self.when_full = when_full;
+        self
+    }
+}
+
+const NIL: u32 = u32::MAX;
+
+/// One session, in a shard's slab and LRU list.
+struct Node {
+    key: Arc<str>,
+    endpoint: EndpointId,
+    /// Seconds since the table's origin.
+    created: u32,
+    last: u32,
+    requests: u32,
+    prev: u32,
+    next: u32,
+}
+
+/// A shard: a map into a slab of nodes on a doubly linked LRU list (head: most
+/// recent).
+struct Shard {
+    map: HashMap<Arc<str>, u32>,
+    nodes: Vec<Node>,
+    free: Vec<u32>,
+    head: u32,
+    tail: u32,
+    cap: usize,
+}
+
+impl Shard {
+    fn new(cap: usize) -> Self {
+        Shard {
+            map: HashMap::new(),
+            nodes: Vec::new(),
+            free: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            cap,
+        }
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let (prev, next) = {
+            let n = &self.nodes[i as usize];
+            (n.prev, n.next)
+        };
+        if prev == NIL {
+            self.head = next;
+        } else {
+            self.nodes[prev as usize].next = next;
+        }
+        if next == NIL {
+            self.tail = prev;
+        } else {
+            self.nodes[next as usize].prev = prev;
+        }
+    }
+
+    fn push_front(&mut self, i: u32) {
+        let old = self.head;
+        {
+            let n = &mut self.nodes[i as usize];
+            n.prev = NIL;
+            n.next = old;
+        }
+        if old != NIL {
+            self.nodes[old as usize].prev = i;
+        } else {
+            self.tail = i;
+        }
+        self.head = i;
+    }
+
+    fn remove(&mut self, i: u32) {
+        self.unlink(i);
+        let key = std::mem::replace(&mut self.nodes[i as usize].key, Arc::from(""));
+        self.map.remove(&key);
+        self.free.push(i);
+    }
+}
+
+/// The session table; shared by the layer's clones and its handle.
+pub(crate) struct Table {
+    shards: Box<[Mutex<Shard>]>,
+    config: TableConfig,
+    origin: Instant,
+    counters: Arc<Counters>,
+}
+
+/// The layer's event counts.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Sessions created (pinned for the first time, or tokens issued to new sessions).
+    pub(crate) created: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) purged: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) repinned: AtomicU64,
+    /// Tokens that did not check out (forged, expired, garbled).
+    pub(crate) rejected_tokens: AtomicU64,
+}
+
+/// A session as listed by [`AffinityHandle::sessions`](crate::AffinityHandle::sessions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionInfo {
+    /// The session key (id, user, client address: whatever the extractor reads).
+    pub key: String,
+    /// The endpoint it is pinned to.
+    pub endpoint: EndpointId,
+    /// Since the session was created.
+    pub age: Duration,
+    /// Since its last request.
+    pub idle: Duration,
+    /// Requests it has made.
+    pub requests: u32,
+}
+
+/// The outcome of pinning a new session.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Inserted {
+    Yes,
+    Refused,
+}
+
+impl fmt::Debug for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Table")
+            .field("sessions", &self.len())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Table {
+    pub(crate) fn new(config: TableConfig, counters: Arc<Counters>) -> Arc<Self> {
+        let max = config.max_sessions.max(1);
+        let n = max.min(16);
+        let shards = (0..n)
+            .map(|i| Mutex::new(Shard::new(max / n + usize::from(i < max % n))))
+            .collect();
+        let table = Arc::new(Table {
+            shards,
+            config,
+            origin: Instant::now(),
+            counters,
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(sweep(Arc::downgrade(&table), config.sweep_interval));
+        } else {
+            tracing::warn!("no tokio runtime: idle sessions expire only when looked up");
+        }
+        table
+    }
+
+    fn now(&self) -> u32 {
+        Instant::now()
+            .saturating_duration_since(self.origin)
+            .as_secs()
+            .min(u64::from(u32::MAX)) as u32
+    }
+
+    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
+        // A fixed hash to choose the shard: only the distribution matters here (each
+        // shard's map has its own randomly seeded hasher).
+        let i = (marina_core::stable_hash(key) % self.shards.len() as u64) as usize;
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn idle_secs(&self) -> u64 {
+        self.config.idle_timeout.as_secs().max(1)
+    }
+
+    /// The session's endpoint, touching it; `None` if absent or expired (removed).
+    pub(crate) fn get(&self, key: &str) -> Option<EndpointId> {
+        let now = self.now();
+        let mut s = self.shard(key);
+        let i = *s.map.get(key)?;
+        let n = &s.nodes[i as usize];
+        if u64::from(now.saturating_sub(n.last)) >= self.idle_secs() {
+            s.remove(i);
+            self.counters.expired.fetch_add(1, Relaxed);
+            return None;
+        }
+        let endpoint = n.endpoint;
+        let n = &mut s.nodes[i as usize];
+        n.last = now;
+        n.requests = n.requests.saturating_add(1);
+        s.unlink(i);
+        s.push_front(i);
+        Some(endpoint)
+    }
+
+    /// Whether a new session would be refused now.
+    pub(crate) fn would_refuse(&self, key: &str) -> bool {
+        if self.config.when_full != WhenFull::Refuse {
+            return false;
+        }
+        let s = self.shard(key);
+        !s.map.contains_key(key) && s.map.len() >= s.cap
+    }
+
+    /// Pins `key` to `endpoint` (a new session, or a re-pin).
+    pub(crate) fn pin(&self, key: &str, endpoint: EndpointId) -> Inserted {
+        let now = self.now();
+        let mut s = self.shard(key);
+        if let Some(&i) = s.map.get(key) {
+            let n = &mut s.nodes[i as usize];
+            if n.endpoint != endpoint {
+                n.endpoint = endpoint;
+                self.counters.repinned.fetch_add(1, Relaxed);
+            }
+            n.last = now;
+            s.unlink(i);
+            s.push_front(i);
+            return Inserted::Yes;
+        }
+        if s.map.len() >= s.cap {
+            match self.config.when_full {
+                WhenFull::Refuse => {
+                    self.counters.refused.fetch_add(1, Relaxed);
+                    return Inserted::Refused;
+                }
+                WhenFull::PurgeOldest => {
+                    let tail = s.tail;
+                    if tail != NIL {
+                        s.remove(tail);
+                        self.counters.purged.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }
+        let key: Arc<str> = Arc::from(key);
+        let node = Node {
+            key: key.clone(),
+            endpoint,
+            created: now,
+            last: now,
+            requests: 1,
+            prev: NIL,
+            next: NIL,
+        };
+        let i = match s.free.pop() {
+            Some(i) => {
+                s.nodes[i as usize] = node;
+                i
+            }
+            None => {
+                s.nodes.push(node);
+                (s.nodes.len() - 1) as u32
+            }
+        };
+        s.map.insert(key, i);
+        s.push_front(i);
+        self.counters.created.fetch_add(1, Relaxed);
+        Inserted::Yes
+    }
+
+    /// Ends a session.
+    pub(crate) fn remove(&self, key: &str) -> bool {
+        let mut s = self.shard(key);
+        match s.map.get(key).copied() {
+            Some(i) => {
+                s.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The most sessions the table holds.
+    pub(crate) fn capacity(&self) -> usize {
+        self.config.max_sessions.max(1)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .map
+                    .len()
+            })
+            .sum()
+    }
+
+    /// Drops sessions idle past the timeout; returns how many.
+    pub(crate) fn sweep(&self) -> usize {
+        let now = self.now();
+        let idle = self.idle_secs();
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let mut s = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            while s.tail != NIL {
+                let t = s.tail;
+                if u64::from(now.saturating_sub(s.nodes[t as usize].last)) < idle {
+                    break;
+                }
+                s.remove(t);
+                dropped += 1;
+            }
+            // Give memory back after a large drop.
+            if s.map.is_empty() && s.nodes.capacity() > 1024 {
+                s.nodes = Vec::new();
+                s.free = Vec::new();
+                s.map.shrink_to_fit();
+            }
+        }
+        self.counters.expired.fetch_add(dropped as u64, Relaxed);
+        dropped
+    }
+
+    /// Up to `limit` sessions, most recently used first.
+    pub(crate) fn list(&self, limit: usize) -> Vec<SessionInfo> {
+        let now = self.now();
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let s = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut i = s.head;
+            let mut taken = 0;
+            while i != NIL && taken < limit {
+                taken += 1;
+                let n = &s.nodes[i as usize];
+                out.push(SessionInfo {
+                    key: n.key.to_string(),
+                    endpoint: n.endpoint,
+                    age: Duration::from_secs(u64::from(now.saturating_sub(n.created))),
+                    idle: Duration::from_secs(u64::from(now.saturating_sub(n.last))),
+                    requests: n.requests,
+                });
+                i = n.next;
+            }
+        }
+        out.sort_by_key(|s| s.idle);
+        out.truncate(limit);
+        out
+    }
+}
+
+/// The background sweep: ends when the table is dropped.
+async fn sweep(table: Weak<Table>, every: Duration) {
+    let every = every.max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(t) = table.upgrade() else {
+            return;
+        };
+        let n = t.sweep();
+        if n > 0 {
+            tracing::debug!(expired = n, "sticky table sweep");
+        }
+    }
+}
