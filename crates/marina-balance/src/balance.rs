@@ -920,6 +920,7 @@ where
         let retry = self.failover.as_ref().filter(|_| !strict).map(|f| {
             f.policy.budget.deposit();
             Box::new(Retry {
+                hint: hint.clone(),
                 req: (f.policy.max_attempts > 1).then(|| (f.clone_req)(&req)),
                 shared: f.clone(),
                 first: ep.id,
@@ -978,6 +979,8 @@ pin_project! {
 /// A request's failover state.
 struct Retry<S, Req> {
     shared: Arc<FailoverShared<S, Req>>,
+    /// The request's route hint: told where a failover attempt went.
+    hint: Option<RouteHint>,
     /// The copy kept for the next attempt (none once attempts are used up).
     req: Option<Req>,
     /// The current attempt's endpoint.
@@ -1128,6 +1131,9 @@ where
                         }
                         let fut = peer.svc.call(req);
                         peer.stats.flow.fetch_add(1, Relaxed);
+                        if let Some(h) = &retry.hint {
+                            h.report_chosen(peer.id);
+                        }
                         this.inner.set(State::Call { fut });
                         *this.track = Some(Track {
                             stats: peer.stats,

@@ -1,6 +1,6 @@
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// A stable 64-bit id of an endpoint, hashed from its discovery key with a fixed-key
 /// SipHash-1-3, so every client instance (every process, every version of marina)
@@ -55,7 +55,7 @@ pub fn stable_hash<K: Hash + ?Sized>(value: &K) -> u64 {
 pub struct RouteHint {
     target: HintTarget,
     strict: bool,
-    chosen: Arc<OnceLock<EndpointId>>,
+    chosen: Arc<Mutex<Option<EndpointId>>>,
 }
 
 /// What a [`RouteHint`] asks for.
@@ -116,14 +116,21 @@ impl RouteHint {
         self.target
     }
 
-    /// The balancer reports the endpoint it chose (the first report wins).
+    /// The balancer reports the endpoint it chose; a later report (a failover to
+    /// another endpoint) replaces an earlier one.
     pub fn report_chosen(&self, endpoint: EndpointId) {
-        let _ = self.chosen.set(endpoint);
+        *self
+            .chosen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(endpoint);
     }
 
-    /// The endpoint the balancer chose, once it has.
+    /// The endpoint the balancer chose last, once it has.
     pub fn chosen(&self) -> Option<EndpointId> {
-        self.chosen.get().copied()
+        *self
+            .chosen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
