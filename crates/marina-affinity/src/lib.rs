@@ -15,7 +15,8 @@
 //! | consistent [`hash`](AffinityLayer::hash) | none | yes, for the same endpoint set | the hash maps elsewhere |
 //!
 //! Also: new sessions for key-less requests ([`AffinityLayer::new_sessions`]: 256-bit
-//! ids from the OS CSPRNG, returned as [`NewSession`] in the response's extensions),
+//! ids from the OS CSPRNG, returned as [`NewSession`] in the response's extensions;
+//! [`write_session_cookie`] turns it, or an [`IssuedToken`], into a `Set-Cookie`),
 //! session-pinned connections over marina-pool ([`SessionPool`]), and stats
 //! ([`AffinityHandle`]).
 //!
@@ -97,7 +98,7 @@ mod token;
 
 pub use service::{
     Affinity, AffinityHandle, AffinityLayer, AffinityStats, IssuedToken, NewSession,
-    ResponseFuture, SessionTableFull,
+    ResponseFuture, SessionTableFull, write_session_cookie,
 };
 pub use session::{
     SessionConn, SessionError, SessionPool, SessionSnapshot, TooManySessions, new_session_id,

@@ -546,3 +546,44 @@ where
         Poll::Ready(Ok(resp))
     }
 }
+
+/// Writes the session a response carries ([`NewSession`] or [`IssuedToken`] in its
+/// extensions) as a `Set-Cookie` header named `cookie`, with `attributes` appended
+/// (for example `"Path=/; HttpOnly; Secure; SameSite=Lax"`). Returns whether there was
+/// one to write. Pair it with [`CookieKey`](marina_core::CookieKey) reading the same
+/// cookie.
+///
+/// ```
+/// use marina_affinity::{NewSession, write_session_cookie};
+///
+/// let mut resp = http::Response::new(());
+/// resp.extensions_mut().insert(NewSession("ab12".into()));
+/// assert!(write_session_cookie(&mut resp, "SESSION", "Path=/; HttpOnly"));
+/// assert_eq!(resp.headers()["set-cookie"], "SESSION=ab12; Path=/; HttpOnly");
+/// ```
+pub fn write_session_cookie<B>(
+    resp: &mut http::Response<B>,
+    cookie: &str,
+    attributes: &str,
+) -> bool {
+    let value = match (
+        resp.extensions().get::<IssuedToken>(),
+        resp.extensions().get::<NewSession>(),
+    ) {
+        (Some(t), _) => t.0.clone(),
+        (None, Some(s)) => s.0.clone(),
+        (None, None) => return false,
+    };
+    let mut header = format!("{cookie}={value}");
+    if !attributes.is_empty() {
+        header.push_str("; ");
+        header.push_str(attributes);
+    }
+    match http::HeaderValue::from_str(&header) {
+        Ok(v) => {
+            resp.headers_mut().append(http::header::SET_COOKIE, v);
+            true
+        }
+        Err(_) => false,
+    }
+}
