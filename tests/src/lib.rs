@@ -853,3 +853,39 @@ pub fn hold_port(addr: SocketAddr) -> io::Result<TcpSocket> {
     socket.bind(addr)?;
     Ok(socket)
 }
+
+// ---------------------------------------------------------------------------------------
+// Line endpoints with extensions (affinity and balancer stacks)
+// ---------------------------------------------------------------------------------------
+
+/// In a response's extensions: the backend that served it (the index given to
+/// [`line_endpoint`]). Set by the endpoint that produced the response, so it names
+/// where a request really went, failovers included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServedBy(pub usize);
+
+/// A boxed line endpoint taking and giving extensions: what [`line_endpoint`] returns.
+pub type LineEndpoint = tower::util::BoxCloneService<
+    marina_core::Request<String>,
+    marina_core::Response<String>,
+    marina_core::BoxError,
+>;
+
+/// A `PoolService` over `pool` adapted to `marina_core::Request<String>` and
+/// `marina_core::Response<String>` (the extensions the affinity layer and the balancer's
+/// route hints need): the request's body is the line sent; the response carries the
+/// line read back and [`ServedBy(backend)`](ServedBy).
+pub fn line_endpoint(
+    pool: marina_pool::Pool<LineConnector, SocketAddr>,
+    backend: usize,
+) -> LineEndpoint {
+    use tower::ServiceExt;
+    marina_pool::PoolService::new(pool)
+        .map_request(|req: marina_core::Request<String>| req.into_body())
+        .map_response(move |line: String| {
+            let mut resp = marina_core::Response::new(line);
+            resp.extensions.insert(ServedBy(backend));
+            resp
+        })
+        .boxed_clone()
+}

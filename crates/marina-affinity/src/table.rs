@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -23,7 +23,9 @@ pub enum WhenFull {
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub struct TableConfig {
-    /// The most sessions held (default 100,000).
+    /// The most sessions held (default 100,000). When full, `PurgeOldest` forgets the
+    /// least recently used session of the new key's shard (the table has up to 16
+    /// shards, so this approximates the table-wide LRU).
     pub max_sessions: usize,
     /// A session unused for this long is forgotten (default 30 minutes).
     pub idle_timeout: Duration,
@@ -94,18 +96,16 @@ struct Shard {
     free: Vec<u32>,
     head: u32,
     tail: u32,
-    cap: usize,
 }
 
 impl Shard {
-    fn new(cap: usize) -> Self {
+    fn new() -> Self {
         Shard {
             map: HashMap::new(),
             nodes: Vec::new(),
             free: Vec::new(),
             head: NIL,
             tail: NIL,
-            cap,
         }
     }
 
@@ -155,6 +155,9 @@ pub(crate) struct Table {
     config: TableConfig,
     origin: Instant,
     counters: Arc<Counters>,
+    /// Sessions in all shards (reserved before an insert, so it never passes the
+    /// capacity).
+    len: AtomicUsize,
 }
 
 /// The layer's event counts.
@@ -204,16 +207,14 @@ impl fmt::Debug for Table {
 
 impl Table {
     pub(crate) fn new(config: TableConfig, counters: Arc<Counters>) -> Arc<Self> {
-        let max = config.max_sessions.max(1);
-        let n = max.min(16);
-        let shards = (0..n)
-            .map(|i| Mutex::new(Shard::new(max / n + usize::from(i < max % n))))
-            .collect();
+        let n = config.max_sessions.clamp(1, 16);
+        let shards = (0..n).map(|_| Mutex::new(Shard::new())).collect();
         let table = Arc::new(Table {
             shards,
             config,
             origin: Instant::now(),
             counters,
+            len: AtomicUsize::new(0),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(sweep(Arc::downgrade(&table), config.sweep_interval));
@@ -251,6 +252,7 @@ impl Table {
         let n = &s.nodes[i as usize];
         if u64::from(now.saturating_sub(n.last)) >= self.idle_secs() {
             s.remove(i);
+            self.len.fetch_sub(1, AcqRel);
             self.counters.expired.fetch_add(1, Relaxed);
             return None;
         }
@@ -268,8 +270,7 @@ impl Table {
         if self.config.when_full != WhenFull::Refuse {
             return false;
         }
-        let s = self.shard(key);
-        !s.map.contains_key(key) && s.map.len() >= s.cap
+        self.len.load(Relaxed) >= self.capacity() && !self.shard(key).map.contains_key(key)
     }
 
     /// Pins `key` to `endpoint` (a new session, or a re-pin).
@@ -287,18 +288,30 @@ impl Table {
             s.push_front(i);
             return Inserted::Yes;
         }
-        if s.map.len() >= s.cap {
-            match self.config.when_full {
-                WhenFull::Refuse => {
-                    self.counters.refused.fetch_add(1, Relaxed);
-                    return Inserted::Refused;
-                }
-                WhenFull::PurgeOldest => {
-                    let tail = s.tail;
-                    if tail != NIL {
-                        s.remove(tail);
-                        self.counters.purged.fetch_add(1, Relaxed);
-                    }
+        // Reserve a place; when the table is full, make room or refuse.
+        if self.len.fetch_add(1, AcqRel) >= self.capacity() {
+            if self.config.when_full == WhenFull::Refuse {
+                self.len.fetch_sub(1, AcqRel);
+                self.counters.refused.fetch_add(1, Relaxed);
+                return Inserted::Refused;
+            }
+            // The least recently used session of this key's shard (an approximation of
+            // the table's LRU: one of 16 shards), or of another shard if this one is
+            // empty.
+            let tail = s.tail;
+            if tail != NIL {
+                s.remove(tail);
+                self.len.fetch_sub(1, AcqRel);
+                self.counters.purged.fetch_add(1, Relaxed);
+            } else {
+                drop(s);
+                self.evict_elsewhere();
+                s = self.shard(key);
+                if s.map.contains_key(key) {
+                    // Pinned meanwhile by a concurrent request of the same session.
+                    self.len.fetch_sub(1, AcqRel);
+                    drop(s);
+                    return self.pin(key, endpoint);
                 }
             }
         }
@@ -328,12 +341,29 @@ impl Table {
         Inserted::Yes
     }
 
+    /// Purges the least recently used session of the first non-empty shard.
+    fn evict_elsewhere(&self) {
+        for shard in self.shards.iter() {
+            let mut s = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let tail = s.tail;
+            if tail != NIL {
+                s.remove(tail);
+                self.len.fetch_sub(1, AcqRel);
+                self.counters.purged.fetch_add(1, Relaxed);
+                return;
+            }
+        }
+    }
+
     /// Ends a session.
     pub(crate) fn remove(&self, key: &str) -> bool {
         let mut s = self.shard(key);
         match s.map.get(key).copied() {
             Some(i) => {
                 s.remove(i);
+                self.len.fetch_sub(1, AcqRel);
                 true
             }
             None => false,
@@ -372,6 +402,7 @@ impl Table {
                     break;
                 }
                 s.remove(t);
+                self.len.fetch_sub(1, AcqRel);
                 dropped += 1;
             }
             // Give memory back after a large drop.
@@ -428,5 +459,49 @@ async fn sweep(table: Weak<Table>, every: Duration) {
         if n > 0 {
             tracing::debug!(expired = n, "sticky table sweep");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_exactly_its_capacity_across_shards() {
+        let counters = Arc::new(Counters::default());
+        let t = Table::new(TableConfig::with_capacity(1000), counters.clone());
+        for k in 0..1000 {
+            assert_eq!(t.pin(&format!("s{k}"), EndpointId(k % 3)), Inserted::Yes);
+        }
+        assert_eq!(t.len(), 1000);
+        assert_eq!(counters.purged.load(Relaxed), 0);
+        for k in 1000..1500 {
+            t.pin(&format!("s{k}"), EndpointId(1));
+        }
+        assert_eq!(t.len(), 1000);
+        assert_eq!(counters.purged.load(Relaxed), 500);
+        let listed: usize = t.shards.iter().map(|s| s.lock().unwrap().map.len()).sum();
+        assert_eq!(listed, 1000);
+    }
+
+    #[test]
+    fn refuses_only_when_the_whole_table_is_full() {
+        let counters = Arc::new(Counters::default());
+        let t = Table::new(
+            TableConfig::with_capacity(1000).when_full(WhenFull::Refuse),
+            counters.clone(),
+        );
+        for k in 0..1000 {
+            assert!(!t.would_refuse(&format!("s{k}")));
+            assert_eq!(t.pin(&format!("s{k}"), EndpointId(0)), Inserted::Yes);
+        }
+        assert!(t.would_refuse("new"));
+        assert_eq!(t.pin("new", EndpointId(0)), Inserted::Refused);
+        // An existing session still re-pins.
+        assert_eq!(t.pin("s5", EndpointId(9)), Inserted::Yes);
+        assert_eq!(t.get("s5"), Some(EndpointId(9)));
+        assert!(t.remove("s5"));
+        assert_eq!(t.pin("new", EndpointId(0)), Inserted::Yes);
+        assert_eq!(counters.refused.load(Relaxed), 1);
     }
 }
