@@ -72,6 +72,11 @@ impl std::error::Error for SessionError {
 /// One session's state.
 struct Session<X> {
     conn: Arc<tokio::sync::Mutex<Option<Pooled<X>>>>,
+    /// The connection's id (it is listed even while a request holds it).
+    conn_id: u64,
+    /// Set by `end` and expiry: a request still waiting for the connection starts a
+    /// new session instead.
+    ended: std::sync::atomic::AtomicBool,
     created: Instant,
     /// Milliseconds since `created` of the last access.
     last_ms: AtomicU64,
@@ -186,6 +191,18 @@ impl<C: tower_service::Service<T>, T> fmt::Debug for SessionPool<C, T> {
 /// connection itself stays with the session.
 pub struct SessionConn<X> {
     guard: OwnedMutexGuard<Option<Pooled<X>>>,
+    session: Arc<Session<X>>,
+}
+
+impl<X> Drop for SessionConn<X> {
+    fn drop(&mut self) {
+        // A long request is activity too: idle time counts from its end.
+        let s = &self.session;
+        let ms = Instant::now()
+            .saturating_duration_since(s.created)
+            .as_millis() as u64;
+        s.last_ms.store(ms, Relaxed);
+    }
 }
 
 impl<X> fmt::Debug for SessionConn<X> {
@@ -271,8 +288,11 @@ where
                         max_sessions: self.inner.max_sessions,
                     }));
                 } else {
+                    let conn_id = conn.id();
                     let s = Arc::new(Session {
                         conn: Arc::new(tokio::sync::Mutex::new(Some(conn))),
+                        conn_id,
+                        ended: std::sync::atomic::AtomicBool::new(false),
                         created: Instant::now(),
                         last_ms: AtomicU64::new(0),
                         requests: AtomicU64::new(0),
@@ -284,13 +304,18 @@ where
             }
         };
         session.touch();
-        let guard = session.conn.clone().lock_owned().await;
-        if guard.is_none() {
-            // The session ended while we waited: start over as a new session.
+        let mut guard = session.conn.clone().lock_owned().await;
+        if guard.is_none() || session.ended.load(Relaxed) {
+            // The session ended while we waited: its connection goes back to the pool,
+            // and this request starts a new session.
+            drop(guard.take());
             drop(guard);
             return Box::pin(self.acquire(id)).await;
         }
-        Ok(SessionConn { guard })
+        Ok(SessionConn {
+            guard,
+            session: session.clone(),
+        })
     }
 
     /// Ends a session: its connection goes back to the pool (after the request that
@@ -355,11 +380,7 @@ where
                 age: now.saturating_duration_since(s.created),
                 idle: s.idle(now),
                 requests: s.requests.load(Relaxed),
-                connection: s
-                    .conn
-                    .try_lock()
-                    .ok()
-                    .and_then(|g| g.as_ref().map(Pooled::id)),
+                connection: (!s.ended.load(Relaxed)).then_some(s.conn_id),
             })
             .collect()
     }
@@ -373,6 +394,7 @@ where
 
 /// Returns the session's connection to the pool once no request holds it.
 fn release<X: Send + 'static>(s: &Session<X>) {
+    s.ended.store(true, Relaxed);
     match s.conn.clone().try_lock_owned() {
         Ok(mut g) => drop(g.take()),
         Err(_) => {
@@ -398,7 +420,8 @@ where
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let ids: Vec<String> = map
             .iter()
-            .filter(|(_, s)| s.idle(now) >= inner.idle_timeout)
+            // A session whose connection is held by a request is not idle.
+            .filter(|(_, s)| s.idle(now) >= inner.idle_timeout && s.conn.try_lock().is_ok())
             .map(|(id, _)| id.clone())
             .collect();
         ids.iter().filter_map(|id| map.remove(id)).collect()

@@ -80,9 +80,9 @@ const NIL: u32 = u32::MAX;
 struct Node {
     key: Arc<str>,
     endpoint: EndpointId,
-    /// Seconds since the table's origin.
-    created: u32,
-    last: u32,
+    /// Milliseconds since the table's origin.
+    created: u64,
+    last: u64,
     requests: u32,
     prev: u32,
     next: u32,
@@ -224,11 +224,11 @@ impl Table {
         table
     }
 
-    fn now(&self) -> u32 {
+    /// Milliseconds since the table's origin.
+    fn now(&self) -> u64 {
         Instant::now()
             .saturating_duration_since(self.origin)
-            .as_secs()
-            .min(u64::from(u32::MAX)) as u32
+            .as_millis() as u64
     }
 
     fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
@@ -240,8 +240,9 @@ impl Table {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn idle_secs(&self) -> u64 {
-        self.config.idle_timeout.as_secs().max(1)
+    /// The idle timeout in milliseconds (at least 1).
+    fn idle_ms(&self) -> u64 {
+        (self.config.idle_timeout.as_millis() as u64).max(1)
     }
 
     /// The session's endpoint, touching it; `None` if absent or expired (removed).
@@ -250,7 +251,7 @@ impl Table {
         let mut s = self.shard(key);
         let i = *s.map.get(key)?;
         let n = &s.nodes[i as usize];
-        if u64::from(now.saturating_sub(n.last)) >= self.idle_secs() {
+        if now.saturating_sub(n.last) >= self.idle_ms() {
             s.remove(i);
             self.len.fetch_sub(1, AcqRel);
             self.counters.expired.fetch_add(1, Relaxed);
@@ -390,7 +391,7 @@ impl Table {
     /// Drops sessions idle past the timeout; returns how many.
     pub(crate) fn sweep(&self) -> usize {
         let now = self.now();
-        let idle = self.idle_secs();
+        let idle = self.idle_ms();
         let mut dropped = 0;
         for shard in self.shards.iter() {
             let mut s = shard
@@ -398,7 +399,7 @@ impl Table {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             while s.tail != NIL {
                 let t = s.tail;
-                if u64::from(now.saturating_sub(s.nodes[t as usize].last)) < idle {
+                if now.saturating_sub(s.nodes[t as usize].last) < idle {
                     break;
                 }
                 s.remove(t);
@@ -432,8 +433,8 @@ impl Table {
                 out.push(SessionInfo {
                     key: n.key.to_string(),
                     endpoint: n.endpoint,
-                    age: Duration::from_secs(u64::from(now.saturating_sub(n.created))),
-                    idle: Duration::from_secs(u64::from(now.saturating_sub(n.last))),
+                    age: Duration::from_millis(now.saturating_sub(n.created)),
+                    idle: Duration::from_millis(now.saturating_sub(n.last)),
                     requests: n.requests,
                 });
                 i = n.next;

@@ -1,0 +1,611 @@
+//! `BandwidthLimit<C>`: throttled connections from any connector.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::AcqRel, Ordering::Acquire, Ordering::Relaxed};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+/// A connection moved data more slowly than the minimum rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TooSlow {
+    /// Its rate over the last measured window, bytes/s.
+    pub rate: f64,
+    /// The minimum, bytes/s.
+    pub min_rate: f64,
+}
+
+impl fmt::Display for TooSlow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "peer too slow: {:.1} B/s while transferring, below the minimum {:.1} B/s",
+            self.rate, self.min_rate
+        )
+    }
+}
+
+impl std::error::Error for TooSlow {}
+
+/// A byte budget: GCRA over bytes (a token bucket), shared by the connections it
+/// throttles. Bytes are charged before they move, at most a chunk (50 ms of rate, at
+/// least 1 byte, at most the burst) at a time, so traffic is smooth; bytes charged but
+/// not moved are refunded.
+pub struct Bucket {
+    /// Nanoseconds per byte.
+    ns_per_byte: f64,
+    /// The burst, in nanoseconds of credit.
+    burst_ns: f64,
+    chunk: usize,
+    /// Theoretical arrival time, in ns since `origin`.
+    tat: AtomicU64,
+    origin: Instant,
+    moved: AtomicU64,
+    window: Window,
+    rate: f64,
+    burst: u64,
+}
+
+impl fmt::Debug for Bucket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bucket")
+            .field("bytes_per_sec", &self.rate)
+            .field("burst", &self.burst)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bytes per second over the current and previous whole second.
+#[derive(Default)]
+struct Window {
+    current: AtomicU64,
+    count: AtomicU64,
+    previous: AtomicU64,
+}
+
+impl Window {
+    fn add(&self, sec: u64, n: u64) {
+        let cur = self.current.load(Relaxed);
+        if sec != cur {
+            let c = self.count.swap(0, Relaxed);
+            self.previous
+                .store(if sec == cur + 1 { c } else { 0 }, Relaxed);
+            self.current.store(sec, Relaxed);
+        }
+        self.count.fetch_add(n, Relaxed);
+    }
+
+    fn rate(&self, sec: u64) -> u64 {
+        let cur = self.current.load(Relaxed);
+        if sec == cur {
+            self.previous.load(Relaxed)
+        } else if sec == cur + 1 {
+            self.count.load(Relaxed)
+        } else {
+            0
+        }
+    }
+}
+
+impl Bucket {
+    /// `bytes_per_sec` on average, bursts of `burst` bytes (at least 1).
+    ///
+    /// # Panics
+    ///
+    /// If `bytes_per_sec` is not a positive finite number.
+    pub fn new(bytes_per_sec: f64, burst: u64) -> Arc<Self> {
+        assert!(
+            bytes_per_sec.is_finite() && bytes_per_sec > 0.0,
+            "a positive bandwidth"
+        );
+        let burst = burst.max(1);
+        let ns_per_byte = 1e9 / bytes_per_sec;
+        let chunk = ((bytes_per_sec / 20.0) as u64).clamp(1, burst) as usize;
+        Arc::new(Bucket {
+            ns_per_byte,
+            burst_ns: burst as f64 * ns_per_byte,
+            chunk,
+            tat: AtomicU64::new(0),
+            origin: Instant::now(),
+            moved: AtomicU64::new(0),
+            window: Window::default(),
+            rate: bytes_per_sec,
+            burst,
+        })
+    }
+
+    fn now_ns(&self) -> u64 {
+        Instant::now()
+            .saturating_duration_since(self.origin)
+            .as_nanos() as u64
+    }
+
+    /// Charges up to `want` bytes now: how many, or how long until a chunk fits.
+    fn reserve(&self, want: usize) -> Result<usize, Duration> {
+        let want = want.min(self.chunk).max(1);
+        let now = self.now_ns();
+        let mut tat = self.tat.load(Acquire);
+        loop {
+            let base = tat.max(now);
+            let debt = (base - now) as f64;
+            let room = ((self.burst_ns - debt) / self.ns_per_byte).floor();
+            if room < want as f64 {
+                // Wait until the whole chunk fits (no dribbling of single bytes).
+                let wait = debt + want as f64 * self.ns_per_byte - self.burst_ns;
+                return Err(Duration::from_nanos(wait.max(1.0) as u64));
+            }
+            let next = base + (want as f64 * self.ns_per_byte).round() as u64;
+            match self.tat.compare_exchange_weak(tat, next, AcqRel, Acquire) {
+                Ok(_) => return Ok(want),
+                Err(t) => tat = t,
+            }
+        }
+    }
+
+    /// Gives back `n` bytes charged but not moved.
+    fn refund(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let back = (n as f64 * self.ns_per_byte).round() as u64;
+        let _ = self
+            .tat
+            .fetch_update(AcqRel, Acquire, |t| Some(t.saturating_sub(back)));
+    }
+
+    fn record(&self, n: usize) {
+        self.moved.fetch_add(n as u64, Relaxed);
+        self.window.add(self.now_ns() / 1_000_000_000, n as u64);
+    }
+
+    /// Bytes moved through this bucket so far.
+    pub fn bytes(&self) -> u64 {
+        self.moved.load(Relaxed)
+    }
+
+    /// Bytes moved in the last whole second.
+    pub fn current_rate(&self) -> u64 {
+        self.window.rate(self.now_ns() / 1_000_000_000)
+    }
+
+    /// The limit, bytes/s.
+    pub fn limit(&self) -> f64 {
+        self.rate
+    }
+
+    /// The burst, bytes.
+    pub fn burst(&self) -> u64 {
+        self.burst
+    }
+}
+
+/// One direction's limit: none, one bucket per connection, or one shared.
+#[derive(Clone, Debug)]
+enum Limit {
+    None,
+    PerConnection { bytes_per_sec: f64, burst: u64 },
+    Shared(Arc<Bucket>),
+}
+
+impl Limit {
+    fn bucket(&self) -> Option<Arc<Bucket>> {
+        match self {
+            Limit::None => None,
+            Limit::PerConnection {
+                bytes_per_sec,
+                burst,
+            } => Some(Bucket::new(*bytes_per_sec, *burst)),
+            Limit::Shared(b) => Some(b.clone()),
+        }
+    }
+}
+
+/// A minimum data rate: the seed's slow-peer guard (Kestrel's 240 B/s after 5 s).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MinRate {
+    /// Bytes per second, measured while a read or write waits on the peer.
+    pub bytes_per_sec: f64,
+    /// How long a transfer may wait before the rate is enforced (and the window over
+    /// which it is measured).
+    pub grace: Duration,
+}
+
+/// Throttles the connections a connector makes (any `Service<T>` whose responses are
+/// tokio `AsyncRead + AsyncWrite`, so it stacks under marina-pool): reads and/or writes
+/// in bytes/s with a burst, each connection on its own budget or all sharing one
+/// ([`shared`](Self::shared): the seed's `maxBandwidthPerSecond`). A
+/// [`MinRate`] cuts off peers that move data too slowly with [`TooSlow`].
+///
+/// ```
+/// use marina_limit::BandwidthLimit;
+/// use tower::service_fn;
+///
+/// // 1 MiB/s for writes, shared by every connection; reads not limited.
+/// let connector = service_fn(|addr: std::net::SocketAddr| tokio::net::TcpStream::connect(addr));
+/// let limited = BandwidthLimit::new(connector).shared_write(1024.0 * 1024.0, 64 * 1024);
+/// assert_eq!(limited.write_bucket().unwrap().limit(), 1024.0 * 1024.0);
+/// ```
+#[derive(Clone, Debug)]
+pub struct BandwidthLimit<C> {
+    inner: C,
+    read: Limit,
+    write: Limit,
+    min_rate: Option<MinRate>,
+}
+
+impl<C> BandwidthLimit<C> {
+    /// Wraps `connector`; nothing limited yet.
+    pub fn new(connector: C) -> Self {
+        BandwidthLimit {
+            inner: connector,
+            read: Limit::None,
+            write: Limit::None,
+            min_rate: None,
+        }
+    }
+
+    /// Each connection reads at most `bytes_per_sec` (bursts of `burst` bytes).
+    pub fn per_connection_read(mut self, bytes_per_sec: f64, burst: u64) -> Self {
+        Bucket::new(bytes_per_sec, burst); // validates
+        self.read = Limit::PerConnection {
+            bytes_per_sec,
+            burst,
+        };
+        self
+    }
+
+    /// Each connection writes at most `bytes_per_sec` (bursts of `burst` bytes).
+    pub fn per_connection_write(mut self, bytes_per_sec: f64, burst: u64) -> Self {
+        Bucket::new(bytes_per_sec, burst);
+        self.write = Limit::PerConnection {
+            bytes_per_sec,
+            burst,
+        };
+        self
+    }
+
+    /// All connections together read at most `bytes_per_sec`.
+    pub fn shared_read(mut self, bytes_per_sec: f64, burst: u64) -> Self {
+        self.read = Limit::Shared(Bucket::new(bytes_per_sec, burst));
+        self
+    }
+
+    /// All connections together write at most `bytes_per_sec`.
+    pub fn shared_write(mut self, bytes_per_sec: f64, burst: u64) -> Self {
+        self.write = Limit::Shared(Bucket::new(bytes_per_sec, burst));
+        self
+    }
+
+    /// All connections together move at most `bytes_per_sec`, reads and writes on one
+    /// budget.
+    pub fn shared(mut self, bytes_per_sec: f64, burst: u64) -> Self {
+        let b = Bucket::new(bytes_per_sec, burst);
+        self.read = Limit::Shared(b.clone());
+        self.write = Limit::Shared(b);
+        self
+    }
+
+    /// Cuts off connections that move data below `min` while waiting on the peer.
+    pub fn min_rate(mut self, min: MinRate) -> Self {
+        self.min_rate = Some(min);
+        self
+    }
+
+    /// The shared read budget, if any (its byte count, current rate and limit).
+    pub fn read_bucket(&self) -> Option<&Arc<Bucket>> {
+        match &self.read {
+            Limit::Shared(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The shared write budget, if any.
+    pub fn write_bucket(&self) -> Option<&Arc<Bucket>> {
+        match &self.write {
+            Limit::Shared(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Wraps an existing connection the same way.
+    pub fn wrap<IO>(&self, io: IO) -> Throttled<IO> {
+        Throttled::new(io, self.read.bucket(), self.write.bucket(), self.min_rate)
+    }
+}
+
+impl<C, T> Service<T> for BandwidthLimit<C>
+where
+    C: Service<T>,
+{
+    type Response = Throttled<C::Response>;
+    type Error = C::Error;
+    type Future = ConnectFuture<C::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, target: T) -> Self::Future {
+        ConnectFuture {
+            inner: self.inner.call(target),
+            read: self.read.clone(),
+            write: self.write.clone(),
+            min_rate: self.min_rate,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`BandwidthLimit`]'s connects.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it drops the inner connect.
+    pub struct ConnectFuture<F> {
+        #[pin]
+        inner: F,
+        read: Limit,
+        write: Limit,
+        min_rate: Option<MinRate>,
+    }
+}
+
+impl<F> fmt::Debug for ConnectFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, IO, E> Future for ConnectFuture<F>
+where
+    F: Future<Output = Result<IO, E>>,
+{
+    type Output = Result<Throttled<IO>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let io = ready!(this.inner.poll(cx))?;
+        Poll::Ready(Ok(Throttled::new(
+            io,
+            this.read.bucket(),
+            this.write.bucket(),
+            *this.min_rate,
+        )))
+    }
+}
+
+/// The slow-peer monitor: time counts only while a read or write waits on the peer.
+struct Monitor {
+    min: MinRate,
+    waiting_since: Option<Instant>,
+    waited: Duration,
+    bytes: u64,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Monitor {
+    /// Before an I/O poll: count the time waited since the last `Pending`.
+    fn resume(&mut self) {
+        if let Some(since) = self.waiting_since.take() {
+            self.waited += Instant::now().saturating_duration_since(since);
+        }
+    }
+
+    /// After an I/O poll: `moved` bytes, and whether it is waiting on the peer now.
+    fn after(&mut self, moved: usize, pending: bool, cx: &mut Context<'_>) -> io::Result<()> {
+        self.bytes += moved as u64;
+        if self.waited >= self.min.grace {
+            let rate = self.bytes as f64 / self.waited.as_secs_f64();
+            if rate < self.min.bytes_per_sec {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    TooSlow {
+                        rate,
+                        min_rate: self.min.bytes_per_sec,
+                    },
+                ));
+            }
+            // A new window.
+            self.waited = Duration::ZERO;
+            self.bytes = 0;
+        }
+        if pending {
+            let now = Instant::now();
+            self.waiting_since = Some(now);
+            // Wake up to judge the rate when the window would end.
+            let at = now + (self.min.grace - self.waited);
+            match self.timer.as_mut() {
+                Some(t) => t.as_mut().reset(at),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+            if let Some(t) = self.timer.as_mut() {
+                let _ = t.as_mut().poll(cx);
+            }
+        }
+        Ok(())
+    }
+}
+
+pin_project! {
+    /// A connection from [`BandwidthLimit`]: reads and writes go through its budgets.
+    pub struct Throttled<IO> {
+        #[pin]
+        io: IO,
+        read: Option<Arc<Bucket>>,
+        write: Option<Arc<Bucket>>,
+        read_sleep: Option<Pin<Box<Sleep>>>,
+        write_sleep: Option<Pin<Box<Sleep>>>,
+        monitor: Option<Monitor>,
+    }
+}
+
+impl<IO> fmt::Debug for Throttled<IO> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Throttled")
+            .field("read", &self.read)
+            .field("write", &self.write)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<IO> Throttled<IO> {
+    fn new(
+        io: IO,
+        read: Option<Arc<Bucket>>,
+        write: Option<Arc<Bucket>>,
+        min_rate: Option<MinRate>,
+    ) -> Self {
+        Throttled {
+            io,
+            read,
+            write,
+            read_sleep: None,
+            write_sleep: None,
+            monitor: min_rate.map(|min| Monitor {
+                min,
+                waiting_since: None,
+                waited: Duration::ZERO,
+                bytes: 0,
+                timer: None,
+            }),
+        }
+    }
+
+    /// The connection.
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
+    /// The connection, mutably.
+    pub fn get_mut(&mut self) -> &mut IO {
+        &mut self.io
+    }
+
+    /// Unwraps the connection.
+    pub fn into_inner(self) -> IO {
+        self.io
+    }
+}
+
+/// Waits out `wait` on `slot`'s timer; `Pending` until then.
+fn wait_on(slot: &mut Option<Pin<Box<Sleep>>>, wait: Duration, cx: &mut Context<'_>) -> Poll<()> {
+    let at = Instant::now() + wait;
+    let sleep = match slot {
+        Some(s) => {
+            s.as_mut().reset(at);
+            s
+        }
+        None => slot.insert(Box::pin(tokio::time::sleep_until(at))),
+    };
+    sleep.as_mut().poll(cx)
+}
+
+impl<IO: AsyncRead> AsyncRead for Throttled<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut this = self.project();
+        if let Some(m) = this.monitor.as_mut() {
+            m.resume();
+        }
+        let Some(bucket) = this.read.as_ref() else {
+            let before = buf.filled().len();
+            let out = this.io.poll_read(cx, buf);
+            if let Some(m) = this.monitor.as_mut() {
+                let moved = buf.filled().len() - before;
+                m.after(moved, out.is_pending(), cx)?;
+            }
+            return out;
+        };
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            match bucket.reserve(buf.remaining()) {
+                Err(wait) => {
+                    ready!(wait_on(this.read_sleep, wait, cx));
+                }
+                Ok(n) => {
+                    let dst = buf.initialize_unfilled_to(n);
+                    let mut sub = ReadBuf::new(dst);
+                    let out = this.io.as_mut().poll_read(cx, &mut sub);
+                    let got = sub.filled().len();
+                    bucket.refund(n - got);
+                    if let Poll::Ready(Ok(())) = out {
+                        buf.advance(got);
+                        bucket.record(got);
+                    }
+                    if let Some(m) = this.monitor.as_mut() {
+                        m.after(got, out.is_pending(), cx)?;
+                    }
+                    return out;
+                }
+            }
+        }
+    }
+}
+
+impl<IO: AsyncWrite> AsyncWrite for Throttled<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut this = self.project();
+        if let Some(m) = this.monitor.as_mut() {
+            m.resume();
+        }
+        let Some(bucket) = this.write.as_ref() else {
+            let out = this.io.poll_write(cx, buf);
+            if let Some(m) = this.monitor.as_mut() {
+                let moved = match &out {
+                    Poll::Ready(Ok(n)) => *n,
+                    _ => 0,
+                };
+                m.after(moved, out.is_pending(), cx)?;
+            }
+            return out;
+        };
+        if buf.is_empty() {
+            return this.io.poll_write(cx, buf);
+        }
+        loop {
+            match bucket.reserve(buf.len()) {
+                Err(wait) => {
+                    ready!(wait_on(this.write_sleep, wait, cx));
+                }
+                Ok(n) => {
+                    let out = this.io.as_mut().poll_write(cx, &buf[..n]);
+                    let wrote = match &out {
+                        Poll::Ready(Ok(w)) => *w,
+                        _ => 0,
+                    };
+                    bucket.refund(n - wrote);
+                    bucket.record(wrote);
+                    if let Some(m) = this.monitor.as_mut() {
+                        m.after(wrote, out.is_pending(), cx)?;
+                    }
+                    return out;
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,529 @@
+//! `ConcurrencyPerKey`: at most N requests in flight per key (user, client IP).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use marina_core::{BoxError, KeyExtractor};
+use pin_project_lite::pin_project;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// A key has its maximum of requests in flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimit {
+    /// The key (user, client address).
+    pub key: String,
+    /// Its limit.
+    pub limit: usize,
+}
+
+impl fmt::Display for ConnectionLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} has its maximum of {} requests in flight",
+            self.key, self.limit
+        )
+    }
+}
+
+impl std::error::Error for ConnectionLimit {}
+
+/// Too many distinct keys have requests in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyActiveKeys {
+    /// The cap.
+    pub max_keys: usize,
+}
+
+impl fmt::Display for TooManyActiveKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} keys already have requests in flight", self.max_keys)
+    }
+}
+
+impl std::error::Error for TooManyActiveKeys {}
+
+struct Table {
+    /// Keys with requests in flight (or waiting) → their permits. A randomly seeded
+    /// hasher (std's): keys come from clients.
+    keys: Mutex<HashMap<String, Arc<Semaphore>>>,
+    limit: usize,
+    max_keys: usize,
+    wait: Option<Duration>,
+    admitted: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl Table {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Semaphore>>> {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets `key` if nothing holds or awaits its permits (the map only holds keys
+    /// in use).
+    fn release(&self, key: &str) {
+        let mut keys = self.lock();
+        if let Some(sem) = keys.get(key)
+            && Arc::strong_count(sem) == 1
+            && sem.available_permits() == self.limit
+        {
+            keys.remove(key);
+        }
+    }
+}
+
+/// Caps requests in flight per key: the seed's `maxConnectionsPerUser` (5) and
+/// `maxConnectionsPerIP` (10) are two of these layers, one keyed by user and one by
+/// client IP ([`ClientIp`](marina_core::ClientIp)).
+///
+/// A request over its key's limit fails with [`ConnectionLimit`] at once, or, with
+/// [`wait`](Self::wait), waits up to a bound for a slot. A slot is released when the
+/// response future completes or is dropped (cancellation). Only keys with requests in
+/// flight are kept, at most `max_keys` of them (default 100,000: past that, new keys
+/// fail with [`TooManyActiveKeys`]). Requests without a key are not limited.
+///
+/// To cap *connections* rather than requests, put the layer in front of a service whose
+/// calls hold a connection for their duration (a `PoolService`, a session).
+///
+/// ```
+/// use marina_limit::{ConcurrencyPerKeyLayer, ConnectionLimit};
+/// use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let layer = ConcurrencyPerKeyLayer::new(|req: &(String, u32)| Some(req.0.clone()), 1);
+/// let mut svc = ServiceBuilder::new()
+///     .layer(layer)
+///     .service(service_fn(|req: (String, u32)| async move { Ok::<_, std::io::Error>(req.1) }));
+/// let first = svc.ready().await.unwrap().call(("alice".into(), 1)); // in flight
+/// let err = svc.ready().await.unwrap().call(("alice".into(), 2)).await.unwrap_err();
+/// assert_eq!(err.downcast_ref::<ConnectionLimit>().unwrap().limit, 1);
+/// assert_eq!(svc.ready().await.unwrap().call(("bob".into(), 3)).await.unwrap(), 3);
+/// assert_eq!(first.await.unwrap(), 1);
+/// # }
+/// ```
+pub struct ConcurrencyPerKeyLayer<X> {
+    extractor: Arc<X>,
+    table: Arc<Table>,
+}
+
+impl<X> Clone for ConcurrencyPerKeyLayer<X> {
+    fn clone(&self) -> Self {
+        ConcurrencyPerKeyLayer {
+            extractor: self.extractor.clone(),
+            table: self.table.clone(),
+        }
+    }
+}
+
+impl<X> fmt::Debug for ConcurrencyPerKeyLayer<X> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConcurrencyPerKeyLayer")
+            .field("limit", &self.table.limit)
+            .field("max_keys", &self.table.max_keys)
+            .field("wait", &self.table.wait)
+            .finish()
+    }
+}
+
+impl<X> ConcurrencyPerKeyLayer<X> {
+    /// At most `limit` (at least 1) requests in flight per key read by `extractor`.
+    pub fn new(extractor: X, limit: usize) -> Self {
+        ConcurrencyPerKeyLayer {
+            extractor: Arc::new(extractor),
+            table: Arc::new(Table {
+                keys: Mutex::new(HashMap::new()),
+                limit: limit.max(1),
+                max_keys: 100_000,
+                wait: None,
+                admitted: AtomicU64::new(0),
+                rejected: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn table_mut(&mut self) -> &mut Table {
+        Arc::get_mut(&mut self.table).expect("configure the layer before cloning or using it")
+    }
+
+    /// Waits up to `max` for a slot instead of failing at once.
+    ///
+    /// # Panics
+    ///
+    /// If the layer was already cloned or used (configure it first).
+    pub fn wait(mut self, max: Duration) -> Self {
+        self.table_mut().wait = Some(max);
+        self
+    }
+
+    /// The most keys with requests in flight at once.
+    ///
+    /// # Panics
+    ///
+    /// If the layer was already cloned or used (configure it first).
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.table_mut().max_keys = max_keys.max(1);
+        self
+    }
+
+    /// The handle to the counters.
+    pub fn handle(&self) -> ConcurrencyHandle {
+        ConcurrencyHandle {
+            table: self.table.clone(),
+        }
+    }
+}
+
+impl<S, X> Layer<S> for ConcurrencyPerKeyLayer<X> {
+    type Service = ConcurrencyPerKey<S, X>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ConcurrencyPerKey {
+            inner,
+            extractor: self.extractor.clone(),
+            table: self.table.clone(),
+        }
+    }
+}
+
+/// The figures of a [`ConcurrencyPerKeyLayer`], from [`ConcurrencyHandle::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConcurrencyStats {
+    /// Keys with requests in flight now.
+    pub active_keys: usize,
+    /// Requests in flight now, all keys together.
+    pub in_flight: usize,
+    /// The five keys with the most requests in flight, most first.
+    pub top: Vec<(String, usize)>,
+    /// The per-key limit.
+    pub limit: usize,
+    /// Requests admitted.
+    pub admitted: u64,
+    /// Requests refused.
+    pub rejected: u64,
+}
+
+/// The counters of a [`ConcurrencyPerKeyLayer`], readable from anywhere.
+#[derive(Clone)]
+pub struct ConcurrencyHandle {
+    table: Arc<Table>,
+}
+
+impl fmt::Debug for ConcurrencyHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConcurrencyHandle")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl ConcurrencyHandle {
+    /// The counters, with the top five keys.
+    pub fn stats(&self) -> ConcurrencyStats {
+        let t = &self.table;
+        let mut per: Vec<(String, usize)> = t
+            .lock()
+            .iter()
+            .map(|(k, s)| (k.clone(), t.limit - s.available_permits()))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        per.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let in_flight = per.iter().map(|(_, n)| n).sum();
+        let active_keys = per.len();
+        per.truncate(5);
+        ConcurrencyStats {
+            active_keys,
+            in_flight,
+            top: per,
+            limit: t.limit,
+            admitted: t.admitted.load(Relaxed),
+            rejected: t.rejected.load(Relaxed),
+        }
+    }
+
+    /// Requests in flight for `key` now.
+    pub fn in_flight(&self, key: &str) -> usize {
+        self.table
+            .lock()
+            .get(key)
+            .map_or(0, |s| self.table.limit - s.available_permits())
+    }
+}
+
+/// The service of a [`ConcurrencyPerKeyLayer`].
+pub struct ConcurrencyPerKey<S, X> {
+    inner: S,
+    extractor: Arc<X>,
+    table: Arc<Table>,
+}
+
+impl<S: Clone, X> Clone for ConcurrencyPerKey<S, X> {
+    fn clone(&self) -> Self {
+        ConcurrencyPerKey {
+            inner: self.inner.clone(),
+            extractor: self.extractor.clone(),
+            table: self.table.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, X> fmt::Debug for ConcurrencyPerKey<S, X> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConcurrencyPerKey")
+            .field("inner", &self.inner)
+            .field("limit", &self.table.limit)
+            .finish()
+    }
+}
+
+/// A key waited on: forgets the key when dropped unused (a cancelled wait).
+struct KeyGuard {
+    key: Option<String>,
+    table: Arc<Table>,
+}
+
+impl Drop for KeyGuard {
+    fn drop(&mut self) {
+        if let Some(k) = self.key.take() {
+            self.table.release(&k);
+        }
+    }
+}
+
+/// A slot: releases the key's permit and forgets the key when unused.
+struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    key: String,
+    table: Arc<Table>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.table.release(&self.key);
+    }
+}
+
+impl<S, X, Req> Service<Req> for ConcurrencyPerKey<S, X>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    X: KeyExtractor<Req>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let t = &self.table;
+        let Some(key) = self.extractor.extract(&req) else {
+            return ResponseFuture::new(State::Call {
+                fut: self.inner.call(req),
+                slot: None,
+            });
+        };
+        let sem = {
+            let mut keys = t.lock();
+            match keys.get(&key) {
+                Some(s) => s.clone(),
+                None if keys.len() >= t.max_keys => {
+                    t.rejected.fetch_add(1, Relaxed);
+                    return ResponseFuture::failed(
+                        TooManyActiveKeys {
+                            max_keys: t.max_keys,
+                        }
+                        .into(),
+                    );
+                }
+                None => {
+                    let s = Arc::new(Semaphore::new(t.limit));
+                    keys.insert(key.clone(), s.clone());
+                    s
+                }
+            }
+        };
+        match sem.clone().try_acquire_owned() {
+            Ok(permit) => {
+                drop(sem);
+                t.admitted.fetch_add(1, Relaxed);
+                let slot = Slot {
+                    permit: Some(permit),
+                    key,
+                    table: t.clone(),
+                };
+                ResponseFuture::new(State::Call {
+                    fut: self.inner.call(req),
+                    slot: Some(slot),
+                })
+            }
+            Err(_) => match t.wait {
+                Some(max) => {
+                    // Take the readied service into the future; keep a fresh clone.
+                    let clone = self.inner.clone();
+                    let svc = std::mem::replace(&mut self.inner, clone);
+                    let table = t.clone();
+                    let limit = t.limit;
+                    let wait_key = key.clone();
+                    let acquire: Pin<
+                        Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>,
+                    > = Box::pin(async move {
+                        tokio::time::timeout(max, sem.acquire_owned())
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                    });
+                    ResponseFuture::new(State::Waiting {
+                        acquire,
+                        svc: Some(svc),
+                        req: Some(req),
+                        guard: KeyGuard {
+                            key: Some(wait_key),
+                            table,
+                        },
+                        limit,
+                    })
+                }
+                None => {
+                    drop(sem);
+                    t.rejected.fetch_add(1, Relaxed);
+                    t.release(&key);
+                    ResponseFuture::failed(
+                        ConnectionLimit {
+                            key,
+                            limit: t.limit,
+                        }
+                        .into(),
+                    )
+                }
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`ConcurrencyPerKey`]'s calls: holds the key's slot until the
+    /// response completes.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it releases the slot (and, while waiting for one, drops the request
+    /// unsent).
+    pub struct ResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S, Req>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Call { #[pin] fut: S::Future, slot: Option<Slot> },
+        Waiting {
+            // Dropped first (declaration order): its semaphore reference goes before
+            // the guard checks whether the key is still in use.
+            acquire: Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>,
+            svc: Option<S>,
+            req: Option<Req>,
+            guard: KeyGuard,
+            limit: usize,
+        },
+        Failed { error: Option<BoxError> },
+    }
+}
+
+impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    fn new(state: State<S, Req>) -> Self {
+        ResponseFuture { state }
+    }
+
+    fn failed(error: BoxError) -> Self {
+        Self::new(State::Failed { error: Some(error) })
+    }
+}
+
+impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, Req> Future for ResponseFuture<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            let next = match state.as_mut().project() {
+                StateProj::Call { fut, slot } => {
+                    let out = std::task::ready!(fut.poll(cx));
+                    drop(slot.take());
+                    return Poll::Ready(out.map_err(Into::into));
+                }
+                StateProj::Failed { error } => {
+                    return Poll::Ready(Err(error
+                        .take()
+                        .unwrap_or_else(|| "polled after completion".into())));
+                }
+                StateProj::Waiting {
+                    acquire,
+                    svc,
+                    req,
+                    guard,
+                    limit,
+                } => {
+                    let permit = std::task::ready!(acquire.as_mut().poll(cx));
+                    let table = guard.table.clone();
+                    let key = guard.key.take().expect("the key");
+                    match permit {
+                        Some(permit) => {
+                            table.admitted.fetch_add(1, Relaxed);
+                            let mut svc = svc.take().expect("the readied service");
+                            let req = req.take().expect("the request");
+                            State::Call {
+                                fut: svc.call(req),
+                                slot: Some(Slot {
+                                    permit: Some(permit),
+                                    key,
+                                    table: table.clone(),
+                                }),
+                            }
+                        }
+                        None => {
+                            table.rejected.fetch_add(1, Relaxed);
+                            table.release(&key);
+                            State::Failed {
+                                error: Some(ConnectionLimit { key, limit: *limit }.into()),
+                            }
+                        }
+                    }
+                }
+            };
+            state.set(next);
+        }
+    }
+}

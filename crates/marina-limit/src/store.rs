@@ -1,0 +1,187 @@
+//! A bounded keyed state store for governor: a hard cap on keys, and a sweep.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard};
+
+use governor::nanos::Nanos;
+use governor::state::StateStore;
+
+/// What a full store does with a new key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WhenKeysFull {
+    /// Forget the least active keys (those with the oldest rate-limiting state; keys
+    /// whose quota has fully replenished go first, as they carry no information).
+    #[default]
+    EvictOldest,
+    /// Refuse the new key's requests with [`TooManyKeys`](crate::TooManyKeys).
+    Reject,
+}
+
+/// One key's GCRA state: the theoretical arrival time, in clock nanoseconds (0: none).
+type Tat = u64;
+
+/// Keys → GCRA state, sharded, with a hard cap on keys.
+pub(crate) struct BoundedStore<K> {
+    shards: Box<[Mutex<HashMap<K, Tat>>]>,
+    hasher: std::collections::hash_map::RandomState,
+    len: AtomicUsize,
+    max_keys: usize,
+    pub(crate) when_full: WhenKeysFull,
+    pub(crate) evicted: std::sync::atomic::AtomicU64,
+}
+
+impl<K: Hash + Eq + Clone> BoundedStore<K> {
+    pub(crate) fn new(max_keys: usize, when_full: WhenKeysFull) -> Self {
+        let n = max_keys.clamp(1, 16);
+        BoundedStore {
+            shards: (0..n).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            len: AtomicUsize::new(0),
+            max_keys: max_keys.max(1),
+            when_full,
+            evicted: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, key: &K) -> MutexGuard<'_, HashMap<K, Tat>> {
+        let i = (self.hasher.hash_one(key) % self.shards.len() as u64) as usize;
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(Relaxed).min(self.max_keys)
+    }
+
+    pub(crate) fn max_keys(&self) -> usize {
+        self.max_keys
+    }
+
+    /// Makes room for `key` if it is new; false when the store is full and refuses.
+    /// `now` is the clock reading (keys whose state is at or before it are
+    /// replenished).
+    pub(crate) fn admit(&self, key: &K, now: u64) -> bool {
+        if self.shard(key).contains_key(key) {
+            return true;
+        }
+        if self.len.load(Relaxed) < self.max_keys {
+            return true;
+        }
+        // Full: replenished keys go first, in every shard.
+        self.retain_recent(now);
+        if self.len.load(Relaxed) < self.max_keys {
+            return true;
+        }
+        match self.when_full {
+            WhenKeysFull::Reject => false,
+            WhenKeysFull::EvictOldest => {
+                self.evict_oldest(key);
+                true
+            }
+        }
+    }
+
+    /// Drops the eighth of `key`'s shard (at least one key) with the oldest state
+    /// (amortized: one scan makes room for many new keys).
+    fn evict_oldest(&self, key: &K) {
+        let mut s = self.shard(key);
+        if s.is_empty() {
+            drop(s);
+            for shard in self.shards.iter() {
+                let mut s = shard
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(k) = s.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k.clone()) {
+                    s.remove(&k);
+                    self.len.fetch_sub(1, AcqRel);
+                    self.evicted.fetch_add(1, Relaxed);
+                    return;
+                }
+            }
+            return;
+        }
+        let mut tats: Vec<Tat> = s.values().copied().collect();
+        let n = (tats.len() / 8).max(1);
+        let (_, &mut cut, _) = tats.select_nth_unstable(n - 1);
+        let before = s.len();
+        let mut left = n;
+        s.retain(|_, t| {
+            if left > 0 && *t <= cut {
+                left -= 1;
+                false
+            } else {
+                true
+            }
+        });
+        let gone = before - s.len();
+        self.len.fetch_sub(gone, AcqRel);
+        self.evicted.fetch_add(gone as u64, Relaxed);
+    }
+
+    /// Forgets every key whose quota has fully replenished by `now` (its state is in
+    /// the past): they would be admitted as if new (governor's `retain_recent`).
+    pub(crate) fn retain_recent(&self, now: u64) -> usize {
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let mut s = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let before = s.len();
+            s.retain(|_, t| *t > now);
+            let gone = before - s.len();
+            if s.is_empty() && s.capacity() > 1024 {
+                s.shrink_to_fit();
+            }
+            dropped += gone;
+        }
+        self.len.fetch_sub(dropped, AcqRel);
+        dropped
+    }
+}
+
+impl<K: Hash + Eq + Clone> StateStore for BoundedStore<K> {
+    type Key = K;
+
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let mut s = self.shard(key);
+        match s.get_mut(key) {
+            Some(tat) => {
+                let prev = (*tat != 0).then(|| Nanos::from(*tat));
+                let (out, next) = f(prev)?;
+                *tat = next.as_u64().max(1);
+                Ok(out)
+            }
+            None => {
+                let (out, next) = f(None)?;
+                // `admit` made room; a race with another new key may have taken it, in
+                // which case this cell passes untracked rather than break the cap.
+                if self.len.fetch_add(1, AcqRel) < self.max_keys {
+                    s.insert(key.clone(), next.as_u64().max(1));
+                } else {
+                    self.len.fetch_sub(1, AcqRel);
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// The store, shared between governor's limiter and the layer (its cap and sweep).
+pub(crate) struct SharedStore<K>(pub(crate) std::sync::Arc<BoundedStore<K>>);
+
+impl<K: Hash + Eq + Clone> StateStore for SharedStore<K> {
+    type Key = K;
+
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(key, f)
+    }
+}
