@@ -34,7 +34,9 @@ pub(crate) struct BoundedStore<K> {
 
 impl<K: Hash + Eq + Clone> BoundedStore<K> {
     pub(crate) fn new(max_keys: usize, when_full: WhenKeysFull) -> Self {
-        let n = max_keys.clamp(1, 16);
+        // One shard: a second hash per check (to choose the shard) cost more than the
+        // lock contention it saves on a few cores. More shards would suit many cores.
+        let n = 1;
         BoundedStore {
             shards: (0..n).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
@@ -46,7 +48,11 @@ impl<K: Hash + Eq + Clone> BoundedStore<K> {
     }
 
     fn shard(&self, key: &K) -> MutexGuard<'_, HashMap<K, Tat>> {
-        let i = (self.hasher.hash_one(key) % self.shards.len() as u64) as usize;
+        let i = if self.shards.len() == 1 {
+            0
+        } else {
+            (self.hasher.hash_one(key) % self.shards.len() as u64) as usize
+        };
         self.shards[i]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -63,15 +69,16 @@ impl<K: Hash + Eq + Clone> BoundedStore<K> {
     /// Makes room for `key` if it is new; false when the store is full and refuses.
     /// `now` is the clock reading (keys whose state is at or before it are
     /// replenished).
-    pub(crate) fn admit(&self, key: &K, now: u64) -> bool {
-        if self.shard(key).contains_key(key) {
-            return true;
-        }
+    pub(crate) fn admit(&self, key: &K, now: impl FnOnce() -> u64) -> bool {
+        // Room left: nothing to check (the insert itself re-checks the cap).
         if self.len.load(Relaxed) < self.max_keys {
             return true;
         }
+        if self.shard(key).contains_key(key) {
+            return true;
+        }
         // Full: replenished keys go first, in every shard.
-        self.retain_recent(now);
+        self.retain_recent(now());
         if self.len.load(Relaxed) < self.max_keys {
             return true;
         }
