@@ -1,0 +1,107 @@
+//! marina: client-side connection management for tower services.
+//!
+//! A service that talks to backends over TCP gets, as separate crates that also stack
+//! into one `tower::Service`:
+//!
+//! ```text
+//! caller ─► rate limit ─► per-key concurrency ─► affinity ─► balance ─┬─► health ─► pool ─► backend A
+//!           (limit)       (limit)                 (affinity)  (balance) ├─► health ─► pool ─► backend B
+//!                                                                       └─► …
+//! under every pool: TCP through the bandwidth limiter (limit), then the protocol
+//! ```
+//!
+//! | module | crate | what |
+//! |---|---|---|
+//! | [`pool`] | marina-pool | a bounded, cancel-safe connection pool; a tower `MakeConnection` |
+//! | [`health`] | marina-health | passive outlier detection and active probes, as a readiness gate |
+//! | [`balance`] | marina-balance | load balancing with pluggable pickers, failover, panic threshold |
+//! | [`affinity`] | marina-affinity | session affinity: sticky table, signed tokens, consistent hash |
+//! | [`limit`] | marina-limit | rate limits (governor), per-key concurrency, bandwidth |
+//! | [`core`] | marina-core | the shared vocabulary: `RouteHint`, `NotSent`, `KeyExtractor`, … |
+//!
+//! Each module is behind a feature of the same name (`full`, the default, is all of
+//! them); [`Stack`] and [`line`] need `full`.
+//!
+//! # Examples
+//!
+//! The whole stack over three local echo servers, with sticky sessions by user:
+//!
+//! ```
+//! use marina::{AffinityMode, KeyFnBox, Stack};
+//! use marina::core::Request;
+//! use marina::affinity::TableConfig;
+//! use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+//! use tower::{Service, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), marina::core::BoxError> {
+//! # let mut addrs = Vec::new();
+//! # for _ in 0..3 {
+//! #     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! #     addrs.push(listener.local_addr()?);
+//! #     tokio::spawn(async move {
+//! #         while let Ok((s, _)) = listener.accept().await {
+//! #             tokio::spawn(async move {
+//! #                 let (r, mut w) = s.into_split();
+//! #                 let mut lines = BufReader::new(r).lines();
+//! #                 while let Ok(Some(l)) = lines.next_line().await {
+//! #                     if w.write_all(format!("{l}\n").as_bytes()).await.is_err() { return; }
+//! #                 }
+//! #             });
+//! #         }
+//! #     });
+//! # }
+//! // `addrs`: three echo servers on 127.0.0.1. Requests are lines; the user rides in
+//! // the request's extensions.
+//! #[derive(Clone)]
+//! struct User(String);
+//! let user = KeyFnBox::new(|r: &Request<String>| r.extensions.get::<User>().map(|u| u.0.clone()));
+//! let (mut svc, handle) = Stack::builder::<String>()
+//!     .endpoints(addrs)
+//!     .affinity(AffinityMode::Sticky(user, TableConfig::default()))
+//!     .build_line()?;
+//! for line in ["a", "b", "c"] {
+//!     let mut req = Request::new(line.to_string());
+//!     req.extensions.insert(User("alice".into()));
+//!     let resp = svc.ready().await?.call(req).await?;
+//!     assert_eq!(resp.body, line); // echoed
+//! }
+//! let stats = handle.stats();
+//! // alice's three requests went to one backend.
+//! assert_eq!(stats.backends.iter().filter(|b| b.balance.as_ref().is_some_and(|e| e.requests > 0)).count(), 1);
+//! println!("{stats}");
+//! assert_eq!(handle.shutdown(std::time::Duration::from_secs(1)).await, 0);
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub use marina_core as core;
+
+#[cfg(feature = "affinity")]
+pub use marina_affinity as affinity;
+#[cfg(feature = "balance")]
+pub use marina_balance as balance;
+#[cfg(feature = "health")]
+pub use marina_health as health;
+#[cfg(feature = "limit")]
+pub use marina_limit as limit;
+#[cfg(feature = "pool")]
+pub use marina_pool as pool;
+
+pub mod line;
+
+#[cfg(feature = "full")]
+mod stack;
+
+#[cfg(feature = "full")]
+pub use stack::{
+    AffinityMode, BackendStats, Conn, KeyFnBox, ShuttingDown, Stack, StackBuilder, StackHandle,
+    StackService, StackStats,
+};
+
+/// The names most programs use.
+pub mod prelude {
+    #[cfg(feature = "full")]
+    pub use crate::{AffinityMode, KeyFnBox, Stack, StackHandle};
+    pub use marina_core::{BoxError, Request, Response, RouteHint};
+}

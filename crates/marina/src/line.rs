@@ -1,0 +1,122 @@
+//! A line protocol client: one request line, one reply line.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tower_service::Service;
+
+/// A client of a line protocol (an echo server, a Redis-style text protocol) on one
+/// connection: a `Service<String>` whose request is one line (without its `\n`) and
+/// whose response is the reply line (without its `\n`). One request at a time, as a
+/// pooled client is used.
+///
+/// Errors are `io::Error`s: EOF before the whole reply is `UnexpectedEof`, a request
+/// holding `\n` is `InvalidInput` (refused before anything is sent), a reply that is not
+/// UTF-8 is `InvalidData`. A call that fails or is dropped before its reply leaves the
+/// client broken (the stream may be mid-reply): its `poll_ready` fails from then on, and
+/// a pool closes it.
+pub struct LineClient<IO> {
+    io: Arc<tokio::sync::Mutex<BufReader<IO>>>,
+    broken: Arc<AtomicBool>,
+}
+
+impl<IO> fmt::Debug for LineClient<IO> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LineClient")
+            .field("broken", &self.broken.load(SeqCst))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<IO: AsyncRead> LineClient<IO> {
+    /// A client on `io`.
+    pub fn new(io: IO) -> Self {
+        LineClient {
+            io: Arc::new(tokio::sync::Mutex::new(BufReader::new(io))),
+            broken: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// False once a call failed or was cancelled mid-exchange.
+    pub fn is_usable(&self) -> bool {
+        !self.broken.load(SeqCst)
+    }
+
+    /// Runs `f` on the connection if no call holds it (`None` while one does), for
+    /// checks such as [`marina_pool::socket_is_open`]. Unread bytes in the buffer count
+    /// as a broken exchange.
+    pub fn with_io<R>(&self, f: impl FnOnce(&IO) -> R) -> Option<R> {
+        let io = self.io.try_lock().ok()?;
+        if !io.buffer().is_empty() {
+            self.broken.store(true, SeqCst);
+        }
+        Some(f(io.get_ref()))
+    }
+}
+
+/// Marks the client broken unless disarmed (the exchange completed).
+struct BreakGuard(Option<Arc<AtomicBool>>);
+
+impl Drop for BreakGuard {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0.take() {
+            flag.store(true, SeqCst);
+        }
+    }
+}
+
+impl<IO> Service<String> for LineClient<IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Response = String;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<String>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.broken.load(SeqCst) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "line client broken by an earlier failed or cancelled call",
+            )));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, line: String) -> Self::Future {
+        let io = self.io.clone();
+        let broken = self.broken.clone();
+        Box::pin(async move {
+            if line.contains('\n') {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a line request may not hold '\\n'",
+                ));
+            }
+            let mut guard = BreakGuard(Some(broken));
+            let mut io = io.lock_owned().await;
+            let mut msg = line.into_bytes();
+            msg.push(b'\n');
+            io.get_mut().write_all(&msg).await?;
+            io.get_mut().flush().await?;
+            msg.clear();
+            io.read_until(b'\n', &mut msg).await?;
+            if msg.pop() != Some(b'\n') {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("connection closed after {} bytes of a reply", msg.len()),
+                ));
+            }
+            let reply = String::from_utf8(msg)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            guard.0 = None;
+            Ok(reply)
+        })
+    }
+}

@@ -1,0 +1,719 @@
+//! `Stack`: limits → affinity → balance → health → pool, as one `Service`.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::AcqRel, Ordering::Acquire};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use marina_affinity::{AffinityHandle, AffinityLayer, AffinityStats, TableConfig};
+use marina_balance::{
+    Balance, BalanceHandle, BalanceTotals, EndpointSnapshot, Failover, Pick, RoundRobin,
+};
+use marina_core::{BoxError, BoxFuture, EjectionGate, Request, Response};
+use marina_health::{HealthConfig, HealthHandle, HealthLayer, Status};
+use marina_limit::{
+    BandwidthLimit, Bucket, ConcurrencyHandle, ConcurrencyPerKeyLayer, ConcurrencyStats, Rate,
+    RateLimitHandle, RateLimitLayer, RateStats, Throttled,
+};
+use marina_pool::{Config, Pool, PoolService, PoolStats, TcpConnector};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tower::discover::Change;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceExt};
+use tower_service::Service;
+
+/// The connection every pool holds before the protocol: TCP through the bandwidth
+/// limiter.
+pub type Conn = Throttled<TcpStream>;
+
+/// The stack as one service: requests and responses carry extensions (route hints,
+/// new sessions).
+pub type StackService<T, U> = BoxCloneSyncService<Request<T>, Response<U>, BoxError>;
+
+type KeyFn<T> = Arc<dyn Fn(&Request<T>) -> Option<String> + Send + Sync>;
+type ProtoFn<C> = Arc<dyn Fn(Conn) -> BoxFuture<'static, io::Result<C>> + Send + Sync>;
+type CheckFn<C> = Arc<dyn Fn(&mut C) -> bool + Send + Sync>;
+
+/// Affinity for the stack.
+#[derive(Clone)]
+pub enum AffinityMode<T> {
+    /// Sticky table keyed by the extractor's key.
+    Sticky(KeyFnBox<T>, TableConfig),
+    /// Consistent hash of the extractor's key (pair with a `ConsistentHash` picker).
+    Hash(KeyFnBox<T>),
+}
+
+impl<T> fmt::Debug for AffinityMode<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AffinityMode::Sticky(_, c) => f.debug_tuple("Sticky").field(c).finish(),
+            AffinityMode::Hash(_) => f.write_str("Hash"),
+        }
+    }
+}
+
+/// A key extractor for the stack's requests.
+#[derive(Clone)]
+pub struct KeyFnBox<T>(KeyFn<T>);
+
+impl<T> fmt::Debug for KeyFnBox<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyFnBox")
+    }
+}
+
+impl<T> KeyFnBox<T> {
+    /// Reads a key with `f`.
+    pub fn new(f: impl Fn(&Request<T>) -> Option<String> + Send + Sync + 'static) -> Self {
+        KeyFnBox(Arc::new(f))
+    }
+
+    fn extractor(&self) -> impl Fn(&Request<T>) -> Option<String> + Send + Sync + 'static
+    where
+        T: 'static,
+    {
+        let f = self.0.clone();
+        move |r: &Request<T>| f(r)
+    }
+}
+
+/// Builds a [`Stack`]; see [`Stack::builder`].
+pub struct StackBuilder<T> {
+    endpoints: Vec<SocketAddr>,
+    pool: Config,
+    connect_timeout: Duration,
+    health: Option<HealthConfig>,
+    picker: Box<dyn Fn() -> Box<dyn Pick> + Send + Sync>,
+    failover: Option<Failover>,
+    failfast: Duration,
+    affinity: Option<AffinityMode<T>>,
+    rate: Option<Rate>,
+    rate_per_key: Option<(KeyFnBox<T>, Rate)>,
+    concurrency: Vec<(KeyFnBox<T>, usize)>,
+    bandwidth: Option<(f64, u64)>,
+    buffer: usize,
+}
+
+impl<T> fmt::Debug for StackBuilder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StackBuilder")
+            .field("endpoints", &self.endpoints)
+            .field("pool", &self.pool)
+            .field("health", &self.health)
+            .field("affinity", &self.affinity)
+            .field("rate", &self.rate)
+            .field("bandwidth", &self.bandwidth)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The whole client stack in one service: see [`Stack::builder`].
+#[derive(Debug)]
+pub struct Stack;
+
+impl Stack {
+    /// Starts a stack: no endpoints yet, `Config::balanced()` pools, default health
+    /// checks, round robin, failover on, no affinity, no limits.
+    pub fn builder<T>() -> StackBuilder<T> {
+        StackBuilder {
+            endpoints: Vec::new(),
+            pool: Config::balanced(),
+            connect_timeout: Duration::from_secs(5),
+            health: Some(HealthConfig::default()),
+            picker: Box::new(|| Box::new(RoundRobin::new())),
+            failover: Some(Failover::new()),
+            failfast: Duration::from_secs(10),
+            affinity: None,
+            rate: None,
+            rate_per_key: None,
+            concurrency: Vec::new(),
+            bandwidth: None,
+            buffer: 1024,
+        }
+    }
+}
+
+impl<T> StackBuilder<T>
+where
+    T: Clone + Send + Sync + 'static,
+{
+    /// The backends.
+    pub fn endpoints(mut self, endpoints: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.endpoints = endpoints.into_iter().collect();
+        self
+    }
+
+    /// Each backend's pool configuration.
+    pub fn pool(mut self, config: Config) -> Self {
+        self.pool = config;
+        self
+    }
+
+    /// The TCP connect timeout (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Passive health checks with `config` (default on); `None` turns them off.
+    pub fn health(mut self, config: Option<HealthConfig>) -> Self {
+        self.health = config;
+        self
+    }
+
+    /// The picker, made by `make` (default round robin).
+    pub fn picker<P: Pick>(mut self, make: impl Fn() -> P + Send + Sync + 'static) -> Self {
+        self.picker = Box::new(move || Box::new(make()));
+        self
+    }
+
+    /// Failover for requests not sent (default `Failover::new()`); `None` turns it off.
+    pub fn failover(mut self, failover: Option<Failover>) -> Self {
+        self.failover = failover;
+        self
+    }
+
+    /// How long nothing may be ready before calls fail fast (default 10 s).
+    pub fn failfast_timeout(mut self, timeout: Duration) -> Self {
+        self.failfast = timeout;
+        self
+    }
+
+    /// Session affinity.
+    pub fn affinity(mut self, mode: AffinityMode<T>) -> Self {
+        self.affinity = Some(mode);
+        self
+    }
+
+    /// A global rate limit (rejects over the limit).
+    pub fn rate_limit(mut self, rate: Rate) -> Self {
+        self.rate = Some(rate);
+        self
+    }
+
+    /// A rate limit per key (user, client IP).
+    pub fn rate_limit_per_key(mut self, key: KeyFnBox<T>, rate: Rate) -> Self {
+        self.rate_per_key = Some((key, rate));
+        self
+    }
+
+    /// At most `limit` requests in flight per key (add one per kind of key: user, IP).
+    pub fn concurrency_per_key(mut self, key: KeyFnBox<T>, limit: usize) -> Self {
+        self.concurrency.push((key, limit));
+        self
+    }
+
+    /// All connections together write at most `bytes_per_sec` (bursts of `burst`).
+    pub fn bandwidth(mut self, bytes_per_sec: f64, burst: u64) -> Self {
+        self.bandwidth = Some((bytes_per_sec, burst));
+        self
+    }
+
+    /// Builds the stack over the line protocol ([`LineClient`](crate::line::LineClient)):
+    /// requests and responses are lines.
+    pub fn build_line(self) -> Result<(StackService<T, String>, StackHandle), BoxError>
+    where
+        T: Into<String>,
+    {
+        let mapped = self.map_body(|t: T| t.into());
+        mapped.build(
+            |conn: Conn| Box::pin(async move { Ok(crate::line::LineClient::new(conn)) }),
+            Some(Arc::new(|c: &mut crate::line::LineClient<Conn>| {
+                c.is_usable()
+                    && c.with_io(|io| marina_pool::socket_is_open(io.get_ref()))
+                        .unwrap_or(true)
+            })),
+        )
+    }
+
+    /// The same stack with the body converted by `f` before it reaches a client.
+    fn map_body<T2>(self, f: impl Fn(T) -> T2 + Send + Sync + 'static) -> MappedBuilder<T, T2> {
+        MappedBuilder {
+            inner: self,
+            f: Arc::new(f),
+        }
+    }
+
+    /// Builds the stack: each pooled connection becomes a client with `protocol` (a
+    /// handshake, or just a wrapper), optionally checked with `check` at checkout.
+    ///
+    /// Needs a tokio runtime (pools, health checks and the balancer's buffer spawn
+    /// tasks).
+    pub fn build<U, C>(
+        self,
+        protocol: impl Fn(Conn) -> BoxFuture<'static, io::Result<C>> + Send + Sync + 'static,
+        check: Option<CheckFn<C>>,
+    ) -> Result<(StackService<T, U>, StackHandle), BoxError>
+    where
+        C: Service<T, Response = U> + Send + 'static,
+        C::Error: Into<BoxError>,
+        C::Future: Send + 'static,
+        U: Send + 'static,
+    {
+        MappedBuilder {
+            inner: self,
+            f: Arc::new(|t: T| t),
+        }
+        .build(protocol, check)
+    }
+}
+
+/// A builder whose requests are converted before they reach a client.
+struct MappedBuilder<T, T2> {
+    inner: StackBuilder<T>,
+    f: Arc<dyn Fn(T) -> T2 + Send + Sync>,
+}
+
+impl<T, T2> MappedBuilder<T, T2>
+where
+    T: Clone + Send + Sync + 'static,
+    T2: Send + 'static,
+{
+    fn build<U, C>(
+        self,
+        protocol: impl Fn(Conn) -> BoxFuture<'static, io::Result<C>> + Send + Sync + 'static,
+        check: Option<CheckFn<C>>,
+    ) -> Result<(StackService<T, U>, StackHandle), BoxError>
+    where
+        C: Service<T2, Response = U> + Send + 'static,
+        C::Error: Into<BoxError>,
+        C::Future: Send + 'static,
+        U: Send + 'static,
+    {
+        let b = self.inner;
+        let body = self.f;
+        if b.endpoints.is_empty() {
+            return Err("a stack needs at least one endpoint".into());
+        }
+        let proto: ProtoFn<C> = Arc::new(protocol);
+        let mut tcp =
+            BandwidthLimit::new(TcpConnector::new().connect_timeout(Some(b.connect_timeout)));
+        if let Some((rate, burst)) = b.bandwidth {
+            tcp = tcp.shared_write(rate, burst);
+        }
+        let bandwidth = tcp.write_bucket().cloned();
+        let connector = ProtocolConnector { tcp, proto };
+        let gate = EjectionGate::new();
+        let (changes, discover) = marina_balance::ChangeStream::channel();
+        let mut pools: Vec<PoolEntry> = Vec::new();
+        let mut health = Vec::new();
+        for &addr in &b.endpoints {
+            let mut builder = Pool::builder().config(b.pool.clone());
+            if let Some(check) = &check {
+                let check = check.clone();
+                builder = builder.check(move |c: &mut C| check(c));
+            }
+            let pool = builder.build(connector.clone(), addr)?;
+            let body = body.clone();
+            let endpoint = PoolService::new(pool.clone())
+                .map_request(move |r: Request<T>| body(r.into_body()))
+                .map_response(Response::new)
+                .map_err(Into::<BoxError>::into);
+            let endpoint: StackService<T, U> = match &b.health {
+                Some(cfg) => {
+                    let h = HealthLayer::new(cfg.clone())
+                        .name(addr.to_string())
+                        .ejection_gate(gate.clone())
+                        .layer(endpoint);
+                    health.push((addr, h.handle()));
+                    BoxCloneSyncService::new(h)
+                }
+                None => BoxCloneSyncService::new(endpoint),
+            };
+            changes
+                .send(Change::Insert(addr, endpoint))
+                .map_err(|_| "discovery channel closed")?;
+            let stats_pool = pool.clone();
+            pools.push(PoolEntry {
+                addr,
+                stats: Box::new(move || stats_pool.stats()),
+                close: Box::new(move || {
+                    let p = pool.clone();
+                    Box::pin(async move { p.close().await })
+                }),
+            });
+        }
+        let mut balance = Balance::new(discover, BoxedPick((b.picker)()))
+            .failfast_timeout(b.failfast)
+            .ejection_gate(gate)
+            .route_hints_from_extensions();
+        if let Some(f) = b.failover {
+            balance = balance.failover(f);
+        }
+        let balance_handle = balance.handle();
+        let buffered = tower::buffer::Buffer::new(balance, b.buffer);
+        let mut svc: StackService<T, U> = BoxCloneSyncService::new(buffered);
+        let mut affinity = None;
+        match &b.affinity {
+            Some(AffinityMode::Sticky(key, table)) => {
+                let layer = AffinityLayer::sticky(key.extractor(), *table);
+                affinity = Some(layer.handle());
+                svc = BoxCloneSyncService::new(layer.layer(svc));
+            }
+            Some(AffinityMode::Hash(key)) => {
+                let layer = AffinityLayer::hash(key.extractor());
+                affinity = Some(layer.handle());
+                svc = BoxCloneSyncService::new(layer.layer(svc));
+            }
+            None => {}
+        }
+        let mut concurrency = Vec::new();
+        for (key, limit) in &b.concurrency {
+            let layer = ConcurrencyPerKeyLayer::new(key.extractor(), *limit);
+            concurrency.push(layer.handle());
+            svc = BoxCloneSyncService::new(layer.layer(svc));
+        }
+        let mut rate = None;
+        if let Some((key, r)) = &b.rate_per_key {
+            let layer = RateLimitLayer::keyed(key.extractor(), *r);
+            rate = Some(layer.handle());
+            svc = BoxCloneSyncService::new(layer.layer(svc));
+        }
+        if let Some(r) = b.rate {
+            let layer = RateLimitLayer::global(r);
+            rate = Some(layer.handle());
+            svc = BoxCloneSyncService::new(layer.layer(svc));
+        }
+        let state = Arc::new(ShutdownState::default());
+        let svc = BoxCloneSyncService::new(Guarded {
+            inner: svc,
+            state: state.clone(),
+        });
+        let handle = StackHandle {
+            inner: Arc::new(HandleInner {
+                pools,
+                health,
+                balance: balance_handle,
+                affinity,
+                rate,
+                concurrency,
+                bandwidth,
+                state,
+                _discovery: Box::new(changes),
+            }),
+        };
+        Ok((svc, handle))
+    }
+}
+
+/// Boxes a picker made at run time.
+struct BoxedPick(Box<dyn Pick>);
+
+impl Pick for BoxedPick {
+    fn pick(
+        &mut self,
+        endpoints: &dyn marina_balance::Endpoints,
+        hint: Option<&marina_core::RouteHint>,
+    ) -> usize {
+        self.0.pick(endpoints, hint)
+    }
+}
+
+/// TCP (through the bandwidth limiter), then the protocol.
+struct ProtocolConnector<C> {
+    tcp: BandwidthLimit<TcpConnector>,
+    proto: ProtoFn<C>,
+}
+
+impl<C> Clone for ProtocolConnector<C> {
+    fn clone(&self) -> Self {
+        ProtocolConnector {
+            tcp: self.tcp.clone(),
+            proto: self.proto.clone(),
+        }
+    }
+}
+
+impl<C: Send + 'static> Service<SocketAddr> for ProtocolConnector<C> {
+    type Response = C;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<C, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::<SocketAddr>::poll_ready(&mut self.tcp, cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, addr: SocketAddr) -> Self::Future {
+        let connect = self.tcp.call(addr);
+        let proto = self.proto.clone();
+        Box::pin(async move {
+            let conn = connect.await?;
+            Ok(proto(conn).await?)
+        })
+    }
+}
+
+/// The stack refuses new requests: it is shutting down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShuttingDown;
+
+impl fmt::Display for ShuttingDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the stack is shutting down")
+    }
+}
+
+impl std::error::Error for ShuttingDown {}
+
+#[derive(Default)]
+struct ShutdownState {
+    closed: AtomicBool,
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts requests in flight and refuses new ones once shutting down.
+#[derive(Clone)]
+struct Guarded<S> {
+    inner: S,
+    state: Arc<ShutdownState>,
+}
+
+struct InFlight(Arc<ShutdownState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl<S, Req> Service<Req> for Guarded<S>
+where
+    S: Service<Req, Error = BoxError>,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.state.closed.load(Acquire) {
+            return Poll::Ready(Ok(()));
+        }
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        if self.state.closed.load(Acquire) {
+            return Box::pin(async { Err(ShuttingDown.into()) });
+        }
+        self.state.in_flight.fetch_add(1, AcqRel);
+        let guard = InFlight(self.state.clone());
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let _guard = guard;
+            fut.await
+        })
+    }
+}
+
+struct PoolEntry {
+    addr: SocketAddr,
+    stats: Box<dyn Fn() -> PoolStats + Send + Sync>,
+    close: Box<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>,
+}
+
+struct HandleInner {
+    pools: Vec<PoolEntry>,
+    health: Vec<(SocketAddr, HealthHandle)>,
+    balance: BalanceHandle,
+    affinity: Option<AffinityHandle>,
+    rate: Option<RateLimitHandle>,
+    concurrency: Vec<ConcurrencyHandle>,
+    bandwidth: Option<Arc<Bucket>>,
+    state: Arc<ShutdownState>,
+    /// The discovery sender, kept so discovery stays open.
+    _discovery: Box<dyn std::any::Any + Send + Sync>,
+}
+
+/// The stack's stats and shutdown, readable from anywhere.
+#[derive(Clone)]
+pub struct StackHandle {
+    inner: Arc<HandleInner>,
+}
+
+impl fmt::Debug for StackHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StackHandle").finish_non_exhaustive()
+    }
+}
+
+/// One backend's figures in [`StackStats`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct BackendStats {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its pool.
+    pub pool: PoolStats,
+    /// Its health status (with health checks on).
+    pub health: Option<Status>,
+    /// The balancer's view of it.
+    pub balance: Option<EndpointSnapshot>,
+}
+
+/// Everything the stack knows, in one snapshot; `Display` prints it as a table.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StackStats {
+    /// Per backend.
+    pub backends: Vec<BackendStats>,
+    /// The balancer's totals.
+    pub balance: BalanceTotals,
+    /// Sessions, with affinity on.
+    pub affinity: Option<AffinityStats>,
+    /// The rate limiter, if any.
+    pub rate: Option<RateStats>,
+    /// The per-key concurrency limiters.
+    pub concurrency: Vec<ConcurrencyStats>,
+    /// Bytes written through the bandwidth limit, the current rate and the limit.
+    pub bandwidth: Option<(u64, u64, f64)>,
+    /// Requests in flight through the stack.
+    pub in_flight: usize,
+}
+
+impl StackHandle {
+    /// Gathers pool, health, balance, session and limiter stats.
+    pub fn stats(&self) -> StackStats {
+        let i = &self.inner;
+        let eps = i.balance.stats();
+        let backends = i
+            .pools
+            .iter()
+            .map(|p| BackendStats {
+                addr: p.addr,
+                pool: (p.stats)(),
+                health: i
+                    .health
+                    .iter()
+                    .find(|(a, _)| *a == p.addr)
+                    .map(|(_, h)| h.status()),
+                balance: eps
+                    .iter()
+                    .find(|e| e.key == format!("{:?}", p.addr))
+                    .cloned(),
+            })
+            .collect();
+        StackStats {
+            backends,
+            balance: i.balance.totals(),
+            affinity: i.affinity.as_ref().map(AffinityHandle::stats),
+            rate: i.rate.as_ref().map(RateLimitHandle::stats),
+            concurrency: i.concurrency.iter().map(ConcurrencyHandle::stats).collect(),
+            bandwidth: i
+                .bandwidth
+                .as_ref()
+                .map(|b| (b.bytes(), b.current_rate(), b.limit())),
+            in_flight: i.state.in_flight.load(Acquire),
+        }
+    }
+
+    /// The health handle of the backend at `addr`.
+    pub fn health(&self, addr: SocketAddr) -> Option<HealthHandle> {
+        self.inner
+            .health
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map(|(_, h)| h.clone())
+    }
+
+    /// Graceful shutdown: new requests fail with [`ShuttingDown`] at once; requests in
+    /// flight get until `deadline` to finish; then every pool closes (idle connections
+    /// dropped, their maintenance tasks ended). Returns the requests still in flight at
+    /// the deadline (0: all finished).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future after it started leaves the stack refusing new requests, with
+    /// the pools open.
+    pub async fn shutdown(&self, deadline: Duration) -> usize {
+        let st = &self.inner.state;
+        st.closed.store(true, std::sync::atomic::Ordering::Release);
+        let wait = async {
+            loop {
+                let idle = st.idle.notified();
+                if st.in_flight.load(Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, wait).await;
+        for p in &self.inner.pools {
+            (p.close)().await;
+        }
+        st.in_flight.load(Acquire)
+    }
+}
+
+impl fmt::Display for StackStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<22} {:>9} {:>7} {:>9} {:>6} {:>5} {:>7} {:>8}  health",
+            "backend", "requests", "errors", "in flight", "conns", "idle", "created", "ewma",
+        )?;
+        for b in &self.backends {
+            let (req, err, inf, ewma) = b.balance.as_ref().map_or((0, 0, 0, None), |e| {
+                (e.requests, e.errors, e.in_flight, e.ewma_latency)
+            });
+            writeln!(
+                f,
+                "{:<22} {:>9} {:>7} {:>9} {:>6} {:>5} {:>7} {:>8}  {}",
+                b.addr.to_string(),
+                req,
+                err,
+                inf,
+                b.pool.total,
+                b.pool.idle,
+                b.pool.created,
+                ewma.map_or("-".to_string(), |d| format!("{:.2?}", d)),
+                b.health.map_or("-".to_string(), |h| format!("{h:?}")),
+            )?;
+        }
+        let t = &self.balance;
+        writeln!(
+            f,
+            "balance: {} requests, {} errors, {} failovers ({} refused by the budget), panic mode {}",
+            t.requests, t.errors, t.retries, t.retries_refused, t.panicking
+        )?;
+        if let Some(a) = &self.affinity {
+            writeln!(
+                f,
+                "sessions: {} now, {} created, {} re-pinned, {} expired, {} purged",
+                a.sessions, a.created, a.repinned, a.expired, a.purged
+            )?;
+        }
+        if let Some(r) = &self.rate {
+            writeln!(
+                f,
+                "rate limit: {} admitted, {} refused, {}/s now, limit {:.0}/s (burst {})",
+                r.admitted, r.rejected, r.current_rate, r.limit_per_second, r.burst
+            )?;
+        }
+        for c in &self.concurrency {
+            writeln!(
+                f,
+                "per-key concurrency (limit {}): {} in flight over {} keys, {} refused, top {:?}",
+                c.limit, c.in_flight, c.active_keys, c.rejected, c.top
+            )?;
+        }
+        if let Some((bytes, now, limit)) = self.bandwidth {
+            writeln!(
+                f,
+                "bandwidth: {bytes} bytes written, {now} B/s now, limit {limit:.0} B/s ({:.0}% used)",
+                100.0 * now as f64 / limit
+            )?;
+        }
+        Ok(())
+    }
+}
