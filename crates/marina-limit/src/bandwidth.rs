@@ -96,7 +96,8 @@ impl Window {
 }
 
 impl Bucket {
-    /// `bytes_per_sec` on average, bursts of `burst` bytes (at least 1).
+    /// `bytes_per_sec` on average, bursts of `burst` bytes (raised to at least 2 ms of
+    /// rate, as waits are timed in milliseconds).
     ///
     /// # Panics
     ///
@@ -106,7 +107,9 @@ impl Bucket {
             bytes_per_sec.is_finite() && bytes_per_sec > 0.0,
             "a positive bandwidth"
         );
-        let burst = burst.max(1);
+        // Waits are timed by tokio's 1 ms timer: a burst under 2 ms of rate would cap
+        // the real rate at about `burst` bytes per millisecond.
+        let burst = burst.max(1).max((bytes_per_sec / 500.0).ceil() as u64);
         let ns_per_byte = 1e9 / bytes_per_sec;
         let chunk = ((bytes_per_sec / 20.0) as u64).clamp(1, burst) as usize;
         Arc::new(Bucket {
@@ -208,10 +211,15 @@ impl Limit {
     }
 }
 
-/// A minimum data rate: the seed's slow-peer guard (Kestrel's 240 B/s after 5 s).
+/// A minimum data rate for writes: the seed's slow-peer guard (Kestrel's 240 B/s after
+/// 5 s). It is measured only while a write waits on the peer (a peer that reads too
+/// slowly); a read waiting for a reply is not judged, however long the server takes to
+/// answer (that is a request timeout's job), nor is an idle connection. Bytes already
+/// in the socket's buffers count as moved, so the first window usually passes: a peer
+/// that stops reading is cut off after one to two grace periods.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MinRate {
-    /// Bytes per second, measured while a read or write waits on the peer.
+    /// Bytes per second, measured while a write waits on the peer.
     pub bytes_per_sec: f64,
     /// How long a transfer may wait before the rate is enforced (and the window over
     /// which it is measured).
@@ -219,7 +227,10 @@ pub struct MinRate {
 }
 
 /// Throttles the connections a connector makes (any `Service<T>` whose responses are
-/// tokio `AsyncRead + AsyncWrite`, so it stacks under marina-pool): reads and/or writes
+/// tokio `AsyncRead + AsyncWrite`, so it stacks under marina-pool; the pool's built-in
+/// liveness check knows plain `TcpStream`s only, so give it
+/// `.check(|c: &mut Throttled<TcpStream>| marina_pool::socket_is_open(c.get_ref()))`):
+/// reads and/or writes
 /// in bytes/s with a burst, each connection on its own budget or all sharing one
 /// ([`shared`](Self::shared): the seed's `maxBandwidthPerSecond`). A
 /// [`MinRate`] cuts off peers that move data too slowly with [`TooSlow`].
@@ -293,8 +304,17 @@ impl<C> BandwidthLimit<C> {
         self
     }
 
-    /// Cuts off connections that move data below `min` while waiting on the peer.
+    /// Cuts off connections whose writes move data below `min` while waiting on the
+    /// peer.
+    ///
+    /// # Panics
+    ///
+    /// If the rate is not a positive finite number.
     pub fn min_rate(mut self, min: MinRate) -> Self {
+        assert!(
+            min.bytes_per_sec.is_finite() && min.bytes_per_sec > 0.0,
+            "a positive minimum rate"
+        );
         self.min_rate = Some(min);
         self
     }
@@ -515,17 +535,8 @@ impl<IO: AsyncRead> AsyncRead for Throttled<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let mut this = self.project();
-        if let Some(m) = this.monitor.as_mut() {
-            m.resume();
-        }
         let Some(bucket) = this.read.as_ref() else {
-            let before = buf.filled().len();
-            let out = this.io.poll_read(cx, buf);
-            if let Some(m) = this.monitor.as_mut() {
-                let moved = buf.filled().len() - before;
-                m.after(moved, out.is_pending(), cx)?;
-            }
-            return out;
+            return this.io.poll_read(cx, buf);
         };
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
@@ -544,9 +555,6 @@ impl<IO: AsyncRead> AsyncRead for Throttled<IO> {
                     if let Poll::Ready(Ok(())) = out {
                         buf.advance(got);
                         bucket.record(got);
-                    }
-                    if let Some(m) = this.monitor.as_mut() {
-                        m.after(got, out.is_pending(), cx)?;
                     }
                     return out;
                 }
