@@ -1,0 +1,780 @@
+//! `RateLimitLayer` on paused tokio time: the GCRA admits exactly its burst plus its
+//! rate times the simulated time elapsed, `retry_after` is exact to the nanosecond,
+//! `Wait` mode holds `poll_ready` back (global) or the response future (keyed) within
+//! its bound, clones share one quota, and the keyed limiter isolates keys, bounds and
+//! sweeps its key table (evicting or refusing, on a schedule or on demand).
+//!
+//! Every test runs on simulated time (`start_paused`, `tokio::time::advance`); nothing
+//! sleeps on the wall clock.
+
+use std::convert::Infallible;
+use std::future::{Ready, ready};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use governor::clock::Clock;
+use marina_core::{BoxError, HeaderKey};
+use marina_limit::{
+    KeyTable, OnLimit, Rate, RateLimit, RateLimitLayer, RateLimited, TokioClock, TooManyKeys,
+    WhenKeysFull,
+};
+use proptest::prelude::*;
+use tokio::time::{Instant, advance};
+use tokio_test::{assert_pending, assert_ready, assert_ready_ok};
+use tower::{Layer, Service, ServiceExt};
+
+/// A backend that answers every request at once with the request itself.
+#[derive(Debug, Clone, Copy)]
+struct Echo;
+
+impl<R> Service<R> for Echo {
+    type Response = R;
+    type Error = Infallible;
+    type Future = Ready<Result<R, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        ready(Ok(req))
+    }
+}
+
+/// Requests of the keyed tests: their key, or none.
+type Req = Option<String>;
+
+fn key_of(req: &Req) -> Option<String> {
+    req.clone()
+}
+
+type KeyFn = fn(&Req) -> Option<String>;
+
+fn keyed(rate: Rate) -> RateLimitLayer<marina_limit::Keyed<KeyFn>> {
+    RateLimitLayer::keyed(key_of as KeyFn, rate)
+}
+
+fn keyed_with(rate: Rate, table: KeyTable) -> RateLimitLayer<marina_limit::Keyed<KeyFn>> {
+    RateLimitLayer::keyed_with(key_of as KeyFn, rate, table)
+}
+
+fn some(key: &str) -> Req {
+    Some(key.to_string())
+}
+
+fn rate_limited(e: &BoxError) -> RateLimited {
+    *e.downcast_ref::<RateLimited>()
+        .unwrap_or_else(|| panic!("not RateLimited: {e}"))
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Calls until the first refusal: how many were admitted, and the refusal's wait.
+async fn drain<S, R>(svc: &mut S, req: impl Fn() -> R) -> (u64, Duration)
+where
+    S: Service<R, Error = BoxError>,
+{
+    let mut admitted = 0;
+    loop {
+        match send(svc, req()).await {
+            Ok(_) => admitted += 1,
+            Err(e) => return (admitted, rate_limited(&e).retry_after),
+        }
+    }
+}
+
+/// One request: waits for readiness, then calls.
+async fn send<S: Service<R>, R>(svc: &mut S, req: R) -> Result<S::Response, S::Error> {
+    svc.ready().await?.call(req).await
+}
+
+/// Lets spawned tasks (the sweep) run.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+// ---------------------------------------------------------------- global
+
+#[tokio::test(start_paused = true)]
+async fn global_admits_exactly_burst_plus_rate_times_elapsed() {
+    let layer = RateLimitLayer::global(Rate::per_second(100));
+    let handle = layer.handle();
+    let mut svc = layer.layer(Echo);
+
+    // t = 0: the whole burst, then a refusal until the next cell (10 ms).
+    let (n, wait) = drain(&mut svc, || ()).await;
+    assert_eq!(n, 100);
+    assert_eq!(wait, ms(10));
+    let mut total = n;
+    let mut rate_at_one_second = None;
+    // Every 10 ms for 2 s: one cell each (T = 10 ms exactly), 200 in all.
+    for step in 1..=200u64 {
+        advance(ms(10)).await;
+        if step == 100 {
+            // t = 1.0 s, before this step's cell: the whole of second 0.
+            rate_at_one_second = Some(handle.stats().current_rate);
+        }
+        let (n, wait) = drain(&mut svc, || ()).await;
+        assert_eq!(n, 1, "step {step}: one cell per 10 ms");
+        assert_eq!(wait, ms(10), "step {step}");
+        total += n;
+        // Read like a scraper would, so admissions are filed in their own second.
+        let _ = handle.stats();
+    }
+    assert_eq!(total, 100 + 200, "burst + rate x 2 s");
+
+    let stats = handle.stats();
+    assert_eq!(stats.admitted, 300);
+    assert_eq!(stats.rejected, 201, "one refusal per drain");
+    assert_eq!(stats.limit_per_second, 100.0);
+    assert_eq!(stats.burst, 100);
+    assert_eq!(stats.keys, 0);
+    assert_eq!(stats.evicted_keys, 0);
+    // Second 0 admitted the burst and 99 more (10..=990 ms); second 1, 100.
+    assert_eq!(rate_at_one_second, Some(199));
+    // Since the reading at 1.0 s: the cells of 1.0 s (taken after that reading) to 2.0 s.
+    assert_eq!(stats.current_rate, 101, "1.0..=2.0 s");
+    // Two seconds later nothing was admitted in the last whole second.
+    advance(Duration::from_secs(2)).await;
+    assert_eq!(handle.stats().current_rate, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn current_rate_is_the_last_seconds_admissions_when_read_rarely() {
+    let layer = RateLimitLayer::global(Rate::per_second(1000));
+    let handle = layer.handle();
+    let mut svc = layer.layer(Echo);
+    // A steady 30 requests/s for 10 s (3 every 100 ms), read once at the end.
+    for _ in 0..100 {
+        for _ in 0..3 {
+            send(&mut svc, ()).await.unwrap();
+        }
+        advance(ms(100)).await;
+    }
+    let stats = handle.stats();
+    assert_eq!(stats.admitted, 300);
+    assert_eq!(stats.current_rate, 30, "{stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_exact() {
+    let layer = RateLimitLayer::global(Rate::per_second(2));
+    let mut svc = layer.layer(Echo);
+    let (n, wait) = drain(&mut svc, || ()).await;
+    assert_eq!((n, wait), (2, ms(500)));
+    advance(ms(200)).await;
+    let (n, wait) = drain(&mut svc, || ()).await;
+    assert_eq!((n, wait), (0, ms(300)));
+    advance(ms(300) - Duration::from_nanos(1)).await;
+    let (n, wait) = drain(&mut svc, || ()).await;
+    assert_eq!((n, wait), (0, Duration::from_nanos(1)));
+    advance(Duration::from_nanos(1)).await;
+    let (n, wait) = drain(&mut svc, || ()).await;
+    assert_eq!((n, wait), (1, ms(500)), "one cell, the next 500 ms on");
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_and_burst_shape_the_quota() {
+    // One per 250 ms, bursts of 3.
+    let layer = RateLimitLayer::global(Rate::every(ms(250)).burst(3));
+    let handle = layer.handle();
+    let mut svc = layer.layer(Echo);
+    assert_eq!(drain(&mut svc, || ()).await, (3, ms(250)));
+    // A full replenish (3 x 250 ms) brings the whole burst back, no more.
+    advance(Duration::from_secs(10)).await;
+    assert_eq!(drain(&mut svc, || ()).await, (3, ms(250)));
+    let stats = handle.stats();
+    assert_eq!(stats.burst, 3);
+    assert_eq!(stats.limit_per_second, 4.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn clones_and_sibling_services_share_the_quota() {
+    let layer = RateLimitLayer::global(Rate::per_second(1).burst(3));
+    let handle = layer.handle();
+    let mut a = layer.layer(Echo);
+    let mut b = a.clone();
+    let mut c = layer.layer(Echo);
+    assert_eq!(send(&mut a, 1).await.unwrap(), 1);
+    assert_eq!(send(&mut b, 2).await.unwrap(), 2);
+    assert_eq!(send(&mut c, 3).await.unwrap(), 3);
+    for svc in [&mut a, &mut b, &mut c] {
+        let e = send(svc, 4).await.unwrap_err();
+        assert_eq!(rate_limited(&e).retry_after, Duration::from_secs(1));
+    }
+    let stats = handle.stats();
+    assert_eq!((stats.admitted, stats.rejected), (3, 3));
+    assert_eq!(a.handle().stats(), stats);
+}
+
+#[tokio::test(start_paused = true)]
+async fn global_takes_its_cell_then_waits_for_the_inner_service() {
+    let layer = RateLimitLayer::global(Rate::per_second(1).burst(2));
+    let handle = layer.handle();
+    let mut sibling = layer.layer(Echo);
+    let (mut svc, mut inner) = tower_test::mock::spawn_layer::<u32, u32, _>(layer);
+    inner.allow(0);
+    assert_pending!(svc.poll_ready(), "the inner service is not ready");
+    // The cell is taken while the inner service holds the request back.
+    assert_eq!(
+        drain(&mut sibling, || 0u32).await,
+        (1, Duration::from_secs(1))
+    );
+    inner.allow(1);
+    assert!(svc.is_woken());
+    assert_ready_ok!(svc.poll_ready());
+    let fut = svc.call(7);
+    let (req, send) = inner.next_request().await.unwrap();
+    assert_eq!(req, 7);
+    send.send_response(8);
+    assert_eq!(fut.await.unwrap(), 8);
+    assert_eq!(handle.stats().admitted, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn call_without_poll_ready_fails() {
+    let mut svc = RateLimitLayer::global(Rate::per_second(1)).layer(Echo);
+    assert!(svc.call(()).await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_mode_holds_poll_ready_until_a_cell_is_free() {
+    let layer = RateLimitLayer::global(Rate::per_second(10).burst(1)).on_limit(OnLimit::Wait {
+        max: Duration::from_secs(1),
+    });
+    let handle = layer.handle();
+    let mut svc = layer.layer(Echo);
+    let start = Instant::now();
+    assert_eq!(send(&mut svc, 1).await.unwrap(), 1);
+
+    let mut task = tokio_test::task::spawn(());
+    assert_pending!(task.enter(|cx, _| Service::<u32>::poll_ready(&mut svc, cx)));
+    advance(ms(99)).await;
+    assert!(!task.is_woken(), "woken 1 ms before the cell");
+    assert_pending!(task.enter(|cx, _| Service::<u32>::poll_ready(&mut svc, cx)));
+    advance(ms(1)).await;
+    assert!(task.is_woken());
+    assert_ready_ok!(task.enter(|cx, _| Service::<u32>::poll_ready(&mut svc, cx)));
+    assert_eq!(svc.call(2u32).await.unwrap(), 2);
+    assert_eq!(start.elapsed(), ms(100));
+
+    let stats = handle.stats();
+    assert_eq!((stats.admitted, stats.rejected), (2, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_mode_waits_through_ready_await() {
+    let layer = RateLimitLayer::global(Rate::per_second(4).burst(2))
+        .on_limit(OnLimit::Wait { max: ms(250) });
+    let mut svc = layer.layer(Echo);
+    let start = Instant::now();
+    for i in 0..6u32 {
+        assert_eq!(send(&mut svc, i).await.unwrap(), i);
+    }
+    // Two at once, then one per 250 ms.
+    assert_eq!(start.elapsed(), ms(4 * 250));
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_mode_refuses_at_once_past_its_bound() {
+    let layer =
+        RateLimitLayer::global(Rate::per_second(1)).on_limit(OnLimit::Wait { max: ms(500) });
+    let handle = layer.handle();
+    let mut svc = layer.layer(Echo);
+    send(&mut svc, ()).await.unwrap();
+    let start = Instant::now();
+    let mut task = tokio_test::task::spawn(());
+    // The wait (1 s) is past the bound: ready at once, and the call fails.
+    assert_ready_ok!(task.enter(|cx, _| Service::<u32>::poll_ready(&mut svc, cx)));
+    let e = svc.call(()).await.unwrap_err();
+    assert_eq!(rate_limited(&e).retry_after, Duration::from_secs(1));
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(handle.stats().rejected, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_mode_rechecks_after_its_delay() {
+    let layer = RateLimitLayer::global(Rate::per_second(10).burst(1)).on_limit(OnLimit::Wait {
+        max: Duration::from_secs(1),
+    });
+    let handle = layer.handle();
+    let mut first = layer.layer(Echo);
+    let mut a = first.clone();
+    let mut b = first.clone();
+    send(&mut first, 0).await.unwrap();
+
+    let mut ta = tokio_test::task::spawn(());
+    let mut tb = tokio_test::task::spawn(());
+    assert_pending!(ta.enter(|cx, _| Service::<u32>::poll_ready(&mut a, cx)));
+    assert_pending!(tb.enter(|cx, _| Service::<u32>::poll_ready(&mut b, cx)));
+    advance(ms(100)).await;
+    assert!(ta.is_woken() && tb.is_woken());
+    // Both waited for the same cell: one takes it, the other waits for the next.
+    assert_ready_ok!(ta.enter(|cx, _| Service::<u32>::poll_ready(&mut a, cx)));
+    assert_pending!(tb.enter(|cx, _| Service::<u32>::poll_ready(&mut b, cx)));
+    assert_eq!(a.call(1u32).await.unwrap(), 1);
+    advance(ms(100)).await;
+    assert!(tb.is_woken());
+    assert_ready_ok!(tb.enter(|cx, _| Service::<u32>::poll_ready(&mut b, cx)));
+    assert_eq!(b.call(2u32).await.unwrap(), 2);
+    assert_eq!(handle.stats().admitted, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_mode_bounds_the_total_wait_under_contention() {
+    let layer = RateLimitLayer::global(Rate::per_second(10).burst(1))
+        .on_limit(OnLimit::Wait { max: ms(150) });
+    let mut first = layer.layer(Echo);
+    let mut a = first.clone();
+    let mut b = first.clone();
+    send(&mut first, 0).await.unwrap();
+    let mut ta = tokio_test::task::spawn(());
+    let mut tb = tokio_test::task::spawn(());
+    assert_pending!(ta.enter(|cx, _| Service::<u32>::poll_ready(&mut a, cx)));
+    assert_pending!(tb.enter(|cx, _| Service::<u32>::poll_ready(&mut b, cx)));
+    advance(ms(100)).await;
+    assert_ready_ok!(ta.enter(|cx, _| Service::<u32>::poll_ready(&mut a, cx)));
+    a.call(1u32).await.unwrap();
+    // b has waited 100 ms; the next cell is 100 ms on: 200 ms in all, past 150 ms.
+    assert_ready_ok!(tb.enter(|cx, _| Service::<u32>::poll_ready(&mut b, cx)));
+    let e = b.call(2u32).await.unwrap_err();
+    assert_eq!(rate_limited(&e).retry_after, ms(100));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// For any rate, burst and schedule of calls: never more than burst + elapsed / T
+    /// admitted, every refusal's `retry_after` is in (0, T], and exact: 1 ns before
+    /// it the limiter still refuses, at it one more cell is admitted.
+    #[test]
+    fn global_quota_and_retry_after_hold_for_any_schedule(
+        per_second in 1u32..2_000,
+        burst in 1u32..40,
+        steps in proptest::collection::vec(0u64..3_000_000_000, 1..12),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let t = Duration::from_secs(1) / per_second;
+            let mut svc =
+                RateLimitLayer::global(Rate::per_second(per_second).burst(burst)).layer(Echo);
+            let start = Instant::now();
+            let mut total = 0u64;
+            for step in steps {
+                advance(Duration::from_nanos(step)).await;
+                let (n, wait) = drain(&mut svc, || ()).await;
+                total += n;
+                let elapsed = start.elapsed().as_nanos() as u64;
+                let bound = u64::from(burst) + elapsed / t.as_nanos() as u64;
+                prop_assert!(total <= bound, "{total} admitted by {elapsed} ns, bound {bound}");
+                prop_assert!(wait > Duration::ZERO && wait <= t, "retry_after {wait:?}, T {t:?}");
+                advance(wait - Duration::from_nanos(1)).await;
+                let (n, left) = drain(&mut svc, || ()).await;
+                prop_assert_eq!((n, left), (0, Duration::from_nanos(1)));
+                advance(Duration::from_nanos(1)).await;
+                let (n, _) = drain(&mut svc, || ()).await;
+                prop_assert_eq!(n, 1);
+                total += n;
+            }
+            Ok::<(), TestCaseError>(())
+        })?;
+    }
+}
+
+// ---------------------------------------------------------------- keyed
+
+#[tokio::test(start_paused = true)]
+async fn a_hot_key_does_not_starve_the_others() {
+    let layer = keyed(Rate::per_second(10));
+    let handle = layer.handle();
+    let mut svc = layer.layer(Echo);
+    let (n, wait) = drain(&mut svc, || some("hot")).await;
+    assert_eq!((n, wait), (10, ms(100)));
+    for _ in 0..40 {
+        let e = send(&mut svc, some("hot")).await.unwrap_err();
+        assert_eq!(rate_limited(&e).retry_after, ms(100));
+    }
+    for i in 0..100 {
+        let (n, _) = drain(&mut svc, || some(&format!("user-{i}"))).await;
+        assert_eq!(n, 10, "user-{i} has its own quota");
+    }
+    let stats = handle.stats();
+    assert_eq!(stats.admitted, 10 + 100 * 10);
+    assert_eq!(stats.rejected, 1 + 40 + 100);
+    assert_eq!(stats.keys, 101);
+    assert_eq!(stats.burst, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_without_a_key_share_one_quota() {
+    let layer = RateLimitLayer::keyed(HeaderKey::new("x-user"), Rate::per_second(10).burst(3));
+    let mut svc = layer.layer(Echo);
+    let anon = || http::Request::new(());
+    let user = |u: &str| {
+        http::Request::builder()
+            .header("x-user", u)
+            .body(())
+            .unwrap()
+    };
+    let empty = || {
+        http::Request::builder()
+            .header("x-user", "")
+            .body(())
+            .unwrap()
+    };
+    // Anonymous and empty-header requests draw on one quota.
+    assert!(send(&mut svc, anon()).await.is_ok());
+    assert!(send(&mut svc, empty()).await.is_ok());
+    assert!(send(&mut svc, anon()).await.is_ok());
+    let e = send(&mut svc, anon()).await.unwrap_err();
+    assert_eq!(rate_limited(&e).retry_after, ms(100));
+    assert!(send(&mut svc, empty()).await.is_err());
+    // Named users are untouched by it.
+    for u in ["alice", "bob"] {
+        let (n, _) = drain(&mut svc, || user(u)).await;
+        assert_eq!(n, 3);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn keyless_requests_stay_limited_when_the_key_table_is_full() {
+    let mut seen = Vec::new();
+    for when_full in [WhenKeysFull::Reject, WhenKeysFull::EvictOldest] {
+        let table = KeyTable::with_capacity(2).when_full(when_full);
+        let mut svc = keyed_with(Rate::every(Duration::from_secs(3600)), table).layer(Echo);
+        send(&mut svc, some("a")).await.unwrap();
+        send(&mut svc, some("b")).await.unwrap();
+        let mut admitted = 0;
+        for _ in 0..10 {
+            if send(&mut svc, None).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        seen.push((when_full, admitted));
+    }
+    assert!(
+        seen.iter().all(|(_, admitted)| *admitted <= 1),
+        "keyless requests admitted of 10 at 1/h: {seen:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_ip_keys_by_peer_address() {
+    use marina_core::{ClientIp, PeerAddr};
+    let mut svc = RateLimitLayer::keyed(ClientIp::new(), Rate::per_second(1)).layer(Echo);
+    let from = |addr: &str| {
+        let mut req = http::Request::new(());
+        req.extensions_mut().insert(PeerAddr(addr.parse().unwrap()));
+        req
+    };
+    assert!(send(&mut svc, from("192.0.2.1:1000")).await.is_ok());
+    // Same address, another port: the same client.
+    assert!(send(&mut svc, from("192.0.2.1:2000")).await.is_err());
+    assert!(send(&mut svc, from("192.0.2.2:1000")).await.is_ok());
+}
+
+/// Runs `f` on a fresh current-thread runtime with paused time.
+fn on_paused_runtime<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// A keyed layer in `Wait` mode, made outside any runtime (so without a sweep task:
+/// inside one, `on_limit` panics, see
+/// `on_limit_configures_a_keyed_layer_made_in_a_runtime`). Its clock reads from
+/// before the runtime starts, so readings are offset, and differences exact.
+fn keyed_waiting(rate: Rate, max: Duration) -> RateLimitLayer<marina_limit::Keyed<KeyFn>> {
+    assert!(tokio::runtime::Handle::try_current().is_err());
+    keyed(rate).on_limit(OnLimit::Wait { max })
+}
+
+#[tokio::test]
+async fn on_limit_configures_a_keyed_layer_made_in_a_runtime() {
+    let layer = keyed(Rate::per_second(1)).on_limit(OnLimit::Wait { max: ms(500) });
+    let mut svc = layer.layer(Echo);
+    assert!(send(&mut svc, some("k")).await.is_ok());
+}
+
+#[test]
+fn keyed_wait_mode_delays_and_rechecks() {
+    for (max, second_waiter_gets_in) in [(ms(150), false), (ms(250), true)] {
+        let layer = keyed_waiting(Rate::per_second(10).burst(1), max);
+        on_paused_runtime(async move {
+            let handle = layer.handle();
+            let mut svc = layer.layer(Echo);
+            let start = Instant::now();
+            send(&mut svc, some("k")).await.unwrap();
+            let mut f1 = tokio_test::task::spawn(svc.ready().await.unwrap().call(some("k")));
+            let mut f2 = tokio_test::task::spawn(svc.ready().await.unwrap().call(some("k")));
+            // Another key is not held up by the waiters.
+            send(&mut svc, some("other")).await.unwrap();
+            assert_pending!(f1.poll());
+            assert_pending!(f2.poll());
+            advance(ms(99)).await;
+            assert!(!f1.is_woken());
+            advance(ms(1)).await;
+            assert!(f1.is_woken() && f2.is_woken());
+            // One cell at 100 ms: the first takes it; the second needs 100 ms more.
+            assert_eq!(assert_ready!(f1.poll()).unwrap(), some("k"));
+            if second_waiter_gets_in {
+                assert_pending!(f2.poll());
+                advance(ms(100)).await;
+                assert!(f2.is_woken());
+                assert_eq!(assert_ready!(f2.poll()).unwrap(), some("k"));
+                assert_eq!(start.elapsed(), ms(200));
+                assert_eq!(handle.stats().rejected, 0);
+            } else {
+                // 100 + 100 ms is past 150: refused with the wait it would have needed.
+                let e = assert_ready!(f2.poll()).unwrap_err();
+                assert_eq!(rate_limited(&e).retry_after, ms(100));
+                assert_eq!(start.elapsed(), ms(100));
+                assert_eq!(handle.stats().rejected, 1);
+            }
+            assert_eq!(
+                handle.stats().admitted,
+                3 + u64::from(second_waiter_gets_in)
+            );
+        });
+    }
+}
+
+#[test]
+fn keyed_wait_mode_refuses_at_once_past_its_bound() {
+    let layer = keyed_waiting(Rate::per_second(1), ms(500));
+    on_paused_runtime(async move {
+        let handle = layer.handle();
+        let mut svc = layer.layer(Echo);
+        let start = Instant::now();
+        send(&mut svc, some("k")).await.unwrap();
+        let mut f = tokio_test::task::spawn(svc.ready().await.unwrap().call(some("k")));
+        let e = assert_ready!(f.poll()).unwrap_err();
+        assert_eq!(rate_limited(&e).retry_after, Duration::from_secs(1));
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(handle.stats().rejected, 1);
+    });
+}
+
+#[test]
+fn a_waiter_refused_for_a_full_table_counts_as_rejected() {
+    // Room for 2 keys, refusing new ones; one request per 100 ms, waits up to 1 s.
+    let table = KeyTable::with_capacity(2).when_full(WhenKeysFull::Reject);
+    let layer = RateLimitLayer::keyed_with(key_of as KeyFn, Rate::per_second(10).burst(1), table)
+        .on_limit(OnLimit::Wait {
+            max: Duration::from_secs(1),
+        });
+    on_paused_runtime(async move {
+        let handle = layer.handle();
+        let mut svc = layer.layer(Echo);
+        send(&mut svc, some("a")).await.unwrap();
+        let mut waiter = tokio_test::task::spawn(svc.ready().await.unwrap().call(some("a")));
+        assert_pending!(waiter.poll());
+        advance(ms(100)).await;
+        // At 100 ms "a" has replenished, so the table may forget it: two new keys take
+        // its place before the waiter re-checks.
+        send(&mut svc, some("b")).await.unwrap();
+        send(&mut svc, some("c")).await.unwrap();
+        let e = assert_ready!(waiter.poll()).unwrap_err();
+        assert_eq!(
+            e.downcast_ref::<TooManyKeys>(),
+            Some(&TooManyKeys { max_keys: 2 })
+        );
+        assert_eq!(handle.stats().rejected, 1, "{:?}", handle.stats());
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_table_refuses_new_keys_but_serves_known_ones() {
+    let table = KeyTable::with_capacity(3).when_full(WhenKeysFull::Reject);
+    let layer = keyed_with(Rate::per_second(1).burst(5), table);
+    let handle = layer.handle();
+    let mut svc = layer.layer(Echo);
+    for k in ["a", "b", "c"] {
+        send(&mut svc, some(k)).await.unwrap();
+    }
+    let e = send(&mut svc, some("d")).await.unwrap_err();
+    assert_eq!(
+        e.downcast_ref::<TooManyKeys>(),
+        Some(&TooManyKeys { max_keys: 3 })
+    );
+    for k in ["a", "b", "c"] {
+        assert_eq!(
+            drain(&mut svc, || some(k)).await.0,
+            4,
+            "{k}: the rest of its burst"
+        );
+    }
+    let stats = handle.stats();
+    assert_eq!(stats.keys, 3);
+    assert_eq!(stats.rejected, 1 + 3);
+    assert_eq!(stats.evicted_keys, 0);
+    // a, b and c replenish in 5 s: then they carry nothing, and make room.
+    advance(ms(4_999)).await;
+    assert!(send(&mut svc, some("d")).await.is_err());
+    advance(ms(1)).await;
+    assert!(send(&mut svc, some("d")).await.is_ok());
+    let stats = handle.stats();
+    assert_eq!(stats.keys, 1, "the replenished keys gave way");
+    assert_eq!(
+        stats.evicted_keys, 0,
+        "dropping replenished keys is not eviction"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn evict_oldest_keeps_the_table_bounded() {
+    let table = KeyTable::with_capacity(100).when_full(WhenKeysFull::EvictOldest);
+    let layer = keyed_with(Rate::every(Duration::from_secs(3600)), table);
+    let handle = layer.handle();
+    let mut svc = layer.layer(Echo);
+    for i in 0..1_000 {
+        let r = send(&mut svc, some(&format!("k{i}"))).await;
+        assert!(r.is_ok(), "new key {i} admitted");
+        assert!(handle.stats().keys <= 100);
+        // Each key a little later than the last, so "oldest" is well defined.
+        advance(ms(1)).await;
+    }
+    let stats = handle.stats();
+    assert!(stats.keys <= 100 && stats.keys > 0, "{stats:?}");
+    assert_eq!(stats.evicted_keys, 1_000 - stats.keys as u64, "{stats:?}");
+    // The newest key is still tracked (and limited); an evicted one starts afresh.
+    assert!(send(&mut svc, some("k999")).await.is_err());
+    assert!(send(&mut svc, some("k0")).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_new_keys_evicts_them_before_a_limited_hot_key() {
+    let table = KeyTable::with_capacity(64).when_full(WhenKeysFull::EvictOldest);
+    let layer = keyed_with(Rate::per_second(1).burst(5), table);
+    let handle = layer.handle();
+    let mut svc = layer.layer(Echo);
+    assert_eq!(drain(&mut svc, || some("hot")).await.0, 5);
+    for i in 0..5_000 {
+        send(&mut svc, some(&format!("flood-{i}"))).await.unwrap();
+    }
+    assert!(handle.stats().evicted_keys > 0);
+    // The hot key's state is the newest (5 s ahead): it was kept, and still limits.
+    let e = send(&mut svc, some("hot")).await.unwrap_err();
+    assert_eq!(rate_limited(&e).retry_after, Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sweep_drops_replenished_keys() {
+    let table = KeyTable::with_capacity(1_000).sweep_interval(Duration::from_secs(10));
+    // T = 1 s, bursts of 60.
+    let layer = keyed_with(Rate::per_second(1).burst(60), table);
+    let handle = layer.handle();
+    let mut svc = layer.layer(Echo);
+    // Let the sweep task start (its schedule runs from its first poll).
+    settle().await;
+    for i in 0..100 {
+        // One request each: replenished after 1 s.
+        send(&mut svc, some(&format!("k{i}"))).await.unwrap();
+    }
+    for _ in 0..30 {
+        // Replenished after 30 s.
+        send(&mut svc, some("busy")).await.unwrap();
+    }
+    assert_eq!(handle.stats().keys, 101);
+    advance(ms(9_999)).await;
+    settle().await;
+    assert_eq!(handle.stats().keys, 101, "no sweep before its interval");
+    advance(ms(1)).await;
+    settle().await;
+    assert_eq!(
+        handle.stats().keys,
+        1,
+        "the 10 s sweep kept only the busy key"
+    );
+    // Its state still counts: 30 of its 60 spent, 10 replenished.
+    assert_eq!(drain(&mut svc, || some("busy")).await.0, 40);
+    // Its state is now at 70 s: the sweeps up to 60 s keep it, the one at 70 s drops it.
+    advance(Duration::from_secs(50)).await;
+    settle().await;
+    assert_eq!(handle.stats().keys, 1);
+    advance(Duration::from_secs(10)).await;
+    settle().await;
+    assert_eq!(handle.stats().keys, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retain_recent_drops_replenished_keys_on_demand() {
+    let layer = keyed(Rate::per_second(1).burst(10));
+    let handle = layer.handle();
+    let mut svc = layer.layer(Echo);
+    for i in 0..50 {
+        send(&mut svc, some(&format!("k{i}"))).await.unwrap();
+    }
+    for _ in 0..5 {
+        send(&mut svc, some("busy")).await.unwrap();
+    }
+    assert_eq!(handle.retain_recent(), 0, "nothing replenished at t = 0");
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(handle.retain_recent(), 50);
+    assert_eq!(handle.stats().keys, 1);
+    advance(Duration::from_secs(4)).await;
+    assert_eq!(handle.retain_recent(), 1);
+    assert_eq!(handle.stats().keys, 0);
+    // A global limiter has no table.
+    let global = RateLimitLayer::global(Rate::per_second(1));
+    assert_eq!(global.handle().retain_recent(), 0);
+}
+
+/// Drives a keyed service synchronously: its futures are ready at once in `Reject`.
+fn call_now(svc: &mut RateLimit<Echo, marina_limit::Keyed<KeyFn>>, req: Req) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(svc.poll_ready(&mut cx).is_ready());
+    let mut fut = std::pin::pin!(svc.call(req));
+    match std::future::Future::poll(fut.as_mut(), &mut cx) {
+        Poll::Ready(r) => r.is_ok(),
+        Poll::Pending => panic!("a Reject-mode keyed call is never pending"),
+    }
+}
+
+#[test]
+fn a_million_distinct_keys_stay_within_the_cap() {
+    const CAP: usize = 10_000;
+    const KEYS: u64 = 1_000_000;
+    // Outside a runtime: no sweep task; the cap alone bounds the table.
+    let table = KeyTable::with_capacity(CAP).when_full(WhenKeysFull::EvictOldest);
+    let layer = RateLimitLayer::keyed_with(key_of as KeyFn, Rate::per_second(1), table);
+    let handle = layer.handle();
+    let mut svc = layer.layer(Echo);
+    for i in 0..KEYS {
+        assert!(
+            call_now(&mut svc, Some(format!("{i:016x}"))),
+            "key {i} refused"
+        );
+        if i % 100_000 == 0 {
+            assert!(handle.stats().keys <= CAP);
+        }
+    }
+    let stats = handle.stats();
+    assert!(stats.keys <= CAP, "{stats:?}");
+    assert_eq!(stats.admitted, KEYS);
+}
+
+// ---------------------------------------------------------------- clock
+
+#[tokio::test(start_paused = true)]
+async fn tokio_clock_follows_paused_time() {
+    let clock = TokioClock::new();
+    let t0 = clock.now();
+    let i0 = Instant::now();
+    advance(Duration::from_secs(1)).await;
+    let t1 = clock.now();
+    assert_eq!(t1.as_u64() - t0.as_u64(), 1_000_000_000);
+    assert_eq!(clock.instant_of(t1), i0 + Duration::from_secs(1));
+    assert_eq!(clock.instant_of(t0), i0);
+}
