@@ -20,7 +20,7 @@
 //! | [`core`] | marina-core | the shared vocabulary: `RouteHint`, `NotSent`, `KeyExtractor`, … |
 //!
 //! Each module is behind a feature of the same name (`full`, the default, is all of
-//! them); [`Stack`] and [`line`] need `full`.
+//! them); [`Stack`] needs `full`; [`line`](mod@line) needs nothing.
 //!
 //! # Examples
 //!
@@ -91,7 +91,12 @@ pub use marina_pool as pool;
 pub mod line;
 
 #[cfg(feature = "full")]
+mod ext;
+#[cfg(feature = "full")]
 mod stack;
+
+#[cfg(feature = "full")]
+pub use ext::ServiceBuilderExt;
 
 #[cfg(feature = "full")]
 pub use stack::{
@@ -102,6 +107,6 @@ pub use stack::{
 /// The names most programs use.
 pub mod prelude {
     #[cfg(feature = "full")]
-    pub use crate::{AffinityMode, KeyFnBox, Stack, StackHandle};
+    pub use crate::{AffinityMode, KeyFnBox, ServiceBuilderExt, Stack, StackHandle};
     pub use marina_core::{BoxError, Request, Response, RouteHint};
 }
