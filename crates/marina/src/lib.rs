@@ -90,11 +90,18 @@ pub use marina_pool as pool;
 
 pub mod line;
 
+#[cfg(feature = "serde")]
+mod config;
 #[cfg(feature = "full")]
 mod ext;
 #[cfg(feature = "full")]
 mod stack;
 
+#[cfg(feature = "serde")]
+pub use config::{
+    ConfigProblem, ConfigSyntax, FailoverSection, HealthSection, InvalidConfig, LimitsSection,
+    PoolSection, StackConfig,
+};
 #[cfg(feature = "full")]
 pub use ext::ServiceBuilderExt;
 

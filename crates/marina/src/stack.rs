@@ -92,6 +92,7 @@ pub struct StackBuilder<T> {
     picker: Box<dyn Fn() -> Box<dyn Pick> + Send + Sync>,
     failover: Option<Failover>,
     failfast: Duration,
+    panic_threshold: f64,
     affinity: Option<AffinityMode<T>>,
     rate: Option<Rate>,
     rate_per_key: Option<(KeyFnBox<T>, Rate)>,
@@ -118,6 +119,18 @@ impl<T> fmt::Debug for StackBuilder<T> {
 pub struct Stack;
 
 impl Stack {
+    /// A builder from a validated [`StackConfig`](crate::StackConfig) (the `serde`
+    /// feature).
+    #[cfg(feature = "serde")]
+    pub fn from_config<T>(
+        config: &crate::StackConfig,
+    ) -> Result<StackBuilder<T>, crate::InvalidConfig>
+    where
+        T: Clone + Send + Sync + 'static,
+    {
+        config.builder()
+    }
+
     /// Starts a stack: no endpoints yet, `Config::balanced()` pools, default health
     /// checks, round robin, failover on, no affinity, no limits.
     pub fn builder<T>() -> StackBuilder<T> {
@@ -129,6 +142,7 @@ impl Stack {
             picker: Box::new(|| Box::new(RoundRobin::new())),
             failover: Some(Failover::new()),
             failfast: Duration::from_secs(10),
+            panic_threshold: 0.5,
             affinity: None,
             rate: None,
             rate_per_key: None,
@@ -182,6 +196,13 @@ where
     /// How long nothing may be ready before calls fail fast (default 10 s).
     pub fn failfast_timeout(mut self, timeout: Duration) -> Self {
         self.failfast = timeout;
+        self
+    }
+
+    /// The balancer's panic threshold (default 0.5): below this share of healthy
+    /// backends, route to all of them.
+    pub fn panic_threshold(mut self, healthy_share: f64) -> Self {
+        self.panic_threshold = healthy_share;
         self
     }
 
@@ -342,6 +363,7 @@ where
         let mut balance = Balance::new(discover, BoxedPick((b.picker)()))
             .failfast_timeout(b.failfast)
             .ejection_gate(gate)
+            .panic_threshold(b.panic_threshold)
             .route_hints_from_extensions();
         if let Some(f) = b.failover {
             balance = balance.failover(f);

@@ -1,0 +1,388 @@
+//! `StackConfig`: the stack from a file (TOML), validated with paths.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use marina_balance::{
+    ConsistentHash, Failover, LeastConnections, LeastResponseTime, PowerOfTwoChoices, Random,
+    RoundRobin, WeightedRoundRobin,
+};
+use marina_health::HealthConfig;
+use marina_limit::Rate;
+use marina_pool::Config;
+use serde::Deserialize;
+
+use crate::StackBuilder;
+
+/// The stack's settings as a file holds them. Every table and key is optional except
+/// `endpoints`; unknown keys are errors (a typo must not silently fall back to a
+/// default).
+///
+/// ```
+/// use marina::{Stack, StackConfig};
+///
+/// let config = StackConfig::from_toml(r#"
+///     endpoints = ["127.0.0.1:7001", "127.0.0.1:7002"]
+///     picker = "p2c"
+///
+///     [pool]
+///     min_idle = 1
+///     max_size = 16
+///     acquire_timeout_ms = 2000
+///
+///     [health]
+///     consecutive_failures = 3
+///
+///     [limits]
+///     rate_per_second = 5000
+/// "#).unwrap();
+/// assert!(config.validate().is_empty());
+/// let builder = Stack::from_config::<String>(&config).unwrap();
+/// # drop(builder);
+///
+/// let bad = StackConfig::from_toml("endpoints = []\n[pool]\nmin_idle = 9\nmax_size = 2\n").unwrap();
+/// let problems = bad.validate();
+/// assert!(problems.iter().any(|p| p.path == "endpoints"));
+/// assert!(problems.iter().any(|p| p.path == "pool.min_idle"));
+///
+/// let typo = StackConfig::from_toml("endpoints = [\"127.0.0.1:1\"]\n[pool]\nmax_szie = 2\n");
+/// assert!(typo.unwrap_err().to_string().contains("max_szie"));
+/// ```
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StackConfig {
+    /// Backend addresses, `host:port` (IP addresses: no DNS here).
+    pub endpoints: Vec<String>,
+    /// `round_robin` (default), `weighted_round_robin`, `least_connections`,
+    /// `least_response_time`, `random`, `p2c`, `consistent_hash`.
+    pub picker: Option<String>,
+    /// TCP connect timeout, ms (default 5000).
+    pub connect_timeout_ms: Option<u64>,
+    /// Fail fast after nothing is ready for this long, ms (default 10000).
+    pub failfast_timeout_ms: Option<u64>,
+    /// Each backend's pool.
+    #[serde(default)]
+    pub pool: PoolSection,
+    /// Passive health checks (on by default; `enabled = false` turns them off).
+    #[serde(default)]
+    pub health: HealthSection,
+    /// Failover for requests not sent.
+    #[serde(default)]
+    pub failover: FailoverSection,
+    /// Rate and bandwidth limits.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// `[pool]`: starts from a preset, then overrides.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSection {
+    /// `balanced` (default), `high_throughput`, `low_latency`, `resource_constrained`.
+    pub preset: Option<String>,
+    /// Idle connections kept ready.
+    pub min_idle: Option<usize>,
+    /// The most connections per backend.
+    pub max_size: Option<usize>,
+    /// How long a checkout may wait, ms.
+    pub acquire_timeout_ms: Option<u64>,
+    /// Idle connections older than this close, ms.
+    pub idle_timeout_ms: Option<u64>,
+    /// Connections older than this close, ms.
+    pub max_lifetime_ms: Option<u64>,
+}
+
+/// `[health]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    /// Passive checks on (default true).
+    pub enabled: Option<bool>,
+    /// Consecutive failures that eject.
+    pub consecutive_failures: Option<u32>,
+    /// First ejection, ms.
+    pub base_ejection_ms: Option<u64>,
+    /// Longest ejection, ms.
+    pub max_ejection_ms: Option<u64>,
+    /// Below this share of healthy endpoints, route to all (default 0.5).
+    pub panic_threshold: Option<f64>,
+}
+
+/// `[failover]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverSection {
+    /// On by default.
+    pub enabled: Option<bool>,
+    /// Attempts in all (default 3).
+    pub max_attempts: Option<u32>,
+    /// Requests are idempotent: retry any error, not only "not sent" ones.
+    pub idempotent: Option<bool>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// A global rate limit, requests per second.
+    pub rate_per_second: Option<u32>,
+    /// Its burst (default: one second's worth).
+    pub burst: Option<u32>,
+    /// All connections together write at most this, bytes per second.
+    pub bandwidth_bytes_per_sec: Option<f64>,
+    /// The bandwidth burst, bytes (default 64 KiB).
+    pub bandwidth_burst: Option<u64>,
+}
+
+/// One problem in a [`StackConfig`], with the path of the setting at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Where: `endpoints[1]`, `pool.min_idle`, …
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// A configuration that cannot build a stack: every problem found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidConfig(pub Vec<ConfigProblem>);
+
+impl fmt::Display for InvalidConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid stack configuration:")?;
+        for p in &self.0 {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for InvalidConfig {}
+
+/// A file that is not valid TOML for a [`StackConfig`] (its message names the key and
+/// line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSyntax(pub String);
+
+impl fmt::Display for ConfigSyntax {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "stack configuration: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigSyntax {}
+
+const PICKERS: &[&str] = &[
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "least_response_time",
+    "random",
+    "p2c",
+    "consistent_hash",
+];
+
+const PRESETS: &[&str] = &[
+    "balanced",
+    "high_throughput",
+    "low_latency",
+    "resource_constrained",
+];
+
+impl StackConfig {
+    /// Parses TOML (unknown keys are errors).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigSyntax> {
+        toml::from_str(text).map_err(|e| ConfigSyntax(e.to_string()))
+    }
+
+    /// Every problem, each with its path; empty when the configuration can build a
+    /// stack.
+    pub fn validate(&self) -> Vec<ConfigProblem> {
+        let mut out = Vec::new();
+        let mut bad = |path: String, message: String| out.push(ConfigProblem { path, message });
+        if self.endpoints.is_empty() {
+            bad(
+                "endpoints".into(),
+                "at least one backend address is needed".into(),
+            );
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if e.parse::<SocketAddr>().is_err() {
+                bad(
+                    format!("endpoints[{i}]"),
+                    format!("{e:?} is not an ip:port address"),
+                );
+            }
+        }
+        if let Some(p) = &self.picker
+            && !PICKERS.contains(&p.as_str())
+        {
+            bad(
+                "picker".into(),
+                format!("unknown picker {p:?}; one of {PICKERS:?}"),
+            );
+        }
+        if self.connect_timeout_ms == Some(0) {
+            bad("connect_timeout_ms".into(), "must be above 0".into());
+        }
+        if let Some(p) = &self.pool.preset
+            && !PRESETS.contains(&p.as_str())
+        {
+            bad(
+                "pool.preset".into(),
+                format!("unknown preset {p:?}; one of {PRESETS:?}"),
+            );
+        }
+        for problem in self.pool_config().validate().errors {
+            bad(format!("pool.{}", problem.field), problem.message);
+        }
+        if let Some(t) = self.health.panic_threshold
+            && !(0.0..=1.0).contains(&t)
+        {
+            bad(
+                "health.panic_threshold".into(),
+                "must be within 0.0..=1.0".into(),
+            );
+        }
+        if let (Some(b), Some(m)) = (self.health.base_ejection_ms, self.health.max_ejection_ms)
+            && b > m
+        {
+            bad(
+                "health.base_ejection_ms".into(),
+                format!("{b} ms is above health.max_ejection_ms ({m} ms)"),
+            );
+        }
+        if self.failover.max_attempts == Some(0) {
+            bad("failover.max_attempts".into(), "must be at least 1".into());
+        }
+        if self.limits.rate_per_second == Some(0) {
+            bad("limits.rate_per_second".into(), "must be above 0".into());
+        }
+        if self.limits.burst == Some(0) {
+            bad("limits.burst".into(), "must be above 0".into());
+        }
+        if self.limits.burst.is_some() && self.limits.rate_per_second.is_none() {
+            bad(
+                "limits.burst".into(),
+                "set without limits.rate_per_second".into(),
+            );
+        }
+        if let Some(b) = self.limits.bandwidth_bytes_per_sec
+            && !(b.is_finite() && b > 0.0)
+        {
+            bad(
+                "limits.bandwidth_bytes_per_sec".into(),
+                "must be above 0".into(),
+            );
+        }
+        out
+    }
+
+    fn pool_config(&self) -> Config {
+        let p = &self.pool;
+        let mut c = match p.preset.as_deref() {
+            Some("high_throughput") => Config::high_throughput(),
+            Some("low_latency") => Config::low_latency(),
+            Some("resource_constrained") => Config::resource_constrained(),
+            _ => Config::balanced(),
+        };
+        if let Some(v) = p.min_idle {
+            c.min_idle = v;
+        }
+        if let Some(v) = p.max_size {
+            c.max_size = v;
+        }
+        if let Some(v) = p.acquire_timeout_ms {
+            c.acquire_timeout = Some(Duration::from_millis(v));
+        }
+        if let Some(v) = p.idle_timeout_ms {
+            c.idle_timeout = Some(Duration::from_millis(v));
+        }
+        if let Some(v) = p.max_lifetime_ms {
+            c.max_lifetime = Some(Duration::from_millis(v));
+        }
+        c
+    }
+
+    /// A [`StackBuilder`] with these settings (add affinity and keyed limits in code:
+    /// their key extractors are functions).
+    pub fn builder<T>(&self) -> Result<StackBuilder<T>, InvalidConfig>
+    where
+        T: Clone + Send + Sync + 'static,
+    {
+        let problems = self.validate();
+        if !problems.is_empty() {
+            return Err(InvalidConfig(problems));
+        }
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|e| e.parse::<SocketAddr>().expect("validated"));
+        let mut b = crate::Stack::builder::<T>()
+            .endpoints(endpoints)
+            .pool(self.pool_config())
+            .connect_timeout(Duration::from_millis(
+                self.connect_timeout_ms.unwrap_or(5000),
+            ))
+            .failfast_timeout(Duration::from_millis(
+                self.failfast_timeout_ms.unwrap_or(10_000),
+            ));
+        b = match self.picker.as_deref().unwrap_or("round_robin") {
+            "weighted_round_robin" => b.picker(WeightedRoundRobin::new),
+            "least_connections" => b.picker(LeastConnections::new),
+            "least_response_time" => b.picker(LeastResponseTime::new),
+            "random" => b.picker(Random::new),
+            "p2c" => b.picker(PowerOfTwoChoices::new),
+            "consistent_hash" => b.picker(ConsistentHash::new),
+            _ => b.picker(RoundRobin::new),
+        };
+        let h = &self.health;
+        b = if h.enabled == Some(false) {
+            b.health(None)
+        } else {
+            let d = HealthConfig::default();
+            b.health(Some(HealthConfig {
+                consecutive_failures: h.consecutive_failures.unwrap_or(d.consecutive_failures),
+                base_ejection: h
+                    .base_ejection_ms
+                    .map_or(d.base_ejection, Duration::from_millis),
+                max_ejection: h
+                    .max_ejection_ms
+                    .map_or(d.max_ejection, Duration::from_millis),
+                ..d
+            }))
+        };
+        if let Some(t) = h.panic_threshold {
+            b = b.panic_threshold(t);
+        }
+        let f = &self.failover;
+        b = if f.enabled == Some(false) {
+            b.failover(None)
+        } else {
+            let mut failover = Failover::new().max_attempts(f.max_attempts.unwrap_or(3));
+            if f.idempotent == Some(true) {
+                failover = failover.retry_if(|_| true);
+            }
+            b.failover(Some(failover))
+        };
+        let l = &self.limits;
+        if let Some(r) = l.rate_per_second {
+            let mut rate = Rate::per_second(r);
+            if let Some(burst) = l.burst {
+                rate = rate.burst(burst);
+            }
+            b = b.rate_limit(rate);
+        }
+        if let Some(bw) = l.bandwidth_bytes_per_sec {
+            b = b.bandwidth(bw, l.bandwidth_burst.unwrap_or(64 * 1024));
+        }
+        Ok(b)
+    }
+}
