@@ -322,43 +322,61 @@ where
         let connector = ProtocolConnector { tcp, proto };
         let gate = EjectionGate::new();
         let (changes, discover) = marina_balance::ChangeStream::channel();
-        let mut pools: Vec<PoolEntry> = Vec::new();
-        let mut health = Vec::new();
-        for &addr in &b.endpoints {
-            let mut builder = Pool::builder().config(b.pool.clone());
-            if let Some(check) = &check {
-                let check = check.clone();
-                builder = builder.check(move |c: &mut C| check(c));
-            }
-            let pool = builder.build(connector.clone(), addr)?;
-            let body = body.clone();
-            let endpoint = PoolService::new(pool.clone())
-                .map_request(move |r: Request<T>| body(r.into_body()))
-                .map_response(Response::new)
-                .map_err(Into::<BoxError>::into);
-            let endpoint: StackService<T, U> = match &b.health {
-                Some(cfg) => {
-                    let h = HealthLayer::new(cfg.clone())
-                        .name(addr.to_string())
-                        .ejection_gate(gate.clone())
-                        .layer(endpoint);
-                    health.push((addr, h.handle()));
-                    BoxCloneSyncService::new(h)
+        let changes_for_remove = changes.clone();
+        // Makes one backend's endpoint (pool, health) and registers it with the
+        // balancer; kept in the handle to add backends at run time.
+        let registry = Arc::new(Registry::default());
+        let add: AddFn = {
+            let pool_config = b.pool.clone();
+            let health_config = b.health.clone();
+            let registry = registry.clone();
+            let gate = gate.clone();
+            Arc::new(move |addr: SocketAddr| -> Result<(), BoxError> {
+                let mut builder = Pool::builder().config(pool_config.clone());
+                if let Some(check) = &check {
+                    let check = check.clone();
+                    builder = builder.check(move |c: &mut C| check(c));
                 }
-                None => BoxCloneSyncService::new(endpoint),
-            };
-            changes
-                .send(Change::Insert(addr, endpoint))
-                .map_err(|_| "discovery channel closed")?;
-            let stats_pool = pool.clone();
-            pools.push(PoolEntry {
-                addr,
-                stats: Box::new(move || stats_pool.stats()),
-                close: Box::new(move || {
-                    let p = pool.clone();
-                    Box::pin(async move { p.close().await })
-                }),
-            });
+                let pool = builder.build(connector.clone(), addr)?;
+                let body = body.clone();
+                let endpoint = PoolService::new(pool.clone())
+                    .map_request(move |r: Request<T>| body(r.into_body()))
+                    .map_response(Response::new)
+                    .map_err(Into::<BoxError>::into);
+                let mut health = None;
+                let endpoint: StackService<T, U> = match &health_config {
+                    Some(cfg) => {
+                        let h = HealthLayer::new(cfg.clone())
+                            .name(addr.to_string())
+                            .ejection_gate(gate.clone())
+                            .layer(endpoint);
+                        health = Some(h.handle());
+                        BoxCloneSyncService::new(h)
+                    }
+                    None => BoxCloneSyncService::new(endpoint),
+                };
+                changes
+                    .send(Change::Insert(addr, endpoint))
+                    .map_err(|_| "the stack's balancer is gone")?;
+                let stats_pool = pool.clone();
+                registry.lock().push(PoolEntry {
+                    addr,
+                    stats: Box::new(move || stats_pool.stats()),
+                    close: Box::new(move || {
+                        let p = pool.clone();
+                        Box::pin(async move { p.close().await })
+                    }),
+                    health,
+                });
+                Ok(())
+            })
+        };
+        let remove: RemoveFn = {
+            let changes = changes_for_remove;
+            Arc::new(move |addr: SocketAddr| changes.send(Change::Remove(addr)).is_ok())
+        };
+        for &addr in &b.endpoints {
+            add(addr)?;
         }
         let mut balance = Balance::new(discover, BoxedPick((b.picker)()))
             .failfast_timeout(b.failfast)
@@ -409,15 +427,15 @@ where
         });
         let handle = StackHandle {
             inner: Arc::new(HandleInner {
-                pools,
-                health,
+                registry,
+                add,
+                remove,
                 balance: balance_handle,
                 affinity,
                 rate,
                 concurrency,
                 bandwidth,
                 state,
-                _discovery: Box::new(changes),
             }),
         };
         Ok((svc, handle))
@@ -542,19 +560,37 @@ struct PoolEntry {
     addr: SocketAddr,
     stats: Box<dyn Fn() -> PoolStats + Send + Sync>,
     close: Box<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>,
+    health: Option<HealthHandle>,
 }
 
+/// The backends the stack has made, current and removed (removed ones drain, then
+/// their pools close at shutdown).
+#[derive(Default)]
+struct Registry {
+    entries: std::sync::Mutex<Vec<PoolEntry>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PoolEntry>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+type AddFn = Arc<dyn Fn(SocketAddr) -> Result<(), BoxError> + Send + Sync>;
+type RemoveFn = Arc<dyn Fn(SocketAddr) -> bool + Send + Sync>;
+
 struct HandleInner {
-    pools: Vec<PoolEntry>,
-    health: Vec<(SocketAddr, HealthHandle)>,
+    registry: Arc<Registry>,
+    add: AddFn,
+    remove: RemoveFn,
     balance: BalanceHandle,
     affinity: Option<AffinityHandle>,
     rate: Option<RateLimitHandle>,
     concurrency: Vec<ConcurrencyHandle>,
     bandwidth: Option<Arc<Bucket>>,
     state: Arc<ShutdownState>,
-    /// The discovery sender, kept so discovery stays open.
-    _discovery: Box<dyn std::any::Any + Send + Sync>,
 }
 
 /// The stack's stats and shutdown, readable from anywhere.
@@ -609,16 +645,13 @@ impl StackHandle {
         let i = &self.inner;
         let eps = i.balance.stats();
         let backends = i
-            .pools
+            .registry
+            .lock()
             .iter()
             .map(|p| BackendStats {
                 addr: p.addr,
                 pool: (p.stats)(),
-                health: i
-                    .health
-                    .iter()
-                    .find(|(a, _)| *a == p.addr)
-                    .map(|(_, h)| h.status()),
+                health: p.health.as_ref().map(HealthHandle::status),
                 balance: eps
                     .iter()
                     .find(|e| e.key == format!("{:?}", p.addr))
@@ -639,13 +672,27 @@ impl StackHandle {
         }
     }
 
-    /// The health handle of the backend at `addr`.
+    /// The health handle of the backend at `addr` (the latest one added there).
     pub fn health(&self, addr: SocketAddr) -> Option<HealthHandle> {
         self.inner
-            .health
+            .registry
+            .lock()
             .iter()
-            .find(|(a, _)| *a == addr)
-            .map(|(_, h)| h.clone())
+            .rev()
+            .find(|p| p.addr == addr)
+            .and_then(|p| p.health.clone())
+    }
+
+    /// Adds a backend at run time (service discovery): a pool and health checks for it,
+    /// then the balancer picks it up on its next request.
+    pub fn add_endpoint(&self, addr: SocketAddr) -> Result<(), BoxError> {
+        (self.inner.add)(addr)
+    }
+
+    /// Removes a backend: it gets no new requests, its requests in flight complete;
+    /// its pool closes at [`shutdown`](Self::shutdown). False if the balancer is gone.
+    pub fn remove_endpoint(&self, addr: SocketAddr) -> bool {
+        (self.inner.remove)(addr)
     }
 
     /// Graceful shutdown: new requests fail with [`ShuttingDown`] at once; requests in
@@ -670,8 +717,15 @@ impl StackHandle {
             }
         };
         let _ = tokio::time::timeout(deadline, wait).await;
-        for p in &self.inner.pools {
-            (p.close)().await;
+        let closes: Vec<_> = self
+            .inner
+            .registry
+            .lock()
+            .iter()
+            .map(|p| (p.close)())
+            .collect();
+        for close in closes {
+            close.await;
         }
         st.in_flight.load(Acquire)
     }

@@ -1,0 +1,81 @@
+//! Backends added and removed at run time through `StackHandle`, on loopback TCP.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use marina::Stack;
+use marina::core::Request;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tower::{Service, ServiceExt};
+
+/// A line echo server on 127.0.0.1 that prefixes replies with `tag:`.
+async fn server(tag: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    if w.write_all(format!("{tag}:{l}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn endpoints_come_and_go() {
+    let a = server("a").await;
+    let b = server("b").await;
+    let (mut svc, handle) = Stack::builder::<String>()
+        .endpoints([a])
+        .build_line()
+        .unwrap();
+    let mut call = async |line: &str| -> String {
+        let resp = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(line.to_string()))
+            .await
+            .unwrap();
+        resp.body
+    };
+    for i in 0..4 {
+        assert_eq!(call(&format!("x{i}")).await, format!("a:x{i}"));
+    }
+    handle.add_endpoint(b).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..10 {
+        seen.insert(call(&format!("y{i}")).await[..1].to_string());
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "both backends serve once b is added: {seen:?}"
+    );
+    assert!(handle.remove_endpoint(a));
+    for i in 0..10 {
+        assert_eq!(
+            call(&format!("z{i}")).await,
+            format!("b:z{i}"),
+            "a was removed"
+        );
+    }
+    assert_eq!(
+        handle.stats().backends.len(),
+        2,
+        "a's pool is kept until shutdown"
+    );
+    assert_eq!(handle.shutdown(Duration::from_secs(1)).await, 0);
+    assert!(handle.stats().backends.iter().all(|b| b.pool.total == 0));
+}
