@@ -329,6 +329,8 @@ where
     gate: Option<EjectionGate>,
     panic_threshold: f64,
     panicking: bool,
+    /// The gate's change count at the last look.
+    gate_changes: u64,
     _req: PhantomData<fn(Req)>,
 }
 
@@ -459,13 +461,17 @@ where
             gate: None,
             panic_threshold: 0.5,
             panicking: false,
+            gate_changes: 0,
             _req: PhantomData,
         }
     }
 
     /// Links the balancer to its endpoints' health checks through `gate` (give the same
     /// gate to each endpoint's `marina_health::HealthLayer::ejection_gate`), enabling
-    /// the [panic threshold](Self::panic_threshold).
+    /// the [panic threshold](Self::panic_threshold). It also makes an ejection the
+    /// balancer did not cause (an active probe's) take effect at once: when the gate
+    /// reports a change, every ready endpoint is polled again. Without a gate, an
+    /// endpoint ejected by a probe leaves the ready set after its next request.
     pub fn ejection_gate(mut self, gate: EjectionGate) -> Self {
         self.gate = Some(gate);
         self
@@ -662,34 +668,40 @@ where
         let Some(gate) = &self.gate else {
             return;
         };
+        let changes = gate.changes();
+        let ejections_changed = changes != self.gate_changes;
+        self.gate_changes = changes;
         let share = gate.healthy_share();
         let panic = share < self.panic_threshold;
-        if panic == self.panicking {
+        if panic != self.panicking {
+            self.panicking = panic;
+            gate.set_open(panic);
+            self.handle.totals.panicking.store(panic, Relaxed);
+            if panic {
+                tracing::warn!(
+                    healthy_share = share,
+                    threshold = self.panic_threshold,
+                    "panic threshold crossed: routing over every endpoint, ejected or not"
+                );
+                // The pending endpoints are polled next, and the gate lets ejected ones
+                // through.
+                return;
+            }
+            tracing::info!(healthy_share = share, "panic mode over");
+        } else if !ejections_changed || panic {
             return;
         }
-        self.panicking = panic;
-        gate.set_open(panic);
-        self.handle.totals.panicking.store(panic, Relaxed);
-        if panic {
-            tracing::warn!(
-                healthy_share = share,
-                threshold = self.panic_threshold,
-                "panic threshold crossed: routing over every endpoint, ejected or not"
-            );
-            // The pending endpoints are polled next, and the gate lets ejected ones
-            // through.
-        } else {
-            tracing::info!(healthy_share = share, "panic mode over");
-            // Ejected endpoints leave the ready set again.
-            let mut pos = 0;
-            while pos < self.ready.len() {
-                let slot = self.ready[pos];
-                if self.poll_endpoint(slot, cx) {
-                    pos += 1;
-                } else if let Some(p) = self.slots[slot].as_ref().and_then(|e| e.ready_pos) {
-                    self.unready_at(p);
-                    self.unready.push(slot);
-                }
+        // An endpoint was ejected that this balancer may still count as ready (an
+        // active probe's verdict, not a request it sent), or panic mode ended: look at
+        // every ready endpoint again, so ejected ones leave the ready set now.
+        let mut pos = 0;
+        while pos < self.ready.len() {
+            let slot = self.ready[pos];
+            if self.poll_endpoint(slot, cx) {
+                pos += 1;
+            } else if let Some(p) = self.slots[slot].as_ref().and_then(|e| e.ready_pos) {
+                self.unready_at(p);
+                self.unready.push(slot);
             }
         }
     }

@@ -1259,3 +1259,63 @@ async fn totals_sum_the_endpoint_stats() {
         .collect();
     assert_eq!(per, [(4, 1, 0), (2, 1, 1), (0, 0, 0)]);
 }
+
+/// An endpoint ejected by an active probe (not by a request the balancer sent) leaves
+/// the ready set at once when its health check shares the balancer's gate: it gets no
+/// further request.
+#[tokio::test]
+async fn probe_ejection_leaves_the_ready_set_at_once() {
+    use marina_core::probe_fn;
+    use marina_health::ActiveConfig;
+    use std::sync::atomic::AtomicBool;
+    use tower::{ServiceExt, service_fn};
+
+    let down = Arc::new(AtomicBool::new(false));
+    let gate = EjectionGate::new();
+    let mut handles = Vec::new();
+    let eps: Vec<_> = (0..2u32)
+        .map(|n| {
+            let down = down.clone();
+            let probe = probe_fn(move |_: &mut ()| {
+                let fail = n == 1 && down.load(Ordering::SeqCst);
+                Box::pin(async move {
+                    if fail {
+                        Err(BoxError::from("down"))
+                    } else {
+                        Ok(())
+                    }
+                })
+            });
+            let h = Health::builder(service_fn(move |_: ()| async move { Ok::<_, BoxError>(n) }))
+                .probe(
+                    ActiveConfig {
+                        interval: Duration::from_millis(10),
+                        unhealthy_threshold: 1,
+                        ..ActiveConfig::default()
+                    },
+                    probe,
+                    (),
+                )
+                .ejection_gate(gate.clone())
+                .build();
+            handles.push(h.handle());
+            h
+        })
+        .collect();
+    // One of two ejected is a healthy share of 0.5: not below the panic threshold.
+    let mut lb = Balance::from_services(eps, RoundRobin::new()).ejection_gate(gate);
+    // Three calls: endpoint 0 was called last, endpoint 1 sits in the ready set.
+    for _ in 0..3 {
+        lb.ready().await.unwrap().call(()).await.unwrap();
+    }
+    down.store(true, Ordering::SeqCst);
+    let mut rx = handles[1].subscribe();
+    rx.wait_for(|s| matches!(s, Status::Ejected { .. }))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(lb.ready().await.unwrap().call(()).await.unwrap());
+    }
+    assert_eq!(seen, [0, 0, 0, 0], "the ejected endpoint got a request");
+}

@@ -40,6 +40,8 @@ struct Inner {
     members: AtomicUsize,
     ejected: AtomicUsize,
     open: AtomicBool,
+    /// Bumped whenever a member's ejection changes.
+    changes: std::sync::atomic::AtomicU64,
     /// The balancer's task, woken when a member's ejection changes.
     watcher: Mutex<Option<Waker>>,
 }
@@ -97,6 +99,13 @@ impl EjectionGate {
         self.inner.open.load(Ordering::Acquire)
     }
 
+    /// A number that changes whenever a member is ejected or readmitted (or leaves):
+    /// the balancer compares it to notice ejections of endpoints it did not just call
+    /// (an active probe's).
+    pub fn changes(&self) -> u64 {
+        self.inner.changes.load(Ordering::Acquire)
+    }
+
     /// Wakes `waker` (once) the next time a member's ejection changes: the balancer
     /// registers its task so it re-evaluates the threshold even while it waits.
     pub fn watch(&self, waker: &Waker) {
@@ -111,6 +120,7 @@ impl EjectionGate {
     }
 
     fn wake_watcher(&self) {
+        self.inner.changes.fetch_add(1, Ordering::AcqRel);
         let w = self
             .inner
             .watcher
