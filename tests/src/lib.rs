@@ -889,3 +889,235 @@ pub fn line_endpoint(
         })
         .boxed_clone()
 }
+
+// ---------------------------------------------------------------------------------------
+// Line server (tagged, slow or held replies)
+// ---------------------------------------------------------------------------------------
+
+/// How a [`LineServer`] answers each line it reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LineServerOptions {
+    /// Reply `"<port> <line>"` instead of `"<line>"`, so a client sees which backend
+    /// answered (read it back with [`split_tag`]).
+    pub tag: bool,
+    /// Wait this long (tokio's clock) before each reply.
+    pub delay: Duration,
+    /// Hold every reply until [`LineServer::release`] is called.
+    pub hold: bool,
+}
+
+/// A line server on `127.0.0.1`: reads `\n`-terminated lines and answers each with one
+/// line, as [`LineServerOptions`] say (by default, the line itself: an echo).
+///
+/// Like [`EchoServer`] it counts accepted connections and open server-side connections,
+/// and can be shut down (closing every server-side connection) and restarted on the
+/// same port. It also counts the lines it read ([`lines`](Self::lines)) and keeps the
+/// most server-side connections ever open at once
+/// ([`max_open_connections`](Self::max_open_connections)).
+pub struct LineServer {
+    addr: SocketAddr,
+    options: LineServerOptions,
+    accepts: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    max_open: Arc<AtomicUsize>,
+    lines: Arc<AtomicUsize>,
+    released: tokio::sync::watch::Sender<bool>,
+    running: Mutex<Option<Running>>,
+}
+
+impl fmt::Debug for LineServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LineServer")
+            .field("addr", &self.addr)
+            .field("options", &self.options)
+            .field("accepts", &self.accepts())
+            .field("open", &self.open_connections())
+            .field("max_open", &self.max_open_connections())
+            .field("lines", &self.lines())
+            .field("running", &self.is_running())
+            .finish()
+    }
+}
+
+impl LineServer {
+    /// Starts a server on `127.0.0.1:0` (a free port) answering as `options` say.
+    pub async fn start(options: LineServerOptions) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a line server on 127.0.0.1:0");
+        let addr = listener.local_addr().expect("line server address");
+        let server = LineServer {
+            addr,
+            options,
+            accepts: Arc::new(AtomicUsize::new(0)),
+            open: Arc::new(AtomicUsize::new(0)),
+            max_open: Arc::new(AtomicUsize::new(0)),
+            lines: Arc::new(AtomicUsize::new(0)),
+            released: tokio::sync::watch::channel(false).0,
+            running: Mutex::new(None),
+        };
+        server.serve(listener);
+        server
+    }
+
+    /// A plain line echo server.
+    pub async fn echo() -> Self {
+        Self::start(LineServerOptions::default()).await
+    }
+
+    /// A line echo server whose replies carry its port: `"<port> <line>"`.
+    pub async fn tagged() -> Self {
+        Self::start(LineServerOptions {
+            tag: true,
+            ..LineServerOptions::default()
+        })
+        .await
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let conns = Arc::new(Mutex::new(JoinSet::new()));
+        let set = conns.clone();
+        let (accepts, open, max_open) = (
+            self.accepts.clone(),
+            self.open.clone(),
+            self.max_open.clone(),
+        );
+        let lines = self.lines.clone();
+        let options = self.options;
+        let port = self.addr.port();
+        let released = self.released.subscribe();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                };
+                accepts.fetch_add(1, SeqCst);
+                let now = open.fetch_add(1, SeqCst) + 1;
+                max_open.fetch_max(now, SeqCst);
+                let guard = CountGuard(open.clone());
+                let lines = lines.clone();
+                let released = released.clone();
+                let mut set = lock(&set);
+                while set.try_join_next().is_some() {}
+                set.spawn(async move {
+                    let _guard = guard;
+                    serve_lines(stream, options, port, lines, released).await;
+                });
+            }
+        });
+        *lock(&self.running) = Some(Running { accept, conns });
+    }
+
+    /// The address clients connect to (the same across restarts).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted since the server was first started (restarts included).
+    pub fn accepts(&self) -> usize {
+        self.accepts.load(SeqCst)
+    }
+
+    /// Server-side connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(SeqCst)
+    }
+
+    /// The most server-side connections ever open at once.
+    pub fn max_open_connections(&self) -> usize {
+        self.max_open.load(SeqCst)
+    }
+
+    /// Lines read (each answered, or being answered).
+    pub fn lines(&self) -> usize {
+        self.lines.load(SeqCst)
+    }
+
+    /// True while the server listens.
+    pub fn is_running(&self) -> bool {
+        lock(&self.running).is_some()
+    }
+
+    /// Lets held replies go (with [`LineServerOptions::hold`]), now and from then on.
+    pub fn release(&self) {
+        self.released.send_replace(true);
+    }
+
+    /// Stops accepting and closes every open server-side connection; returns once the
+    /// listener and all connection sockets are closed. Does nothing if not running.
+    pub async fn shutdown(&self) {
+        let Some(Running { accept, conns }) = lock(&self.running).take() else {
+            return;
+        };
+        accept.abort();
+        let _ = accept.await;
+        let mut set = std::mem::take(&mut *lock(&conns));
+        set.abort_all();
+        while set.join_next().await.is_some() {}
+    }
+
+    /// Listens again on the same address after [`shutdown`](Self::shutdown), retrying
+    /// the bind a bounded number of times.
+    pub async fn restart(&self) -> io::Result<()> {
+        assert!(!self.is_running(), "restart() on a running LineServer");
+        let mut last = None;
+        for _ in 0..200 {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => {
+                    self.serve(listener);
+                    return Ok(());
+                }
+                Err(e) => {
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        Err(last.expect("at least one bind attempt"))
+    }
+}
+
+impl Drop for LineServer {
+    fn drop(&mut self) {
+        if let Some(r) = lock(&self.running).take() {
+            r.accept.abort();
+            lock(&r.conns).abort_all();
+        }
+    }
+}
+
+async fn serve_lines(
+    stream: TcpStream,
+    options: LineServerOptions,
+    port: u16,
+    lines: Arc<AtomicUsize>,
+    mut released: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let (read, mut write) = stream.into_split();
+    let mut read = tokio::io::BufReader::new(read).lines();
+    while let Ok(Some(line)) = read.next_line().await {
+        lines.fetch_add(1, SeqCst);
+        if !options.delay.is_zero() {
+            tokio::time::sleep(options.delay).await;
+        }
+        if options.hold && released.wait_for(|r| *r).await.is_err() {
+            return;
+        }
+        let reply = if options.tag {
+            format!("{port} {line}\n")
+        } else {
+            format!("{line}\n")
+        };
+        if write.write_all(reply.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Splits a tagged [`LineServer`] reply `"<port> <line>"` into the port and the line.
+pub fn split_tag(reply: &str) -> Option<(u16, &str)> {
+    let (port, line) = reply.split_once(' ')?;
+    Some((port.parse().ok()?, line))
+}

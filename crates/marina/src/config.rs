@@ -298,6 +298,10 @@ impl StackConfig {
         }
         if let Some(v) = p.max_size {
             c.max_size = v;
+            // A preset's min_idle never exceeds a max_size set alone.
+            if p.min_idle.is_none() {
+                c.min_idle = c.min_idle.min(v);
+            }
         }
         if let Some(v) = p.acquire_timeout_ms {
             c.acquire_timeout = Some(Duration::from_millis(v));

@@ -697,8 +697,9 @@ impl StackHandle {
 
     /// Graceful shutdown: new requests fail with [`ShuttingDown`] at once; requests in
     /// flight get until `deadline` to finish; then every pool closes (idle connections
-    /// dropped, their maintenance tasks ended). Returns the requests still in flight at
-    /// the deadline (0: all finished).
+    /// dropped, their maintenance tasks ended; connections still checked out close when
+    /// they come back). Returns within about `deadline`, with the requests still in
+    /// flight when it ran out (0: all finished).
     ///
     /// # Cancel safety
     ///
@@ -706,6 +707,7 @@ impl StackHandle {
     /// the pools open.
     pub async fn shutdown(&self, deadline: Duration) -> usize {
         let st = &self.inner.state;
+        let start = tokio::time::Instant::now();
         st.closed.store(true, std::sync::atomic::Ordering::Release);
         let wait = async {
             loop {
@@ -717,6 +719,12 @@ impl StackHandle {
             }
         };
         let _ = tokio::time::timeout(deadline, wait).await;
+        let left = st.in_flight.load(Acquire);
+        // Pools close in the time left (at least a moment, to drop idle connections):
+        // `close` waits for checked-out connections to come back.
+        let rest = deadline
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(10));
         let closes: Vec<_> = self
             .inner
             .registry
@@ -724,10 +732,13 @@ impl StackHandle {
             .iter()
             .map(|p| (p.close)())
             .collect();
-        for close in closes {
-            close.await;
-        }
-        st.in_flight.load(Acquire)
+        let _ = tokio::time::timeout(rest, async {
+            for close in closes {
+                close.await;
+            }
+        })
+        .await;
+        left
     }
 }
 
