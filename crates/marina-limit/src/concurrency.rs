@@ -232,16 +232,27 @@ impl ConcurrencyHandle {
     /// The counters, with the top five keys.
     pub fn stats(&self) -> ConcurrencyStats {
         let t = &self.table;
-        let mut per: Vec<(String, usize)> = t
-            .lock()
-            .iter()
-            .map(|(k, s)| (k.clone(), t.limit - s.available_permits()))
-            .filter(|(_, n)| *n > 0)
-            .collect();
-        per.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let in_flight = per.iter().map(|(_, n)| n).sum();
-        let active_keys = per.len();
-        per.truncate(5);
+        // One pass under the lock, keeping only the top five (a scraper must not stall
+        // requests while thousands of keys are in flight).
+        let (mut active_keys, mut in_flight) = (0, 0);
+        let mut top: Vec<(usize, &String)> = Vec::with_capacity(6);
+        let keys = t.lock();
+        for (k, sem) in keys.iter() {
+            let n = t.limit - sem.available_permits();
+            if n == 0 {
+                continue;
+            }
+            active_keys += 1;
+            in_flight += n;
+            let better = |&(m, key): &(usize, &String)| m > n || (m == n && key < k);
+            let pos = top.iter().take_while(|e| better(e)).count();
+            if pos < 5 {
+                top.insert(pos, (n, k));
+                top.truncate(5);
+            }
+        }
+        let per: Vec<(String, usize)> = top.into_iter().map(|(n, k)| (k.clone(), n)).collect();
+        drop(keys);
         ConcurrencyStats {
             active_keys,
             in_flight,
