@@ -14,8 +14,9 @@ use marina_affinity::{AffinityHandle, AffinityLayer, AffinityStats, TableConfig}
 use marina_balance::{
     Balance, BalanceHandle, BalanceTotals, EndpointSnapshot, Failover, Pick, RoundRobin,
 };
+use marina_core::Probe;
 use marina_core::{BoxError, BoxFuture, EjectionGate, Request, Response};
-use marina_health::{HealthConfig, HealthHandle, HealthLayer, Status};
+use marina_health::{ActiveConfig, HealthConfig, HealthHandle, HealthLayer, Status};
 use marina_limit::{
     BandwidthLimit, Bucket, ConcurrencyHandle, ConcurrencyPerKeyLayer, ConcurrencyStats, Rate,
     RateLimitHandle, RateLimitLayer, RateStats, Throttled,
@@ -37,6 +38,9 @@ pub type Conn = Throttled<TcpStream>;
 pub type StackService<T, U> = BoxCloneSyncService<Request<T>, Response<U>, BoxError>;
 
 type KeyFn<T> = Arc<dyn Fn(&Request<T>) -> Option<String> + Send + Sync>;
+
+/// Adds an active probe of one backend's address to its health layer.
+type ProbeSetup = Arc<dyn Fn(HealthLayer, SocketAddr) -> HealthLayer + Send + Sync>;
 type ProtoFn<C> = Arc<dyn Fn(Conn) -> BoxFuture<'static, io::Result<C>> + Send + Sync>;
 type CheckFn<C> = Arc<dyn Fn(&mut C) -> bool + Send + Sync>;
 
@@ -89,6 +93,7 @@ pub struct StackBuilder<T> {
     pool: Config,
     connect_timeout: Duration,
     health: Option<HealthConfig>,
+    probe: Option<ProbeSetup>,
     picker: Box<dyn Fn() -> Box<dyn Pick> + Send + Sync>,
     failover: Option<Failover>,
     failfast: Duration,
@@ -139,6 +144,7 @@ impl Stack {
             pool: Config::balanced(),
             connect_timeout: Duration::from_secs(5),
             health: Some(HealthConfig::default()),
+            probe: None,
             picker: Box::new(|| Box::new(RoundRobin::new())),
             failover: Some(Failover::new()),
             failfast: Duration::from_secs(10),
@@ -178,6 +184,23 @@ where
     /// Passive health checks with `config` (default on); `None` turns them off.
     pub fn health(mut self, config: Option<HealthConfig>) -> Self {
         self.health = config;
+        self
+    }
+
+    /// Active health checks: `probe` (for example `marina::health::LineProbe`,
+    /// `TcpConnectProbe`, `HttpProbe`) run against each backend's address every
+    /// `active.interval`, besides the passive checks (turned on with defaults if they
+    /// were off).
+    pub fn probe<P>(mut self, active: ActiveConfig, probe: P) -> Self
+    where
+        P: Probe<SocketAddr> + Clone,
+    {
+        if self.health.is_none() {
+            self.health = Some(HealthConfig::default());
+        }
+        self.probe = Some(Arc::new(move |layer: HealthLayer, addr: SocketAddr| {
+            layer.probe(active, probe.clone(), addr)
+        }));
         self
     }
 
@@ -329,6 +352,7 @@ where
         let add: AddFn = {
             let pool_config = b.pool.clone();
             let health_config = b.health.clone();
+            let probe = b.probe.clone();
             let registry = registry.clone();
             let gate = gate.clone();
             Arc::new(move |addr: SocketAddr| -> Result<(), BoxError> {
@@ -346,10 +370,13 @@ where
                 let mut health = None;
                 let endpoint: StackService<T, U> = match &health_config {
                     Some(cfg) => {
-                        let h = HealthLayer::new(cfg.clone())
+                        let mut layer = HealthLayer::new(cfg.clone())
                             .name(addr.to_string())
-                            .ejection_gate(gate.clone())
-                            .layer(endpoint);
+                            .ejection_gate(gate.clone());
+                        if let Some(probe) = &probe {
+                            layer = probe(layer, addr);
+                        }
+                        let h = layer.layer(endpoint);
                         health = Some(h.handle());
                         BoxCloneSyncService::new(h)
                     }
@@ -687,6 +714,38 @@ impl StackHandle {
     /// then the balancer picks it up on its next request.
     pub fn add_endpoint(&self, addr: SocketAddr) -> Result<(), BoxError> {
         (self.inner.add)(addr)
+    }
+
+    /// Follows a discovery stream of backend addresses (`Change::Insert(addr, ())`,
+    /// `Change::Remove(addr)`, as any `tower::discover::Discover` of addresses yields):
+    /// a task applies each change with [`add_endpoint`](Self::add_endpoint) /
+    /// [`remove_endpoint`](Self::remove_endpoint) until the stream ends or the stack
+    /// shuts down. Needs a tokio runtime.
+    pub fn follow<D>(&self, discovery: D) -> tokio::task::JoinHandle<()>
+    where
+        D: futures_core::Stream<Item = Change<SocketAddr, ()>> + Send + 'static,
+    {
+        let handle = self.clone();
+        tokio::spawn(async move {
+            let mut discovery = std::pin::pin!(discovery);
+            while let Some(change) =
+                std::future::poll_fn(|cx| discovery.as_mut().poll_next(cx)).await
+            {
+                if handle.inner.state.closed.load(Acquire) {
+                    return;
+                }
+                match change {
+                    Change::Insert(addr, ()) => {
+                        if let Err(e) = handle.add_endpoint(addr) {
+                            tracing::warn!(%addr, error = %e, "discovered backend not added");
+                        }
+                    }
+                    Change::Remove(addr) => {
+                        handle.remove_endpoint(addr);
+                    }
+                }
+            }
+        })
     }
 
     /// Removes a backend: it gets no new requests, its requests in flight complete;

@@ -79,3 +79,71 @@ async fn endpoints_come_and_go() {
     assert_eq!(handle.shutdown(Duration::from_secs(1)).await, 0);
     assert!(handle.stats().backends.iter().all(|b| b.pool.total == 0));
 }
+
+/// A discovery stream over a channel.
+struct Changes(tokio::sync::mpsc::UnboundedReceiver<tower::discover::Change<SocketAddr, ()>>);
+
+impl futures_core::Stream for Changes {
+    type Item = tower::discover::Change<SocketAddr, ()>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+#[tokio::test]
+async fn the_stack_follows_discovery_and_probes_backends() {
+    use marina::health::{ActiveConfig, LineProbe, Status};
+    use tower::discover::Change;
+
+    let a = server("a").await;
+    let b = server("b").await;
+    let (mut svc, handle) = Stack::builder::<String>()
+        .endpoints([a])
+        // The probe sends "ping" and expects the tagged echo back.
+        .probe(
+            ActiveConfig {
+                interval: Duration::from_millis(20),
+                ..ActiveConfig::default()
+            },
+            LineProbe::new("ping", "b:ping"),
+        )
+        .build_line()
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = handle.follow(Changes(rx));
+    tx.send(Change::Insert(b, ())).unwrap();
+    // b answers the probe as expected; a answers "a:ping" and is taken out by probes.
+    let ha = loop {
+        if let Some(h) = handle.health(b) {
+            break h;
+        }
+        tokio::task::yield_now().await;
+    };
+    let mut a_status = handle.health(a).unwrap().subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        a_status.wait_for(|s| matches!(s, Status::Ejected { .. })),
+    )
+    .await
+    .expect("a taken out by its probe")
+    .unwrap();
+    drop(ha);
+    for i in 0..6 {
+        let resp = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(format!("q{i}")))
+            .await
+            .unwrap();
+        assert_eq!(resp.body, format!("b:q{i}"), "only b is in service");
+    }
+    tx.send(Change::Remove(b)).unwrap();
+    drop(tx);
+    task.await.unwrap();
+    assert_eq!(handle.shutdown(Duration::from_secs(1)).await, 0);
+}
