@@ -241,7 +241,14 @@ impl StackConfig {
             );
         }
         for problem in self.pool_config().validate().errors {
-            bad(format!("pool.{}", problem.field), problem.message);
+            // The file's key for the pool field at fault.
+            let key = match problem.field {
+                "acquire_timeout" | "idle_timeout" | "max_lifetime" => {
+                    format!("{}_ms", problem.field)
+                }
+                other => other.to_string(),
+            };
+            bad(format!("pool.{key}"), problem.message);
         }
         if let Some(t) = self.health.panic_threshold
             && !(0.0..=1.0).contains(&t)
@@ -251,9 +258,11 @@ impl StackConfig {
                 "must be within 0.0..=1.0".into(),
             );
         }
-        if let (Some(b), Some(m)) = (self.health.base_ejection_ms, self.health.max_ejection_ms)
-            && b > m
+        let default_max = HealthConfig::default().max_ejection.as_millis() as u64;
+        if let Some(b) = self.health.base_ejection_ms
+            && b > self.health.max_ejection_ms.unwrap_or(default_max)
         {
+            let m = self.health.max_ejection_ms.unwrap_or(default_max);
             bad(
                 "health.base_ejection_ms".into(),
                 format!("{b} ms is above health.max_ejection_ms ({m} ms)"),

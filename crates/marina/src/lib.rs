@@ -19,8 +19,8 @@
 //! | [`limit`] | marina-limit | rate limits (governor), per-key concurrency, bandwidth |
 //! | [`core`] | marina-core | the shared vocabulary: `RouteHint`, `NotSent`, `KeyExtractor`, … |
 //!
-//! Each module is behind a feature of the same name (`full`, the default, is all of
-//! them); [`Stack`] needs `full`; [`line`](mod@line) needs nothing.
+//! Each module is behind a feature of the same name (`full` is all of them; the
+//! default features are `full` and `serde`, which adds [`StackConfig`]); [`Stack`] needs `full`; [`line`](mod@line) needs nothing.
 //!
 //! # Examples
 //!

@@ -8,17 +8,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tower_service::Service;
 
-/// A client of a line protocol (an echo server, a Redis-style text protocol) on one
+/// A client of a line protocol (an echo server, a simple text protocol; `\r` is not stripped) on one
 /// connection: a `Service<String>` whose request is one line (without its `\n`) and
 /// whose response is the reply line (without its `\n`). One request at a time, as a
 /// pooled client is used.
 ///
 /// Errors are `io::Error`s: EOF before the whole reply is `UnexpectedEof`, a request
 /// holding `\n` is `InvalidInput` (refused before anything is sent), a reply that is not
-/// UTF-8 is `InvalidData`. A call that fails or is dropped before its reply leaves the
+/// UTF-8 or longer than [`MAX_LINE`] is `InvalidData`. A call that fails or is dropped before its reply leaves the
 /// client broken (the stream may be mid-reply): its `poll_ready` fails from then on, and
 /// a pool closes it.
 pub struct LineClient<IO> {
@@ -59,6 +59,9 @@ impl<IO: AsyncRead> LineClient<IO> {
         Some(f(io.get_ref()))
     }
 }
+
+/// The longest reply line read (1 MiB); a longer one fails with `InvalidData`.
+pub const MAX_LINE: usize = 1 << 20;
 
 /// Marks the client broken unless disarmed (the exchange completed).
 struct BreakGuard(Option<Arc<AtomicBool>>);
@@ -106,7 +109,17 @@ where
             io.get_mut().write_all(&msg).await?;
             io.get_mut().flush().await?;
             msg.clear();
-            io.read_until(b'\n', &mut msg).await?;
+            // A reply longer than MAX_LINE is garbage, not a line: bounded memory.
+            (&mut *io)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut msg)
+                .await?;
+            if msg.len() > MAX_LINE {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("reply longer than {MAX_LINE} bytes without a newline"),
+                ));
+            }
             if msg.pop() != Some(b'\n') {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

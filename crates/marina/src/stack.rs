@@ -265,13 +265,30 @@ where
     where
         T: Into<String>,
     {
-        let mapped = self.map_body(|t: T| t.into());
+        let mut mapped = self.map_body(|t: T| t.into());
+        // A line holding '\n' is the caller's mistake: refuse it before it enters the
+        // stack, where the health checks would count it against a backend.
+        mapped.validate = Some(Arc::new(|t: &T| {
+            let line: String = t.clone().into();
+            if line.contains('\n') {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a line request may not hold '\\n'",
+                )
+                .into())
+            } else {
+                Ok(())
+            }
+        }));
         mapped.build(
             |conn: Conn| Box::pin(async move { Ok(crate::line::LineClient::new(conn)) }),
             Some(Arc::new(|c: &mut crate::line::LineClient<Conn>| {
-                c.is_usable()
-                    && c.with_io(|io| marina_pool::socket_is_open(io.get_ref()))
-                        .unwrap_or(true)
+                // The socket check first: it marks the client broken when unread bytes
+                // wait, which `is_usable` then sees.
+                let open = c
+                    .with_io(|io| marina_pool::socket_is_open(io.get_ref()))
+                    .unwrap_or(true);
+                open && c.is_usable()
             })),
         )
     }
@@ -281,6 +298,7 @@ where
         MappedBuilder {
             inner: self,
             f: Arc::new(f),
+            validate: None,
         }
     }
 
@@ -303,6 +321,7 @@ where
         MappedBuilder {
             inner: self,
             f: Arc::new(|t: T| t),
+            validate: None,
         }
         .build(protocol, check)
     }
@@ -312,7 +331,11 @@ where
 struct MappedBuilder<T, T2> {
     inner: StackBuilder<T>,
     f: Arc<dyn Fn(T) -> T2 + Send + Sync>,
+    /// Refuses bad requests at the top of the stack.
+    validate: Option<ValidateFn<T>>,
 }
+
+type ValidateFn<T> = Arc<dyn Fn(&T) -> Result<(), BoxError> + Send + Sync>;
 
 impl<T, T2> MappedBuilder<T, T2>
 where
@@ -335,6 +358,16 @@ where
         if b.endpoints.is_empty() {
             return Err("a stack needs at least one endpoint".into());
         }
+        if let Some((rate, burst)) = b.bandwidth
+            && !(rate.is_finite() && rate > 0.0 && burst > 0)
+        {
+            return Err(
+                format!("bandwidth limit {rate} B/s, burst {burst}: both must be above 0").into(),
+            );
+        }
+        if b.connect_timeout.is_zero() {
+            return Err("connect_timeout must be above 0".into());
+        }
         let proto: ProtoFn<C> = Arc::new(protocol);
         let mut tcp =
             BandwidthLimit::new(TcpConnector::new().connect_timeout(Some(b.connect_timeout)));
@@ -344,18 +377,31 @@ where
         let bandwidth = tcp.write_bucket().cloned();
         let connector = ProtocolConnector { tcp, proto };
         let gate = EjectionGate::new();
+        let state = Arc::new(ShutdownState::default());
+        let state_for_add = state.clone();
         let (changes, discover) = marina_balance::ChangeStream::channel();
         let changes_for_remove = changes.clone();
         // Makes one backend's endpoint (pool, health) and registers it with the
         // balancer; kept in the handle to add backends at run time.
         let registry = Arc::new(Registry::default());
         let add: AddFn = {
-            let pool_config = b.pool.clone();
+            // One connect timeout: the builder's (the pool's own would cap it).
+            let pool_config = Config {
+                connect_timeout: Some(b.connect_timeout),
+                ..b.pool.clone()
+            };
+            let state = state_for_add.clone();
             let health_config = b.health.clone();
             let probe = b.probe.clone();
             let registry = registry.clone();
             let gate = gate.clone();
             Arc::new(move |addr: SocketAddr| -> Result<(), BoxError> {
+                if state.closed.load(Acquire) {
+                    return Err(ShuttingDown.into());
+                }
+                if registry.lock().iter().any(|p| p.addr == addr && p.active) {
+                    return Err(format!("backend {addr} is in the stack already").into());
+                }
                 let mut builder = Pool::builder().config(pool_config.clone());
                 if let Some(check) = &check {
                     let check = check.clone();
@@ -388,6 +434,7 @@ where
                 let stats_pool = pool.clone();
                 registry.lock().push(PoolEntry {
                     addr,
+                    active: true,
                     stats: Box::new(move || stats_pool.stats()),
                     close: Box::new(move || {
                         let p = pool.clone();
@@ -400,7 +447,29 @@ where
         };
         let remove: RemoveFn = {
             let changes = changes_for_remove;
-            Arc::new(move |addr: SocketAddr| changes.send(Change::Remove(addr)).is_ok())
+            let registry = registry.clone();
+            Arc::new(move |addr: SocketAddr| {
+                let close = {
+                    let mut entries = registry.lock();
+                    let Some(entry) = entries.iter_mut().find(|p| p.addr == addr && p.active)
+                    else {
+                        return false;
+                    };
+                    entry.active = false;
+                    (entry.close)()
+                };
+                let _ = changes.send(Change::Remove(addr));
+                // The pool drains (requests in flight finish), closes, and leaves the
+                // registry.
+                let registry = registry.clone();
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        close.await;
+                        registry.lock().retain(|p| p.active || p.addr != addr);
+                    });
+                }
+                true
+            })
         };
         for &addr in &b.endpoints {
             add(addr)?;
@@ -437,9 +506,10 @@ where
             svc = BoxCloneSyncService::new(layer.layer(svc));
         }
         let mut rate = None;
+        let mut rate_per_key = None;
         if let Some((key, r)) = &b.rate_per_key {
             let layer = RateLimitLayer::keyed(key.extractor(), *r);
-            rate = Some(layer.handle());
+            rate_per_key = Some(layer.handle());
             svc = BoxCloneSyncService::new(layer.layer(svc));
         }
         if let Some(r) = b.rate {
@@ -447,10 +517,10 @@ where
             rate = Some(layer.handle());
             svc = BoxCloneSyncService::new(layer.layer(svc));
         }
-        let state = Arc::new(ShutdownState::default());
         let svc = BoxCloneSyncService::new(Guarded {
             inner: svc,
             state: state.clone(),
+            validate: self.validate.clone(),
         });
         let handle = StackHandle {
             inner: Arc::new(HandleInner {
@@ -460,6 +530,7 @@ where
                 balance: balance_handle,
                 affinity,
                 rate,
+                rate_per_key,
                 concurrency,
                 bandwidth,
                 state,
@@ -535,11 +606,22 @@ struct ShutdownState {
     idle: Notify,
 }
 
-/// Counts requests in flight and refuses new ones once shutting down.
-#[derive(Clone)]
-struct Guarded<S> {
+/// Counts requests in flight and refuses new ones once shutting down (and bad ones
+/// always).
+struct Guarded<S, T> {
     inner: S,
     state: Arc<ShutdownState>,
+    validate: Option<ValidateFn<T>>,
+}
+
+impl<S: Clone, T> Clone for Guarded<S, T> {
+    fn clone(&self) -> Self {
+        Guarded {
+            inner: self.inner.clone(),
+            state: self.state.clone(),
+            validate: self.validate.clone(),
+        }
+    }
 }
 
 struct InFlight(Arc<ShutdownState>);
@@ -552,9 +634,9 @@ impl Drop for InFlight {
     }
 }
 
-impl<S, Req> Service<Req> for Guarded<S>
+impl<S, T> Service<Request<T>> for Guarded<S, T>
 where
-    S: Service<Req, Error = BoxError>,
+    S: Service<Request<T>, Error = BoxError>,
     S::Future: Send + 'static,
     S::Response: Send + 'static,
 {
@@ -569,12 +651,18 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(&mut self, req: Request<T>) -> Self::Future {
+        // Counted before the check: a shutdown starting in between sees this request.
+        self.state.in_flight.fetch_add(1, AcqRel);
+        let guard = InFlight(self.state.clone());
         if self.state.closed.load(Acquire) {
             return Box::pin(async { Err(ShuttingDown.into()) });
         }
-        self.state.in_flight.fetch_add(1, AcqRel);
-        let guard = InFlight(self.state.clone());
+        if let Some(validate) = &self.validate
+            && let Err(e) = validate(&req.body)
+        {
+            return Box::pin(async { Err(e) });
+        }
         let fut = self.inner.call(req);
         Box::pin(async move {
             let _guard = guard;
@@ -585,6 +673,8 @@ where
 
 struct PoolEntry {
     addr: SocketAddr,
+    /// False once removed (its pool drains and closes).
+    active: bool,
     stats: Box<dyn Fn() -> PoolStats + Send + Sync>,
     close: Box<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>,
     health: Option<HealthHandle>,
@@ -615,6 +705,7 @@ struct HandleInner {
     balance: BalanceHandle,
     affinity: Option<AffinityHandle>,
     rate: Option<RateLimitHandle>,
+    rate_per_key: Option<RateLimitHandle>,
     concurrency: Vec<ConcurrencyHandle>,
     bandwidth: Option<Arc<Bucket>>,
     state: Arc<ShutdownState>,
@@ -656,8 +747,10 @@ pub struct StackStats {
     pub balance: BalanceTotals,
     /// Sessions, with affinity on.
     pub affinity: Option<AffinityStats>,
-    /// The rate limiter, if any.
+    /// The global rate limiter, if any.
     pub rate: Option<RateStats>,
+    /// The per-key rate limiter, if any.
+    pub rate_per_key: Option<RateStats>,
     /// The per-key concurrency limiters.
     pub concurrency: Vec<ConcurrencyStats>,
     /// Bytes written through the bandwidth limit, the current rate and the limit.
@@ -690,6 +783,7 @@ impl StackHandle {
             balance: i.balance.totals(),
             affinity: i.affinity.as_ref().map(AffinityHandle::stats),
             rate: i.rate.as_ref().map(RateLimitHandle::stats),
+            rate_per_key: i.rate_per_key.as_ref().map(RateLimitHandle::stats),
             concurrency: i.concurrency.iter().map(ConcurrencyHandle::stats).collect(),
             bandwidth: i
                 .bandwidth
@@ -711,7 +805,8 @@ impl StackHandle {
     }
 
     /// Adds a backend at run time (service discovery): a pool and health checks for it,
-    /// then the balancer picks it up on its next request.
+    /// then the balancer picks it up on its next request. Fails for a backend already
+    /// in the stack, and after [`shutdown`](Self::shutdown).
     pub fn add_endpoint(&self, addr: SocketAddr) -> Result<(), BoxError> {
         (self.inner.add)(addr)
     }
@@ -748,8 +843,9 @@ impl StackHandle {
         })
     }
 
-    /// Removes a backend: it gets no new requests, its requests in flight complete;
-    /// its pool closes at [`shutdown`](Self::shutdown). False if the balancer is gone.
+    /// Removes a backend: it gets no new requests, its requests in flight complete,
+    /// then its pool closes and it leaves [`stats`](Self::stats). False if no such
+    /// backend is in the stack.
     pub fn remove_endpoint(&self, addr: SocketAddr) -> bool {
         (self.inner.remove)(addr)
     }
@@ -784,19 +880,14 @@ impl StackHandle {
         let rest = deadline
             .saturating_sub(start.elapsed())
             .max(Duration::from_millis(10));
-        let closes: Vec<_> = self
-            .inner
-            .registry
-            .lock()
-            .iter()
-            .map(|p| (p.close)())
-            .collect();
-        let _ = tokio::time::timeout(rest, async {
-            for close in closes {
-                close.await;
-            }
-        })
-        .await;
+        // Every pool starts closing now (a pool waiting for a stuck connection must not
+        // keep the others open).
+        let mut closes = tokio::task::JoinSet::new();
+        for close in self.inner.registry.lock().iter().map(|p| (p.close)()) {
+            closes.spawn(close);
+        }
+        let _ =
+            tokio::time::timeout(rest, async { while closes.join_next().await.is_some() {} }).await;
         left
     }
 }
@@ -839,12 +930,17 @@ impl fmt::Display for StackStats {
                 a.sessions, a.created, a.repinned, a.expired, a.purged
             )?;
         }
-        if let Some(r) = &self.rate {
-            writeln!(
-                f,
-                "rate limit: {} admitted, {} refused, {}/s now, limit {:.0}/s (burst {})",
-                r.admitted, r.rejected, r.current_rate, r.limit_per_second, r.burst
-            )?;
+        for (what, r) in [
+            ("rate limit", &self.rate),
+            ("per-key rate limit", &self.rate_per_key),
+        ] {
+            if let Some(r) = r {
+                writeln!(
+                    f,
+                    "{what}: {} admitted, {} refused, {}/s now, limit {:.0}/s (burst {})",
+                    r.admitted, r.rejected, r.current_rate, r.limit_per_second, r.burst
+                )?;
+            }
         }
         for c in &self.concurrency {
             writeln!(

@@ -71,13 +71,22 @@ async fn endpoints_come_and_go() {
             "a was removed"
         );
     }
-    assert_eq!(
-        handle.stats().backends.len(),
-        2,
-        "a's pool is kept until shutdown"
-    );
+    // a's pool drains, closes and leaves the stats; removing it again is refused.
+    assert!(!handle.remove_endpoint(a));
+    for _ in 0..100 {
+        if handle.stats().backends.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(handle.stats().backends.len(), 1, "a's pool closed and left");
+    assert!(handle.add_endpoint(b).is_err(), "b is in the stack already");
     assert_eq!(handle.shutdown(Duration::from_secs(1)).await, 0);
     assert!(handle.stats().backends.iter().all(|b| b.pool.total == 0));
+    assert!(
+        handle.add_endpoint(a).is_err(),
+        "no backends after shutdown"
+    );
 }
 
 /// A discovery stream over a channel.
