@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use marina_affinity::{AffinityHandle, AffinityLayer, AffinityStats, TableConfig};
 use marina_balance::{
-    Balance, BalanceHandle, BalanceTotals, EndpointSnapshot, Failover, Pick, RoundRobin,
+    Balance, BalanceHandle, BalanceTotals, ConsistentHash, EndpointSnapshot, Failover, Pick,
+    RoundRobin,
 };
 use marina_core::Probe;
 use marina_core::{BoxError, BoxFuture, EjectionGate, Request, Response};
@@ -49,7 +50,8 @@ type CheckFn<C> = Arc<dyn Fn(&mut C) -> bool + Send + Sync>;
 pub enum AffinityMode<T> {
     /// Sticky table keyed by the extractor's key.
     Sticky(KeyFnBox<T>, TableConfig),
-    /// Consistent hash of the extractor's key (pair with a `ConsistentHash` picker).
+    /// Consistent hash of the extractor's key (the stack's default picker is then
+    /// `ConsistentHash`, which reads it; another picker ignores the hash).
     Hash(KeyFnBox<T>),
 }
 
@@ -94,7 +96,8 @@ pub struct StackBuilder<T> {
     connect_timeout: Duration,
     health: Option<HealthConfig>,
     probe: Option<ProbeSetup>,
-    picker: Box<dyn Fn() -> Box<dyn Pick> + Send + Sync>,
+    /// `None`: round robin, or consistent hash with hash affinity.
+    picker: Option<Box<dyn Fn() -> Box<dyn Pick> + Send + Sync>>,
     failover: Option<Failover>,
     failfast: Duration,
     panic_threshold: f64,
@@ -145,7 +148,7 @@ impl Stack {
             connect_timeout: Duration::from_secs(5),
             health: Some(HealthConfig::default()),
             probe: None,
-            picker: Box::new(|| Box::new(RoundRobin::new())),
+            picker: None,
             failover: Some(Failover::new()),
             failfast: Duration::from_secs(10),
             panic_threshold: 0.5,
@@ -204,9 +207,10 @@ where
         self
     }
 
-    /// The picker, made by `make` (default round robin).
+    /// The picker, made by `make` (default round robin; consistent hash with
+    /// [`AffinityMode::Hash`], which needs one).
     pub fn picker<P: Pick>(mut self, make: impl Fn() -> P + Send + Sync + 'static) -> Self {
-        self.picker = Box::new(move || Box::new(make()));
+        self.picker = Some(Box::new(move || Box::new(make())));
         self
     }
 
@@ -474,7 +478,14 @@ where
         for &addr in &b.endpoints {
             add(addr)?;
         }
-        let mut balance = Balance::new(discover, BoxedPick((b.picker)()))
+        // Hash affinity routes by the key's hash, which only a consistent-hash picker
+        // reads: it is the default then.
+        let picker: Box<dyn Pick> = match (&b.picker, &b.affinity) {
+            (Some(make), _) => make(),
+            (None, Some(AffinityMode::Hash(_))) => Box::new(ConsistentHash::new()),
+            (None, _) => Box::new(RoundRobin::new()),
+        };
+        let mut balance = Balance::new(discover, BoxedPick(picker))
             .failfast_timeout(b.failfast)
             .ejection_gate(gate)
             .panic_threshold(b.panic_threshold)
@@ -642,7 +653,7 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+    type Future = GuardedFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if self.state.closed.load(Acquire) {
@@ -655,19 +666,58 @@ where
         // Counted before the check: a shutdown starting in between sees this request.
         self.state.in_flight.fetch_add(1, AcqRel);
         let guard = InFlight(self.state.clone());
+        let failed = |error: BoxError| GuardedFuture {
+            inner: None,
+            error: Some(error),
+            guard: None,
+        };
         if self.state.closed.load(Acquire) {
-            return Box::pin(async { Err(ShuttingDown.into()) });
+            return failed(ShuttingDown.into());
         }
         if let Some(validate) = &self.validate
             && let Err(e) = validate(&req.body)
         {
-            return Box::pin(async { Err(e) });
+            return failed(e);
         }
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let _guard = guard;
-            fut.await
-        })
+        GuardedFuture {
+            inner: Some(self.inner.call(req)),
+            error: None,
+            guard: Some(guard),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request through the shutdown guard: counted in flight until it completes or
+    /// is dropped.
+    struct GuardedFuture<F> {
+        #[pin]
+        inner: Option<F>,
+        error: Option<BoxError>,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<F, R> Future for GuardedFuture<F>
+where
+    F: Future<Output = Result<R, BoxError>>,
+{
+    type Output = Result<R, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        match this.inner.as_mut().as_pin_mut() {
+            Some(f) => {
+                let out = std::task::ready!(f.poll(cx));
+                this.inner.set(None);
+                drop(this.guard.take());
+                Poll::Ready(out)
+            }
+            None => Poll::Ready(Err(this
+                .error
+                .take()
+                .unwrap_or_else(|| "polled after completion".into()))),
+        }
     }
 }
 

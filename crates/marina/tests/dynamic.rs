@@ -156,3 +156,44 @@ async fn the_stack_follows_discovery_and_probes_backends() {
     task.await.unwrap();
     assert_eq!(handle.shutdown(Duration::from_secs(1)).await, 0);
 }
+
+/// Hash affinity picks the consistent-hash picker by default: two independent stacks
+/// over the same backends send each key to the same backend.
+#[tokio::test]
+async fn hash_affinity_agrees_across_stacks() {
+    use marina::{AffinityMode, KeyFnBox};
+
+    let addrs = [server("a").await, server("b").await, server("c").await];
+    let key = KeyFnBox::new(|r: &Request<String>| Some(r.body.clone()));
+    let mut stacks = Vec::new();
+    for _ in 0..2 {
+        let (svc, handle) = Stack::builder::<String>()
+            .endpoints(addrs)
+            .affinity(AffinityMode::Hash(key.clone()))
+            .build_line()
+            .unwrap();
+        stacks.push((svc, handle));
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for k in 0..30 {
+        let mut tags = Vec::new();
+        for (svc, _) in &mut stacks {
+            for _ in 0..2 {
+                let resp = svc
+                    .ready()
+                    .await
+                    .unwrap()
+                    .call(Request::new(format!("key{k}")))
+                    .await
+                    .unwrap();
+                tags.push(resp.body[..1].to_string());
+            }
+        }
+        assert!(tags.iter().all(|t| *t == tags[0]), "key{k}: {tags:?}");
+        used.insert(tags[0].clone());
+    }
+    assert_eq!(used.len(), 3, "keys spread over every backend: {used:?}");
+    for (_, h) in &stacks {
+        assert_eq!(h.shutdown(Duration::from_secs(1)).await, 0);
+    }
+}
