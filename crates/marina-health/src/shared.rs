@@ -55,6 +55,8 @@ struct State {
     last_success: Option<Instant>,
     history: VecDeque<CheckRound>,
     degraded: bool,
+    /// The status last published (saves the watch channel's lock when unchanged).
+    published: Status,
     wakers: Vec<Waker>,
 }
 
@@ -130,6 +132,7 @@ impl Shared {
                 last_success: None,
                 history: VecDeque::new(),
                 degraded: false,
+                published: Status::Unknown,
                 wakers: Vec::new(),
             }),
             config,
@@ -254,7 +257,7 @@ impl Shared {
                 }
                 match tripped {
                     Some(reason) => self.eject(&mut st, reason),
-                    None => self.publish(&st, "request completed"),
+                    None => self.publish(&mut st, "request completed"),
                 }
             }
         }
@@ -422,18 +425,24 @@ impl Shared {
         }
         if !st.probed_out && st.probe_fails >= fall {
             st.probed_out = true;
-            self.publish(&st, "active probes failing");
+            self.publish(&mut st, "active probes failing");
         } else if st.probed_out && st.probe_passes >= rise {
             st.probed_out = false;
-            self.publish(&st, "active probes passing again");
+            self.publish(&mut st, "active probes passing again");
             wake(&mut st);
         } else {
-            self.publish(&st, "probe round");
+            self.publish(&mut st, "probe round");
         }
     }
 
-    fn publish(&self, st: &State, reason: &str) {
+    fn publish(&self, st: &mut State, reason: &str) {
         let new = status_of(st);
+        // Most calls (a request completed, a probe passed) change nothing: no lock on
+        // the watch channel then.
+        if new == st.published {
+            return;
+        }
+        st.published = new;
         if let Some(m) = self.member.get() {
             m.set_ejected(matches!(new, Status::Ejected { .. }));
         }
