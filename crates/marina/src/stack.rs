@@ -494,8 +494,8 @@ where
             balance = balance.failover(f);
         }
         let balance_handle = balance.handle();
-        let buffered = tower::buffer::Buffer::new(balance, b.buffer);
-        let mut svc: StackService<T, U> = BoxCloneSyncService::new(buffered);
+        let _ = b.buffer;
+        let mut svc: StackService<T, U> = BoxCloneSyncService::new(Shared::new(balance));
         let mut affinity = None;
         match &b.affinity {
             Some(AffinityMode::Sticky(key, table)) => {
@@ -595,6 +595,172 @@ impl<C: Send + 'static> Service<SocketAddr> for ProtocolConnector<C> {
             let conn = connect.await?;
             Ok(proto(conn).await?)
         })
+    }
+}
+
+/// A service shared by clones under a lock held only to pick and send: readiness is
+/// checked again in `call` (a clone whose `poll_ready` saw readiness another clone then
+/// used still calls a ready service; when it is not ready any more, the call waits for
+/// readiness in its future). No task hop per request, unlike `tower::buffer::Buffer`.
+struct Shared<S> {
+    inner: Arc<std::sync::Mutex<Inner<S>>>,
+}
+
+/// The shared service and the tasks waiting for it to be ready: the service wakes only
+/// the task that polled it last, so a task that sees it ready wakes the others
+/// (tower#454: a shared service must not strand waiters).
+struct Inner<S> {
+    svc: S,
+    waiters: Vec<std::task::Waker>,
+}
+
+impl<S> Inner<S> {
+    /// Polls readiness for `cx`'s task, recording it as a waiter while pending and
+    /// waking the other waiters once ready.
+    fn poll_ready<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>
+    where
+        S: Service<Req, Error = BoxError>,
+    {
+        let out = self.svc.poll_ready(cx);
+        match &out {
+            Poll::Pending => {
+                if !self.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    // Waiters that gave up leave their wakers behind: past a bound,
+                    // wake them all (they re-register if still waiting).
+                    if self.waiters.len() >= 1024 {
+                        for w in self.waiters.drain(..) {
+                            w.wake();
+                        }
+                    }
+                    self.waiters.push(cx.waker().clone());
+                }
+            }
+            Poll::Ready(_) => {
+                for w in self.waiters.drain(..) {
+                    if !w.will_wake(cx.waker()) {
+                        w.wake();
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl<S> Clone for Shared<S> {
+    fn clone(&self) -> Self {
+        Shared {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S> Shared<S> {
+    fn new(svc: S) -> Self {
+        Shared {
+            inner: Arc::new(std::sync::Mutex::new(Inner {
+                svc,
+                waiters: Vec::new(),
+            })),
+        }
+    }
+}
+
+fn lock<S>(m: &std::sync::Mutex<S>) -> std::sync::MutexGuard<'_, S> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<S, Req> Service<Req> for Shared<S>
+where
+    S: Service<Req, Error = BoxError> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+    Req: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = SharedFuture<S, Req>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        lock(&self.inner).poll_ready::<Req>(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let mut noop = Context::from_waker(std::task::Waker::noop());
+        let mut inner = lock(&self.inner);
+        // The noop waker registers nothing: a pending result goes to the future, which
+        // polls again with its task's waker.
+        match inner.svc.poll_ready(&mut noop) {
+            Poll::Ready(Ok(())) => SharedFuture {
+                state: SharedState::Called {
+                    fut: inner.svc.call(req),
+                },
+            },
+            Poll::Ready(Err(e)) => SharedFuture {
+                state: SharedState::Failed { error: Some(e) },
+            },
+            Poll::Pending => SharedFuture {
+                state: SharedState::Waiting {
+                    inner: self.inner.clone(),
+                    req: Some(req),
+                },
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of a [`Shared`] call.
+    struct SharedFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: SharedState<S, Req>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = SharedProj]
+    enum SharedState<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Called { #[pin] fut: S::Future },
+        Waiting { inner: Arc<std::sync::Mutex<Inner<S>>>, req: Option<Req> },
+        Failed { error: Option<BoxError> },
+    }
+}
+
+impl<S, Req> Future for SharedFuture<S, Req>
+where
+    S: Service<Req, Error = BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            let next = match state.as_mut().project() {
+                SharedProj::Called { fut } => return fut.poll(cx),
+                SharedProj::Failed { error } => {
+                    return Poll::Ready(Err(error
+                        .take()
+                        .unwrap_or_else(|| "polled after completion".into())));
+                }
+                SharedProj::Waiting { inner, req } => {
+                    let mut inner = lock(inner);
+                    match inner.poll_ready::<Req>(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Ok(())) => SharedState::Called {
+                            fut: inner.svc.call(req.take().expect("called once")),
+                        },
+                    }
+                }
+            };
+            state.set(next);
+        }
     }
 }
 
@@ -1007,5 +1173,67 @@ impl fmt::Display for StackStats {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// Pending until opened; remembers only the last waker, as most services do.
+    #[derive(Clone, Default)]
+    struct Door {
+        open: Arc<AtomicBool>,
+        waker: Arc<std::sync::Mutex<Option<std::task::Waker>>>,
+    }
+
+    impl Service<u32> for Door {
+        type Response = u32;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<u32, BoxError>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            if self.open.load(Acquire) {
+                return Poll::Ready(Ok(()));
+            }
+            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+
+        fn call(&mut self, req: u32) -> Self::Future {
+            std::future::ready(Ok(req))
+        }
+    }
+
+    #[tokio::test]
+    async fn every_waiting_clone_proceeds_when_the_shared_service_is_ready() {
+        use tower::ServiceExt;
+        let door = Door::default();
+        let shared = Shared::new(door.clone());
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..8u32 {
+            let svc = shared.clone();
+            tasks.spawn(async move { svc.oneshot(i).await.unwrap() });
+        }
+        // Let every task wait.
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        door.open.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(w) = door.waker.lock().unwrap().take() {
+            w.wake(); // only the last waiter's task
+        }
+        let mut got = Vec::new();
+        let all = async {
+            while let Some(r) = tasks.join_next().await {
+                got.push(r.unwrap());
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), all)
+            .await
+            .expect("every waiter proceeds");
+        got.sort_unstable();
+        assert_eq!(got, (0..8).collect::<Vec<_>>());
     }
 }
