@@ -106,7 +106,6 @@ pub struct StackBuilder<T> {
     rate_per_key: Option<(KeyFnBox<T>, Rate)>,
     concurrency: Vec<(KeyFnBox<T>, usize)>,
     bandwidth: Option<(f64, u64)>,
-    buffer: usize,
 }
 
 impl<T> fmt::Debug for StackBuilder<T> {
@@ -157,7 +156,6 @@ impl Stack {
             rate_per_key: None,
             concurrency: Vec::new(),
             bandwidth: None,
-            buffer: 1024,
         }
     }
 }
@@ -309,7 +307,7 @@ where
     /// Builds the stack: each pooled connection becomes a client with `protocol` (a
     /// handshake, or just a wrapper), optionally checked with `check` at checkout.
     ///
-    /// Needs a tokio runtime (pools, health checks and the balancer's buffer spawn
+    /// Needs a tokio runtime (pools and health checks spawn
     /// tasks).
     pub fn build<U, C>(
         self,
@@ -494,7 +492,6 @@ where
             balance = balance.failover(f);
         }
         let balance_handle = balance.handle();
-        let _ = b.buffer;
         let mut svc: StackService<T, U> = BoxCloneSyncService::new(Shared::new(balance));
         let mut affinity = None;
         match &b.affinity {
