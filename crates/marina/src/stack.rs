@@ -492,7 +492,14 @@ where
             balance = balance.failover(f);
         }
         let balance_handle = balance.handle();
-        let mut svc: StackService<T, U> = BoxCloneSyncService::new(Shared::new(balance));
+        let shared = Shared::new(balance);
+        // With no layer above the balancer, the guard wraps it directly (one boxed
+        // future fewer per request).
+        let bare = b.affinity.is_none()
+            && b.concurrency.is_empty()
+            && b.rate.is_none()
+            && b.rate_per_key.is_none();
+        let mut svc: StackService<T, U> = BoxCloneSyncService::new(shared.clone());
         let mut affinity = None;
         match &b.affinity {
             Some(AffinityMode::Sticky(key, table)) => {
@@ -525,11 +532,20 @@ where
             rate = Some(layer.handle());
             svc = BoxCloneSyncService::new(layer.layer(svc));
         }
-        let svc = BoxCloneSyncService::new(Guarded {
-            inner: svc,
-            state: state.clone(),
-            validate: self.validate.clone(),
-        });
+        let svc = if bare {
+            drop(svc);
+            BoxCloneSyncService::new(Guarded {
+                inner: shared,
+                state: state.clone(),
+                validate: self.validate.clone(),
+            })
+        } else {
+            BoxCloneSyncService::new(Guarded {
+                inner: svc,
+                state: state.clone(),
+                validate: self.validate.clone(),
+            })
+        };
         let handle = StackHandle {
             inner: Arc::new(HandleInner {
                 registry,
