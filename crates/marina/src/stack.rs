@@ -615,48 +615,55 @@ impl<C: Send + 'static> Service<SocketAddr> for ProtocolConnector<C> {
 /// checked again in `call` (a clone whose `poll_ready` saw readiness another clone then
 /// used still calls a ready service; when it is not ready any more, the call waits for
 /// readiness in its future). No task hop per request, unlike `tower::buffer::Buffer`.
+///
+/// The inner service keeps one waker per thing it waits on, and each poll replaces it;
+/// so it is always polled with one fan-out waker that wakes every task waiting on the
+/// shared service (tower#454). A waiter that gave up costs a spurious wake-up, never
+/// another waiter's.
 struct Shared<S> {
-    inner: Arc<std::sync::Mutex<Inner<S>>>,
+    inner: Arc<std::sync::Mutex<S>>,
+    fan_out: Arc<FanOut>,
 }
 
-/// The shared service and the tasks waiting for it to be ready: the service wakes only
-/// the task that polled it last, so a task that sees it ready wakes the others
-/// (tower#454: a shared service must not strand waiters).
-struct Inner<S> {
-    svc: S,
-    waiters: Vec<std::task::Waker>,
+/// Wakes every recorded waiter (its own lock: a service may wake synchronously while
+/// the `Shared` lock is held).
+#[derive(Default)]
+struct FanOut {
+    waiters: std::sync::Mutex<Vec<std::task::Waker>>,
 }
 
-impl<S> Inner<S> {
-    /// Polls readiness for `cx`'s task, recording it as a waiter while pending and
-    /// waking the other waiters once ready.
-    fn poll_ready<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>
-    where
-        S: Service<Req, Error = BoxError>,
-    {
-        let out = self.svc.poll_ready(cx);
-        match &out {
-            Poll::Pending => {
-                if !self.waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                    // Waiters that gave up leave their wakers behind: past a bound,
-                    // wake them all (they re-register if still waiting).
-                    if self.waiters.len() >= 1024 {
-                        for w in self.waiters.drain(..) {
-                            w.wake();
-                        }
-                    }
-                    self.waiters.push(cx.waker().clone());
+impl FanOut {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<std::task::Waker>> {
+        self.waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn register(&self, waker: &std::task::Waker) {
+        let mut w = self.lock();
+        if !w.iter().any(|old| old.will_wake(waker)) {
+            // Waiters that gave up stay until the next wake-up: past a bound, wake
+            // everyone now (live waiters poll again and re-register).
+            if w.len() >= 1024 {
+                for old in w.drain(..) {
+                    old.wake();
                 }
             }
-            Poll::Ready(_) => {
-                for w in self.waiters.drain(..) {
-                    if !w.will_wake(cx.waker()) {
-                        w.wake();
-                    }
-                }
-            }
+            w.push(waker.clone());
         }
-        out
+    }
+}
+
+impl std::task::Wake for FanOut {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let waiters = std::mem::take(&mut *self.lock());
+        for w in waiters {
+            w.wake();
+        }
     }
 }
 
@@ -664,6 +671,7 @@ impl<S> Clone for Shared<S> {
     fn clone(&self) -> Self {
         Shared {
             inner: self.inner.clone(),
+            fan_out: self.fan_out.clone(),
         }
     }
 }
@@ -671,16 +679,37 @@ impl<S> Clone for Shared<S> {
 impl<S> Shared<S> {
     fn new(svc: S) -> Self {
         Shared {
-            inner: Arc::new(std::sync::Mutex::new(Inner {
-                svc,
-                waiters: Vec::new(),
-            })),
+            inner: Arc::new(std::sync::Mutex::new(svc)),
+            fan_out: Arc::default(),
         }
     }
 }
 
 fn lock<S>(m: &std::sync::Mutex<S>) -> std::sync::MutexGuard<'_, S> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Polls `svc` for readiness on behalf of `waiter` (if any) through the fan-out waker.
+fn poll_shared<S, Req>(
+    svc: &mut S,
+    fan_out: &Arc<FanOut>,
+    waiter: Option<&std::task::Waker>,
+) -> Poll<Result<(), BoxError>>
+where
+    S: Service<Req, Error = BoxError>,
+{
+    if let Some(w) = waiter {
+        fan_out.register(w);
+    }
+    let waker = std::task::Waker::from(fan_out.clone());
+    let out = svc.poll_ready(&mut Context::from_waker(&waker));
+    if out.is_ready()
+        && let Some(w) = waiter
+    {
+        // Ready for this caller: it needs no wake-up (the others stay registered).
+        fan_out.lock().retain(|old| !old.will_wake(w));
+    }
+    out
 }
 
 impl<S, Req> Service<Req> for Shared<S>
@@ -695,19 +724,14 @@ where
     type Future = SharedFuture<S, Req>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        lock(&self.inner).poll_ready::<Req>(cx)
+        poll_shared::<S, Req>(&mut lock(&self.inner), &self.fan_out, Some(cx.waker()))
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let mut noop = Context::from_waker(std::task::Waker::noop());
-        let mut inner = lock(&self.inner);
-        // The noop waker registers nothing: a pending result goes to the future, which
-        // polls again with its task's waker.
-        match inner.svc.poll_ready(&mut noop) {
+        let mut svc = lock(&self.inner);
+        match poll_shared::<S, Req>(&mut svc, &self.fan_out, None) {
             Poll::Ready(Ok(())) => SharedFuture {
-                state: SharedState::Called {
-                    fut: inner.svc.call(req),
-                },
+                state: SharedState::Called { fut: svc.call(req) },
             },
             Poll::Ready(Err(e)) => SharedFuture {
                 state: SharedState::Failed { error: Some(e) },
@@ -715,6 +739,7 @@ where
             Poll::Pending => SharedFuture {
                 state: SharedState::Waiting {
                     inner: self.inner.clone(),
+                    fan_out: self.fan_out.clone(),
                     req: Some(req),
                 },
             },
@@ -740,7 +765,11 @@ pin_project_lite::pin_project! {
         S: Service<Req>,
     {
         Called { #[pin] fut: S::Future },
-        Waiting { inner: Arc<std::sync::Mutex<Inner<S>>>, req: Option<Req> },
+        Waiting {
+            inner: Arc<std::sync::Mutex<S>>,
+            fan_out: Arc<FanOut>,
+            req: Option<Req>,
+        },
         Failed { error: Option<BoxError> },
     }
 }
@@ -761,13 +790,17 @@ where
                         .take()
                         .unwrap_or_else(|| "polled after completion".into())));
                 }
-                SharedProj::Waiting { inner, req } => {
-                    let mut inner = lock(inner);
-                    match inner.poll_ready::<Req>(cx) {
+                SharedProj::Waiting {
+                    inner,
+                    fan_out,
+                    req,
+                } => {
+                    let mut svc = lock(inner);
+                    match poll_shared::<S, Req>(&mut svc, fan_out, Some(cx.waker())) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                         Poll::Ready(Ok(())) => SharedState::Called {
-                            fut: inner.svc.call(req.take().expect("called once")),
+                            fut: svc.call(req.take().expect("called once")),
                         },
                     }
                 }
@@ -1219,6 +1252,57 @@ mod tests {
         }
     }
 
+    /// Opens the door and wakes the one waker the service kept.
+    fn open(door: &Door) {
+        door.open.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(w) = door.waker.lock().unwrap().take() {
+            w.wake();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiter_is_woken_though_a_later_waiter_gave_up() {
+        use tower::ServiceExt;
+        let door = Door::default();
+        let shared = Shared::new(door.clone());
+        let a = tokio::spawn(shared.clone().oneshot(1));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // B waits after A (the service now keeps B's waker), then gives up.
+        let mut b = shared.clone();
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), b.ready()).await;
+        assert!(gave_up.is_err());
+        open(&door);
+        let got = tokio::time::timeout(Duration::from_secs(5), a)
+            .await
+            .expect("A is woken")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, 1);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_is_woken_though_a_dropped_call_polled_last() {
+        use tower::ServiceExt;
+        let door = Door::default();
+        let shared = Shared::new(door.clone());
+        let a = tokio::spawn(shared.clone().oneshot(1));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // A call made without readiness re-checks it, finds it pending, and is dropped.
+        let mut b = shared.clone();
+        drop(b.call(2));
+        open(&door);
+        let got = tokio::time::timeout(Duration::from_secs(5), a)
+            .await
+            .expect("A is woken")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, 1);
+    }
+
     #[tokio::test]
     async fn every_waiting_clone_proceeds_when_the_shared_service_is_ready() {
         use tower::ServiceExt;
@@ -1233,10 +1317,7 @@ mod tests {
         for _ in 0..20 {
             tokio::task::yield_now().await;
         }
-        door.open.store(true, std::sync::atomic::Ordering::Release);
-        if let Some(w) = door.waker.lock().unwrap().take() {
-            w.wake(); // only the last waiter's task
-        }
+        open(&door); // wakes only the last waiter's task, as the service would
         let mut got = Vec::new();
         let all = async {
             while let Some(r) = tasks.join_next().await {
