@@ -698,18 +698,23 @@ fn poll_shared<S, Req>(
 where
     S: Service<Req, Error = BoxError>,
 {
-    if let Some(w) = waiter {
-        fan_out.register(w);
-    }
     let waker = std::task::Waker::from(fan_out.clone());
-    let out = svc.poll_ready(&mut Context::from_waker(&waker));
-    if out.is_ready()
-        && let Some(w) = waiter
-    {
-        // Ready for this caller: it needs no wake-up (the others stay registered).
+    let mut cx = Context::from_waker(&waker);
+    let out = svc.poll_ready(&mut cx);
+    let Some(w) = waiter else {
+        return out;
+    };
+    if out.is_ready() {
+        return out; // the fast path: no waiter bookkeeping
+    }
+    // Pending: record the waiter, then look again (readiness may have come, and the
+    // fan-out fired, between the first poll and the registration).
+    fan_out.register(w);
+    let again = svc.poll_ready(&mut cx);
+    if again.is_ready() {
         fan_out.lock().retain(|old| !old.will_wake(w));
     }
-    out
+    again
 }
 
 impl<S, Req> Service<Req> for Shared<S>
