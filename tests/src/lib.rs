@@ -709,109 +709,10 @@ impl Service<SocketAddr> for LineConnector {
     }
 }
 
-/// A client of a line protocol on one TCP connection, for an echo server: a
-/// `tower::Service<String>` whose request is one line (without its `\n`) and whose
-/// response is the line read back (without its `\n`).
-///
-/// One request at a time, as a pooled client is used. Errors are `io::Error`s: EOF
-/// before the whole reply is `UnexpectedEof`, a request holding `\n` is
-/// `InvalidInput` (refused before anything is sent). A call that fails or is dropped
-/// before its reply leaves the client broken (the stream may be mid-reply): its
-/// `poll_ready` fails from then on.
-pub struct LineClient {
-    io: Arc<tokio::sync::Mutex<tokio::io::BufReader<TcpStream>>>,
-    broken: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl fmt::Debug for LineClient {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LineClient")
-            .field("broken", &self.broken.load(SeqCst))
-            .finish_non_exhaustive()
-    }
-}
-
-/// Marks a [`LineClient`] broken when dropped before being disarmed.
-struct BreakGuard(Option<Arc<std::sync::atomic::AtomicBool>>);
-
-impl Drop for BreakGuard {
-    fn drop(&mut self) {
-        if let Some(flag) = self.0.take() {
-            flag.store(true, SeqCst);
-        }
-    }
-}
-
-impl LineClient {
-    /// A client on `stream`.
-    pub fn new(stream: TcpStream) -> Self {
-        LineClient {
-            io: Arc::new(tokio::sync::Mutex::new(tokio::io::BufReader::new(stream))),
-            broken: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        }
-    }
-
-    /// False when an earlier call failed or was cancelled, when the peer closed or reset
-    /// the socket, or when unread bytes are waiting. No I/O on the wire (a `MSG_PEEK`):
-    /// fit for a pool's [`check`](marina_pool::Builder::check) hook. A client busy with a
-    /// call counts as open.
-    pub fn is_open(&self) -> bool {
-        if self.broken.load(SeqCst) {
-            return false;
-        }
-        match self.io.try_lock() {
-            Ok(io) => io.buffer().is_empty() && marina_pool::socket_is_open(io.get_ref()),
-            Err(_) => true,
-        }
-    }
-}
-
-impl Service<String> for LineClient {
-    type Response = String;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<String>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        if self.broken.load(SeqCst) {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "line client broken by an earlier failed or cancelled call",
-            )));
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, line: String) -> Self::Future {
-        let io = self.io.clone();
-        let broken = self.broken.clone();
-        Box::pin(async move {
-            if line.contains('\n') {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "a line request may not hold '\\n'",
-                ));
-            }
-            let mut guard = BreakGuard(Some(broken));
-            let mut io = io.lock_owned().await;
-            let mut msg = line.into_bytes();
-            msg.push(b'\n');
-            io.get_mut().write_all(&msg).await?;
-            io.get_mut().flush().await?;
-            msg.clear();
-            tokio::io::AsyncBufReadExt::read_until(&mut *io, b'\n', &mut msg).await?;
-            if msg.pop() != Some(b'\n') {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("connection closed after {} bytes of a reply", msg.len()),
-                ));
-            }
-            let reply = String::from_utf8(msg)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            guard.0 = None;
-            Ok(reply)
-        })
-    }
-}
+/// A client of a line protocol on one TCP connection, for an echo server: marina's
+/// [`marina::line::LineClient`] (one line out, one line back; a failed or cancelled
+/// call leaves it broken).
+pub type LineClient = marina::line::LineClient<TcpStream>;
 
 /// A pool configuration for [`LineClient`]s: at most `max_size` connections, 2 s to
 /// acquire, 1 s to connect, no background health checks, no expiry, and no checkout
@@ -826,14 +727,14 @@ pub fn line_pool_builder(max_size: usize) -> marina_pool::Builder {
 }
 
 /// A pool of [`LineClient`]s to `addr` configured by [`line_pool_builder`], plus a
-/// checkout check ([`LineClient::is_open`]) that closes clients whose peer went away
+/// checkout check (`LineClient::is_open_with`) that closes clients whose peer went away
 /// instead of handing them out.
 pub fn line_pool(
     addr: SocketAddr,
     max_size: usize,
 ) -> marina_pool::Pool<LineConnector, SocketAddr> {
     line_pool_builder(max_size)
-        .check(|c: &mut LineClient| c.is_open())
+        .check(|c: &mut LineClient| c.is_open_with(marina_pool::socket_is_open))
         .build(LineConnector::new(), addr)
         .expect("a valid line pool configuration")
 }

@@ -48,6 +48,16 @@ impl<IO: AsyncRead> LineClient<IO> {
         !self.broken.load(SeqCst)
     }
 
+    /// Whether the client can take a request: not broken, no unread bytes waiting, and
+    /// `socket_open` (for example [`marina_pool::socket_is_open`] on the underlying
+    /// `TcpStream`) true of its connection; a client busy with a call counts as open.
+    /// Fit for a pool's checkout check.
+    pub fn is_open_with(&self, socket_open: impl FnOnce(&IO) -> bool) -> bool {
+        // The connection first: unread bytes mark the client broken.
+        let open = self.with_io(socket_open).unwrap_or(true);
+        open && self.is_usable()
+    }
+
     /// Runs `f` on the connection if no call holds it (`None` while one does), for
     /// checks such as [`marina_pool::socket_is_open`]. Unread bytes in the buffer count
     /// as a broken exchange.

@@ -285,12 +285,7 @@ where
         mapped.build(
             |conn: Conn| Box::pin(async move { Ok(crate::line::LineClient::new(conn)) }),
             Some(Arc::new(|c: &mut crate::line::LineClient<Conn>| {
-                // The socket check first: it marks the client broken when unread bytes
-                // wait, which `is_usable` then sees.
-                let open = c
-                    .with_io(|io| marina_pool::socket_is_open(io.get_ref()))
-                    .unwrap_or(true);
-                open && c.is_usable()
+                c.is_open_with(|io| marina_pool::socket_is_open(io.get_ref()))
             })),
         )
     }
