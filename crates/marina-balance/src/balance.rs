@@ -668,8 +668,12 @@ where
         let Some(gate) = &self.gate else {
             return;
         };
+        // The share moves only when a member's ejection changes (or a member leaves),
+        // which moves the count: nothing to compute on most polls.
         let changes = gate.changes();
-        let ejections_changed = changes != self.gate_changes;
+        if changes == self.gate_changes {
+            return;
+        }
         self.gate_changes = changes;
         let share = gate.healthy_share();
         let panic = share < self.panic_threshold;
@@ -688,7 +692,7 @@ where
                 return;
             }
             tracing::info!(healthy_share = share, "panic mode over");
-        } else if !ejections_changed || panic {
+        } else if panic {
             return;
         }
         // An endpoint was ejected that this balancer may still count as ready (an
