@@ -254,11 +254,20 @@ struct Endpoint<K, S> {
 /// [`Discover`](tower::discover::Discover) yields, choosing among the ready ones with a
 /// [`Pick`].
 ///
+/// - **Never sent to an endpoint that cannot take it**: the endpoint chosen for a
+///   request is polled for readiness just before the call (one `poll_ready`; none
+///   more when it is the endpoint `poll_ready` itself checked), so one that failed or
+///   went pending while ready and idle — a hyper `SendRequest` or tonic `Channel`
+///   whose connection closed, a `Buffer` whose worker ended, an ejected endpoint —
+///   leaves the ready set then and the request goes to another ready one. An endpoint
+///   whose `poll_ready` fails is dropped at once.
 /// - **Readiness without churn**: an endpoint that stays ready keeps its place in the
-///   ready set; only the endpoint just called is polled again before the next request
-///   (the tower contract), and pending endpoints are polled until they are ready. The
-///   picker sees a stable, indexed view (with a generation that changes only when the
-///   set does), so stateful pickers keep their state.
+///   ready set. Each `poll_ready` after a call polls the endpoint called last (the
+///   tower contract) and one more ready endpoint in turn, so an endpoint that dies
+///   unpicked still leaves within one pass over the set: dead endpoints never pile
+///   up. Pending endpoints are polled until they are ready. The picker sees a stable,
+///   indexed view (with a generation that changes only when the set does), so
+///   stateful pickers keep their state.
 /// - **Fail fast**: when no endpoint is ready for `failfast_timeout`, the balancer turns
 ///   ready and each call fails at once with [`NoReadyEndpoints`] (inside a `BoxError`),
 ///   until an endpoint is ready again — rather than leaving callers hanging.
@@ -312,9 +321,20 @@ where
     slots: Vec<Option<Endpoint<D::Key, D::Service>>>,
     free: Vec<usize>,
     by_key: HashMap<D::Key, usize>,
+    /// Slots by endpoint id, for route hints (the first of two keys sharing an id).
+    by_id: HashMap<EndpointId, usize>,
+    /// Endpoints inserted whose id another one had already.
+    id_clashes: usize,
     ready: Vec<usize>,
     unready: Vec<usize>,
+    /// A ready endpoint `poll_ready` checked with the caller's context for the next
+    /// request: used without another poll if the picker chooses it, and the fallback
+    /// when the picker's choices are not ready any more.
+    candidate: Option<usize>,
+    /// The endpoint called last, polled again by the next `poll_ready`.
     just_called: Option<usize>,
+    /// Position in `ready` of the next endpoint `poll_ready` checks.
+    sweep: usize,
     generation: u64,
     picker: Box<dyn Pick>,
     failfast: Duration,
@@ -378,6 +398,9 @@ impl<S, Req> FailoverShared<S, Req> {
 
 /// Reads a request's route hint (see [`Balance::route_hint`]).
 type HintFn<Req> = Box<dyn Fn(&Req) -> Option<RouteHint> + Send + Sync>;
+
+/// At most this many discovery changes are applied in one `poll_ready`.
+const DISCOVER_PER_POLL: usize = 65_536;
 
 /// One request in this many is timed for the latency statistics.
 const TIME_EVERY: u64 = 8;
@@ -444,9 +467,13 @@ where
             slots: Vec::new(),
             free: Vec::new(),
             by_key: HashMap::new(),
+            by_id: HashMap::new(),
+            id_clashes: 0,
             ready: Vec::new(),
             unready: Vec::new(),
+            candidate: None,
             just_called: None,
+            sweep: 0,
             generation: 0,
             picker: Box::new(picker),
             failfast: Duration::from_secs(10),
@@ -613,6 +640,12 @@ where
             }
         };
         self.by_key.insert(key, slot);
+        match self.by_id.entry(id) {
+            std::collections::hash_map::Entry::Occupied(_) => self.id_clashes += 1,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(slot);
+            }
+        }
         self.unready.push(slot);
         tracing::debug!(endpoint = ?self.slots[slot].as_ref().map(|e| &e.key), "endpoint added");
     }
@@ -622,6 +655,18 @@ where
             return;
         };
         self.by_key.remove(&ep.key);
+        if self.by_id.get(&ep.id) == Some(&slot) {
+            self.by_id.remove(&ep.id);
+            // Another endpoint with the same id (two keys, one id) takes its place.
+            if self.id_clashes > 0
+                && let Some(other) = self
+                    .slots
+                    .iter()
+                    .position(|e| e.as_ref().is_some_and(|e| e.id == ep.id))
+            {
+                self.by_id.insert(ep.id, other);
+            }
+        }
         self.handle.remove(&ep.stats);
         if let Some(f) = &self.failover {
             f.peers().retain(|p| !Arc::ptr_eq(&p.stats, &ep.stats));
@@ -630,6 +675,9 @@ where
             self.unready_at(pos);
         }
         self.unready.retain(|&s| s != slot);
+        if self.candidate == Some(slot) {
+            self.candidate = None;
+        }
         if self.just_called == Some(slot) {
             self.just_called = None;
         }
@@ -714,8 +762,26 @@ where
         if self.discover_done {
             return Ok(());
         }
+        // Every change already sent is applied before the next pick: discovery is
+        // drained outside tokio's cooperative budget (a channel would otherwise hand
+        // over at most 128 changes per task poll, and a fresh balancer over 512
+        // backends would route over the first 128). Bounded per poll: past the bound,
+        // the task is woken to come back for the rest.
+        let mut taken = 0;
         loop {
-            match Pin::new(&mut self.discover).poll_discover(cx) {
+            if taken == DISCOVER_PER_POLL {
+                cx.waker().wake_by_ref();
+                return Ok(());
+            }
+            taken += 1;
+            let discover = &mut self.discover;
+            let polled = {
+                let mut next = tokio::task::coop::unconstrained(std::future::poll_fn(|cx| {
+                    Pin::new(&mut *discover).poll_discover(cx)
+                }));
+                Pin::new(&mut next).poll(cx)
+            };
+            match polled {
                 Poll::Ready(Some(Ok(Change::Insert(key, svc)))) => self.insert(key, svc),
                 Poll::Ready(Some(Ok(Change::Remove(key)))) => {
                     if let Some(&slot) = self.by_key.get(&key) {
@@ -852,14 +918,6 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.poll_discover(cx)?;
         self.check_panic(cx);
-        // The endpoint called last must be ready again before it is picked again.
-        if let Some(slot) = self.just_called.take()
-            && !self.poll_endpoint(slot, cx)
-            && let Some(pos) = self.slots[slot].as_ref().and_then(|e| e.ready_pos)
-        {
-            self.unready_at(pos);
-            self.unready.push(slot);
-        }
         // Pending endpoints are polled until they are ready (their wakers bring us back).
         let mut i = 0;
         while i < self.unready.len() {
@@ -874,6 +932,28 @@ where
                 }
             } else {
                 i += 1;
+            }
+        }
+        // A fallback for the next request, its readiness checked now with this task's
+        // context: the ready endpoints are taken in turn, so one that failed or went
+        // pending while ready and idle (a connection closed, an ejection) leaves the set
+        // even if no picker chooses it, and dead endpoints never pile up.
+        if self.candidate.is_none() {
+            // The endpoint called last first (the tower contract: polled again before
+            // its next request; its ready flag in the stats stays true to it).
+            if let Some(slot) = self.just_called.take() {
+                self.recheck(slot, cx);
+            }
+            while !self.ready.is_empty() {
+                if self.sweep >= self.ready.len() {
+                    self.sweep = 0;
+                }
+                let slot = self.ready[self.sweep];
+                self.sweep += 1;
+                if self.recheck(slot, cx) {
+                    self.candidate = Some(slot);
+                    break;
+                }
             }
         }
         if !self.ready.is_empty() {
@@ -902,34 +982,58 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        if self.ready.is_empty() {
+        let hint = self.hint.as_ref().and_then(|f| f(&req));
+        let target = hint.as_ref().map(RouteHint::target);
+        let strict = hint.as_ref().is_some_and(RouteHint::is_strict);
+        // Every endpoint is checked before it is sent a request: the picker's choice is
+        // polled once more (an endpoint that failed since it joined the ready set leaves
+        // it, one that went pending goes back to the pending ones), unless it is the
+        // endpoint `poll_ready` just checked.
+        // A hint naming a ready endpoint is honoured whatever the picker.
+        let mut chosen = match target {
+            Some(HintTarget::Endpoint(id)) => self
+                .by_id
+                .get(&id)
+                .copied()
+                .filter(|&slot| self.is_ready_slot(slot) && self.usable_now(slot)),
+            _ => None,
+        };
+        if let (true, None, Some(HintTarget::Endpoint(endpoint))) = (strict, chosen, target) {
+            return ResponseFuture::failed(PinnedEndpointUnavailable { endpoint }.into());
+        }
+        // The picker chooses; a choice that is not ready any more leaves the set and the
+        // picker chooses again (for a consistent hash, the key moves to its next
+        // endpoint); past a few tries, the endpoint `poll_ready` checked.
+        for _ in 0..PICK_TRIES {
+            if chosen.is_some() || self.ready.is_empty() {
+                break;
+            }
+            let slot = self.pick_slot(hint.as_ref());
+            if self.usable_now(slot) {
+                chosen = Some(slot);
+            }
+        }
+        if chosen.is_none() {
+            chosen = self.candidate.filter(|&slot| self.is_ready_slot(slot));
+        }
+        while chosen.is_none() && !self.ready.is_empty() {
+            let slot = self.ready[0];
+            if self.usable_now(slot) {
+                chosen = Some(slot);
+            }
+        }
+        let Some(slot) = chosen else {
             return ResponseFuture::failed(
                 NoReadyEndpoints {
                     waited: self.failfast,
                 }
                 .into(),
             );
-        }
-        let view = ReadyView {
-            slots: &self.slots,
-            ready: &self.ready,
-            generation: self.generation,
         };
-        let hint = self.hint.as_ref().and_then(|f| f(&req));
-        let preferred = match hint.as_ref().map(RouteHint::target) {
-            Some(HintTarget::Endpoint(id)) => (0..view.len()).find(|&i| view.id(i) == id),
-            _ => None,
-        };
-        let strict = hint.as_ref().is_some_and(RouteHint::is_strict);
-        if let (true, None, Some(HintTarget::Endpoint(endpoint))) =
-            (strict, preferred, hint.as_ref().map(RouteHint::target))
-        {
-            return ResponseFuture::failed(PinnedEndpointUnavailable { endpoint }.into());
-        }
-        let pick = preferred
-            .unwrap_or_else(|| self.picker.pick(&view, hint.as_ref()))
-            .min(self.ready.len() - 1);
-        let slot = self.ready[pick];
+        // The next `poll_ready` checks this endpoint again, and another one in turn (the
+        // one it checked for this request may have aged).
+        self.candidate = None;
+        self.just_called = Some(slot);
         let ep = self.slots[slot].as_mut().expect("ready endpoints exist");
         // Boxed: the future's size costs on every request, failover or not.
         // A strict hint never fails over to another endpoint.
@@ -950,7 +1054,6 @@ where
         if let Some(h) = &hint {
             h.report_chosen(ep.id);
         }
-        self.just_called = Some(slot);
         // Time one request in `TIME_EVERY` (a clock read costs about as much as the rest
         // of a pick and call together): the latency EWMA and average come from those.
         // Counted per endpoint, so a picker's periodic pattern cannot hide one.
@@ -960,6 +1063,66 @@ where
         let mut f = ResponseFuture::sent(fut, stats, start);
         f.retry = retry;
         f
+    }
+}
+
+/// How many times `call` lets the picker choose again when the endpoint it chose is no
+/// longer ready.
+const PICK_TRIES: usize = 4;
+
+impl<D, Req> Balance<D, Req>
+where
+    D: Discover + Unpin,
+    D::Key: Hash + Clone + fmt::Debug,
+    D::Service: Service<Req>,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+    D::Error: Into<BoxError>,
+{
+    /// The slot of the ready endpoint the picker chooses; the ready set is not empty.
+    fn pick_slot(&mut self, hint: Option<&RouteHint>) -> usize {
+        let view = ReadyView {
+            slots: &self.slots,
+            ready: &self.ready,
+            generation: self.generation,
+        };
+        let i = self.picker.pick(&view, hint).min(self.ready.len() - 1);
+        self.ready[i]
+    }
+
+    fn is_ready_slot(&self, slot: usize) -> bool {
+        self.slots
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|e| e.ready_pos.is_some())
+    }
+
+    /// Polls a ready endpoint again; one that is not ready any more leaves the ready set
+    /// (pending: to the pending ones, polled with the next `poll_ready`'s context;
+    /// failed: removed). `true` if it is ready.
+    fn recheck(&mut self, slot: usize, cx: &mut Context<'_>) -> bool {
+        if self.poll_endpoint(slot, cx) {
+            return true;
+        }
+        if let Some(pos) = self.slots[slot].as_ref().and_then(|e| e.ready_pos) {
+            self.unready_at(pos);
+            self.unready.push(slot);
+        }
+        if self.candidate == Some(slot) {
+            self.candidate = None;
+        }
+        false
+    }
+
+    /// In `call` (no task context): whether a ready endpoint can take the request now.
+    /// The endpoint `poll_ready` checked with the task's context counts as ready; any
+    /// other is polled once with a no-op waker (one found pending is polled with a real
+    /// context by the next `poll_ready`).
+    fn usable_now(&mut self, slot: usize) -> bool {
+        if self.candidate == Some(slot) {
+            return true;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.recheck(slot, &mut cx)
     }
 }
 
