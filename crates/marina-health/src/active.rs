@@ -57,6 +57,7 @@ async fn run(
         // even a probe that blocks its thread cannot stall the prober (the round task
         // is aborted and left behind).
         let timeout = cfg.timeout;
+        let start = shared.probe_started();
         let mut task = tokio::spawn(round());
         let result = match tokio::time::timeout(timeout, &mut task).await {
             Ok(Ok(Ok(rt))) => Ok(rt),
@@ -68,6 +69,11 @@ async fn run(
                 Err(format!("timed out after {timeout:?}"))
             }
         };
-        shared.record_probe(result, cfg.healthy_threshold, cfg.unhealthy_threshold);
+        shared.record_probe(
+            result,
+            start,
+            cfg.healthy_threshold,
+            cfg.unhealthy_threshold,
+        );
     }
 }

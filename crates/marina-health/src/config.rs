@@ -16,6 +16,33 @@ pub struct HealthConfig {
     pub max_ejection: Duration,
     /// After this long healthy, the ejection count starts again from zero (default 300 s).
     pub reset_after: Duration,
+    /// Whether passing active probes end a passive ejection early (default `true`, as
+    /// Envoy's `successful_active_health_check_uneject_host`).
+    ///
+    /// With a probe ([`HealthLayer::probe`](crate::HealthLayer::probe)), an endpoint
+    /// ejected by the passive detectors comes back as soon as
+    /// [`healthy_threshold`](ActiveConfig::healthy_threshold) probe rounds in a row pass,
+    /// rather than when its ejection time runs out: a backend restarted after a crash
+    /// takes traffic again after a few probe intervals, not after 30 s or more.
+    ///
+    /// - It comes straight back to serving (`Healthy`, or `Degraded` if the last probe
+    ///   round was slow or recent rounds often failed), with no half-open trial: every
+    ///   caller waiting in `poll_ready` is woken, and a balancer's
+    ///   [`EjectionGate`](marina_core::EjectionGate) stops counting it as ejected.
+    /// - Only rounds that *began* after the ejection count: a streak of passes from
+    ///   before it, or a round already under way when it happened, does not bring the
+    ///   endpoint back. A failing round starts the count again.
+    /// - The ejection count is kept, so if requests fail again the next ejection is
+    ///   longer (it still resets after `reset_after` healthy), and
+    ///   [`HealthReport::ejections`](crate::HealthReport::ejections) includes the ejection
+    ///   that ended early.
+    ///
+    /// Turn it off when the probe can pass while requests fail (a TCP connect probe in
+    /// front of a service answering 5xx): then the endpoint would come back every few
+    /// probe intervals only to fail `consecutive_failures` more requests, and each
+    /// passive ejection should run its full time. Without a probe the setting changes
+    /// nothing.
+    pub uneject_on_probe_success: bool,
     /// A probe round slower than this fails its response-time check and makes the
     /// endpoint `Degraded` (default 1 s).
     pub response_time_threshold: Duration,
@@ -34,6 +61,7 @@ impl Default for HealthConfig {
             base_ejection: Duration::from_secs(30),
             max_ejection: Duration::from_secs(300),
             reset_after: Duration::from_secs(300),
+            uneject_on_probe_success: true,
             response_time_threshold: Duration::from_secs(1),
             error_rate_threshold: 0.10,
             history: 100,
@@ -74,7 +102,8 @@ pub struct ActiveConfig {
     /// A probe slower than this fails (default 2 s).
     pub timeout: Duration,
     /// Consecutive passing rounds that bring an endpoint taken out by probes back
-    /// (rise, default 2).
+    /// (rise, default 2). They also end a passive ejection early, unless
+    /// [`HealthConfig::uneject_on_probe_success`] is off.
     pub healthy_threshold: u32,
     /// Consecutive failing rounds that take it out (fall, default 3).
     pub unhealthy_threshold: u32,

@@ -18,7 +18,11 @@
 //!   — one task per endpoint probes every `interval` (with jitter) under a `timeout`;
 //!   `unhealthy_threshold` failing rounds in a row take the endpoint out,
 //!   `healthy_threshold` passing ones bring it back ([`ActiveConfig`]). Passive and
-//!   active run together (hybrid). A probe that panics or hangs only fails its round.
+//!   active run together (hybrid), and the probe has the last word: `healthy_threshold`
+//!   passing rounds, all begun after a passive ejection, end it early and the endpoint
+//!   serves again at once (no half-open trial; every waiting caller is woken). Turn
+//!   that off with [`HealthConfig::uneject_on_probe_success`], for a probe that can pass
+//!   while requests fail. A probe that panics or hangs only fails its round.
 //! - **Visible**: [`HealthHandle`] gives the [`Status`] (`Unknown`, `Healthy`, `Degraded`,
 //!   `Ejected { until }`), a [`HealthReport`] (health % over the last probe rounds, the
 //!   last round's checks: socket, response time, error rate, age), and a
@@ -57,6 +61,54 @@
 //! // ...then half-open: ready for one trial request.
 //! svc.ready().await.unwrap();
 //! assert_eq!(handle.status(), Status::Degraded);
+//! # }
+//! ```
+//!
+//! With an active probe, a backend that answers again comes back after
+//! `healthy_threshold` passing probe rounds, long before its ejection time is up:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicBool, Ordering};
+//! use std::time::Duration;
+//! use marina_core::probe_fn;
+//! use marina_health::{ActiveConfig, Health, HealthConfig, Status};
+//! use tower::{Service, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let down = Arc::new(AtomicBool::new(true));
+//! let backend = {
+//!     let down = down.clone();
+//!     service_fn(move |_: ()| {
+//!         let down = down.load(Ordering::SeqCst);
+//!         async move { if down { Err(std::io::Error::other("down")) } else { Ok(()) } }
+//!     })
+//! };
+//! // The probe answers while the backend does (here: once it is up again).
+//! let probe = {
+//!     let down = down.clone();
+//!     probe_fn(move |_: &mut ()| {
+//!         let down = down.load(Ordering::SeqCst);
+//!         Box::pin(async move { if down { Err("down".into()) } else { Ok(()) } })
+//!     })
+//! };
+//! let active = ActiveConfig { interval: Duration::from_millis(200), ..ActiveConfig::default() };
+//! let mut svc = Health::builder(backend)
+//!     .config(HealthConfig { consecutive_failures: 3, ..HealthConfig::default() })
+//!     .probe(active, probe, ())
+//!     .build();
+//! let handle = svc.handle();
+//!
+//! for _ in 0..3 {
+//!     let _ = svc.ready().await.unwrap().call(()).await;
+//! }
+//! assert!(matches!(handle.status(), Status::Ejected { until: Some(_) }));
+//!
+//! // The backend is back: two passing probe rounds (rise) end the 30 s ejection.
+//! down.store(false, Ordering::SeqCst);
+//! tokio::time::timeout(Duration::from_secs(1), svc.ready()).await.unwrap().unwrap();
+//! assert!(matches!(handle.status(), Status::Healthy | Status::Degraded));
 //! # }
 //! ```
 //!

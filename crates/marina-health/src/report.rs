@@ -15,10 +15,12 @@ pub enum Status {
     /// rate is high, or the endpoint is half-open after an ejection (one trial request
     /// decides).
     Degraded,
-    /// Taken out: `poll_ready` is `Pending`. `until` is when a passive ejection ends;
-    /// `None` when active probes took it out (it comes back when they pass again). The
-    /// switch to half-open happens when the service is next polled, so `until` can lie
-    /// in the past for an endpoint nobody is polling.
+    /// Taken out: `poll_ready` is `Pending`. `until` is when a passive ejection ends at
+    /// the latest (passing active probes can end it sooner; see
+    /// [`HealthConfig::uneject_on_probe_success`](crate::HealthConfig::uneject_on_probe_success));
+    /// `None` when active probes took it out (it comes back when they pass again).
+    /// Without a tokio runtime to run the ejection's timer, the switch to half-open
+    /// happens when the service is next polled, so `until` can lie in the past.
     Ejected {
         /// When the ejection ends, if it is timed.
         until: Option<Instant>,

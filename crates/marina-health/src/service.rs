@@ -53,6 +53,9 @@ impl Drop for Clones {
 /// ends — never `Err`, because tower's balancers drop endpoints that error. After a
 /// timed ejection the endpoint is half-open: one caller gets readiness for one trial
 /// request, whose outcome brings the endpoint back or ejects it again for longer.
+/// With an active probe, `healthy_threshold` passing rounds end a passive ejection
+/// before its time: the endpoint serves again straight away and every waiting task is
+/// woken (see [`HealthConfig::uneject_on_probe_success`]).
 ///
 /// Clones share one state and one [`HealthHandle`]. Errors of the inner service pass
 /// through unchanged.

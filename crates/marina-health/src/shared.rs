@@ -50,6 +50,12 @@ struct State {
     half_opens: u64,
     /// Taken out by active probes.
     probed_out: bool,
+    /// Passive ejections so far, never reset: the number a probe round notes when it
+    /// starts ([`RoundStart`]), so only rounds begun during the current ejection count
+    /// towards ending it.
+    ejection_seq: u64,
+    /// Passing probe rounds in a row, each begun during the current passive ejection.
+    passes_while_ejected: u32,
     probe_passes: u32,
     probe_fails: u32,
     last_success: Option<Instant>,
@@ -103,10 +109,19 @@ impl Window {
     }
 }
 
+/// Noted when a probe round starts (see [`Shared::probe_started`]): which passive
+/// ejection, if any, was in force by then.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RoundStart {
+    ejection_seq: u64,
+}
+
 /// What `poll_ready` may do now.
 pub(crate) enum Gate {
     Open,
-    /// Closed until this instant (a passive ejection); the caller sleeps until then.
+    /// Closed until this instant at the latest (a passive ejection); the caller sleeps
+    /// until then. Its waker is registered too: passing probes can end the ejection
+    /// sooner.
     Until(Instant),
     /// Closed until a status change wakes the registered waker.
     Wait,
@@ -127,6 +142,8 @@ impl Shared {
                 serving_since: None,
                 half_opens: 0,
                 probed_out: false,
+                ejection_seq: 0,
+                passes_while_ejected: 0,
                 probe_passes: 0,
                 probe_fails: 0,
                 last_success: None,
@@ -179,7 +196,9 @@ impl Shared {
         }
         if let Mode::Ejected { until } = st.mode {
             if Instant::now() < until {
-                // The caller sleeps until `until` on its own timer.
+                // The caller sleeps until `until` on its own timer; passing probe rounds
+                // may end the ejection before that, and then wake it through here.
+                register(&mut st.wakers, waker);
                 return Gate::Until(until);
             }
             self.half_open(&mut st);
@@ -292,6 +311,10 @@ impl Shared {
             st.ejections = 0;
         }
         st.ejections += 1;
+        // Probe rounds already under way, or passing before the ejection, do not count
+        // towards ending it.
+        st.ejection_seq += 1;
+        st.passes_while_ejected = 0;
         let d = self
             .config
             .base_ejection
@@ -326,9 +349,23 @@ impl Shared {
         wake(st);
     }
 
-    /// A probe round ended: `Ok(response time)` or the failure. `rise`/`fall` are the
-    /// active thresholds.
-    pub(crate) fn record_probe(&self, result: Result<Duration, String>, rise: u32, fall: u32) {
+    /// A probe round is starting: the mark goes back with its result to
+    /// [`record_probe`](Self::record_probe).
+    pub(crate) fn probe_started(&self) -> RoundStart {
+        RoundStart {
+            ejection_seq: self.lock().ejection_seq,
+        }
+    }
+
+    /// A probe round, begun at `start`, ended: `Ok(response time)` or the failure.
+    /// `rise`/`fall` are the active thresholds.
+    pub(crate) fn record_probe(
+        &self,
+        result: Result<Duration, String>,
+        start: RoundStart,
+        rise: u32,
+        fall: u32,
+    ) {
         let (rise, fall) = (rise.max(1), fall.max(1));
         let now = Instant::now();
         let mut st = self.lock();
@@ -421,6 +458,23 @@ impl Shared {
                 self.recover(&mut st, "half-open probe passed");
             } else {
                 self.eject(&mut st, "half-open probe failed");
+            }
+        }
+        // Still within a passive ejection: `rise` passing rounds in a row, each begun
+        // after the ejection, end it now (Envoy's
+        // `successful_active_health_check_uneject_host`). Straight back to serving, no
+        // half-open trial: a half-open endpoint is decided by a single probe round.
+        if !passed {
+            st.passes_while_ejected = 0;
+        } else if let Mode::Ejected { .. } = st.mode
+            && start.ejection_seq == st.ejection_seq
+        {
+            st.passes_while_ejected += 1;
+            if self.config.uneject_on_probe_success && st.passes_while_ejected >= rise {
+                self.recover(
+                    &mut st,
+                    "active probes passing: passive ejection ended early",
+                );
             }
         }
         if !st.probed_out && st.probe_fails >= fall {
@@ -555,16 +609,16 @@ mod tests {
         assert_eq!(shared.status(), Status::Healthy);
         // Probes taking the endpoint out win over a healthy passive state.
         for _ in 0..3 {
-            shared.record_probe(Err("refused".into()), 2, 3);
+            shared.record_probe(Err("refused".into()), shared.probe_started(), 2, 3);
         }
         assert_eq!(shared.status(), Status::Ejected { until: None });
-        shared.record_probe(Ok(Duration::from_millis(1)), 2, 3);
+        shared.record_probe(Ok(Duration::from_millis(1)), shared.probe_started(), 2, 3);
         assert_eq!(
             shared.status(),
             Status::Ejected { until: None },
             "one pass is not enough"
         );
-        shared.record_probe(Ok(Duration::from_millis(1)), 2, 3);
+        shared.record_probe(Ok(Duration::from_millis(1)), shared.probe_started(), 2, 3);
         // Back in, but the recent error rate (3 of 5 rounds) is over 10%: degraded.
         assert_eq!(shared.status(), Status::Degraded);
         let report = shared.report();
@@ -585,7 +639,7 @@ mod tests {
             },
         );
         for _ in 0..10 {
-            shared.record_probe(Ok(Duration::from_millis(1)), 2, 3);
+            shared.record_probe(Ok(Duration::from_millis(1)), shared.probe_started(), 2, 3);
         }
         let r = shared.report();
         assert_eq!((r.recent, r.health_percent), (4, 100.0));

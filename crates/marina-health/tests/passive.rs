@@ -1,5 +1,6 @@
 //! Passive outlier detection: detectors, the ejection gate, half-open trials, ejection
-//! times, classifiers, status subscriptions and error pass-through.
+//! times, classifiers, status subscriptions, error pass-through, and passing active
+//! probes that end an ejection early.
 //!
 //! Every test runs on a paused clock and polls `poll_ready` by hand (tokio-test's mock
 //! task), so wake-ups and ejection times are checked exactly.
@@ -7,14 +8,15 @@
 use std::fmt;
 use std::future::{Ready, ready};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use marina_core::{EjectionGate, probe_fn};
 use marina_health::{
-    Classify, FailureRate, Health, HealthConfig, HealthHandle, Status, classify_fn,
+    ActiveConfig, Classify, FailureRate, Health, HealthConfig, HealthHandle, Status, classify_fn,
 };
-use tokio::time::{Instant, advance};
+use tokio::time::{Instant, advance, sleep};
 use tokio_test::task::{self, Spawn};
 use tokio_test::{assert_pending, assert_ready, assert_ready_ok};
 use tower::Service;
@@ -923,4 +925,414 @@ async fn ejection_end_is_published_without_polling() {
         .unwrap();
     assert_eq!(*rx.borrow(), Status::Degraded);
     drop(svc);
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. Passing active probes end a passive ejection
+// ---------------------------------------------------------------------------------------
+
+const fn ms(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+/// A probe round every 200 ms, no jitter; rise 2, fall 3.
+fn every_200ms() -> ActiveConfig {
+    ActiveConfig {
+        interval: ms(200),
+        jitter: 0.0,
+        timeout: secs(1),
+        healthy_threshold: 2,
+        unhealthy_threshold: 3,
+    }
+}
+
+/// A probed endpoint: the backend's failure switch, the probe's switch (it passes while
+/// `up` is set) and the count of finished probe rounds.
+struct Probed {
+    svc: Health<Backend>,
+    fail: Arc<AtomicBool>,
+    up: Arc<AtomicBool>,
+    rounds: Arc<AtomicUsize>,
+}
+
+/// Builds a probed endpoint in `gate`. Each probe round takes `takes` and reads `up`
+/// when it ends. The first round starts when the test first yields (t = 0).
+fn probed(
+    config: HealthConfig,
+    active: ActiveConfig,
+    takes: Duration,
+    gate: &EjectionGate,
+) -> Probed {
+    let (b, fail) = backend();
+    let up = Arc::new(AtomicBool::new(true));
+    let rounds = Arc::new(AtomicUsize::new(0));
+    let probe = {
+        let (up, rounds) = (up.clone(), rounds.clone());
+        probe_fn(move |_: &mut ()| {
+            let (up, rounds) = (up.clone(), rounds.clone());
+            Box::pin(async move {
+                sleep(takes).await;
+                rounds.fetch_add(1, Ordering::SeqCst);
+                if up.load(Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err("probe refused".into())
+                }
+            })
+        })
+    };
+    let svc = Health::builder(b)
+        .config(config)
+        .probe(active, probe, ())
+        .ejection_gate(gate.clone())
+        .build();
+    Probed {
+        svc,
+        fail,
+        up,
+        rounds,
+    }
+}
+
+/// The regression of issue #19: a backend ejected for consecutive failures whose probe
+/// passes comes back after `rise` rounds begun after the ejection (not after 30 s), all
+/// waiters are woken, and the gate, status, subscription and report follow.
+#[tokio::test(start_paused = true)]
+async fn passing_probe_rounds_end_a_passive_ejection_early() {
+    let gate = EjectionGate::new();
+    let Probed {
+        svc: mut a,
+        fail,
+        rounds,
+        ..
+    } = probed(consecutive_only(), every_200ms(), Duration::ZERO, &gate);
+    let mut b = a.clone();
+    let h = a.handle();
+    let mut rx = h.subscribe();
+
+    // Rounds at 0 and 200 ms pass: the probe's streak reaches rise before any ejection.
+    sleep(ms(250)).await;
+    assert_eq!(rounds.load(Ordering::SeqCst), 2);
+    assert_eq!(*rx.borrow_and_update(), Status::Healthy);
+
+    let until = Instant::now() + secs(30);
+    fail_n(&mut a, &fail, 5).await;
+    assert_eq!(h.status(), Status::Ejected { until: Some(until) });
+    assert_eq!(
+        *rx.borrow_and_update(),
+        Status::Ejected { until: Some(until) }
+    );
+    assert_eq!(gate.counts(), (1, 1));
+    let (mut ta, mut tb) = (task::spawn(()), task::spawn(()));
+    assert_pending!(poll_ready(&mut ta, &mut a));
+    assert_pending!(poll_ready(&mut tb, &mut b));
+
+    // 400 ms: one pass since the ejection. The two before it do not count.
+    sleep(ms(200)).await;
+    assert_eq!(rounds.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        h.status(),
+        Status::Ejected { until: Some(until) },
+        "readmitted on one pass after the ejection (the streak from before it counted)"
+    );
+    assert!(!rx.has_changed().unwrap());
+    assert!(!ta.is_woken() && !tb.is_woken());
+    assert_eq!(gate.counts(), (1, 1));
+
+    // 600 ms: the second pass ends the ejection, 29.4 s early. Both waiters are woken
+    // and both are ready: serving, not a half-open trial for one of them.
+    sleep(ms(200)).await;
+    assert_eq!(rounds.load(Ordering::SeqCst), 4);
+    assert_eq!(h.status(), Status::Healthy, "{:#?}", h.report());
+    assert!(
+        ta.is_woken() && tb.is_woken(),
+        "a task waiting in poll_ready was not woken by the readmission"
+    );
+    assert_ready_ok!(poll_ready(&mut ta, &mut a));
+    assert_ready_ok!(poll_ready(&mut tb, &mut b));
+    assert_eq!(gate.counts(), (1, 0), "the gate still counts it as ejected");
+    assert!(rx.has_changed().unwrap());
+    assert_eq!(*rx.borrow_and_update(), Status::Healthy);
+    let report = h.report();
+    assert_eq!(report.status, Status::Healthy);
+    assert_eq!(
+        report.ejections, 1,
+        "the ejection that ended early still counts"
+    );
+    assert!(report.last.is_some_and(|r| r.passed));
+    assert_eq!((report.recent, report.healthy), (4, 4));
+    succeed_n(&mut a, &fail, 3).await;
+    succeed_n(&mut b, &fail, 3).await;
+
+    // The ejection count is kept: a second ejection lasts 2 × base, and the probe ends
+    // it too, with the gate counting it in and out again.
+    let until = Instant::now() + secs(60);
+    fail_n(&mut a, &fail, 5).await;
+    assert_eq!(h.status(), Status::Ejected { until: Some(until) });
+    assert_eq!(gate.counts(), (1, 1));
+    assert_pending!(poll_ready(&mut ta, &mut a));
+    sleep(ms(400)).await; // rounds at 800 and 1000 ms
+    assert_eq!(h.status(), Status::Healthy);
+    assert!(ta.is_woken());
+    assert_ready_ok!(poll_ready(&mut ta, &mut a));
+    assert_eq!(gate.counts(), (1, 0));
+    assert_eq!(h.report().ejections, 2);
+}
+
+/// A probe round that was under way when the endpoint was ejected says nothing about
+/// the backend after the ejection: even with rise 1, it does not end the ejection.
+#[tokio::test(start_paused = true)]
+async fn a_round_under_way_at_the_ejection_does_not_end_it() {
+    let gate = EjectionGate::new();
+    let active = ActiveConfig {
+        healthy_threshold: 1,
+        ..every_200ms()
+    };
+    // Rounds take 100 ms: 0–100, 300–400, 600–700 ms.
+    let Probed {
+        mut svc,
+        fail,
+        rounds,
+        ..
+    } = probed(consecutive_only(), active, ms(100), &gate);
+    let h = svc.handle();
+
+    sleep(ms(350)).await; // the second round is under way
+    assert_eq!(rounds.load(Ordering::SeqCst), 1);
+    fail_n(&mut svc, &fail, 5).await;
+    assert!(matches!(h.status(), Status::Ejected { until: Some(_) }));
+
+    sleep(ms(100)).await; // it passed at 400 ms
+    assert_eq!(rounds.load(Ordering::SeqCst), 2);
+    assert!(
+        matches!(h.status(), Status::Ejected { until: Some(_) }),
+        "a round begun before the ejection ended it: {:?}",
+        h.status()
+    );
+    assert_eq!(gate.counts(), (1, 1));
+
+    sleep(ms(300)).await; // the round begun at 600 ms passed
+    assert_eq!(rounds.load(Ordering::SeqCst), 3);
+    assert_eq!(h.status(), Status::Healthy);
+    assert_eq!(gate.counts(), (1, 0));
+    succeed_n(&mut svc, &fail, 1).await;
+}
+
+/// The passes must come in a row: a failing round starts the count again.
+#[tokio::test(start_paused = true)]
+async fn a_failing_round_starts_the_count_again() {
+    let gate = EjectionGate::new();
+    let Probed {
+        mut svc,
+        fail,
+        up,
+        rounds,
+    } = probed(consecutive_only(), every_200ms(), Duration::ZERO, &gate);
+    let h = svc.handle();
+    sleep(ms(250)).await;
+    fail_n(&mut svc, &fail, 5).await;
+    let ejected = h.status();
+    assert!(matches!(ejected, Status::Ejected { until: Some(_) }));
+
+    sleep(ms(200)).await; // 400 ms: pass
+    up.store(false, Ordering::SeqCst);
+    sleep(ms(200)).await; // 600 ms: fail
+    up.store(true, Ordering::SeqCst);
+    sleep(ms(200)).await; // 800 ms: pass
+    assert_eq!(rounds.load(Ordering::SeqCst), 5);
+    assert_eq!(
+        h.status(),
+        ejected,
+        "two passes split by a failure ended the ejection"
+    );
+    let mut t = task::spawn(());
+    assert_pending!(poll_ready(&mut t, &mut svc));
+
+    sleep(ms(200)).await; // 1000 ms: the second pass in a row
+    assert!(t.is_woken());
+    assert_ready_ok!(poll_ready(&mut t, &mut svc));
+    // Serving; one failed round of the last six is over the 10% error-rate threshold.
+    assert_eq!(h.status(), Status::Degraded, "{:#?}", h.report());
+    assert_eq!(gate.counts(), (1, 0));
+}
+
+/// With `uneject_on_probe_success` off, a passing probe does not shorten a passive
+/// ejection: it runs its 30 s.
+#[tokio::test(start_paused = true)]
+async fn with_uneject_on_probe_success_off_the_ejection_runs_its_time() {
+    let gate = EjectionGate::new();
+    let config = HealthConfig {
+        uneject_on_probe_success: false,
+        ..consecutive_only()
+    };
+    let Probed {
+        mut svc,
+        fail,
+        rounds,
+        ..
+    } = probed(config, every_200ms(), Duration::ZERO, &gate);
+    let h = svc.handle();
+    sleep(ms(250)).await;
+    let until = Instant::now() + secs(30);
+    fail_n(&mut svc, &fail, 5).await;
+    let mut t = task::spawn(());
+    assert_pending!(poll_ready(&mut t, &mut svc));
+
+    sleep(ms(29_900)).await;
+    assert!(
+        rounds.load(Ordering::SeqCst) > 100,
+        "the probe kept passing"
+    );
+    assert_eq!(h.status(), Status::Ejected { until: Some(until) });
+    assert!(!t.is_woken());
+    assert_pending!(poll_ready(&mut t, &mut svc));
+    assert_eq!(gate.counts(), (1, 1));
+
+    // The ejection's time is up: the endpoint opens again (half-open, and the next
+    // passing round settles it).
+    sleep(ms(100)).await;
+    assert!(t.is_woken());
+    assert_ready_ok!(poll_ready(&mut t, &mut svc));
+    assert!(h.status().is_ready());
+    assert_eq!(gate.counts(), (1, 0));
+}
+
+/// Without a probe, nothing ends a passive ejection early (the switch is on by
+/// default and changes nothing): pending for the full 30 s, counted by the gate.
+#[tokio::test(start_paused = true)]
+async fn without_a_probe_the_ejection_runs_its_time() {
+    let gate = EjectionGate::new();
+    let (b, fail) = backend();
+    let mut svc = Health::builder(b)
+        .config(consecutive_only())
+        .ejection_gate(gate.clone())
+        .build();
+    assert!(HealthConfig::default().uneject_on_probe_success);
+    let h = svc.handle();
+    let until = Instant::now() + secs(30);
+    fail_n(&mut svc, &fail, 5).await;
+    let mut t = task::spawn(());
+    assert_pending!(poll_ready(&mut t, &mut svc));
+
+    sleep(ms(29_900)).await;
+    assert_eq!(h.status(), Status::Ejected { until: Some(until) });
+    assert!(!t.is_woken());
+    assert_pending!(poll_ready(&mut t, &mut svc));
+    assert_eq!(gate.counts(), (1, 1));
+
+    sleep(ms(100)).await;
+    assert!(t.is_woken());
+    assert_ready_ok!(poll_ready(&mut t, &mut svc));
+    assert_eq!(
+        h.status(),
+        Status::Degraded,
+        "half-open after the full ejection"
+    );
+    assert_eq!(gate.counts(), (1, 0));
+}
+
+/// End to end under tower's p2c balancer, the case of issue #19: a backend that dies
+/// (requests and probes fail) and comes back 3 s later takes requests again within a
+/// few probe intervals. The balancer learns of it only through the wake-up: its ready
+/// cache holds the endpoint as pending until `poll_ready` wakes it.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_backend_gets_traffic_under_p2c_after_rise_rounds() {
+    use tower::ServiceExt;
+    use tower::balance::p2c::Balance;
+    use tower::discover::ServiceList;
+    use tower::load::Constant;
+
+    let down = Arc::new(AtomicBool::new(false));
+    let calls: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let mut handles = Vec::new();
+    let endpoints: Vec<_> = (0..2)
+        .map(|i| {
+            // Endpoint 1 is the one that dies; its probe fails while it is down.
+            let dies = i == 1;
+            let (down_req, down_probe, count) = (down.clone(), down.clone(), calls[i].clone());
+            let inner = tower::service_fn(move |n: u32| {
+                let is_down = dies && down_req.load(Ordering::SeqCst);
+                if !is_down {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+                async move {
+                    if is_down {
+                        Err(std::io::Error::other("connection refused"))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            });
+            let probe = probe_fn(move |_: &mut ()| {
+                let is_down = dies && down_probe.load(Ordering::SeqCst);
+                Box::pin(async move {
+                    if is_down {
+                        Err("connection refused".into())
+                    } else {
+                        Ok(())
+                    }
+                })
+            });
+            let svc = Health::builder(inner)
+                .name(format!("e{i}"))
+                .config(consecutive_only())
+                .probe(every_200ms(), probe, ())
+                .build();
+            handles.push(svc.handle());
+            Constant::new(svc, 0)
+        })
+        .collect();
+    let mut lb = Balance::new(ServiceList::new(endpoints));
+    /// One request through the balancer, which must be ready within a second.
+    async fn send<S>(lb: &mut S) -> Result<Result<u32, BoxError>, tokio::time::error::Elapsed>
+    where
+        S: Service<u32, Response = u32, Error = BoxError>,
+    {
+        tokio::time::timeout(secs(1), async { lb.ready().await?.call(7).await }).await
+    }
+
+    for _ in 0..40 {
+        send(&mut lb).await.expect("ready").expect("served");
+    }
+    assert!(calls[1].load(Ordering::SeqCst) > 0);
+
+    // Endpoint 1 dies: within a few failed requests it is ejected.
+    down.store(true, Ordering::SeqCst);
+    let mut failed = 0;
+    for _ in 0..40 {
+        if send(&mut lb).await.expect("ready").is_err() {
+            failed += 1;
+        }
+    }
+    assert!((1..=5).contains(&failed), "{failed} failed requests");
+    assert!(matches!(
+        handles[1].status(),
+        Status::Ejected { until: Some(_) }
+    ));
+
+    // Meanwhile every request goes to endpoint 0.
+    sleep(secs(3)).await;
+    let before = calls[1].load(Ordering::SeqCst);
+    for _ in 0..10 {
+        send(&mut lb).await.expect("ready").expect("served");
+    }
+    assert_eq!(calls[1].load(Ordering::SeqCst), before);
+
+    // Back 3 s later: two passing probe rounds readmit it (degraded: most of its
+    // recent rounds failed), 26 s before its ejection would have ended.
+    down.store(false, Ordering::SeqCst);
+    sleep(ms(500)).await;
+    assert_eq!(
+        handles[1].status(),
+        Status::Degraded,
+        "{:#?}",
+        handles[1].report()
+    );
+    for _ in 0..40 {
+        send(&mut lb).await.expect("ready").expect("served");
+    }
+    assert!(
+        calls[1].load(Ordering::SeqCst) > before,
+        "the restarted backend got no requests: the balancer was not woken"
+    );
 }
