@@ -16,7 +16,7 @@ const VERSION: u8 = 1;
 const BODY: usize = 1 + 8 + 8;
 /// The HMAC-SHA256 tag, truncated to 128 bits.
 const TAG: usize = 16;
-/// A token's length in hex characters.
+/// A token's length in (lowercase) hex characters.
 pub const TOKEN_LEN: usize = (BODY + TAG) * 2;
 
 /// Reads the wall clock in Unix seconds (injectable for tests).
@@ -34,6 +34,14 @@ fn system_clock() -> u64 {
 /// nothing (never a panic); the affinity layer then picks afresh and issues a new one.
 /// No server-side state: every instance holding the key reads every token.
 ///
+/// # One spelling per token
+///
+/// Tokens are issued in lowercase hex, and only that spelling checks: a copy with any
+/// upper-case letter (`A`–`F`) is refused like a forged token, though it carries the
+/// same bytes. So each token has exactly one string form, and whatever is keyed by the
+/// string (a deny list of revoked tokens, log search, a cache) agrees with the codec:
+/// a token denied in lowercase cannot come back in upper or mixed case.
+///
 /// ```
 /// use marina_affinity::TokenCodec;
 /// use marina_core::EndpointId;
@@ -46,6 +54,8 @@ fn system_clock() -> u64 {
 /// forged.replace_range(0..2, "ff");
 /// assert_eq!(codec.check(&forged), None);
 /// assert_eq!(codec.check("garbage"), None);
+/// // Only the lowercase spelling, the one issued, is honoured.
+/// assert_eq!(codec.check(&token.to_ascii_uppercase()), None);
 /// ```
 #[derive(Clone)]
 pub struct TokenCodec {
@@ -81,7 +91,8 @@ impl fmt::Display for WeakKey {
 
 impl std::error::Error for WeakKey {}
 
-/// A checked token's contents.
+/// A checked token's contents. Its string form is [`TokenCodec::encode`]'s lowercase
+/// hex, the only spelling [`TokenCodec::check`] accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token {
     /// The endpoint the session is pinned to.
@@ -141,13 +152,15 @@ impl TokenCodec {
         hex(&bytes)
     }
 
-    /// The token's contents if it is authentic and not expired.
+    /// The token's contents if it is authentic and not expired. Authentic means in the
+    /// canonical spelling too: lowercase hex only (see [`TokenCodec`]).
     pub fn check(&self, token: &str) -> Option<Token> {
         let t = self.decode(token)?;
         (t.expires > (self.clock)()).then_some(t)
     }
 
-    /// The token's contents if it is authentic (expired or not).
+    /// The token's contents if it is authentic (expired or not), in the canonical
+    /// lowercase spelling.
     pub fn decode(&self, token: &str) -> Option<Token> {
         if token.len() != TOKEN_LEN {
             return None;
@@ -186,6 +199,8 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// Reads lowercase hex only: the spelling `hex` writes, the one canonical form of a
+/// token (an upper-case digit is an error, so no token has two spellings).
 fn unhex(s: &str, out: &mut [u8]) -> Option<()> {
     let s = s.as_bytes();
     if s.len() != out.len() * 2 {
@@ -194,7 +209,6 @@ fn unhex(s: &str, out: &mut [u8]) -> Option<()> {
     let val = |c: u8| match c {
         b'0'..=b'9' => Some(c - b'0'),
         b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
         _ => None,
     };
     for (i, o) in out.iter_mut().enumerate() {

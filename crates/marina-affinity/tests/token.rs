@@ -4,14 +4,17 @@
 //!
 //! - **Codec**: round trip; forged tags, truncated, extended, empty, random, non-hex and
 //!   non-ASCII input, another key's tokens, spliced body and tag, and expired tokens
-//!   (the clock set with `with_clock`) all check to `None`, never a panic; uppercase hex
-//!   reads as the same bytes; keys under 16 bytes are a `WeakKey`.
+//!   (the clock set with `with_clock`) all check to `None`, never a panic; only the
+//!   canonical lowercase spelling checks (an upper- or mixed-case copy of a valid token
+//!   is refused as forged); keys under 16 bytes are a `WeakKey`.
 //! - **Properties**: encode then decode gives the token back for any endpoint and
 //!   expiry; flipping any one bit of the encoded bytes (one bit of one hex digit's
-//!   value) makes it invalid; arbitrary strings never check.
+//!   value) makes it invalid; upper-casing any of its letters makes it invalid;
+//!   arbitrary strings never check.
 //! - **Through the layer**: a new session's `IssuedToken` pins it; bad tokens are
 //!   ignored (the request is served), counted in `rejected_tokens`, and replaced with a
-//!   fresh `IssuedToken`; a token is refreshed once less than half its life is left; a
+//!   fresh `IssuedToken` (an upper-case copy of a valid token too, while the original
+//!   keeps its pin); a token is refreshed once less than half its life is left; a
 //!   token naming an endpoint that is gone is re-pinned (or, `strict`, fails with
 //!   `PinnedEndpointUnavailable`); another instance holding the key honours it.
 
@@ -190,18 +193,60 @@ fn fastrand_like(mut state: u64) -> impl FnMut() -> u64 {
     }
 }
 
-/// Hex is read case-insensitively: an uppercased token carries the same bytes, which
-/// is what the tag signs, so it reads as the same token (the canonical form, the one
-/// issued, is lowercase).
+/// `token` with the letter digits at `positions` (indices into its letters) in upper
+/// case.
+fn upper_at(token: &str, positions: &[usize]) -> String {
+    let letters: Vec<usize> = token
+        .bytes()
+        .enumerate()
+        .filter(|(_, b)| b.is_ascii_alphabetic())
+        .map(|(i, _)| i)
+        .collect();
+    let mut bytes = token.as_bytes().to_vec();
+    for &p in positions {
+        bytes[letters[p % letters.len()]].make_ascii_uppercase();
+    }
+    String::from_utf8(bytes).unwrap()
+}
+
+/// One spelling per token: the codec issues lowercase hex, and an upper- or mixed-case
+/// copy, though it carries the same bytes, is refused like a forgery (so a deny list or
+/// a cache keyed by the token string cannot be sidestepped by changing case).
 #[test]
-fn uppercase_hex_reads_as_the_same_token() {
+fn only_the_lowercase_spelling_checks() {
     let now = clock();
     let codec = codec_at(&now);
+    // The endpoint's bytes alone hold the letters a to f.
     let token = codec.issue(EndpointId(0xABCDEF));
-    let upper = token.to_ascii_uppercase();
-    assert_ne!(upper, token);
-    assert_eq!(codec.check(&upper), codec.check(&token));
-    assert!(codec.check(&upper).is_some());
+    assert!(token.contains("abcdef"), "{token}");
+    let letters = token.bytes().filter(u8::is_ascii_alphabetic).count();
+    let mut copies = vec![
+        ("upper case", token.to_ascii_uppercase()),
+        ("first letter upper", upper_at(&token, &[0])),
+        ("last letter upper", upper_at(&token, &[letters - 1])),
+        (
+            "every other letter upper",
+            upper_at(&token, &(0..letters).step_by(2).collect::<Vec<_>>()),
+        ),
+    ];
+    // Each letter alone in upper case.
+    for p in 0..letters {
+        copies.push(("one letter upper", upper_at(&token, &[p])));
+    }
+    for (what, copy) in &copies {
+        assert_ne!(copy, &token, "{what}");
+        assert!(copy.eq_ignore_ascii_case(&token), "{what}: the same bytes");
+        assert_eq!(codec.check(copy), None, "{what}: {copy}");
+        assert_eq!(codec.decode(copy), None, "{what}: {copy}");
+    }
+    // The original, as issued, still checks.
+    assert_eq!(
+        codec.check(&token),
+        Some(Token {
+            endpoint: EndpointId(0xABCDEF),
+            expires: T0 + 3600
+        })
+    );
 }
 
 #[test]
@@ -246,6 +291,23 @@ proptest! {
         prop_assert_ne!(&flipped, &token);
         prop_assert_eq!(codec.decode(&flipped), None);
         prop_assert_eq!(codec.check(&flipped), None);
+    }
+
+    #[test]
+    fn any_upper_case_letter_is_rejected(
+        endpoint: u64,
+        expires: u64,
+        positions in proptest::collection::vec(0..TOKEN_LEN, 1..8),
+    ) {
+        let codec = TokenCodec::new(KEY, TTL).unwrap().with_clock(|| 0);
+        let original = Token { endpoint: EndpointId(endpoint), expires };
+        let token = codec.encode(original);
+        // A 66-digit hex token of random-looking tag bytes has letters, bar a fluke.
+        prop_assume!(token.bytes().any(|b| b.is_ascii_alphabetic()));
+        let copy = upper_at(&token, &positions);
+        prop_assert_ne!(&copy, &token);
+        prop_assert_eq!(codec.decode(&copy), None);
+        prop_assert_eq!(codec.decode(&token), Some(original));
     }
 
     #[test]
@@ -413,6 +475,40 @@ async fn bad_tokens_are_ignored_counted_and_replaced() {
     let resp = send(&mut svc, Some("")).await.unwrap();
     assert_eq!(issued(&resp), None);
     assert_eq!(handle.stats().rejected_tokens, bad.len() as u64);
+}
+
+#[tokio::test]
+async fn a_token_in_another_letter_case_is_ignored_and_the_original_keeps_its_pin() {
+    let now = clock();
+    let codec = codec_at(&now);
+    let (mut svc, handle, lb) = cookie_stack(codec.clone(), true);
+    let resp = send(&mut svc, None).await.unwrap();
+    let backend = *resp.body();
+    let token = issued(&resp).unwrap();
+    let copies = [
+        token.to_ascii_uppercase(),
+        upper_at(&token, &[0]),
+        upper_at(&token, &[1, 3, 5]),
+    ];
+    for (n, copy) in copies.iter().enumerate() {
+        assert_ne!(copy, &token);
+        let resp = send(&mut svc, Some(copy))
+            .await
+            .expect("served all the same");
+        let fresh = issued(&resp).unwrap_or_else(|| panic!("{copy} honoured as a token"));
+        assert_ne!(&fresh, copy);
+        assert_eq!(
+            codec.check(&fresh).map(|t| t.endpoint),
+            Some(id_of(&lb, *resp.body()))
+        );
+        assert_eq!(handle.stats().rejected_tokens, n as u64 + 1);
+    }
+    // The original, as issued, still pins its session.
+    for _ in 0..3 {
+        let again = send(&mut svc, Some(&token)).await.unwrap();
+        assert_eq!((*again.body(), issued(&again)), (backend, None));
+    }
+    assert_eq!(handle.stats().rejected_tokens, copies.len() as u64);
 }
 
 #[tokio::test]
