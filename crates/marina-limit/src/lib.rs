@@ -6,7 +6,8 @@
 //!   `poll_ready` backpressure in `Wait` mode) or keyed by any
 //!   [`KeyExtractor`](marina_core::KeyExtractor) (per user, per client IP) with a
 //!   bounded, swept key table. Over the limit: [`RateLimited`] with the exact
-//!   `retry_after`, or a bounded wait ([`OnLimit`]).
+//!   `retry_after`, or a bounded wait ([`OnLimit`]), first come, first served: each
+//!   waiter reserves its cell on arrival.
 //! - [`ConcurrencyPerKeyLayer`]: requests in flight per key — the seed's
 //!   `maxConnectionsPerUser` and `maxConnectionsPerIP`; over the limit:
 //!   [`ConnectionLimit`], or a bounded wait.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
-use governor::state::{InMemoryState, NotKeyed};
+use governor::state::{NotKeyed, StateStore};
 use governor::{NotUntil, Quota, RateLimiter};
 use marina_core::{BoxError, KeyExtractor};
 use pin_project_lite::pin_project;
@@ -21,7 +21,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::clock::TokioClock;
-use crate::store::{BoundedStore, SharedStore, WhenKeysFull};
+use crate::store::{BoundedStore, GlobalState, SharedStore, WhenKeysFull};
 
 /// A request went over its rate limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +64,11 @@ pub enum OnLimit {
     /// Fail it at once with [`RateLimited`].
     #[default]
     Reject,
-    /// Delay it until the limit admits it, if that is within `max`; otherwise fail it
-    /// with [`RateLimited`] at once.
+    /// Queue it: first come, first served. On arrival the request takes the next free
+    /// cell, now or later (its place in line), and learns when it will be admitted; it
+    /// waits for that time and no longer, with no re-check, so later arrivals never
+    /// overtake it. If its place in line is more than `max` away it fails at once with
+    /// [`RateLimited`] (its `retry_after` is that wait), taking no cell.
     Wait {
         /// The longest delay.
         max: Duration,
@@ -121,13 +124,16 @@ impl Rate {
     }
 }
 
-type Direct = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Nanos>>;
+type Direct = RateLimiter<NotKeyed, GlobalState, TokioClock, NoOpMiddleware<Nanos>>;
 type KeyedLimiter = RateLimiter<String, SharedStore<String>, TokioClock, NoOpMiddleware<Nanos>>;
 
 /// The limiter shared by a layer's services.
 struct Limiter {
     kind: Kind,
     clock: TokioClock,
+    /// Governor's time origin, a `clock` reading: its states count nanoseconds from it.
+    start: u64,
+    gcra: Gcra,
     rate: Rate,
     on_limit: std::sync::Mutex<OnLimit>,
     admitted: AtomicU64,
@@ -137,13 +143,124 @@ struct Limiter {
 }
 
 enum Kind {
-    Global(Direct),
+    Global(Direct, GlobalState),
     Keyed(KeyedLimiter, Arc<BoundedStore<String>>),
 }
 
+/// The GCRA in governor's terms, for reservations: `t`, one cell's weight (the
+/// period), and `tau`, the tolerance (the burst less one cell), in nanoseconds.
+#[derive(Debug, Clone, Copy)]
+struct Gcra {
+    t: u64,
+    tau: u64,
+}
+
+/// Where a reservation lands, in governor's nanoseconds.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    /// A cell is free now.
+    Now,
+    /// The next free cell is at this time.
+    At(u64),
+}
+
+impl Gcra {
+    fn of(quota: Quota) -> Self {
+        // As governor does: a period of at least 1 ns.
+        let t = u64::try_from(quota.replenish_interval().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let tau = t.saturating_mul(u64::from(quota.burst_size().get() - 1));
+        Gcra { t, tau }
+    }
+
+    /// Reserves the next free cell for a request arriving at `t0`, given the state
+    /// `tat` (the theoretical arrival time): the cell's time and the state after, or
+    /// how long until the cell when that is beyond `max` (nothing reserved).
+    ///
+    /// A free cell now is governor's check exactly. A later one is the cell that
+    /// check would grant at that time if nothing else came first: it reserves it, so
+    /// the next request's place is one period further on.
+    fn reserve(self, tat: Option<Nanos>, t0: u64, max: u64) -> Result<((Slot, u64), Nanos), u64> {
+        let tat = tat.map_or(t0, Nanos::as_u64);
+        let earliest = tat.saturating_sub(self.tau);
+        if t0 >= earliest {
+            let next = tat.max(t0).saturating_add(self.t);
+            Ok(((Slot::Now, next), Nanos::from(next)))
+        } else if earliest - t0 <= max {
+            let next = tat.saturating_add(self.t);
+            Ok(((Slot::At(earliest), next), Nanos::from(next)))
+        } else {
+            Err(earliest - t0)
+        }
+    }
+}
+
+/// Governor counts its states' time from its clock's reading when the limiter is
+/// made, and keeps that origin to itself; reservations share the states, so they need
+/// it. One refusal tells it exactly: in a state `tat` far ahead, governor refuses
+/// until `start + tat - tau`. `seed` sets the probe's state, `check` asks governor;
+/// the caller clears the state after.
+fn governor_start(
+    gcra: Gcra,
+    clock: &TokioClock,
+    seed: impl FnOnce(u64),
+    check: impl FnOnce() -> Result<(), NotUntil<Nanos>>,
+) -> u64 {
+    let far = u64::MAX / 2;
+    seed(far);
+    match check() {
+        Err(nu) => nu
+            .earliest_possible()
+            .as_u64()
+            .saturating_sub(far.saturating_sub(gcra.tau)),
+        // A tolerance of over a century: no refusal to learn from, and no waiter will
+        // ever need the origin to the nanosecond.
+        Ok(()) => clock.now().as_u64(),
+    }
+}
+
 impl Limiter {
+    /// Governor's parts of a limiter over `kind`.
+    fn new(kind: Kind, clock: TokioClock, rate: Rate) -> Self {
+        let gcra = Gcra::of(rate.quota);
+        let start = match &kind {
+            Kind::Global(l, state) => {
+                let start = governor_start(gcra, &clock, |tat| state.set(tat), || l.check());
+                state.set(0);
+                start
+            }
+            Kind::Keyed(l, store) => {
+                let probe = String::new();
+                let seed = |tat| {
+                    let _ =
+                        store.measure_and_replace(&probe, |_| Ok::<_, ()>(((), Nanos::from(tat))));
+                };
+                let start = governor_start(gcra, &clock, seed, || l.check_key(&probe));
+                store.forget(&probe);
+                start
+            }
+        };
+        Limiter {
+            kind,
+            clock,
+            start,
+            gcra,
+            rate,
+            on_limit: std::sync::Mutex::new(OnLimit::Reject),
+            admitted: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            last_reading: std::sync::Mutex::new((0, 0, 0)),
+        }
+    }
+
     fn now(&self) -> Nanos {
         self.clock.now()
+    }
+
+    /// Now in governor's nanoseconds (those of the states).
+    fn state_now(&self) -> u64 {
+        self.clock.now().as_u64().saturating_sub(self.start)
     }
 
     fn admit(&self) {
@@ -179,12 +296,12 @@ impl Limiter {
     /// Takes a cell for `key` (or the global one): `Ok`, or how long until one.
     fn check(&self, key: Option<&String>) -> Result<(), Check> {
         let out = match (&self.kind, key) {
-            (Kind::Global(l), _) => l.check(),
+            (Kind::Global(l, _), _) => l.check(),
             (Kind::Keyed(l, store), key) => {
                 // Requests without a key share the empty key's quota.
                 let empty = String::new();
                 let k = key.unwrap_or(&empty);
-                if !store.admit(k, || self.now().as_u64()) {
+                if !store.admit(k, || self.state_now()) {
                     return Err(Check::Full(store.max_keys()));
                 }
                 l.check_key(k)
@@ -203,6 +320,56 @@ impl Limiter {
         nu.wait_time_from(self.now())
     }
 
+    /// Takes the next free cell for `key` (or the global one), now or within `max`
+    /// (`Wait` mode): the request's place in line.
+    fn reserve(self: &Arc<Self>, key: Option<String>, max: Duration) -> Reserved {
+        let max = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+        let t0 = self.state_now();
+        let gcra = self.gcra;
+        let reserve = |tat| gcra.reserve(tat, t0, max);
+        // Requests without a key share the empty key's quota.
+        let key = key.unwrap_or_default();
+        let out = match &self.kind {
+            Kind::Global(_, state) => state.measure_and_replace(&NotKeyed::NonKey, reserve),
+            Kind::Keyed(_, store) => {
+                if !store.admit(&key, || t0) {
+                    return Reserved::Full(store.max_keys());
+                }
+                store.measure_and_replace(&key, reserve)
+            }
+        };
+        match out {
+            Ok((Slot::Now, _)) => {
+                self.admit();
+                Reserved::Now
+            }
+            Ok((Slot::At(at), tat)) => Reserved::Later(Reservation {
+                at: self
+                    .clock
+                    .instant_of(Nanos::from(self.start.saturating_add(at))),
+                limiter: self.clone(),
+                key,
+                tat: Some(tat),
+            }),
+            Err(wait) => Reserved::Refused(Duration::from_nanos(wait)),
+        }
+    }
+
+    /// Gives back the cell reserved as state `tat` if it is still the last one
+    /// reserved for `key`: the state goes back one period, as if it had never been
+    /// taken. (Once a later cell is reserved, the line keeps its times.)
+    fn give_back(&self, key: &String, tat: u64) {
+        let t = self.gcra.t;
+        let back = |now: Option<Nanos>| match now {
+            Some(now) if now.as_u64() == tat => Ok(((), Nanos::from(tat - t))),
+            _ => Err(()),
+        };
+        let _ = match &self.kind {
+            Kind::Global(_, state) => state.measure_and_replace(&NotKeyed::NonKey, back),
+            Kind::Keyed(_, store) => store.measure_and_replace(key, back),
+        };
+    }
+
     fn reject(&self, wait: Duration) -> BoxError {
         self.rejected.fetch_add(1, Relaxed);
         RateLimited { retry_after: wait }.into()
@@ -212,6 +379,46 @@ impl Limiter {
 enum Check {
     Wait(Duration),
     Full(usize),
+}
+
+/// The outcome of a reservation.
+enum Reserved {
+    /// Admitted now.
+    Now,
+    /// Admitted at the reservation's time.
+    Later(Reservation),
+    /// Its place in line is beyond the bound, this far away: refused.
+    Refused(Duration),
+    /// The key table is full and refuses the key.
+    Full(usize),
+}
+
+/// A cell reserved for a waiting request. Dropped before its request is admitted (a
+/// cancelled wait), it gives the cell back if it is still the last one reserved;
+/// otherwise the cell goes unused, and the requests behind keep their places.
+struct Reservation {
+    /// When the request is admitted.
+    at: Instant,
+    limiter: Arc<Limiter>,
+    key: String,
+    /// The state this reservation left (none once used).
+    tat: Option<u64>,
+}
+
+impl Reservation {
+    /// Its time has come: the request is admitted, the cell used.
+    fn admit(mut self) {
+        self.tat = None;
+        self.limiter.admit();
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(tat) = self.tat {
+            self.limiter.give_back(&self.key, tat);
+        }
+    }
 }
 
 /// A [`RateLimitLayer`]'s figures, from [`RateLimitHandle::stats`].
@@ -256,7 +463,7 @@ impl RateLimitHandle {
     pub fn stats(&self) -> RateStats {
         let l = &self.limiter;
         let (keys, evicted_keys) = match &l.kind {
-            Kind::Global(_) => (0, 0),
+            Kind::Global(..) => (0, 0),
             Kind::Keyed(_, store) => (store.len(), store.evicted.load(Relaxed)),
         };
         RateStats {
@@ -274,8 +481,8 @@ impl RateLimitHandle {
     /// many.
     pub fn retain_recent(&self) -> usize {
         match &self.limiter.kind {
-            Kind::Global(_) => 0,
-            Kind::Keyed(_, store) => store.retain_recent(self.limiter.now().as_u64()),
+            Kind::Global(..) => 0,
+            Kind::Keyed(_, store) => store.retain_recent(self.limiter.state_now()),
         }
     }
 }
@@ -284,8 +491,8 @@ impl RateLimitHandle {
 ///
 /// - [`global`](Self::global): one quota for every request through the layer's
 ///   services (clones share it). Over the limit, `Reject` fails the call with
-///   [`RateLimited`]; `Wait` holds `poll_ready` back (backpressure) until a cell is
-///   free, up to its bound.
+///   [`RateLimited`]; `Wait` holds `poll_ready` back (backpressure) until the
+///   service's reserved cell comes, up to its bound.
 /// - [`keyed`](Self::keyed): one quota per key (user, client IP: any
 ///   [`KeyExtractor`]); requests without a key share one. The key table is bounded
 ///   (`max_keys`, default 100,000: evict the least active keys, or refuse new ones
@@ -293,6 +500,15 @@ impl RateLimitHandle {
 ///   whose quota has replenished (governor#171: rotating keys otherwise grow without
 ///   bound). `Wait` delays the request in its future: the service must be `Clone`
 ///   (wrap others in `tower::buffer::Buffer`).
+///
+/// In `Wait` mode the waiters of one quota (the global one, or one key's) are served
+/// first come, first served: a request that finds no free cell reserves the next one
+/// (GCRA's theoretical arrival time moves one period on), so it knows on arrival when
+/// it will be admitted, and no later request can take that cell. Its wait is its
+/// place in line: with `n` waiters ahead, `n + 1` periods at most, however many
+/// callers share the quota. It is refused only if that place is more than `max`
+/// away, and then at once, reserving nothing. Admissions stay within the quota: the
+/// reserved cells are the ones successive checks would have granted.
 ///
 /// ```
 /// use marina_limit::{OnLimit, Rate, RateLimitLayer, RateLimited};
@@ -337,16 +553,10 @@ impl RateLimitLayer<Global> {
     /// One quota for all requests; `Reject` over the limit.
     pub fn global(rate: Rate) -> Self {
         let clock = TokioClock::new();
+        let state = GlobalState::default();
+        let kind = Kind::Global(RateLimiter::new(rate.quota, state.clone(), clock), state);
         RateLimitLayer {
-            limiter: Arc::new(Limiter {
-                kind: Kind::Global(RateLimiter::direct_with_clock(rate.quota, clock)),
-                clock,
-                rate,
-                on_limit: std::sync::Mutex::new(OnLimit::Reject),
-                admitted: AtomicU64::new(0),
-                rejected: AtomicU64::new(0),
-                last_reading: std::sync::Mutex::new((0, 0, 0)),
-            }),
+            limiter: Arc::new(Limiter::new(kind, clock, rate)),
             extractor: Arc::new(Global),
         }
     }
@@ -416,18 +626,11 @@ impl<X> RateLimitLayer<Keyed<X>> {
     pub fn keyed_with(extractor: X, rate: Rate, table: KeyTable) -> Self {
         let clock = TokioClock::new();
         let store = Arc::new(BoundedStore::new(table.max_keys, table.when_full));
-        let limiter = Arc::new(Limiter {
-            kind: Kind::Keyed(
-                RateLimiter::new(rate.quota, SharedStore(store.clone()), clock),
-                store,
-            ),
-            clock,
-            rate,
-            on_limit: std::sync::Mutex::new(OnLimit::Reject),
-            admitted: AtomicU64::new(0),
-            rejected: AtomicU64::new(0),
-            last_reading: std::sync::Mutex::new((0, 0, 0)),
-        });
+        let kind = Kind::Keyed(
+            RateLimiter::new(rate.quota, SharedStore(store.clone()), clock),
+            store,
+        );
+        let limiter = Arc::new(Limiter::new(kind, clock, rate));
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(sweep(Arc::downgrade(&limiter), table.sweep_interval));
         }
@@ -468,7 +671,7 @@ async fn sweep(limiter: std::sync::Weak<Limiter>, every: Duration) {
             return;
         };
         if let Kind::Keyed(_, store) = &l.kind {
-            let n = store.retain_recent(l.now().as_u64());
+            let n = store.retain_recent(l.state_now());
             if n > 0 {
                 tracing::debug!(dropped = n, "rate limiter: replenished keys dropped");
             }
@@ -485,8 +688,8 @@ impl<S, X> Layer<S> for RateLimitLayer<X> {
             limiter: self.limiter.clone(),
             extractor: self.extractor.clone(),
             state: Ready::Idle,
+            reservation: None,
             sleep: None,
-            waited: Duration::ZERO,
         }
     }
 }
@@ -495,6 +698,8 @@ impl<S, X> Layer<S> for RateLimitLayer<X> {
 enum Ready {
     /// No cell taken.
     Idle,
+    /// A cell is reserved for later (`Wait` mode): waiting for its time.
+    Waiting,
     /// A cell is taken for the next call.
     Permit,
     /// Over the limit: the next call fails with this wait.
@@ -502,14 +707,22 @@ enum Ready {
 }
 
 /// The service of a [`RateLimitLayer`].
+///
+/// # Cancel safety
+///
+/// A global service in `Wait` mode holds its reserved cell while `poll_ready` is
+/// pending. Dropped then, it gives the cell back if no later one has been reserved
+/// since (the next arrival takes it); otherwise that cell goes unused, and the
+/// requests behind it keep their places and times: nobody waits longer for it.
 pub struct RateLimit<S, X = Global> {
     inner: S,
     limiter: Arc<Limiter>,
     extractor: Arc<X>,
     state: Ready,
+    /// The cell reserved while `Waiting`.
+    reservation: Option<Reservation>,
+    /// The reservation's timer, kept for the next one.
     sleep: Option<Pin<Box<Sleep>>>,
-    /// How long this service has waited for the current cell (`Wait` mode).
-    waited: Duration,
 }
 
 impl<S: Clone, X> Clone for RateLimit<S, X> {
@@ -519,8 +732,8 @@ impl<S: Clone, X> Clone for RateLimit<S, X> {
             limiter: self.limiter.clone(),
             extractor: self.extractor.clone(),
             state: Ready::Idle,
+            reservation: None,
             sleep: None,
-            waited: Duration::ZERO,
         }
     }
 }
@@ -571,33 +784,28 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         loop {
             match self.state {
-                Ready::Denied(_) => return Poll::Ready(Ok(())),
                 Ready::Permit => return self.inner.poll_ready(cx).map_err(Into::into),
+                Ready::Denied(_) => return Poll::Ready(Ok(())),
+                Ready::Waiting => {
+                    let sleep = self.sleep.as_mut().expect("a reservation's timer");
+                    ready!(sleep.as_mut().poll(cx));
+                    if let Some(r) = self.reservation.take() {
+                        r.admit();
+                    }
+                    self.state = Ready::Permit;
+                    continue;
+                }
                 Ready::Idle => {}
             }
-            if let Some(sleep) = self.sleep.as_mut() {
-                ready!(sleep.as_mut().poll(cx));
-                self.sleep = None;
-            }
-            match self.limiter.check(None) {
-                Ok(()) => {
-                    self.state = Ready::Permit;
-                    self.waited = Duration::ZERO;
-                }
+            self.state = match self.limiter.check(None) {
+                Ok(()) => Ready::Permit,
                 Err(Check::Full(_)) => unreachable!("a global limiter has no key table"),
                 Err(Check::Wait(wait)) => match self.limiter.on_limit() {
-                    // The bound is on the whole wait, re-checks included.
-                    OnLimit::Wait { max } if self.waited + wait <= max => {
-                        // Re-check after the delay: another caller may take the cell.
-                        self.waited += wait;
-                        self.sleep = Some(Box::pin(tokio::time::sleep(wait)));
-                    }
-                    _ => {
-                        self.state = Ready::Denied(wait);
-                        self.waited = Duration::ZERO;
-                    }
+                    OnLimit::Reject => Ready::Denied(wait),
+                    // Take a place in line; refused at once if it is too far back.
+                    OnLimit::Wait { max } => self.wait_for(max),
                 },
-            }
+            };
         }
     }
 
@@ -605,7 +813,30 @@ where
         match std::mem::replace(&mut self.state, Ready::Idle) {
             Ready::Permit => ResponseFuture::call(self.inner.call(req)),
             Ready::Denied(wait) => ResponseFuture::failed(self.limiter.reject(wait)),
-            Ready::Idle => ResponseFuture::failed("RateLimit called before poll_ready".into()),
+            state @ (Ready::Idle | Ready::Waiting) => {
+                // Not ready (a reservation keeps its place).
+                self.state = state;
+                ResponseFuture::failed("RateLimit called before poll_ready".into())
+            }
+        }
+    }
+}
+
+impl<S> RateLimit<S, Global> {
+    /// Takes a place in line (`Wait` mode): the readiness it gives.
+    fn wait_for(&mut self, max: Duration) -> Ready {
+        match self.limiter.reserve(None, max) {
+            Reserved::Now => Ready::Permit,
+            Reserved::Later(r) => {
+                match self.sleep.as_mut() {
+                    Some(sleep) => sleep.as_mut().reset(r.at),
+                    None => self.sleep = Some(Box::pin(tokio::time::sleep_until(r.at))),
+                }
+                self.reservation = Some(r);
+                Ready::Waiting
+            }
+            Reserved::Refused(wait) => Ready::Denied(wait),
+            Reserved::Full(_) => unreachable!("a global limiter has no key table"),
         }
     }
 }
@@ -627,40 +858,60 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let key = self.extractor.0.extract(&req);
-        match self.limiter.check(key.as_ref()) {
-            Ok(()) => KeyedState::Call {
+        let wait = match self.limiter.check(key.as_ref()) {
+            Ok(()) => {
+                return KeyedState::Call {
+                    fut: self.inner.call(req),
+                }
+                .into();
+            }
+            Err(Check::Full(max_keys)) => return self.too_many_keys(max_keys),
+            Err(Check::Wait(wait)) => wait,
+        };
+        let OnLimit::Wait { max } = self.limiter.on_limit() else {
+            return KeyedState::Failed {
+                error: Some(self.limiter.reject(wait)),
+            }
+            .into();
+        };
+        // Take a place in the key's line; refused at once if it is too far back.
+        match self.limiter.reserve(key, max) {
+            Reserved::Now => KeyedState::Call {
                 fut: self.inner.call(req),
             }
             .into(),
-            Err(Check::Full(max_keys)) => {
-                self.limiter.rejected.fetch_add(1, Relaxed);
-                KeyedState::Failed {
-                    error: Some(TooManyKeys { max_keys }.into()),
+            Reserved::Later(reservation) => {
+                // Take the readied service into the future; keep a fresh clone.
+                let clone = self.inner.clone();
+                let svc = std::mem::replace(&mut self.inner, clone);
+                KeyedState::Waiting {
+                    sleep: Box::pin(tokio::time::sleep_until(reservation.at)),
+                    reservation: Some(reservation),
+                    svc: Some(svc),
+                    req: Some(req),
                 }
                 .into()
             }
-            Err(Check::Wait(wait)) => match self.limiter.on_limit() {
-                OnLimit::Wait { max } if wait <= max => {
-                    // Take the readied service into the future; keep a fresh clone.
-                    let clone = self.inner.clone();
-                    let svc = std::mem::replace(&mut self.inner, clone);
-                    KeyedState::Waiting {
-                        sleep: Box::pin(tokio::time::sleep(wait)),
-                        waited: wait,
-                        max,
-                        svc: Some(svc),
-                        req: Some(req),
-                        key,
-                        limiter: self.limiter.clone(),
-                    }
-                    .into()
-                }
-                _ => KeyedState::Failed {
-                    error: Some(self.limiter.reject(wait)),
-                }
-                .into(),
-            },
+            Reserved::Refused(wait) => KeyedState::Failed {
+                error: Some(self.limiter.reject(wait)),
+            }
+            .into(),
+            Reserved::Full(max_keys) => self.too_many_keys(max_keys),
         }
+    }
+}
+
+impl<S, X> RateLimit<S, Keyed<X>> {
+    /// Refuses a new key the full table will not take.
+    fn too_many_keys<Req>(&self, max_keys: usize) -> KeyedFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        self.limiter.rejected.fetch_add(1, Relaxed);
+        KeyedState::Failed {
+            error: Some(TooManyKeys { max_keys }.into()),
+        }
+        .into()
     }
 }
 
@@ -720,11 +971,15 @@ where
 
 pin_project! {
     /// The future of a keyed [`RateLimit`]'s calls: the inner response, after a
-    /// bounded wait in `Wait` mode.
+    /// bounded wait for the request's place in line in `Wait` mode.
     ///
     /// # Cancel safety
     ///
-    /// Dropping it while it waits drops the request unsent.
+    /// Dropping it while it waits drops the request unsent. Its reserved cell is given
+    /// back if no later request of the key has reserved one since (the next arrival
+    /// takes it); otherwise that cell goes unused, and the requests behind it keep
+    /// their places and times: nobody waits longer for it. Dropping it after
+    /// admission cancels the inner request; the cell stays spent.
     pub struct KeyedFuture<S, Req>
     where
         S: Service<Req>,
@@ -742,15 +997,12 @@ pin_project! {
     {
         /// Admitted: the inner call.
         Call { #[pin] fut: S::Future },
-        /// Over the limit, waiting for a cell.
+        /// Over the limit, waiting for its reserved cell.
         Waiting {
             sleep: Pin<Box<Sleep>>,
-            waited: Duration,
-            max: Duration,
+            reservation: Option<Reservation>,
             svc: Option<S>,
             req: Option<Req>,
-            key: Option<String>,
-            limiter: Arc<Limiter>,
         },
         /// Refused.
         Failed { error: Option<BoxError> },
@@ -788,36 +1040,18 @@ where
                 }
                 KeyedProj::Waiting {
                     sleep,
-                    waited,
-                    max,
+                    reservation,
                     svc,
                     req,
-                    key,
-                    limiter,
                 } => {
+                    // The cell is reserved: at its time, no re-check.
                     ready!(sleep.as_mut().poll(cx));
-                    // Re-check: other requests of the key may have taken the cell.
-                    match limiter.check(key.as_ref()) {
-                        Ok(()) => {
-                            let mut svc = svc.take().expect("the readied service");
-                            let req = req.take().expect("the request");
-                            KeyedState::Call { fut: svc.call(req) }
-                        }
-                        Err(Check::Wait(more)) if *waited + more <= *max => {
-                            *waited += more;
-                            sleep.as_mut().reset(Instant::now() + more);
-                            continue;
-                        }
-                        Err(Check::Wait(more)) => KeyedState::Failed {
-                            error: Some(limiter.reject(more)),
-                        },
-                        Err(Check::Full(max_keys)) => {
-                            limiter.rejected.fetch_add(1, Relaxed);
-                            KeyedState::Failed {
-                                error: Some(TooManyKeys { max_keys }.into()),
-                            }
-                        }
+                    if let Some(r) = reservation.take() {
+                        r.admit();
                     }
+                    let mut svc = svc.take().expect("the readied service");
+                    let req = req.take().expect("the request");
+                    KeyedState::Call { fut: svc.call(req) }
                 }
             };
             state.set(next);

@@ -2,11 +2,12 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
+use std::sync::atomic::{Ordering::Acquire, Ordering::Release};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use governor::nanos::Nanos;
-use governor::state::StateStore;
+use governor::state::{NotKeyed, StateStore};
 
 /// What a full store does with a new key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -128,6 +129,13 @@ impl<K: Hash + Eq + Clone> BoundedStore<K> {
         self.evicted.fetch_add(gone as u64, Relaxed);
     }
 
+    /// Forgets `key`, whatever its state.
+    pub(crate) fn forget(&self, key: &K) {
+        if self.shard(key).remove(key).is_some() {
+            self.len.fetch_sub(1, AcqRel);
+        }
+    }
+
     /// Forgets every key whose quota has fully replenished by `now` (its state is in
     /// the past): they would be admitted as if new (governor's `retain_recent`).
     pub(crate) fn retain_recent(&self, now: u64) -> usize {
@@ -190,5 +198,41 @@ impl<K: Hash + Eq + Clone> StateStore for SharedStore<K> {
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
         self.0.measure_and_replace(key, f)
+    }
+}
+
+/// The global limiter's state: one theoretical arrival time in governor's nanoseconds
+/// (0: none yet), shared by governor's limiter (its checks) and the layer (its
+/// reservations and the cells given back).
+#[derive(Clone, Default)]
+pub(crate) struct GlobalState(Arc<AtomicU64>);
+
+impl GlobalState {
+    /// Overwrites the state (when the limiter is made, before it is shared).
+    pub(crate) fn set(&self, tat: u64) {
+        self.0.store(tat, Release);
+    }
+}
+
+impl StateStore for GlobalState {
+    type Key = NotKeyed;
+
+    fn measure_and_replace<T, F, E>(&self, _: &NotKeyed, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        // Lock-free: decide on the state read, store the decision only if the state
+        // is still that one, else decide again on the newer state.
+        let mut seen = self.0.load(Acquire);
+        loop {
+            let (out, next) = f((seen != 0).then(|| Nanos::from(seen)))?;
+            match self
+                .0
+                .compare_exchange_weak(seen, next.as_u64(), Release, Acquire)
+            {
+                Ok(_) => return Ok(out),
+                Err(newer) => seen = newer,
+            }
+        }
     }
 }
