@@ -13,8 +13,8 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use marina_core::{
-    BoxError, EjectionGate, EndpointId, HasExtensions, HintTarget, PinnedEndpointUnavailable,
-    RouteHint,
+    BoxError, EjectionGate, EndpointId, HasExtensions, HintTarget, NotSent,
+    PinnedEndpointUnavailable, RouteHint, find,
 };
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -361,7 +361,10 @@ type WeighFn<K> = Box<dyn Fn(&K) -> u32 + Send + Sync>;
 /// endpoint services, and a copy of every endpoint to fail over to.
 struct FailoverShared<S, Req> {
     policy: Failover,
-    clone_req: fn(&Req) -> Req,
+    /// Copies each request before it is sent (`failover`), or none are copied and a
+    /// request is taken back from its `NotSent` error (`failover_unsent`).
+    clone_req: Option<fn(&Req) -> Req>,
+    take_req: Option<fn(&BoxError) -> Option<Req>>,
     clone_svc: fn(&S) -> S,
     peers: Mutex<Vec<Peer<S>>>,
     totals: Arc<Totals>,
@@ -398,6 +401,11 @@ impl<S, Req> FailoverShared<S, Req> {
 
 /// Reads a request's route hint (see [`Balance::route_hint`]).
 type HintFn<Req> = Box<dyn Fn(&Req) -> Option<RouteHint> + Send + Sync>;
+
+/// Takes a request of type `Req` back from a `NotSent` error.
+fn take_unsent<Req: 'static>(error: &BoxError) -> Option<Req> {
+    marina_core::take_unsent_request::<Req>(&**error)
+}
 
 /// At most this many discovery changes are applied in one `poll_ready`.
 const DISCOVER_PER_POLL: usize = 65_536;
@@ -451,14 +459,7 @@ impl<K, S> Endpoints for ReadyView<'_, K, S> {
     }
 }
 
-impl<D, Req> Balance<D, Req>
-where
-    D: Discover + Unpin,
-    D::Key: Hash + Clone + fmt::Debug,
-    D::Service: Service<Req>,
-    <D::Service as Service<Req>>::Error: Into<BoxError>,
-    D::Error: Into<BoxError>,
-{
+impl<D: Discover, Req> Balance<D, Req> {
     /// A balancer over `discover`'s endpoints, choosing with `picker`; fail-fast after
     /// 10 s with nothing ready.
     pub fn new(discover: D, picker: impl Pick) -> Self {
@@ -509,12 +510,18 @@ where
     /// [`EjectionGate`](Self::ejection_gate) and routes over every endpoint, ejected or
     /// not, until the share recovers (Envoy's panic mode). 0 turns it off. Without a
     /// gate, nothing reports ejections and the threshold has no effect.
+    ///
+    /// # Panics
+    ///
+    /// If `healthy_share` is not within `0.0..=1.0` (a share, not a percentage: 0.5
+    /// for 50%) or is NaN. `marina::Stack`'s builder reports the same mistake as an
+    /// error at build, under the path `health.panic_threshold`.
     pub fn panic_threshold(mut self, healthy_share: f64) -> Self {
-        self.panic_threshold = if healthy_share.is_nan() {
-            0.0
-        } else {
-            healthy_share.clamp(0.0, 1.0)
-        };
+        assert!(
+            (0.0..=1.0).contains(&healthy_share),
+            "panic_threshold: must be within 0.0..=1.0 (a share, not a percentage), got {healthy_share}"
+        );
+        self.panic_threshold = healthy_share;
         self
     }
 
@@ -594,11 +601,172 @@ where
         self
     }
 
+    /// Reads each request's [`RouteHint`] from its extensions, where marina-affinity
+    /// puts it: [`route_hint`](Self::route_hint) for `http::Request`s and
+    /// `marina_core::Request`s.
+    pub fn route_hints_from_extensions(self) -> Self
+    where
+        Req: HasExtensions,
+    {
+        self.route_hint(|req: &Req| req.extensions().get::<RouteHint>().cloned())
+    }
+
+    /// Turns on failover: a request whose endpoint fails with an error the policy
+    /// accepts (by default, [`never_sent`](crate::never_sent) errors: the request never
+    /// reached the endpoint) is sent again to another ready endpoint, one not tried yet
+    /// for it (the least loaded), up to the policy's attempts and within its
+    /// [`RetryBudget`](crate::RetryBudget).
+    ///
+    /// Needs `Req: Clone` (each request is copied before it is sent, so it can be sent
+    /// again after a failure; for request types that are not `Clone`, see
+    /// [`failover_unsent`](Self::failover_unsent)) and `Clone` endpoint services (an
+    /// attempt goes through a copy of the endpoint, readied in the response future).
+    /// Counts:
+    /// [`BalanceTotals::retries`] and [`retries_refused`](BalanceTotals::retries_refused).
+    ///
+    /// ```
+    /// use marina_balance::{Balance, Failover, RoundRobin};
+    /// use marina_core::NotSent;
+    /// use tower::discover::ServiceList;
+    /// use tower::{Service, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina_core::BoxError> {
+    /// // Endpoint 0 refuses every connection; endpoint 1 answers.
+    /// let endpoints = (0..2).map(|n| service_fn(move |req: u32| async move {
+    ///     if n == 0 {
+    ///         Err(NotSent::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)))
+    ///     } else {
+    ///         Ok(req + 1)
+    ///     }
+    /// }));
+    /// let mut lb = Balance::new(ServiceList::new(endpoints), RoundRobin::new())
+    ///     .failover(Failover::new());
+    /// for _ in 0..4 {
+    ///     assert_eq!(lb.ready().await?.call(1).await?, 2); // never fails
+    /// }
+    /// assert_eq!(lb.handle().totals().retries, 2); // the two that went to endpoint 0
+    /// # Ok(()) }
+    /// ```
+    pub fn failover(self, policy: Failover) -> Self
+    where
+        Req: Clone,
+        D::Service: Clone,
+    {
+        self.failover_with(policy, Some(Req::clone), None, D::Service::clone)
+    }
+
+    fn failover_with(
+        mut self,
+        policy: Failover,
+        clone_req: Option<fn(&Req) -> Req>,
+        take_req: Option<fn(&BoxError) -> Option<Req>>,
+        clone_svc: fn(&D::Service) -> D::Service,
+    ) -> Self {
+        let shared = FailoverShared {
+            policy,
+            clone_req,
+            take_req,
+            clone_svc,
+            peers: Mutex::new(Vec::new()),
+            totals: self.handle.totals.clone(),
+        };
+        {
+            let mut peers = shared.peers();
+            for ep in self.slots.iter().flatten() {
+                peers.push(Peer {
+                    id: ep.id,
+                    stats: ep.stats.clone(),
+                    svc: clone_svc(&ep.svc),
+                });
+            }
+        }
+        self.failover = Some(Arc::new(shared));
+        self
+    }
+
+    /// Failover for requests that are not `Clone` (an `http::Request` with a streaming
+    /// body, a tonic request, a proxy's incoming request): nothing is copied; a request
+    /// is sent again to another endpoint only when its endpoint gave it back with the
+    /// error, through [`NotSent::with_request`] (marina-pool's `PoolService` does when
+    /// a connection cannot be had; for hyper, wrap `SendRequest::try_send_request`'s
+    /// `TrySendError::into_message()` the same way). Otherwise as
+    /// [`failover`](Self::failover): the policy decides which errors, how many attempts,
+    /// and the budget; the error returned when no attempt is left still carries the
+    /// request, for the caller to take back with
+    /// [`take_unsent_request`](marina_core::take_unsent_request).
+    ///
+    /// Needs `Clone` endpoint services (an attempt goes through a copy of the endpoint).
+    ///
+    /// ```
+    /// use marina_balance::{Balance, Failover, RoundRobin};
+    /// use marina_core::NotSent;
+    /// use tower::{Service, ServiceExt, service_fn};
+    ///
+    /// struct Upload(Vec<u8>); // not Clone
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina_core::BoxError> {
+    /// // Endpoint 0 cannot connect and gives each request back; endpoint 1 answers.
+    /// let endpoints = (0..2).map(|n| service_fn(move |req: Upload| async move {
+    ///     if n == 0 {
+    ///         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+    ///         Err(NotSent::with_request(refused, req))
+    ///     } else {
+    ///         Ok(req.0.len())
+    ///     }
+    /// }));
+    /// let mut lb = Balance::from_services(endpoints, RoundRobin::new())
+    ///     .failover_unsent(Failover::new());
+    /// for _ in 0..4 {
+    ///     assert_eq!(lb.ready().await?.call(Upload(vec![0; 3])).await?, 3);
+    /// }
+    /// assert_eq!(lb.handle().totals().retries, 2);
+    /// # Ok(()) }
+    /// ```
+    pub fn failover_unsent(self, policy: Failover) -> Self
+    where
+        Req: 'static,
+        D::Service: Clone,
+    {
+        self.failover_with(policy, None, Some(take_unsent::<Req>), D::Service::clone)
+    }
+
     /// The handle to the per-endpoint statistics.
     pub fn handle(&self) -> BalanceHandle {
         self.handle.clone()
     }
 
+    /// A `Clone` handle to this balancer for every task that sends requests: see
+    /// [`Shared`](crate::Shared). `Balance` itself is not `Clone` (one ready set, one
+    /// picker state); share it this way, or behind tower's `Buffer`.
+    ///
+    /// ```
+    /// use marina_balance::{Balance, RoundRobin};
+    /// use tower::{ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina_core::BoxError> {
+    /// let endpoints = (0..3).map(|n| service_fn(move |_: ()| async move { Ok::<_, std::io::Error>(n) }));
+    /// let lb = Balance::from_services(endpoints, RoundRobin::new()).shared();
+    /// let (a, b) = (lb.clone(), lb.clone());
+    /// // One round robin for both: they get different endpoints.
+    /// assert_ne!(a.oneshot(()).await?, b.oneshot(()).await?);
+    /// # Ok(()) }
+    /// ```
+    pub fn shared(self) -> crate::Shared<Self> {
+        crate::Shared::new(self)
+    }
+}
+
+impl<D, Req> Balance<D, Req>
+where
+    D: Discover + Unpin,
+    D::Key: Hash + Clone + fmt::Debug,
+    D::Service: Service<Req>,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+    D::Error: Into<BoxError>,
+{
     fn insert(&mut self, key: D::Key, svc: D::Service) {
         if let Some(&old) = self.by_key.get(&key) {
             self.remove_slot(old);
@@ -819,90 +987,6 @@ where
     }
 }
 
-impl<D, Req> Balance<D, Req>
-where
-    D: Discover + Unpin,
-    D::Key: Hash + Clone + fmt::Debug,
-    D::Service: Service<Req>,
-    <D::Service as Service<Req>>::Error: Into<BoxError>,
-    D::Error: Into<BoxError>,
-    Req: HasExtensions,
-{
-    /// Reads each request's [`RouteHint`] from its extensions, where marina-affinity
-    /// puts it: [`route_hint`](Self::route_hint) for `http::Request`s and
-    /// `marina_core::Request`s.
-    pub fn route_hints_from_extensions(self) -> Self {
-        self.route_hint(|req: &Req| req.extensions().get::<RouteHint>().cloned())
-    }
-}
-
-impl<D, Req> Balance<D, Req>
-where
-    D: Discover + Unpin,
-    D::Key: Hash + Clone + fmt::Debug,
-    D::Service: Service<Req> + Clone,
-    <D::Service as Service<Req>>::Error: Into<BoxError>,
-    D::Error: Into<BoxError>,
-    Req: Clone,
-{
-    /// Turns on failover: a request whose endpoint fails with an error the policy
-    /// accepts (by default, errors marked [`NotSent`](marina_core::NotSent): the request
-    /// never reached the endpoint) is sent again to another ready endpoint, one not
-    /// tried yet for it (the least loaded), up to the policy's attempts and within its
-    /// [`RetryBudget`](crate::RetryBudget).
-    ///
-    /// Needs `Req: Clone` (each request is copied before it is sent, for the next
-    /// attempt) and `Clone` endpoint services (an attempt goes through a copy of the
-    /// endpoint, readied in the response future). Counts:
-    /// [`BalanceTotals::retries`] and [`retries_refused`](BalanceTotals::retries_refused).
-    ///
-    /// ```
-    /// use marina_balance::{Balance, Failover, RoundRobin};
-    /// use marina_core::NotSent;
-    /// use tower::discover::ServiceList;
-    /// use tower::{Service, ServiceExt, service_fn};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), marina_core::BoxError> {
-    /// // Endpoint 0 refuses every connection; endpoint 1 answers.
-    /// let endpoints = (0..2).map(|n| service_fn(move |req: u32| async move {
-    ///     if n == 0 {
-    ///         Err(NotSent::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)))
-    ///     } else {
-    ///         Ok(req + 1)
-    ///     }
-    /// }));
-    /// let mut lb = Balance::new(ServiceList::new(endpoints), RoundRobin::new())
-    ///     .failover(Failover::new());
-    /// for _ in 0..4 {
-    ///     assert_eq!(lb.ready().await?.call(1).await?, 2); // never fails
-    /// }
-    /// assert_eq!(lb.handle().totals().retries, 2); // the two that went to endpoint 0
-    /// # Ok(()) }
-    /// ```
-    pub fn failover(mut self, policy: Failover) -> Self {
-        let shared = FailoverShared {
-            policy,
-            clone_req: Req::clone,
-            clone_svc: D::Service::clone,
-            peers: Mutex::new(Vec::new()),
-            totals: self.handle.totals.clone(),
-        };
-        {
-            let mut peers = shared.peers();
-            for ep in self.slots.iter().flatten() {
-                peers.push(Peer {
-                    id: ep.id,
-                    stats: ep.stats.clone(),
-                    svc: ep.svc.clone(),
-                });
-            }
-        }
-        self.failover = Some(Arc::new(shared));
-        self
-    }
-}
-
 impl<D, Req> Service<Req> for Balance<D, Req>
 where
     D: Discover + Unpin,
@@ -1041,7 +1125,10 @@ where
             f.policy.budget.deposit();
             Box::new(Retry {
                 hint: hint.clone(),
-                req: (f.policy.max_attempts > 1).then(|| (f.clone_req)(&req)),
+                req: f
+                    .clone_req
+                    .filter(|_| f.policy.max_attempts > 1)
+                    .map(|copy| copy(&req)),
                 shared: f.clone(),
                 first: ep.id,
                 attempts: 1,
@@ -1182,7 +1269,11 @@ impl<S, Req> Retry<S, Req> {
     /// count, the endpoints left and the budget allow.
     fn next(&mut self, error: &BoxError) -> bool {
         let f = &*self.shared;
-        if self.req.is_none()
+        // Without a copy, the request must have come back with the error.
+        let given_back = self.req.is_none()
+            && f.take_req.is_some()
+            && find::<NotSent>(&**error).is_some_and(NotSent::has_request);
+        if (self.req.is_none() && !given_back)
             || self.attempts >= f.policy.max_attempts
             || !(f.policy.retry_if)(error)
         {
@@ -1203,6 +1294,13 @@ impl<S, Req> Retry<S, Req> {
             f.totals.retries_refused.fetch_add(1, Relaxed);
             tracing::debug!(%error, "retry budget spent: not failing over");
             return false;
+        }
+        if given_back {
+            // Taken out of the error only now that it is certain to be sent again.
+            self.req = f.take_req.and_then(|take| take(error));
+            if self.req.is_none() {
+                return false;
+            }
         }
         f.totals.retries.fetch_add(1, Relaxed);
         tracing::debug!(%error, to = ?peer.id, attempt = self.attempts + 1, "failing over");
@@ -1306,7 +1404,7 @@ where
                             .take()
                             .expect("a copy is kept while attempts remain");
                         if retry.attempts < retry.shared.policy.max_attempts {
-                            retry.req = Some((retry.shared.clone_req)(&req));
+                            retry.req = retry.shared.clone_req.map(|copy| copy(&req));
                         }
                         let fut = peer.svc.call(req);
                         peer.stats.flow.fetch_add(1, Relaxed);

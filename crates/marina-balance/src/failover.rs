@@ -12,11 +12,22 @@ use tokio::time::Instant;
 /// Which failed requests [`Balance`](crate::Balance) sends again to another endpoint,
 /// how many times, and within which [`RetryBudget`].
 ///
-/// By default only errors marked [`NotSent`](marina_core::NotSent) are retried (the
-/// request never reached the endpoint: connect refused, pool checkout timeout), at most
-/// 3 attempts in all, within `RetryBudget::default()` (20% of requests + 10 per
-/// second). For idempotent requests, [`retry_if`](Self::retry_if) widens that to any
-/// error you deem safe to repeat (a connection reset mid-request, say).
+/// By default only errors that show the request never reached the endpoint are
+/// retried ([`never_sent`]: errors marked [`NotSent`](marina_core::NotSent), as
+/// marina-pool marks connect and checkout failures; a refused TCP connect anywhere in
+/// the error's chain; and, behind this crate's features, hyper-util's connect errors,
+/// tonic's `ConnectError` and tower `Buffer`'s worker errors), at most 3 attempts in
+/// all, within `RetryBudget::default()` (20% of requests + 10 per second).
+/// [`not_sent_if`](Self::not_sent_if) teaches it another endpoint's never-sent errors;
+/// for idempotent requests, [`retry_if`](Self::retry_if) widens it to any error you
+/// deem safe to repeat (a connection reset mid-request, say).
+///
+/// Recipe for an endpoint marina does not know: mark its never-sent errors yourself,
+/// either by wrapping them in `NotSent` in the endpoint service (best: then give the
+/// request back with [`NotSent::with_request`](marina_core::NotSent::with_request) and
+/// requests that are not `Clone` fail over too, see
+/// [`Balance::failover_unsent`](crate::Balance::failover_unsent)), or by recognising
+/// them with `not_sent_if`.
 ///
 /// ```
 /// use marina_balance::{Failover, RetryBudget};
@@ -48,7 +59,7 @@ impl Default for Failover {
         Failover {
             max_attempts: 3,
             budget: RetryBudget::default(),
-            retry_if: Arc::new(|e: &BoxError| is_not_sent(&**e)),
+            retry_if: Arc::new(|e: &BoxError| never_sent(&**e)),
         }
     }
 }
@@ -72,6 +83,29 @@ impl Failover {
         self
     }
 
+    /// Also counts the errors `classifier` accepts as never sent (an endpoint's own
+    /// connect or "closed" errors), beside [`never_sent`]'s.
+    ///
+    /// ```
+    /// use marina_balance::Failover;
+    ///
+    /// #[derive(Debug)]
+    /// struct Unreachable; // a client library's "could not connect" error
+    /// # impl std::fmt::Display for Unreachable { fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str("unreachable") } }
+    /// # impl std::error::Error for Unreachable {}
+    ///
+    /// let failover = Failover::new().not_sent_if(|e| marina_core::find::<Unreachable>(&**e).is_some());
+    /// # drop(failover);
+    /// ```
+    pub fn not_sent_if(
+        mut self,
+        classifier: impl Fn(&BoxError) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        let before = self.retry_if.clone();
+        self.retry_if = Arc::new(move |e: &BoxError| before(e) || classifier(e));
+        self
+    }
+
     /// Retries the errors `retryable` accepts instead (only for requests that are
     /// safe to send twice when the error may come after the request was sent).
     pub fn retry_if(
@@ -81,6 +115,62 @@ impl Failover {
         self.retry_if = Arc::new(retryable);
         self
     }
+}
+
+/// Whether `error` shows that its request never reached the endpoint, so sending it
+/// elsewhere is safe even when it is not idempotent. True for:
+///
+/// - an error marked [`NotSent`](marina_core::NotSent) anywhere in the chain (marina-pool
+///   marks connect and checkout failures);
+/// - a `std::io::Error` of kind `ConnectionRefused` anywhere in the chain (a refused
+///   TCP connect: hyper-util's `HttpConnector`, tonic, plain TCP clients);
+/// - with the `hyper-util` feature, a `hyper_util::client::legacy::Error` whose
+///   `is_connect()` is true;
+/// - with the `tonic` feature, a `tonic::ConnectError` (a tonic `Channel` that could
+///   not connect);
+/// - with the `buffer` feature, tower `Buffer`'s `Closed` and `ServiceError` (the
+///   worker ended, or its service failed before taking the request).
+///
+/// ```
+/// use marina_balance::never_sent;
+/// use marina_core::{BoxError, NotSent};
+/// use std::io;
+///
+/// let refused: BoxError = io::Error::from(io::ErrorKind::ConnectionRefused).into();
+/// assert!(never_sent(&*refused));
+/// let marked: BoxError = NotSent::new("pool checkout timed out").into();
+/// assert!(never_sent(&*marked));
+/// let reset: BoxError = io::Error::from(io::ErrorKind::ConnectionReset).into();
+/// assert!(!never_sent(&*reset)); // maybe sent: only idempotent requests may be retried
+/// ```
+pub fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
+    if is_not_sent(error) {
+        return true;
+    }
+    let mut cur = Some(error);
+    while let Some(e) = cur {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        #[cfg(feature = "hyper-util")]
+        if e.downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(hyper_util::client::legacy::Error::is_connect)
+        {
+            return true;
+        }
+        #[cfg(feature = "tonic")]
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        #[cfg(feature = "buffer")]
+        if e.is::<tower::buffer::error::Closed>() || e.is::<tower::buffer::error::ServiceError>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// Bounds retries to a share of the requests plus a small floor, over a sliding window

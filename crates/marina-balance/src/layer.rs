@@ -2,12 +2,10 @@
 
 use std::convert::Infallible;
 use std::fmt;
-use std::hash::Hash;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_core::Stream;
-use marina_core::BoxError;
 use tokio::sync::mpsc;
 use tower::discover::{Change, Discover};
 use tower_layer::Layer;
@@ -58,11 +56,7 @@ impl<F, Req> fmt::Debug for BalanceLayer<F, Req> {
 
 impl<D, F, P, Req> Layer<D> for BalanceLayer<F, Req>
 where
-    D: Discover + Unpin,
-    D::Key: Hash + Clone + fmt::Debug,
-    D::Service: Service<Req>,
-    <D::Service as Service<Req>>::Error: Into<BoxError>,
-    D::Error: Into<BoxError>,
+    D: Discover,
     F: Fn() -> P,
     P: Pick,
 {
@@ -120,7 +114,6 @@ impl<K, S> Stream for ChangeStream<K, S> {
 impl<S, Req> Balance<tower::discover::ServiceList<Vec<S>>, Req>
 where
     S: Service<Req>,
-    S::Error: Into<BoxError>,
 {
     /// A balancer over a fixed list of endpoint services (keyed by position).
     ///
@@ -149,8 +142,6 @@ where
 impl<K, S, Req> Balance<ChangeStream<K, S>, Req>
 where
     K: std::hash::Hash + Eq + Clone + fmt::Debug,
-    S: Service<Req>,
-    S::Error: Into<BoxError>,
 {
     /// A balancer whose endpoints come from a channel of [`Change`]s (see
     /// [`ChangeStream`]), and the sender to feed it.

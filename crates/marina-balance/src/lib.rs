@@ -72,13 +72,15 @@ mod balance;
 mod failover;
 mod layer;
 mod pick;
+mod shared;
 mod weighted;
 
 pub use balance::{
     Balance, BalanceHandle, BalanceTotals, EndpointSnapshot, NoReadyEndpoints, ResponseFuture,
 };
-pub use failover::{Failover, RetryBudget};
+pub use failover::{Failover, RetryBudget, never_sent};
 pub use layer::{BalanceLayer, ChangeStream};
+pub use shared::{Shared, SharedFuture};
 pub use weighted::Weighted;
 
 pub use pick::{

@@ -891,3 +891,14 @@ async fn endpoint_hints_are_honoured_and_the_choice_reported() {
     lb.ready().await.unwrap().call(hint.clone()).await.unwrap();
     assert!(hint.chosen().is_some());
 }
+
+#[test]
+#[should_panic(
+    expected = "panic_threshold: must be within 0.0..=1.0 (a share, not a percentage), got 50"
+)]
+fn a_panic_threshold_given_as_a_percentage_is_refused() {
+    let endpoints = vec![tower::service_fn(|r: u32| async move {
+        Ok::<_, std::io::Error>(r)
+    })];
+    let _ = Balance::from_services(endpoints, RoundRobin::new()).panic_threshold(50.0);
+}

@@ -55,7 +55,7 @@ mod key;
 mod probe;
 mod route;
 
-pub use error::{NotSent, find, is_not_sent};
+pub use error::{NotSent, find, is_not_sent, take_unsent_request};
 pub use ext::{Extensions, HasExtensions, Request, Response};
 pub use gate::{EjectionGate, GateMember};
 pub use key::{
