@@ -20,6 +20,21 @@
 //! session-pinned connections over marina-pool ([`SessionPool`]), and stats
 //! ([`AffinityHandle`]).
 //!
+//! # What the balancer under the layer must do
+//!
+//! The layer writes a hint; it does not route. The service under it must be a balancer
+//! that reads the hint from the request's extensions and reports its choice back:
+//! marina-balance's `Balance` built with `.route_hints_from_extensions()` (or
+//! `.route_hint(..)`), as below, or the whole stack from `marina::Stack`, which wires
+//! it. Over anything else the stack still works, but sessions are silently not
+//! pinned. So the layer watches for it: if the first 8 requests that carried a hint
+//! complete with no choice reported and none ever was, it logs one `tracing` warning
+//! ("session affinity is doing nothing: no balancer has read this AffinityLayer's
+//! route hints …") and sets [`AffinityStats::hint_unread`];
+//! [`AffinityStats::unrouted`] counts the requests whose hint went unread. Seeing
+//! either means: add `.route_hints_from_extensions()` to the balancer. See
+//! [`AffinityLayer`]'s "Wiring".
+//!
 //! # Examples
 //!
 //! A raw protocol (lines), sticky sessions keyed by a user name carried in the request:

@@ -13,7 +13,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::session::new_session_id;
-use crate::table::{Counters, Inserted, SessionInfo, Table, TableConfig};
+use crate::table::{Counters, HINTS_UNREAD, Inserted, SessionInfo, Table, TableConfig};
 use crate::token::TokenCodec;
 
 /// A new session was refused: the sticky table is full and set to
@@ -73,10 +73,54 @@ enum Mode {
 ///
 /// Requests must carry extensions ([`HasExtensions`]: `http::Request`,
 /// `marina_core::Request`) and so must responses (where [`NewSession`] and
-/// [`IssuedToken`] go). The balancer must read hints from extensions
-/// (`Balance::route_hints_from_extensions` in marina-balance).
+/// [`IssuedToken`] go).
 ///
-/// See the [crate docs](crate) for examples.
+/// # Wiring: the balancer must read the hints
+///
+/// The layer only *asks*: it puts a [`RouteHint`] in each request's extensions, and the
+/// balancer under it must read that hint, route by it, and report the endpoint it chose
+/// back through it. marina-balance's `Balance` does so only when built with
+/// `.route_hints_from_extensions()` (or `.route_hint(..)` with a function that finds the
+/// hint); `marina::Stack` wires this itself. A balancer that ignores the hints
+/// (marina-balance's without that call, tower's `p2c`, a plain service) compiles and
+/// serves every request, but no session is ever pinned: requests spread over all
+/// backends, and the table stays empty.
+///
+/// The layer notices: when the first 8 requests that carried a hint complete without a
+/// choice reported through it (and none ever was), it logs one `tracing` warning
+/// naming the fix and sets [`AffinityStats::hint_unread`];
+/// [`AffinityStats::unrouted`] counts every such request. On a correctly wired stack
+/// the check is one relaxed atomic load per request.
+///
+/// ```
+/// use marina_affinity::{AffinityLayer, TableConfig};
+/// use marina_balance::{Balance, RoundRobin};
+/// use marina_core::{Request, Response};
+/// use tower::{Layer, Service, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), marina_core::BoxError> {
+/// let backends = (0..3).map(|n| {
+///     service_fn(move |_req: Request<&'static str>| async move {
+///         Ok::<_, std::io::Error>(Response::new(n))
+///     })
+/// });
+/// // Mis-wired: this balancer never reads route hints.
+/// let balance = Balance::from_services(backends, RoundRobin::new());
+/// let user = |req: &Request<&'static str>| Some(req.body.to_string());
+/// let layer = AffinityLayer::sticky(user, TableConfig::default());
+/// let handle = layer.handle();
+/// let mut svc = layer.layer(balance);
+/// for _ in 0..8 {
+///     svc.ready().await?.call(Request::new("alice")).await?;
+/// }
+/// let stats = handle.stats();
+/// assert!(stats.hint_unread); // and a warning was logged
+/// assert_eq!((stats.sessions, stats.unrouted), (0, 8));
+/// # Ok(()) }
+/// ```
+///
+/// See the [crate docs](crate) for correctly wired examples.
 pub struct AffinityLayer<X> {
     extractor: Arc<X>,
     mode: Mode,
@@ -97,15 +141,20 @@ impl<X> Clone for AffinityLayer<X> {
     }
 }
 
-impl<X> fmt::Debug for AffinityLayer<X> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mode = match &self.mode {
+impl Mode {
+    fn name(&self) -> &'static str {
+        match self {
             Mode::Table(_) => "sticky table",
             Mode::Token(_) => "signed token",
             Mode::Hash => "consistent hash",
-        };
+        }
+    }
+}
+
+impl<X> fmt::Debug for AffinityLayer<X> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AffinityLayer")
-            .field("mode", &mode)
+            .field("mode", &self.mode.name())
             .field("strict", &self.strict)
             .field("new_sessions", &self.new_sessions)
             .finish()
@@ -213,6 +262,17 @@ pub struct AffinityStats {
     pub refused: u64,
     /// Tokens that did not check out (forged, expired, garbled) and were replaced.
     pub rejected_tokens: u64,
+    /// Requests that completed with a route hint no balancer read: the service under
+    /// the layer never reported a choice through it, so the request went wherever that
+    /// service sent it. Stays 0 when the layer sits over a balancer that reads hints
+    /// (see [`AffinityLayer`]'s "Wiring"); it also counts requests that a service
+    /// between the two answered without calling the balancer.
+    pub unrouted: u64,
+    /// The layer is mis-wired: the first requests' hints all went unread
+    /// ([`unrouted`](Self::unrouted) reached 8) and no balancer has read one since the
+    /// layer was built. The layer logged one `tracing` warning when this turned true.
+    /// It turns false again as soon as a balancer reports a choice.
+    pub hint_unread: bool,
 }
 
 impl AffinityHandle {
@@ -227,6 +287,8 @@ impl AffinityHandle {
             purged: c.purged.load(Relaxed),
             refused: c.refused.load(Relaxed),
             rejected_tokens: c.rejected_tokens.load(Relaxed),
+            unrouted: c.unrouted.load(Relaxed),
+            hint_unread: c.hints.load(Relaxed) == HINTS_UNREAD,
         }
     }
 
@@ -417,6 +479,7 @@ where
             hint,
             after: Some(after),
             layer: Some(Shared {
+                mode: l.mode.name(),
                 counters: l.counters.clone(),
                 table: match &l.mode {
                     Mode::Table(t) => Some(t.clone()),
@@ -436,6 +499,7 @@ impl<S, X> Affinity<S, X> {
 
 /// What the response future needs of the layer.
 struct Shared {
+    mode: &'static str,
     counters: Arc<Counters>,
     table: Option<Arc<Table>>,
 }
@@ -499,6 +563,10 @@ where
         let (Some(after), Some(shared)) = (this.after.take(), this.layer.take()) else {
             return Poll::Ready(Ok(resp));
         };
+        if this.hint.is_some() {
+            // Did a balancer read the hint? Warns once if nothing ever does.
+            shared.counters.hint_outcome(chosen.is_some(), shared.mode);
+        }
         match (after, chosen) {
             (After::Nothing, _) => {}
             (After::NewSession(id), _) => {
@@ -518,7 +586,8 @@ where
                 }
             }
             (After::Pin { .. }, None) => {
-                // The inner service reported no choice (no balancer reading hints).
+                // The inner service reported no choice (no balancer reading hints):
+                // counted as unrouted above, nothing to pin.
             }
             (After::Token { codec, valid }, chosen) => {
                 let Some(chosen) = chosen.or(valid.map(|t| t.endpoint)) else {

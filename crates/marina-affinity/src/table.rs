@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -171,6 +171,53 @@ pub(crate) struct Counters {
     pub(crate) repinned: AtomicU64,
     /// Tokens that did not check out (forged, expired, garbled).
     pub(crate) rejected_tokens: AtomicU64,
+    /// Completed requests whose hint no balancer read (no choice reported through it).
+    pub(crate) unrouted: AtomicU64,
+    /// Whether anything reads the layer's hints: [`HINTS_UNKNOWN`], [`HINTS_READ`] or
+    /// [`HINTS_UNREAD`].
+    pub(crate) hints: AtomicU8,
+}
+
+/// No request has told yet whether a balancer reads the hints.
+pub(crate) const HINTS_UNKNOWN: u8 = 0;
+/// A balancer reported its choice through a hint at least once.
+pub(crate) const HINTS_READ: u8 = 1;
+/// [`UNREAD_BEFORE_WARNING`] requests completed with their hints unread and none was
+/// ever read: the layer warned.
+pub(crate) const HINTS_UNREAD: u8 = 2;
+
+/// Completed requests whose hints went unread, with none ever read, before the layer
+/// warns that nothing reads them.
+pub(crate) const UNREAD_BEFORE_WARNING: u64 = 8;
+
+impl Counters {
+    /// A request that carried a hint completed successfully; `read`: a balancer reported
+    /// its choice through it. On the wired path this is one relaxed load.
+    pub(crate) fn hint_outcome(&self, read: bool, mode: &'static str) {
+        if read {
+            if self.hints.load(Relaxed) != HINTS_READ {
+                self.hints.store(HINTS_READ, Relaxed);
+            }
+            return;
+        }
+        let unread = self.unrouted.fetch_add(1, Relaxed) + 1;
+        if unread >= UNREAD_BEFORE_WARNING
+            && self
+                .hints
+                .compare_exchange(HINTS_UNKNOWN, HINTS_UNREAD, Relaxed, Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                mode,
+                unread,
+                "session affinity is doing nothing: no balancer has read this AffinityLayer's \
+                 route hints ({unread} requests served without one), so sessions are not \
+                 pinned and requests spread over every backend. Put a marina-balance \
+                 `Balance` built with `.route_hints_from_extensions()` (or `.route_hint(..)`) \
+                 under the layer, or build the stack with `marina::Stack`, which wires it"
+            );
+        }
+    }
 }
 
 /// A session as listed by [`AffinityHandle::sessions`](crate::AffinityHandle::sessions).
