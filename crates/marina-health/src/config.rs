@@ -1,20 +1,54 @@
-//! Health-check configuration.
+//! Health-check configuration, and its validation.
 
+use std::fmt;
 use std::time::Duration;
 
 /// How the health layer decides that an endpoint is failing, and for how long it is
 /// taken out. Defaults follow Envoy's outlier detection and HAProxy's checks.
+///
+/// Each field documents its unit and valid range. [`validate`](Self::validate) checks
+/// them all, and the constructors ([`HealthLayer::new`](crate::HealthLayer::new),
+/// [`Health::new`](crate::Health::new), [`HealthBuilder::build`](crate::HealthBuilder::build))
+/// refuse a configuration out of range: their `try_` variants return
+/// [`InvalidHealthConfig`], the others panic with the same message.
+///
+/// ```
+/// use std::time::Duration;
+/// use marina_health::{FailureRate, HealthConfig};
+///
+/// let ok = HealthConfig { consecutive_failures: 3, ..HealthConfig::default() };
+/// assert!(ok.validate().is_ok());
+///
+/// let bad = HealthConfig {
+///     failure_rate: Some(FailureRate { threshold: 50.0, ..FailureRate::default() }), // meant 50%
+///     base_ejection: Duration::from_secs(600),
+///     ..HealthConfig::default()
+/// };
+/// let err = bad.validate().unwrap_err();
+/// assert_eq!(err.problems.len(), 2);
+/// assert_eq!(err.problems[0].path, "failure_rate.threshold");
+/// assert_eq!(err.problems[1].path, "base_ejection");
+/// assert!(err.to_string().contains("a share, not a percentage"));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
-    /// Consecutive failed requests that eject the endpoint (default 5); 0 disables.
+    /// Consecutive failed requests that eject the endpoint (default 5); 0 turns this
+    /// detector off. Any value is valid.
     pub consecutive_failures: u32,
-    /// The failure-rate detector; `None` disables it.
+    /// The failure-rate detector; `None` turns it off. Its fields have ranges of their
+    /// own (see [`FailureRate`]).
     pub failure_rate: Option<FailureRate>,
-    /// Ejection time for the first ejection (default 30 s); the n-th lasts `n × base`.
+    /// How long the first ejection lasts (default 30 s); the n-th lasts `n × base`, up
+    /// to `max_ejection`. Must be above 0 and at most `max_ejection`.
     pub base_ejection: Duration,
-    /// The longest an ejection lasts (default 300 s).
+    /// The longest an ejection lasts (default 300 s). Must be at least `base_ejection`
+    /// and at most 1 day ([`MAX_EJECTION_LIMIT`]): an endpoint ejected for longer
+    /// than that by passive checks alone is a configuration mistake.
     pub max_ejection: Duration,
-    /// After this long healthy, the ejection count starts again from zero (default 300 s).
+    /// After this long serving without an ejection, the ejection count starts again
+    /// from zero, so the next ejection lasts `base_ejection` again (default 300 s). Any
+    /// value is valid: 0 keeps every ejection at `base_ejection`; `Duration::MAX` never
+    /// forgets.
     pub reset_after: Duration,
     /// Whether passing active probes end a passive ejection early (default `true`, as
     /// Envoy's `successful_active_health_check_uneject_host`).
@@ -44,13 +78,122 @@ pub struct HealthConfig {
     /// nothing.
     pub uneject_on_probe_success: bool,
     /// A probe round slower than this fails its response-time check and makes the
-    /// endpoint `Degraded` (default 1 s).
+    /// endpoint `Degraded` (default 1 s). Must be above 0 (every round would be slow).
     pub response_time_threshold: Duration,
     /// A share of failed probe rounds (over the last 20) above this fails the
-    /// error-rate check and makes the endpoint `Degraded` (default 0.10).
+    /// error-rate check and makes the endpoint `Degraded` (default 0.10, that is 10%).
+    /// A share, not a percentage: within `0.0..=1.0` (1.0: never degraded by errors).
     pub error_rate_threshold: f64,
-    /// Probe rounds kept for [`HealthReport`](crate::HealthReport) (default 100).
+    /// Probe rounds kept for [`HealthReport`](crate::HealthReport) (default 100). At
+    /// least 1: the report's last round is the newest one kept.
     pub history: usize,
+}
+
+/// The longest [`HealthConfig::max_ejection`] accepted: 1 day.
+pub const MAX_EJECTION_LIMIT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The shortest [`FailureRate::window`] accepted: 10 ms (its 10 buckets of 1 ms).
+pub const MIN_FAILURE_WINDOW: Duration = Duration::from_millis(10);
+
+/// The shortest [`ActiveConfig::interval`] accepted: 10 ms.
+///
+/// Every round opens a connection or sends a request to the backend, from every client
+/// instance: at 10 ms that is already 100 a second per backend per client. A zero
+/// interval (an unset or mistyped setting) would probe as fast as the backend answers.
+pub const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The largest [`ActiveConfig::jitter`] accepted: 0.5, so probe rounds stay at least
+/// half an interval apart.
+pub const MAX_PROBE_JITTER: f64 = 0.5;
+
+impl HealthConfig {
+    /// Checks every field against its documented range.
+    ///
+    /// Returns every problem found, each with the field's path (`base_ejection`,
+    /// `failure_rate.threshold`, …) and a message saying what is accepted and what was
+    /// given. [`HealthLayer::try_new`](crate::HealthLayer::try_new) and the other
+    /// constructors run it.
+    pub fn validate(&self) -> Result<(), InvalidHealthConfig> {
+        let mut problems = Vec::new();
+        self.check("", &mut problems);
+        InvalidHealthConfig::result(problems)
+    }
+
+    pub(crate) fn check(&self, prefix: &str, out: &mut Vec<HealthConfigProblem>) {
+        let mut bad = |field: &str, message: String| {
+            out.push(HealthConfigProblem {
+                path: format!("{prefix}{field}"),
+                message,
+            })
+        };
+        if let Some(rate) = &self.failure_rate {
+            let t = rate.threshold;
+            if !(0.0..1.0).contains(&t) {
+                let message = if t == 1.0 {
+                    "must be below 1.0: a failure share never exceeds 1.0, so the detector \
+                     would never eject (set failure_rate to None to turn it off)"
+                        .to_string()
+                } else {
+                    format!("must be within 0.0..1.0 (a share, not a percentage), got {t:?}")
+                };
+                bad("failure_rate.threshold", message);
+            }
+            if rate.min_requests == 0 {
+                bad(
+                    "failure_rate.min_requests",
+                    "must be at least 1 (the rate of an empty window means nothing)".into(),
+                );
+            }
+            if rate.window < MIN_FAILURE_WINDOW {
+                bad(
+                    "failure_rate.window",
+                    format!(
+                        "must be at least {MIN_FAILURE_WINDOW:?} (10 buckets of 1ms), got {:?}",
+                        rate.window
+                    ),
+                );
+            }
+        }
+        if self.base_ejection.is_zero() {
+            bad("base_ejection", "must be above 0".into());
+        } else if self.base_ejection > self.max_ejection {
+            bad(
+                "base_ejection",
+                format!(
+                    "{:?} is above max_ejection ({:?})",
+                    self.base_ejection, self.max_ejection
+                ),
+            );
+        }
+        if self.max_ejection > MAX_EJECTION_LIMIT {
+            bad(
+                "max_ejection",
+                format!(
+                    "must be at most 1 day ({MAX_EJECTION_LIMIT:?}), got {:?}",
+                    self.max_ejection
+                ),
+            );
+        }
+        if self.response_time_threshold.is_zero() {
+            bad(
+                "response_time_threshold",
+                "must be above 0 (every probe round would count as slow)".into(),
+            );
+        }
+        let e = self.error_rate_threshold;
+        if !(0.0..=1.0).contains(&e) {
+            bad(
+                "error_rate_threshold",
+                format!("must be within 0.0..=1.0 (a share, not a percentage), got {e:?}"),
+            );
+        }
+        if self.history == 0 {
+            bad(
+                "history",
+                "must be at least 1 (the report's last round is kept there)".into(),
+            );
+        }
+    }
 }
 
 impl Default for HealthConfig {
@@ -73,11 +216,14 @@ impl Default for HealthConfig {
 /// once the window holds enough requests to judge.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FailureRate {
-    /// The failure share (0.0–1.0) that ejects (default 0.5).
+    /// The failure share that ejects once exceeded (default 0.5, that is 50%). A share,
+    /// not a percentage: within `0.0..1.0` (0.0: any failure ejects; 1.0 and above
+    /// could never be exceeded — set [`HealthConfig::failure_rate`] to `None` instead).
     pub threshold: f64,
-    /// Requests the window must hold before the rate counts (default 20).
+    /// Requests the window must hold before the rate counts (default 20); at least 1.
     pub min_requests: u32,
-    /// The window's length (default 10 s), kept in 10 buckets.
+    /// The window's length (default 10 s), kept in 10 buckets; at least 10 ms
+    /// ([`MIN_FAILURE_WINDOW`]).
     pub window: Duration,
 }
 
@@ -92,20 +238,37 @@ impl Default for FailureRate {
 }
 
 /// Active checking: a probe every `interval` (± `jitter`), bounded by `timeout`.
+///
+/// Each field documents its unit and valid range; [`validate`](Self::validate) checks
+/// them, and so do [`HealthLayer::probe`](crate::HealthLayer::probe) (which panics) and
+/// [`HealthLayer::try_probe`](crate::HealthLayer::try_probe) (which returns the error).
+///
+/// ```
+/// use std::time::Duration;
+/// use marina_health::ActiveConfig;
+///
+/// let zero = ActiveConfig { interval: Duration::ZERO, ..ActiveConfig::default() };
+/// let err = zero.validate().unwrap_err();
+/// assert_eq!(err.problems[0].path, "interval");
+/// assert_eq!(err.problems[0].message, "must be at least 10ms, got 0ns");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ActiveConfig {
-    /// Time between probe rounds (default 10 s).
+    /// Time between the starts of probe rounds (default 10 s); at least 10 ms
+    /// ([`MIN_PROBE_INTERVAL`]). A round that takes longer delays the next.
     pub interval: Duration,
-    /// Each round starts up to this share of `interval` early or late (default 0.1), so
-    /// many clients do not probe in step.
+    /// Each round starts up to this share of `interval` early or late (default 0.1,
+    /// that is ±10%), so many clients do not probe in step. A share, within
+    /// `0.0..=0.5` ([`MAX_PROBE_JITTER`]).
     pub jitter: f64,
-    /// A probe slower than this fails (default 2 s).
+    /// A probe round slower than this fails (default 2 s); must be above 0. It may
+    /// exceed `interval` (rounds never overlap).
     pub timeout: Duration,
     /// Consecutive passing rounds that bring an endpoint taken out by probes back
-    /// (rise, default 2). They also end a passive ejection early, unless
+    /// (rise, default 2); at least 1. They also end a passive ejection early, unless
     /// [`HealthConfig::uneject_on_probe_success`] is off.
     pub healthy_threshold: u32,
-    /// Consecutive failing rounds that take it out (fall, default 3).
+    /// Consecutive failing rounds that take it out (fall, default 3); at least 1.
     pub unhealthy_threshold: u32,
 }
 
@@ -120,3 +283,125 @@ impl Default for ActiveConfig {
         }
     }
 }
+
+impl ActiveConfig {
+    /// Checks every field against its documented range; paths are the field names
+    /// (`interval`, `jitter`, …). Where a layer or builder checks it beside a
+    /// [`HealthConfig`], the paths start with `active.`.
+    pub fn validate(&self) -> Result<(), InvalidHealthConfig> {
+        let mut problems = Vec::new();
+        self.check("", &mut problems);
+        InvalidHealthConfig::result(problems)
+    }
+
+    pub(crate) fn check(&self, prefix: &str, out: &mut Vec<HealthConfigProblem>) {
+        let mut bad = |field: &str, message: String| {
+            out.push(HealthConfigProblem {
+                path: format!("{prefix}{field}"),
+                message,
+            })
+        };
+        if self.interval < MIN_PROBE_INTERVAL {
+            bad(
+                "interval",
+                format!(
+                    "must be at least {MIN_PROBE_INTERVAL:?}, got {:?}",
+                    self.interval
+                ),
+            );
+        }
+        let j = self.jitter;
+        if !(0.0..=MAX_PROBE_JITTER).contains(&j) {
+            bad(
+                "jitter",
+                format!(
+                    "must be within 0.0..={MAX_PROBE_JITTER:?} (a share of interval, not a \
+                     percentage), got {j:?}"
+                ),
+            );
+        }
+        if self.timeout.is_zero() {
+            bad("timeout", "must be above 0".into());
+        }
+        if self.healthy_threshold == 0 {
+            bad("healthy_threshold", "must be at least 1".into());
+        }
+        if self.unhealthy_threshold == 0 {
+            bad("unhealthy_threshold", "must be at least 1".into());
+        }
+    }
+}
+
+/// One setting out of range, from [`HealthConfig::validate`] or
+/// [`ActiveConfig::validate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfigProblem {
+    /// The setting at fault, as a path from the config checked: `base_ejection`,
+    /// `failure_rate.threshold`, `interval`, or `active.interval` where a layer checked
+    /// both configurations.
+    pub path: String,
+    /// What is wrong: the accepted range and the value given (lowercase, no period).
+    pub message: String,
+}
+
+impl fmt::Display for HealthConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// A health configuration that cannot be used: every problem found, each with its path.
+///
+/// Returned by [`HealthConfig::validate`], [`ActiveConfig::validate`] and the `try_`
+/// constructors; its `Display` (one problem a line) is also the panic message of the
+/// infallible ones.
+///
+/// ```
+/// use std::time::Duration;
+/// use marina_health::{ActiveConfig, HealthLayer, HealthConfig, TcpConnectProbe};
+///
+/// let addr: std::net::SocketAddr = "127.0.0.1:7000".parse().unwrap();
+/// let active = ActiveConfig { interval: Duration::ZERO, healthy_threshold: 0, ..ActiveConfig::default() };
+/// let err = HealthLayer::try_new(HealthConfig::default())
+///     .unwrap()
+///     .try_probe(active, TcpConnectProbe, addr)
+///     .unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "invalid health configuration:\n  \
+///      active.interval: must be at least 10ms, got 0ns\n  \
+///      active.healthy_threshold: must be at least 1",
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidHealthConfig {
+    /// Every problem, in field order; never empty.
+    pub problems: Vec<HealthConfigProblem>,
+}
+
+impl InvalidHealthConfig {
+    pub(crate) fn result(problems: Vec<HealthConfigProblem>) -> Result<(), Self> {
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidHealthConfig { problems })
+        }
+    }
+
+    /// Whether the setting at `path` is among the problems.
+    pub fn has(&self, path: &str) -> bool {
+        self.problems.iter().any(|p| p.path == path)
+    }
+}
+
+impl fmt::Display for InvalidHealthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid health configuration:")?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for InvalidHealthConfig {}

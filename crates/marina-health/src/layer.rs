@@ -7,7 +7,7 @@ use marina_core::{EjectionGate, Probe};
 use tower_layer::Layer;
 
 use crate::classify::ErrorsOnly;
-use crate::config::{ActiveConfig, HealthConfig};
+use crate::config::{ActiveConfig, HealthConfig, InvalidHealthConfig};
 use crate::service::{Health, ProbeRound, probe_round};
 
 /// A [`Layer`] that wraps a service in [`Health`].
@@ -35,7 +35,43 @@ pub struct HealthLayer<K = ErrorsOnly> {
 
 impl HealthLayer {
     /// Passive checks with `config`; every `Err` counts as a failure.
+    ///
+    /// # Panics
+    ///
+    /// If `config` is out of range ([`HealthConfig::validate`]), with the
+    /// [`InvalidHealthConfig`] message listing every problem. Use
+    /// [`try_new`](Self::try_new) for configurations read at run time.
+    #[track_caller]
     pub fn new(config: HealthConfig) -> Self {
+        match Self::try_new(config) {
+            Ok(v) => v,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Passive checks with `config`, or every problem with it.
+    ///
+    /// ```
+    /// use marina_health::{FailureRate, HealthConfig, HealthLayer};
+    ///
+    /// let config = HealthConfig {
+    ///     failure_rate: Some(FailureRate { threshold: 50.0, ..FailureRate::default() }),
+    ///     ..HealthConfig::default()
+    /// };
+    /// let err = HealthLayer::try_new(config).unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "invalid health configuration:\n  failure_rate.threshold: \
+    ///      must be within 0.0..1.0 (a share, not a percentage), got 50.0",
+    /// );
+    /// ```
+    pub fn try_new(config: HealthConfig) -> Result<Self, InvalidHealthConfig> {
+        config.validate()?;
+        Ok(Self::unchecked(config))
+    }
+
+    /// A layer with `config` as it is (checked later, by a builder).
+    fn unchecked(config: HealthConfig) -> Self {
         HealthLayer {
             config,
             name: "endpoint".into(),
@@ -74,13 +110,61 @@ impl<K> HealthLayer<K> {
 
     /// Adds active checks: `probe` against `target` every `active.interval` (hybrid mode:
     /// passive and active at once). Each wrapped service gets its own probe task.
-    pub fn probe<P, T>(mut self, active: ActiveConfig, probe: P, target: T) -> Self
+    ///
+    /// # Panics
+    ///
+    /// If `active` is out of range ([`ActiveConfig::validate`]; a zero `interval`, for
+    /// one, would probe the backend as fast as it answers), with the
+    /// [`InvalidHealthConfig`] message. Use [`try_probe`](Self::try_probe) for settings
+    /// read at run time.
+    #[track_caller]
+    pub fn probe<P, T>(self, active: ActiveConfig, probe: P, target: T) -> Self
+    where
+        P: Probe<T>,
+        T: Clone + Send + Sync + 'static,
+    {
+        match self.try_probe(active, probe, target) {
+            Ok(v) => v,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Adds active checks like [`probe`](Self::probe), or returns every problem with
+    /// `active` (paths `active.interval`, `active.jitter`, …).
+    pub fn try_probe<P, T>(
+        self,
+        active: ActiveConfig,
+        probe: P,
+        target: T,
+    ) -> Result<Self, InvalidHealthConfig>
+    where
+        P: Probe<T>,
+        T: Clone + Send + Sync + 'static,
+    {
+        let mut problems = Vec::new();
+        active.check("active.", &mut problems);
+        InvalidHealthConfig::result(problems)?;
+        Ok(self.probe_unchecked(active, probe, target))
+    }
+
+    fn probe_unchecked<P, T>(mut self, active: ActiveConfig, probe: P, target: T) -> Self
     where
         P: Probe<T>,
         T: Clone + Send + Sync + 'static,
     {
         self.active = Some((active, probe_round(probe, target)));
         self
+    }
+
+    /// Every problem with the layer's settings: the passive ones, then the active ones
+    /// under `active.`.
+    fn check(&self) -> Result<(), InvalidHealthConfig> {
+        let mut problems = Vec::new();
+        self.config.check("", &mut problems);
+        if let Some((active, _)) = &self.active {
+            active.check("active.", &mut problems);
+        }
+        InvalidHealthConfig::result(problems)
     }
 }
 
@@ -150,13 +234,14 @@ impl<S> Health<S> {
     pub fn builder(inner: S) -> HealthBuilder<S> {
         HealthBuilder {
             inner,
-            layer: HealthLayer::new(HealthConfig::default()),
+            layer: HealthLayer::unchecked(HealthConfig::default()),
         }
     }
 }
 
 impl<S, K> HealthBuilder<S, K> {
-    /// Replaces the configuration.
+    /// Replaces the configuration (checked by [`build`](Self::build) and
+    /// [`try_build`](Self::try_build)).
     pub fn config(mut self, config: HealthConfig) -> Self {
         self.layer.config = config;
         self
@@ -176,13 +261,14 @@ impl<S, K> HealthBuilder<S, K> {
         }
     }
 
-    /// Adds active checks; see [`HealthLayer::probe`].
+    /// Adds active checks; see [`HealthLayer::probe`]. `active` is checked by
+    /// [`build`](Self::build) and [`try_build`](Self::try_build).
     pub fn probe<P, T>(mut self, active: ActiveConfig, probe: P, target: T) -> Self
     where
         P: Probe<T>,
         T: Clone + Send + Sync + 'static,
     {
-        self.layer = self.layer.probe(active, probe, target);
+        self.layer = self.layer.probe_unchecked(active, probe, target);
         self
     }
 
@@ -193,8 +279,43 @@ impl<S, K> HealthBuilder<S, K> {
     }
 
     /// Builds the service (starting its probe task, if any, on the current runtime).
+    ///
+    /// # Panics
+    ///
+    /// If the configuration or the active one is out of range
+    /// ([`HealthConfig::validate`], [`ActiveConfig::validate`]), with the
+    /// [`InvalidHealthConfig`] message listing every problem. Use
+    /// [`try_build`](Self::try_build) for settings read at run time.
+    #[track_caller]
     pub fn build(self) -> Health<S, K> {
-        self.layer.layer(self.inner)
+        match self.try_build() {
+            Ok(v) => v,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Builds the service, or returns every problem with its settings: the
+    /// configuration's (`base_ejection`, `failure_rate.threshold`, …), then the active
+    /// configuration's (`active.interval`, …). Nothing is started on error.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use marina_core::probe_fn;
+    /// use marina_health::{ActiveConfig, Health, HealthConfig};
+    /// use tower::service_fn;
+    ///
+    /// let backend = service_fn(|req: u32| async move { Ok::<_, std::io::Error>(req) });
+    /// let probe = probe_fn(|_: &mut ()| Box::pin(async { Ok(()) }));
+    /// let err = Health::builder(backend)
+    ///     .config(HealthConfig { base_ejection: Duration::ZERO, ..HealthConfig::default() })
+    ///     .probe(ActiveConfig { interval: Duration::ZERO, ..ActiveConfig::default() }, probe, ())
+    ///     .try_build()
+    ///     .unwrap_err();
+    /// assert!(err.has("base_ejection") && err.has("active.interval"));
+    /// ```
+    pub fn try_build(self) -> Result<Health<S, K>, InvalidHealthConfig> {
+        self.layer.check()?;
+        Ok(self.layer.layer(self.inner))
     }
 }
 

@@ -29,6 +29,18 @@
 //!   `tokio::sync::watch` subscription to status changes. Every change is a `tracing`
 //!   event.
 //!
+//! **Settings are checked.** Every field of [`HealthConfig`], [`FailureRate`] and
+//! [`ActiveConfig`] documents its unit and valid range, and the constructors refuse a
+//! configuration out of range instead of running with it: a failure-rate threshold of
+//! `50.0` (meant 50%: the detector could never fire), a zero probe `interval` (a probe
+//! connection as fast as the backend answers, hundreds a second from every client),
+//! a `base_ejection` above `max_ejection`, a zero threshold. The `try_` constructors
+//! ([`HealthLayer::try_new`], [`HealthLayer::try_probe`], [`HealthBuilder::try_build`],
+//! [`Health::try_new`]) return an [`InvalidHealthConfig`] that lists every problem
+//! with its path (`failure_rate.threshold: must be within 0.0..1.0 (a share, not a
+//! percentage), got 50.0`); the plain ones panic with that message.
+//! [`HealthConfig::validate`] and [`ActiveConfig::validate`] check without building.
+//!
 //! It works under any tower balancer, tower's own `p2c::Balance` included. Put load
 //! tracking (`tower::load::PendingRequests`, …) outside `Health`, and a request timeout
 //! inside it: a call cancelled from outside says nothing about the endpoint, so a
@@ -132,7 +144,10 @@ mod shared;
 #[cfg(feature = "http")]
 pub use classify::Http5xx;
 pub use classify::{Classify, ClassifyFn, ErrorsOnly, classify_fn};
-pub use config::{ActiveConfig, FailureRate, HealthConfig};
+pub use config::{
+    ActiveConfig, FailureRate, HealthConfig, HealthConfigProblem, InvalidHealthConfig,
+    MAX_EJECTION_LIMIT, MAX_PROBE_JITTER, MIN_FAILURE_WINDOW, MIN_PROBE_INTERVAL,
+};
 pub use future::ResponseFuture;
 pub use handle::HealthHandle;
 pub use layer::{HealthBuilder, HealthLayer};

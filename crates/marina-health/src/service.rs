@@ -13,7 +13,7 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use crate::classify::{Classify, ErrorsOnly};
-use crate::config::{ActiveConfig, HealthConfig};
+use crate::config::{ActiveConfig, HealthConfig, InvalidHealthConfig};
 use crate::future::ResponseFuture;
 use crate::handle::HealthHandle;
 use crate::shared::{Gate, Shared};
@@ -79,15 +79,31 @@ pub struct Health<S, K = ErrorsOnly> {
 
 impl<S> Health<S> {
     /// Wraps `inner` with passive checks only, classifying every `Err` as a failure.
+    ///
+    /// # Panics
+    ///
+    /// If `config` is out of range ([`HealthConfig::validate`]), with the
+    /// [`InvalidHealthConfig`] message listing every problem; see
+    /// [`try_new`](Self::try_new).
+    #[track_caller]
     pub fn new(inner: S, config: HealthConfig) -> Self {
-        Health::with_parts(
+        match Self::try_new(inner, config) {
+            Ok(v) => v,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Wraps `inner` like [`new`](Self::new), or returns every problem with `config`.
+    pub fn try_new(inner: S, config: HealthConfig) -> Result<Self, InvalidHealthConfig> {
+        config.validate()?;
+        Ok(Health::with_parts(
             inner,
             "endpoint".into(),
             config,
             Arc::new(ErrorsOnly),
             None,
             None,
-        )
+        ))
     }
 }
 
