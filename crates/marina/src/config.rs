@@ -13,7 +13,7 @@ use marina_limit::Rate;
 use marina_pool::Config;
 use serde::Deserialize;
 
-use crate::StackBuilder;
+use crate::{ConfigProblem, InvalidConfig, StackBuilder};
 
 /// The stack's settings as a file holds them. Every table and key is optional except
 /// `endpoints`; unknown keys are errors (a typo must not silently fall back to a
@@ -135,37 +135,6 @@ pub struct LimitsSection {
     pub bandwidth_burst: Option<u64>,
 }
 
-/// One problem in a [`StackConfig`], with the path of the setting at fault.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigProblem {
-    /// Where: `endpoints[1]`, `pool.min_idle`, …
-    pub path: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl fmt::Display for ConfigProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
-
-/// A configuration that cannot build a stack: every problem found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InvalidConfig(pub Vec<ConfigProblem>);
-
-impl fmt::Display for InvalidConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid stack configuration:")?;
-        for p in &self.0 {
-            write!(f, "\n  {p}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for InvalidConfig {}
-
 /// A file that is not valid TOML for a [`StackConfig`] (its message names the key and
 /// line).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,18 +224,17 @@ impl StackConfig {
         {
             bad(
                 "health.panic_threshold".into(),
-                "must be within 0.0..=1.0".into(),
+                format!("must be within 0.0..=1.0 (a share, not a percentage), got {t}"),
             );
         }
-        let default_max = HealthConfig::default().max_ejection.as_millis() as u64;
-        if let Some(b) = self.health.base_ejection_ms
-            && b > self.health.max_ejection_ms.unwrap_or(default_max)
-        {
-            let m = self.health.max_ejection_ms.unwrap_or(default_max);
-            bad(
-                "health.base_ejection_ms".into(),
-                format!("{b} ms is above health.max_ejection_ms ({m} ms)"),
-            );
+        if let Some(Err(invalid)) = self.health_config().as_ref().map(HealthConfig::validate) {
+            for p in invalid.problems {
+                let path = match p.path.as_str() {
+                    "base_ejection" | "max_ejection" => format!("health.{}_ms", p.path),
+                    other => format!("health.{other}"),
+                };
+                bad(path, p.message);
+            }
         }
         if self.failover.max_attempts == Some(0) {
             bad("failover.max_attempts".into(), "must be at least 1".into());
@@ -292,6 +260,25 @@ impl StackConfig {
             );
         }
         out
+    }
+
+    /// The passive health checks the file sets (`None`: turned off).
+    fn health_config(&self) -> Option<HealthConfig> {
+        let h = &self.health;
+        if h.enabled == Some(false) {
+            return None;
+        }
+        let d = HealthConfig::default();
+        Some(HealthConfig {
+            consecutive_failures: h.consecutive_failures.unwrap_or(d.consecutive_failures),
+            base_ejection: h
+                .base_ejection_ms
+                .map_or(d.base_ejection, Duration::from_millis),
+            max_ejection: h
+                .max_ejection_ms
+                .map_or(d.max_ejection, Duration::from_millis),
+            ..d
+        })
     }
 
     fn pool_config(&self) -> Config {
@@ -328,7 +315,7 @@ impl StackConfig {
     /// their key extractors are functions).
     pub fn builder<T>(&self) -> Result<StackBuilder<T>, InvalidConfig>
     where
-        T: Clone + Send + Sync + 'static,
+        T: crate::StackRequest,
     {
         let problems = self.validate();
         if !problems.is_empty() {
@@ -357,21 +344,7 @@ impl StackConfig {
             _ => b.picker(RoundRobin::new),
         };
         let h = &self.health;
-        b = if h.enabled == Some(false) {
-            b.health(None)
-        } else {
-            let d = HealthConfig::default();
-            b.health(Some(HealthConfig {
-                consecutive_failures: h.consecutive_failures.unwrap_or(d.consecutive_failures),
-                base_ejection: h
-                    .base_ejection_ms
-                    .map_or(d.base_ejection, Duration::from_millis),
-                max_ejection: h
-                    .max_ejection_ms
-                    .map_or(d.max_ejection, Duration::from_millis),
-                ..d
-            }))
-        };
+        b = b.health(self.health_config());
         if let Some(t) = h.panic_threshold {
             b = b.panic_threshold(t);
         }

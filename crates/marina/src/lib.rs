@@ -95,20 +95,23 @@ mod config;
 #[cfg(feature = "full")]
 mod ext;
 #[cfg(feature = "full")]
+mod problem;
+#[cfg(feature = "full")]
 mod stack;
 
 #[cfg(feature = "serde")]
 pub use config::{
-    ConfigProblem, ConfigSyntax, FailoverSection, HealthSection, InvalidConfig, LimitsSection,
-    PoolSection, StackConfig,
+    ConfigSyntax, FailoverSection, HealthSection, LimitsSection, PoolSection, StackConfig,
 };
 #[cfg(feature = "full")]
 pub use ext::ServiceBuilderExt;
+#[cfg(feature = "full")]
+pub use problem::{ConfigProblem, InvalidConfig};
 
 #[cfg(feature = "full")]
 pub use stack::{
     AffinityMode, BackendStats, Conn, KeyFnBox, ShuttingDown, Stack, StackBuilder, StackHandle,
-    StackService, StackStats,
+    StackRequest, StackService, StackStats,
 };
 
 /// The names most programs use.

@@ -35,7 +35,18 @@ use tower_service::Service;
 pub type Conn = Throttled<TcpStream>;
 
 /// The stack as one service: requests and responses carry extensions (route hints,
-/// new sessions).
+/// new sessions). `Clone`: every clone shares one stack (one balancer, one set of
+/// pools and limits); clone it for each task.
+///
+/// # Cancel safety
+///
+/// Dropping a call's future cancels the request wherever it is, and leaves nothing
+/// behind: waiting on a limit or for a ready backend, it gives up its place (a rate
+/// limit's reserved slot, a concurrency slot); waiting for a pooled connection, it
+/// leaves the pool's queue; once sent, it drops the client's future (the line client
+/// then marks itself broken, and its pool closes it instead of reusing it, as the reply
+/// may be half read; with [`StackBuilder::build`], the `check` decides), and the
+/// in-flight counts (balancer, health, [`StackHandle::shutdown`]'s wait) go down.
 pub type StackService<T, U> = BoxCloneSyncService<Request<T>, Response<U>, BoxError>;
 
 type KeyFn<T> = Arc<dyn Fn(&Request<T>) -> Option<String> + Send + Sync>;
@@ -96,6 +107,8 @@ pub struct StackBuilder<T> {
     connect_timeout: Duration,
     health: Option<HealthConfig>,
     probe: Option<ProbeSetup>,
+    /// The active checks' settings (validated at build).
+    active: Option<ActiveConfig>,
     /// `None`: round robin, or consistent hash with hash affinity.
     picker: Option<Box<dyn Fn() -> Box<dyn Pick> + Send + Sync>>,
     failover: Option<Failover>,
@@ -133,7 +146,7 @@ impl Stack {
         config: &crate::StackConfig,
     ) -> Result<StackBuilder<T>, crate::InvalidConfig>
     where
-        T: Clone + Send + Sync + 'static,
+        T: StackRequest,
     {
         config.builder()
     }
@@ -147,6 +160,7 @@ impl Stack {
             connect_timeout: Duration::from_secs(5),
             health: Some(HealthConfig::default()),
             probe: None,
+            active: None,
             picker: None,
             failover: Some(Failover::new()),
             failfast: Duration::from_secs(10),
@@ -160,10 +174,20 @@ impl Stack {
     }
 }
 
-impl<T> StackBuilder<T>
-where
-    T: Clone + Send + Sync + 'static,
-{
+/// What a [`Stack`]'s request body must be: `Clone` (failover keeps a copy of each
+/// request to send it to another backend when it never reached its own), `Send + Sync +
+/// 'static` (the stack is one service shared by tasks). Implemented for every such
+/// type; it only gives a clearer error than the four bounds would.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be the request of a marina `Stack`: it must be `Clone + Send + Sync + 'static`",
+    label = "`{Self}` is not `Clone + Send + Sync + 'static`",
+    note = "the stack keeps a copy of each request so failover can re-send one that never reached its backend; derive or implement `Clone`, or wrap the body in an `Arc`"
+)]
+pub trait StackRequest: Clone + Send + Sync + 'static {}
+
+impl<T: Clone + Send + Sync + 'static> StackRequest for T {}
+
+impl<T> StackBuilder<T> {
     /// The backends.
     pub fn endpoints(mut self, endpoints: impl IntoIterator<Item = SocketAddr>) -> Self {
         self.endpoints = endpoints.into_iter().collect();
@@ -176,13 +200,16 @@ where
         self
     }
 
-    /// The TCP connect timeout (default 5 s).
+    /// The TCP connect timeout (default 5 s; above 0).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// Passive health checks with `config` (default on); `None` turns them off.
+    /// Passive health checks with `config` (default on); `None` turns them off. The
+    /// settings are checked at build (a failure rate is a share within `0.0..1.0`, an
+    /// ejection time above 0 and at most `max_ejection`, …: see `HealthConfig`'s
+    /// fields), problems reported under `health.<field>`.
     pub fn health(mut self, config: Option<HealthConfig>) -> Self {
         self.health = config;
         self
@@ -191,7 +218,9 @@ where
     /// Active health checks: `probe` (for example `marina::health::LineProbe`,
     /// `TcpConnectProbe`, `HttpProbe`) run against each backend's address every
     /// `active.interval`, besides the passive checks (turned on with defaults if they
-    /// were off).
+    /// were off). `active` is checked at build (an interval of at least 10 ms, a
+    /// timeout above 0, thresholds of at least 1: see `ActiveConfig`'s fields), problems
+    /// reported under `probe.<field>`.
     pub fn probe<P>(mut self, active: ActiveConfig, probe: P) -> Self
     where
         P: Probe<SocketAddr> + Clone,
@@ -199,6 +228,7 @@ where
         if self.health.is_none() {
             self.health = Some(HealthConfig::default());
         }
+        self.active = Some(active);
         self.probe = Some(Arc::new(move |layer: HealthLayer, addr: SocketAddr| {
             layer.probe(active, probe.clone(), addr)
         }));
@@ -225,7 +255,9 @@ where
     }
 
     /// The balancer's panic threshold (default 0.5): below this share of healthy
-    /// backends, route to all of them.
+    /// backends, route to all of them. A share within `0.0..=1.0` (0.5 for 50%; 0
+    /// turns panic mode off); anything else is refused at build, under the path
+    /// `health.panic_threshold`.
     pub fn panic_threshold(mut self, healthy_share: f64) -> Self {
         self.panic_threshold = healthy_share;
         self
@@ -250,22 +282,125 @@ where
     }
 
     /// At most `limit` requests in flight per key (add one per kind of key: user, IP).
+    /// `limit` is at least 1 (0 is refused at build, under the path
+    /// `limits.concurrency_per_key[i]`).
     pub fn concurrency_per_key(mut self, key: KeyFnBox<T>, limit: usize) -> Self {
         self.concurrency.push((key, limit));
         self
     }
 
-    /// All connections together write at most `bytes_per_sec` (bursts of `burst`).
+    /// All connections together write at most `bytes_per_sec` (bursts of `burst`
+    /// bytes); both above 0 (refused at build otherwise, under the paths
+    /// `limits.bandwidth_bytes_per_sec` and `limits.bandwidth_burst`).
     pub fn bandwidth(mut self, bytes_per_sec: f64, burst: u64) -> Self {
         self.bandwidth = Some((bytes_per_sec, burst));
         self
     }
 
+    /// Every problem with these settings, each with its path as a
+    /// [`StackConfig`](crate::StackConfig) file names it (`endpoints`,
+    /// `connect_timeout_ms`, `pool.max_size`, `health.panic_threshold`, …); empty when
+    /// they can build a stack. [`build`](Self::build) and
+    /// [`build_line`](Self::build_line) refuse settings with problems, returning them
+    /// all as an [`InvalidConfig`](crate::InvalidConfig).
+    ///
+    /// ```
+    /// use marina::Stack;
+    ///
+    /// let problems = Stack::builder::<String>()
+    ///     .endpoints(["127.0.0.1:7000".parse().unwrap()])
+    ///     .panic_threshold(50.0) // meant 50%
+    ///     .validate();
+    /// assert_eq!(problems.len(), 1);
+    /// assert_eq!(problems[0].path, "health.panic_threshold");
+    /// ```
+    pub fn validate(&self) -> Vec<crate::ConfigProblem> {
+        let mut out = Vec::new();
+        let mut bad = |path: String, message: String| {
+            out.push(crate::ConfigProblem { path, message });
+        };
+        if self.endpoints.is_empty() {
+            bad(
+                "endpoints".into(),
+                "at least one backend address is needed".into(),
+            );
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if let Some(j) = self.endpoints[..i].iter().position(|o| o == e) {
+                bad(
+                    format!("endpoints[{i}]"),
+                    format!("{e} is listed twice (as endpoints[{j}] too)"),
+                );
+            }
+        }
+        if self.connect_timeout.is_zero() {
+            bad("connect_timeout_ms".into(), "must be above 0".into());
+        }
+        for problem in self.pool.validate().errors {
+            let key = match problem.field {
+                "acquire_timeout" | "idle_timeout" | "max_lifetime" | "connect_timeout" => {
+                    format!("{}_ms", problem.field)
+                }
+                other => other.to_string(),
+            };
+            bad(format!("pool.{key}"), problem.message);
+        }
+        if !(0.0..=1.0).contains(&self.panic_threshold) {
+            bad(
+                "health.panic_threshold".into(),
+                format!(
+                    "must be within 0.0..=1.0 (a share, not a percentage), got {}",
+                    self.panic_threshold
+                ),
+            );
+        }
+        // The health checks' own ranges (a failure rate is a share, a probe interval at
+        // least 10 ms, …), under the file's names (durations in ms).
+        let health_path = |p: &str| match p {
+            "base_ejection" | "max_ejection" | "reset_after" => format!("health.{p}_ms"),
+            other => format!("health.{other}"),
+        };
+        if let Some(Err(invalid)) = self.health.as_ref().map(HealthConfig::validate) {
+            for p in invalid.problems {
+                bad(health_path(&p.path), p.message);
+            }
+        }
+        if let Some(Err(invalid)) = self.active.as_ref().map(ActiveConfig::validate) {
+            for p in invalid.problems {
+                bad(format!("probe.{}", p.path), p.message);
+            }
+        }
+        if let Some((rate, burst)) = self.bandwidth {
+            if !(rate.is_finite() && rate > 0.0) {
+                bad(
+                    "limits.bandwidth_bytes_per_sec".into(),
+                    format!("must be above 0, got {rate}"),
+                );
+            }
+            if burst == 0 {
+                bad("limits.bandwidth_burst".into(), "must be above 0".into());
+            }
+        }
+        for (i, (_, limit)) in self.concurrency.iter().enumerate() {
+            if *limit == 0 {
+                bad(
+                    format!("limits.concurrency_per_key[{i}]"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
+        out
+    }
+
     /// Builds the stack over the line protocol ([`LineClient`](crate::line::LineClient)):
     /// requests and responses are lines.
+    ///
+    /// Fails with [`InvalidConfig`](crate::InvalidConfig) (inside the `BoxError`) when
+    /// [`validate`](Self::validate) finds problems. Needs a tokio runtime (pools and
+    /// health checks spawn tasks).
     pub fn build_line(self) -> Result<(StackService<T, String>, StackHandle), BoxError>
     where
-        T: Into<String>,
+        T: StackRequest + Into<String>,
     {
         let mut mapped = self.map_body(|t: T| t.into());
         // A line holding '\n' is the caller's mistake: refuse it before it enters the
@@ -286,7 +421,7 @@ where
             |conn: Conn| Box::pin(async move { Ok(crate::line::LineClient::new(conn)) }),
             Some(Arc::new(|c: &mut crate::line::LineClient<Conn>| {
                 c.is_open_with(|io| marina_pool::socket_is_open(io.get_ref()))
-            })),
+            }) as CheckFn<_>),
         )
     }
 
@@ -299,17 +434,99 @@ where
         }
     }
 
-    /// Builds the stack: each pooled connection becomes a client with `protocol` (a
-    /// handshake, or just a wrapper), optionally checked with `check` at checkout.
+    /// Builds the stack over any protocol: each pooled connection (TCP through the
+    /// bandwidth limiter, a [`Conn`]) becomes a client with `protocol` (a handshake, or
+    /// just a wrapper: an async closure), and `check` tells at checkout whether a pooled
+    /// client can still be used (`|_| true` for no check). The client is a
+    /// `Service<T>`: one request at a time, as a pooled client is used.
     ///
-    /// Needs a tokio runtime (pools and health checks spawn
-    /// tasks).
-    pub fn build<U, C>(
+    /// `T` must be [`StackRequest`]: `Clone`, since failover keeps a copy of each
+    /// request to re-send one that never reached its backend.
+    ///
+    /// Fails with [`InvalidConfig`](crate::InvalidConfig) (inside the `BoxError`) when
+    /// [`validate`](Self::validate) finds problems. Needs a tokio runtime (pools and
+    /// health checks spawn tasks).
+    ///
+    /// # Examples
+    ///
+    /// A length-prefixed protocol (a 4-byte big-endian length, then the bytes) over two
+    /// backends:
+    ///
+    /// ```
+    /// use std::io;
+    /// use std::sync::Arc;
+    /// use marina::{Conn, Stack};
+    /// use marina::core::{BoxError, Request};
+    /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// use tower::{Service, ServiceExt};
+    ///
+    /// /// One connection's client: a frame out, a frame back.
+    /// #[derive(Clone)]
+    /// struct FrameClient {
+    ///     conn: Arc<tokio::sync::Mutex<Conn>>,
+    /// }
+    ///
+    /// impl Service<Vec<u8>> for FrameClient {
+    ///     type Response = Vec<u8>;
+    ///     type Error = io::Error;
+    ///     type Future = marina::core::BoxFuture<'static, io::Result<Vec<u8>>>;
+    ///
+    ///     fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+    ///         std::task::Poll::Ready(Ok(()))
+    ///     }
+    ///
+    ///     fn call(&mut self, frame: Vec<u8>) -> Self::Future {
+    ///         let conn = self.conn.clone();
+    ///         Box::pin(async move {
+    ///             let mut conn = conn.lock().await;
+    ///             conn.write_all(&(frame.len() as u32).to_be_bytes()).await?;
+    ///             conn.write_all(&frame).await?;
+    ///             let len = conn.read_u32().await? as usize;
+    ///             let mut reply = vec![0; len];
+    ///             conn.read_exact(&mut reply).await?;
+    ///             Ok(reply)
+    ///         })
+    ///     }
+    /// }
+    ///
+    /// # async fn frame_echo_server() -> std::net::SocketAddr {
+    /// #     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// #     let addr = l.local_addr().unwrap();
+    /// #     tokio::spawn(async move { loop {
+    /// #         let (mut s, _) = l.accept().await.unwrap();
+    /// #         tokio::spawn(async move { loop {
+    /// #             let Ok(len) = s.read_u32().await else { return };
+    /// #             let mut buf = vec![0; len as usize];
+    /// #             if s.read_exact(&mut buf).await.is_err() { return }
+    /// #             let _ = s.write_all(&len.to_be_bytes()).await;
+    /// #             let _ = s.write_all(&buf).await;
+    /// #         } });
+    /// #     } });
+    /// #     addr
+    /// # }
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), BoxError> {
+    /// # let (a, b) = (frame_echo_server().await, frame_echo_server().await);
+    /// let (svc, handle) = Stack::builder::<Vec<u8>>()
+    ///     .endpoints([a, b])
+    ///     .build(
+    ///         |conn: Conn| async move { Ok(FrameClient { conn: Arc::new(tokio::sync::Mutex::new(conn)) }) },
+    ///         |_: &mut FrameClient| true,
+    ///     )?;
+    /// let reply = svc.oneshot(Request::new(b"ping".to_vec())).await?;
+    /// assert_eq!(reply.into_body(), b"ping");
+    /// handle.shutdown(std::time::Duration::from_secs(1)).await;
+    /// # Ok(()) }
+    /// ```
+    pub fn build<U, C, F, Fut>(
         self,
-        protocol: impl Fn(Conn) -> BoxFuture<'static, io::Result<C>> + Send + Sync + 'static,
-        check: Option<CheckFn<C>>,
+        protocol: F,
+        check: impl Fn(&mut C) -> bool + Send + Sync + 'static,
     ) -> Result<(StackService<T, U>, StackHandle), BoxError>
     where
+        T: StackRequest,
+        F: Fn(Conn) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = io::Result<C>> + Send + 'static,
         C: Service<T, Response = U> + Send + 'static,
         C::Error: Into<BoxError>,
         C::Future: Send + 'static,
@@ -320,7 +537,10 @@ where
             f: Arc::new(|t: T| t),
             validate: None,
         }
-        .build(protocol, check)
+        .build(
+            move |conn: Conn| -> BoxFuture<'static, io::Result<C>> { Box::pin(protocol(conn)) },
+            Some(Arc::new(check)),
+        )
     }
 }
 
@@ -352,18 +572,9 @@ where
     {
         let b = self.inner;
         let body = self.f;
-        if b.endpoints.is_empty() {
-            return Err("a stack needs at least one endpoint".into());
-        }
-        if let Some((rate, burst)) = b.bandwidth
-            && !(rate.is_finite() && rate > 0.0 && burst > 0)
-        {
-            return Err(
-                format!("bandwidth limit {rate} B/s, burst {burst}: both must be above 0").into(),
-            );
-        }
-        if b.connect_timeout.is_zero() {
-            return Err("connect_timeout must be above 0".into());
+        let problems = b.validate();
+        if !problems.is_empty() {
+            return Err(crate::InvalidConfig(problems).into());
         }
         let proto: ProtoFn<C> = Arc::new(protocol);
         let mut tcp =
@@ -912,42 +1123,56 @@ impl StackHandle {
     /// flight get until `deadline` to finish; then every pool closes (idle connections
     /// dropped, their maintenance tasks ended; connections still checked out close when
     /// they come back). Returns within about `deadline`, with the requests still in
-    /// flight when it ran out (0: all finished).
+    /// flight when it ran out (0: all finished). Calling it again waits again (the
+    /// stack stays closed), with the new deadline.
+    ///
+    /// Needs a tokio runtime (the shutdown runs on a task of its own).
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future after it started leaves the stack refusing new requests, with
-    /// the pools open.
+    /// Safe to drop: the shutdown runs on its own task and completes in the background
+    /// (the stack refuses new requests from the first poll, and its pools close by the
+    /// deadline), whether or not anyone still awaits it.
     pub async fn shutdown(&self, deadline: Duration) -> usize {
-        let st = &self.inner.state;
-        let start = tokio::time::Instant::now();
+        let st = self.inner.state.clone();
         st.closed.store(true, std::sync::atomic::Ordering::Release);
-        let wait = async {
-            loop {
-                let idle = st.idle.notified();
-                if st.in_flight.load(Acquire) == 0 {
-                    return;
-                }
-                idle.await;
-            }
-        };
-        let _ = tokio::time::timeout(deadline, wait).await;
-        let left = st.in_flight.load(Acquire);
-        // Pools close in the time left (at least a moment, to drop idle connections):
-        // `close` waits for checked-out connections to come back.
-        let rest = deadline
-            .saturating_sub(start.elapsed())
-            .max(Duration::from_millis(10));
-        // Every pool starts closing now (a pool waiting for a stuck connection must not
-        // keep the others open).
-        let mut closes = tokio::task::JoinSet::new();
-        for close in self.inner.registry.lock().iter().map(|p| (p.close)()) {
-            closes.spawn(close);
+        let work = tokio::spawn(shut_down(st, self.inner.registry.clone(), deadline));
+        // Dropping the join handle detaches the task: it completes anyway.
+        match work.await {
+            Ok(left) => left,
+            // The task ended without an answer (its runtime is shutting down).
+            Err(_) => self.inner.state.in_flight.load(Acquire),
         }
-        let _ =
-            tokio::time::timeout(rest, async { while closes.join_next().await.is_some() {} }).await;
-        left
     }
+}
+
+/// The shutdown's work, on its own task (see [`StackHandle::shutdown`]).
+async fn shut_down(st: Arc<ShutdownState>, registry: Arc<Registry>, deadline: Duration) -> usize {
+    let start = tokio::time::Instant::now();
+    let wait = async {
+        loop {
+            let idle = st.idle.notified();
+            if st.in_flight.load(Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    };
+    let _ = tokio::time::timeout(deadline, wait).await;
+    let left = st.in_flight.load(Acquire);
+    // Pools close in the time left (at least a moment, to drop idle connections):
+    // `close` waits for checked-out connections to come back.
+    let rest = deadline
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_millis(10));
+    // Every pool starts closing now (a pool waiting for a stuck connection must not
+    // keep the others open).
+    let mut closes = tokio::task::JoinSet::new();
+    for close in registry.lock().iter().map(|p| (p.close)()) {
+        closes.spawn(close);
+    }
+    let _ = tokio::time::timeout(rest, async { while closes.join_next().await.is_some() {} }).await;
+    left
 }
 
 impl fmt::Display for StackStats {
