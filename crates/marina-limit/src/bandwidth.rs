@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
+use crate::invalid::{InvalidLimit, check_rate, or_panic};
+
 /// A connection moved data more slowly than the minimum rate.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TooSlow {
@@ -96,23 +98,32 @@ impl Window {
 }
 
 impl Bucket {
-    /// `bytes_per_sec` on average, bursts of `burst` bytes (raised to at least 2 ms of
-    /// rate, as waits are timed in milliseconds).
+    /// `bytes_per_sec` on average, bursts of `burst` bytes.
+    ///
+    /// `bytes_per_sec` is in bytes per second, finite and at least 1 (fractions
+    /// allowed). `burst` is in bytes, at least 1; one under 2 ms of rate is raised to
+    /// 2 ms of rate, as waits are timed in milliseconds.
     ///
     /// # Panics
     ///
-    /// If `bytes_per_sec` is not a positive finite number.
+    /// If either is out of range, with [`try_new`](Self::try_new)'s message
+    /// (`bandwidth_bytes_per_sec: must be above 0, got 0`).
+    #[track_caller]
     pub fn new(bytes_per_sec: f64, burst: u64) -> Arc<Self> {
-        assert!(
-            bytes_per_sec.is_finite() && bytes_per_sec > 0.0,
-            "a positive bandwidth"
-        );
+        or_panic(Self::try_new(bytes_per_sec, burst))
+    }
+
+    /// `bytes_per_sec` on average, bursts of `burst` bytes, or [`InvalidLimit`] on the
+    /// field `bandwidth_bytes_per_sec` (NaN, not above 0, infinite, under 1) or
+    /// `bandwidth_burst` (0).
+    pub fn try_new(bytes_per_sec: f64, burst: u64) -> Result<Arc<Self>, InvalidLimit> {
+        check_bandwidth(bytes_per_sec, burst)?;
         // Waits are timed by tokio's 1 ms timer: a burst under 2 ms of rate would cap
         // the real rate at about `burst` bytes per millisecond.
-        let burst = burst.max(1).max((bytes_per_sec / 500.0).ceil() as u64);
+        let burst = burst.max((bytes_per_sec / 500.0).ceil() as u64);
         let ns_per_byte = 1e9 / bytes_per_sec;
         let chunk = ((bytes_per_sec / 20.0) as u64).clamp(1, burst) as usize;
-        Arc::new(Bucket {
+        Ok(Arc::new(Bucket {
             ns_per_byte,
             burst_ns: burst as f64 * ns_per_byte,
             chunk,
@@ -122,7 +133,7 @@ impl Bucket {
             window: Window::default(),
             rate: bytes_per_sec,
             burst,
-        })
+        }))
     }
 
     fn now_ns(&self) -> u64 {
@@ -145,7 +156,7 @@ impl Bucket {
                 let wait = debt + want as f64 * self.ns_per_byte - self.burst_ns;
                 return Err(Duration::from_nanos(wait.max(1.0) as u64));
             }
-            let next = base + (want as f64 * self.ns_per_byte).round() as u64;
+            let next = base.saturating_add((want as f64 * self.ns_per_byte).round() as u64);
             match self.tat.compare_exchange_weak(tat, next, AcqRel, Acquire) {
                 Ok(_) => return Ok(want),
                 Err(t) => tat = t,
@@ -190,6 +201,15 @@ impl Bucket {
     }
 }
 
+/// Checks a bandwidth limit's rate and burst (see [`Bucket::new`]).
+fn check_bandwidth(bytes_per_sec: f64, burst: u64) -> Result<(), InvalidLimit> {
+    check_rate("bandwidth_bytes_per_sec", bytes_per_sec, Some(1.0))?;
+    if burst == 0 {
+        return Err(InvalidLimit::not_above_zero("bandwidth_burst", burst));
+    }
+    Ok(())
+}
+
 /// One direction's limit: none, one bucket per connection, or one shared.
 #[derive(Clone, Debug)]
 enum Limit {
@@ -217,13 +237,32 @@ impl Limit {
 /// answer (that is a request timeout's job), nor is an idle connection. Bytes already
 /// in the socket's buffers count as moved, so the first window usually passes: a peer
 /// that stops reading is cut off after one to two grace periods.
+///
+/// [`BandwidthLimit::min_rate`] checks its fields ([`validate`](Self::validate)).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MinRate {
-    /// Bytes per second, measured while a write waits on the peer.
+    /// Bytes per second, measured while a write waits on the peer: finite and above 0
+    /// (fractions allowed).
     pub bytes_per_sec: f64,
     /// How long a transfer may wait before the rate is enforced (and the window over
-    /// which it is measured).
+    /// which it is measured): above 0 (a zero grace would judge every write that has
+    /// to wait at all). `Duration::MAX`: never enforced.
     pub grace: Duration,
+}
+
+impl MinRate {
+    /// Checks both fields: the first one out of range, as [`InvalidLimit`] on the
+    /// field `min_rate.bytes_per_sec` or `min_rate.grace`.
+    pub fn validate(&self) -> Result<(), InvalidLimit> {
+        check_rate("min_rate.bytes_per_sec", self.bytes_per_sec, None)?;
+        if self.grace.is_zero() {
+            return Err(InvalidLimit::not_above_zero(
+                "min_rate.grace",
+                format_args!("{:?}", self.grace),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Throttles the connections a connector makes (any `Service<T>` whose responses are
@@ -263,45 +302,126 @@ impl<C> BandwidthLimit<C> {
         }
     }
 
-    /// Each connection reads at most `bytes_per_sec` (bursts of `burst` bytes).
-    pub fn per_connection_read(mut self, bytes_per_sec: f64, burst: u64) -> Self {
-        Bucket::new(bytes_per_sec, burst); // validates
+    /// Each connection reads at most `bytes_per_sec` (bursts of `burst` bytes); the
+    /// ranges and units are [`Bucket::new`]'s.
+    ///
+    /// # Panics
+    ///
+    /// If either is out of range, with [`Bucket::try_new`]'s message.
+    #[track_caller]
+    pub fn per_connection_read(self, bytes_per_sec: f64, burst: u64) -> Self {
+        or_panic(self.try_per_connection_read(bytes_per_sec, burst))
+    }
+
+    /// Each connection reads at most `bytes_per_sec`, or [`InvalidLimit`] as
+    /// [`Bucket::try_new`] returns it.
+    pub fn try_per_connection_read(
+        mut self,
+        bytes_per_sec: f64,
+        burst: u64,
+    ) -> Result<Self, InvalidLimit> {
+        check_bandwidth(bytes_per_sec, burst)?;
         self.read = Limit::PerConnection {
             bytes_per_sec,
             burst,
         };
-        self
+        Ok(self)
     }
 
-    /// Each connection writes at most `bytes_per_sec` (bursts of `burst` bytes).
-    pub fn per_connection_write(mut self, bytes_per_sec: f64, burst: u64) -> Self {
-        Bucket::new(bytes_per_sec, burst);
+    /// Each connection writes at most `bytes_per_sec` (bursts of `burst` bytes); the
+    /// ranges and units are [`Bucket::new`]'s.
+    ///
+    /// # Panics
+    ///
+    /// If either is out of range, with [`Bucket::try_new`]'s message.
+    #[track_caller]
+    pub fn per_connection_write(self, bytes_per_sec: f64, burst: u64) -> Self {
+        or_panic(self.try_per_connection_write(bytes_per_sec, burst))
+    }
+
+    /// Each connection writes at most `bytes_per_sec`, or [`InvalidLimit`] as
+    /// [`Bucket::try_new`] returns it.
+    pub fn try_per_connection_write(
+        mut self,
+        bytes_per_sec: f64,
+        burst: u64,
+    ) -> Result<Self, InvalidLimit> {
+        check_bandwidth(bytes_per_sec, burst)?;
         self.write = Limit::PerConnection {
             bytes_per_sec,
             burst,
         };
-        self
+        Ok(self)
     }
 
-    /// All connections together read at most `bytes_per_sec`.
-    pub fn shared_read(mut self, bytes_per_sec: f64, burst: u64) -> Self {
-        self.read = Limit::Shared(Bucket::new(bytes_per_sec, burst));
-        self
+    /// All connections together read at most `bytes_per_sec` (bursts of `burst`
+    /// bytes); the ranges and units are [`Bucket::new`]'s.
+    ///
+    /// # Panics
+    ///
+    /// If either is out of range, with [`Bucket::try_new`]'s message.
+    #[track_caller]
+    pub fn shared_read(self, bytes_per_sec: f64, burst: u64) -> Self {
+        or_panic(self.try_shared_read(bytes_per_sec, burst))
     }
 
-    /// All connections together write at most `bytes_per_sec`.
-    pub fn shared_write(mut self, bytes_per_sec: f64, burst: u64) -> Self {
-        self.write = Limit::Shared(Bucket::new(bytes_per_sec, burst));
-        self
+    /// All connections together read at most `bytes_per_sec`, or [`InvalidLimit`] as
+    /// [`Bucket::try_new`] returns it.
+    pub fn try_shared_read(mut self, bytes_per_sec: f64, burst: u64) -> Result<Self, InvalidLimit> {
+        self.read = Limit::Shared(Bucket::try_new(bytes_per_sec, burst)?);
+        Ok(self)
+    }
+
+    /// All connections together write at most `bytes_per_sec` (bursts of `burst`
+    /// bytes): the seed's `maxBandwidthPerSecond`, marina's
+    /// `limits.bandwidth_bytes_per_sec`. The ranges and units are [`Bucket::new`]'s.
+    ///
+    /// # Panics
+    ///
+    /// If either is out of range, with [`Bucket::try_new`]'s message.
+    #[track_caller]
+    pub fn shared_write(self, bytes_per_sec: f64, burst: u64) -> Self {
+        or_panic(self.try_shared_write(bytes_per_sec, burst))
+    }
+
+    /// All connections together write at most `bytes_per_sec`, or [`InvalidLimit`] as
+    /// [`Bucket::try_new`] returns it.
+    ///
+    /// ```
+    /// use marina_limit::BandwidthLimit;
+    ///
+    /// let err = BandwidthLimit::new(()).try_shared_write(f64::NAN, 64 * 1024).unwrap_err();
+    /// assert_eq!(err.to_string(), "bandwidth_bytes_per_sec: must be above 0, got NaN");
+    /// let err = BandwidthLimit::new(()).try_shared_write(1e6, 0).unwrap_err();
+    /// assert_eq!(err.to_string(), "bandwidth_burst: must be above 0, got 0");
+    /// ```
+    pub fn try_shared_write(
+        mut self,
+        bytes_per_sec: f64,
+        burst: u64,
+    ) -> Result<Self, InvalidLimit> {
+        self.write = Limit::Shared(Bucket::try_new(bytes_per_sec, burst)?);
+        Ok(self)
     }
 
     /// All connections together move at most `bytes_per_sec`, reads and writes on one
-    /// budget.
-    pub fn shared(mut self, bytes_per_sec: f64, burst: u64) -> Self {
-        let b = Bucket::new(bytes_per_sec, burst);
+    /// budget (bursts of `burst` bytes); the ranges and units are [`Bucket::new`]'s.
+    ///
+    /// # Panics
+    ///
+    /// If either is out of range, with [`Bucket::try_new`]'s message.
+    #[track_caller]
+    pub fn shared(self, bytes_per_sec: f64, burst: u64) -> Self {
+        or_panic(self.try_shared(bytes_per_sec, burst))
+    }
+
+    /// All connections together move at most `bytes_per_sec`, reads and writes on one
+    /// budget, or [`InvalidLimit`] as [`Bucket::try_new`] returns it.
+    pub fn try_shared(mut self, bytes_per_sec: f64, burst: u64) -> Result<Self, InvalidLimit> {
+        let b = Bucket::try_new(bytes_per_sec, burst)?;
         self.read = Limit::Shared(b.clone());
         self.write = Limit::Shared(b);
-        self
+        Ok(self)
     }
 
     /// Cuts off connections whose writes move data below `min` while waiting on the
@@ -309,14 +429,21 @@ impl<C> BandwidthLimit<C> {
     ///
     /// # Panics
     ///
-    /// If the rate is not a positive finite number.
-    pub fn min_rate(mut self, min: MinRate) -> Self {
-        assert!(
-            min.bytes_per_sec.is_finite() && min.bytes_per_sec > 0.0,
-            "a positive minimum rate"
-        );
+    /// If a field of `min` is out of range (see [`MinRate`]), with
+    /// [`try_min_rate`](Self::try_min_rate)'s message
+    /// (`min_rate.grace: must be above 0, got 0ns`).
+    #[track_caller]
+    pub fn min_rate(self, min: MinRate) -> Self {
+        or_panic(self.try_min_rate(min))
+    }
+
+    /// Cuts off connections whose writes move data below `min` while waiting on the
+    /// peer, or [`InvalidLimit`] if a field of `min` is out of range
+    /// ([`MinRate::validate`]).
+    pub fn try_min_rate(mut self, min: MinRate) -> Result<Self, InvalidLimit> {
+        min.validate()?;
         self.min_rate = Some(min);
-        self
+        Ok(self)
     }
 
     /// The shared read budget, if any (its byte count, current rate and limit).
@@ -440,14 +567,16 @@ impl Monitor {
         if pending {
             let now = Instant::now();
             self.waiting_since = Some(now);
-            // Wake up to judge the rate when the window would end.
-            let at = now + (self.min.grace - self.waited);
-            match self.timer.as_mut() {
-                Some(t) => t.as_mut().reset(at),
-                None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
-            }
-            if let Some(t) = self.timer.as_mut() {
-                let _ = t.as_mut().poll(cx);
+            // Wake up to judge the rate when the window would end (never, for a
+            // grace too long to schedule).
+            if let Some(at) = now.checked_add(self.min.grace - self.waited) {
+                match self.timer.as_mut() {
+                    Some(t) => t.as_mut().reset(at),
+                    None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
+                if let Some(t) = self.timer.as_mut() {
+                    let _ = t.as_mut().poll(cx);
+                }
             }
         }
         Ok(())

@@ -15,6 +15,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::invalid::{InvalidLimit, or_panic};
+
 /// A key has its maximum of requests in flight.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionLimit {
@@ -137,19 +139,46 @@ impl<X> fmt::Debug for ConcurrencyPerKeyLayer<X> {
 }
 
 impl<X> ConcurrencyPerKeyLayer<X> {
-    /// At most `limit` (at least 1) requests in flight per key read by `extractor`.
+    /// The highest per-key limit: tokio's [`Semaphore::MAX_PERMITS`].
+    pub const MAX_LIMIT: usize = Semaphore::MAX_PERMITS;
+
+    /// At most `limit` requests in flight per key read by `extractor`.
+    ///
+    /// `limit` is in requests, `1..=`[`MAX_LIMIT`](Self::MAX_LIMIT).
+    ///
+    /// # Panics
+    ///
+    /// If `limit` is out of range, with [`try_new`](Self::try_new)'s message
+    /// (`concurrency_per_key: must be above 0, got 0`).
+    #[track_caller]
     pub fn new(extractor: X, limit: usize) -> Self {
-        ConcurrencyPerKeyLayer {
+        or_panic(Self::try_new(extractor, limit))
+    }
+
+    /// At most `limit` requests in flight per key, or [`InvalidLimit`] on the field
+    /// `concurrency_per_key` if `limit` is 0 or above [`MAX_LIMIT`](Self::MAX_LIMIT).
+    pub fn try_new(extractor: X, limit: usize) -> Result<Self, InvalidLimit> {
+        const FIELD: &str = "concurrency_per_key";
+        if limit == 0 {
+            return Err(InvalidLimit::not_above_zero(FIELD, limit));
+        }
+        if limit > Self::MAX_LIMIT {
+            return Err(InvalidLimit::new(
+                FIELD,
+                format!("must be at most {}, got {limit}", Self::MAX_LIMIT),
+            ));
+        }
+        Ok(ConcurrencyPerKeyLayer {
             extractor: Arc::new(extractor),
             table: Arc::new(Table {
                 keys: Mutex::new(HashMap::new()),
-                limit: limit.max(1),
+                limit,
                 max_keys: 100_000,
                 wait: None,
                 admitted: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
             }),
-        }
+        })
     }
 
     fn table_mut(&mut self) -> &mut Table {
@@ -157,6 +186,9 @@ impl<X> ConcurrencyPerKeyLayer<X> {
     }
 
     /// Waits up to `max` for a slot instead of failing at once.
+    ///
+    /// Any `max` is valid: zero fails a request that finds no free slot as without a
+    /// wait; `Duration::MAX` waits for as long as it takes.
     ///
     /// # Panics
     ///
@@ -166,14 +198,30 @@ impl<X> ConcurrencyPerKeyLayer<X> {
         self
     }
 
-    /// The most keys with requests in flight at once.
+    /// The most keys with requests in flight at once (default 100,000): at least 1.
+    ///
+    /// # Panics
+    ///
+    /// If `max_keys` is 0, with [`try_max_keys`](Self::try_max_keys)'s message
+    /// (`concurrency_max_keys: must be above 0, got 0`); if the layer was already
+    /// cloned or used (configure it first).
+    #[track_caller]
+    pub fn max_keys(self, max_keys: usize) -> Self {
+        or_panic(self.try_max_keys(max_keys))
+    }
+
+    /// The most keys with requests in flight at once, or [`InvalidLimit`] on the field
+    /// `concurrency_max_keys` if `max_keys` is 0.
     ///
     /// # Panics
     ///
     /// If the layer was already cloned or used (configure it first).
-    pub fn max_keys(mut self, max_keys: usize) -> Self {
-        self.table_mut().max_keys = max_keys.max(1);
-        self
+    pub fn try_max_keys(mut self, max_keys: usize) -> Result<Self, InvalidLimit> {
+        if max_keys == 0 {
+            return Err(InvalidLimit::not_above_zero("concurrency_max_keys", 0));
+        }
+        self.table_mut().max_keys = max_keys;
+        Ok(self)
     }
 
     /// The handle to the counters.

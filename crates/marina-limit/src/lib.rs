@@ -19,6 +19,12 @@
 //! limit, top keys, bandwidth used). Errors are small structs, downcastable from the
 //! `BoxError` the services return.
 //!
+//! Every setting documents its unit and range, and is checked where it is given: a
+//! value out of range (a rate of 0, a NaN bandwidth, an empty key table) is never
+//! clamped or ignored. The constructors and setters named `try_` return it as an
+//! [`InvalidLimit`] naming the setting (`rate_per_second: must be above 0, got 0`),
+//! for values read from a user's settings; the others panic with the same message.
+//!
 //! # Examples
 //!
 //! Per-user rate and concurrency limits in front of a service, the user read from a
@@ -44,11 +50,25 @@
 //! assert!(err.downcast_ref::<RateLimited>().is_some());
 //! # }
 //! ```
+//!
+//! Limits read from settings, refused with the setting's name rather than a panic:
+//!
+//! ```
+//! use marina_limit::{InvalidLimit, Rate, RateLimitLayer};
+//!
+//! fn rate_limit(per_second: u32, burst: u32) -> Result<RateLimitLayer, InvalidLimit> {
+//!     Ok(RateLimitLayer::global(Rate::try_per_second(per_second)?.try_burst(burst)?))
+//! }
+//! assert!(rate_limit(100, 20).is_ok());
+//! let err = rate_limit(100, 0).unwrap_err();
+//! assert_eq!((err.field, err.message.as_str()), ("burst", "must be above 0, got 0"));
+//! ```
 #![forbid(unsafe_code)]
 
 mod bandwidth;
 mod clock;
 mod concurrency;
+mod invalid;
 mod rate;
 mod store;
 
@@ -58,6 +78,7 @@ pub use concurrency::{
     ConcurrencyHandle, ConcurrencyPerKey, ConcurrencyPerKeyLayer, ConcurrencyStats,
     ConnectionLimit, ResponseFuture as ConcurrencyFuture, TooManyActiveKeys,
 };
+pub use invalid::InvalidLimit;
 pub use rate::{
     Global, KeyTable, Keyed, KeyedFuture, OnLimit, Rate, RateLimit, RateLimitHandle,
     RateLimitLayer, RateLimited, RateStats, ResponseFuture, TooManyKeys,
