@@ -220,3 +220,79 @@ async fn health_and_probe_settings_are_checked_at_build() {
         .into();
     assert_eq!(paths(&err), expected, "{err}");
 }
+
+mod validate_matches_build {
+    use marina::{Stack, StackConfig};
+    use proptest::prelude::*;
+
+    fn opt<T: std::fmt::Debug + Clone + 'static>(
+        s: impl Strategy<Value = T> + 'static,
+    ) -> impl Strategy<Value = Option<T>> {
+        prop_oneof![Just(None), s.prop_map(Some)]
+    }
+
+    prop_compose! {
+        fn config()(
+            endpoints in prop::collection::vec(
+                prop_oneof![
+                    Just("127.0.0.1:1".to_string()),
+                    Just("127.0.0.1:2".to_string()),
+                    Just("not an address".to_string()),
+                ],
+                0..3,
+            ),
+            picker in opt(prop_oneof![Just("p2c".to_string()), Just("fastest".to_string())]),
+            connect in opt(prop_oneof![Just(0u64), Just(500)]),
+            min_idle in opt(0usize..4),
+            max_size in opt(0usize..4),
+            acquire in opt(prop_oneof![Just(0u64), Just(1_000)]),
+            panic in opt(prop_oneof![Just(0.5f64), Just(50.0), Just(f64::NAN)]),
+            base in opt(prop_oneof![Just(0u64), Just(1_000), Just(900_000)]),
+            max in opt(prop_oneof![Just(500u64), Just(300_000), Just(200_000_000)]),
+            attempts in opt(0u32..3),
+            rate in opt(prop_oneof![Just(0u32), Just(100)]),
+            burst in opt(prop_oneof![Just(0u32), Just(10)]),
+            bandwidth in opt(prop_oneof![Just(0.0f64), Just(0.5), Just(1e6), Just(f64::INFINITY)]),
+            bandwidth_burst in opt(prop_oneof![Just(0u64), Just(65_536)]),
+        ) -> StackConfig {
+            let mut c = StackConfig { endpoints, picker, connect_timeout_ms: connect, ..StackConfig::default() };
+            c.pool.min_idle = min_idle;
+            c.pool.max_size = max_size;
+            c.pool.acquire_timeout_ms = acquire;
+            c.health.panic_threshold = panic;
+            c.health.base_ejection_ms = base;
+            c.health.max_ejection_ms = max;
+            c.failover.max_attempts = attempts;
+            c.limits.rate_per_second = rate;
+            c.limits.burst = burst;
+            c.limits.bandwidth_bytes_per_sec = bandwidth;
+            c.limits.bandwidth_burst = bandwidth_burst;
+            c
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// `validate()` finds exactly what building refuses: a config it passes builds,
+        /// and one it faults does not.
+        #[test]
+        fn validate_is_empty_iff_the_stack_builds(c in config()) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let problems = c.validate();
+            let built = rt.block_on(async {
+                let built = Stack::from_config::<String>(&c)
+                    .map_err(marina::core::BoxError::from)
+                    .and_then(|b| b.build_line());
+                match built {
+                    Ok((_, handle)) => {
+                        handle.shutdown(std::time::Duration::from_millis(50)).await;
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            });
+            prop_assert_eq!(problems.is_empty(), built.is_ok(), "problems {:?}, build {:?}", problems, built);
+        }
+    }
+}

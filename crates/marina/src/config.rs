@@ -239,11 +239,15 @@ impl StackConfig {
         if self.failover.max_attempts == Some(0) {
             bad("failover.max_attempts".into(), "must be at least 1".into());
         }
-        if self.limits.rate_per_second == Some(0) {
-            bad("limits.rate_per_second".into(), "must be above 0".into());
+        if let Some(r) = self.limits.rate_per_second
+            && let Err(e) = Rate::try_per_second(r)
+        {
+            bad(format!("limits.{}", e.field), e.message);
         }
-        if self.limits.burst == Some(0) {
-            bad("limits.burst".into(), "must be above 0".into());
+        if let Some(b) = self.limits.burst
+            && let Err(e) = Rate::per_second(1).try_burst(b)
+        {
+            bad(format!("limits.{}", e.field), e.message);
         }
         if self.limits.burst.is_some() && self.limits.rate_per_second.is_none() {
             bad(
@@ -252,12 +256,26 @@ impl StackConfig {
             );
         }
         if let Some(b) = self.limits.bandwidth_bytes_per_sec
-            && !(b.is_finite() && b > 0.0)
+            && let Err(e) = marina_limit::Bucket::try_new(b, 1)
         {
+            bad(format!("limits.{}", e.field), e.message);
+        }
+        if self.limits.bandwidth_burst == Some(0) {
             bad(
-                "limits.bandwidth_bytes_per_sec".into(),
-                "must be above 0".into(),
+                "limits.bandwidth_burst".into(),
+                "must be above 0, got 0".into(),
             );
+        }
+        let mut seen = std::collections::HashMap::new();
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if let Ok(addr) = e.parse::<SocketAddr>()
+                && let Some(j) = seen.insert(addr, i)
+            {
+                bad(
+                    format!("endpoints[{i}]"),
+                    format!("{addr} is listed twice (as endpoints[{j}] too)"),
+                );
+            }
         }
         out
     }

@@ -35,6 +35,12 @@ pub trait ServiceBuilderExt<L>: Sized {
     ) -> ServiceBuilder<Stack<RateLimitLayer<Keyed<X>>, L>>;
 
     /// At most `limit` requests in flight per key ([`ConcurrencyPerKeyLayer`]).
+    ///
+    /// # Panics
+    ///
+    /// If `limit` is 0 or above `ConcurrencyPerKeyLayer::MAX_LIMIT` (use
+    /// `ConcurrencyPerKeyLayer::try_new` and `.layer(..)` for a limit read from
+    /// settings).
     fn marina_concurrency_per_key<X>(
         self,
         extractor: X,

@@ -371,21 +371,25 @@ impl<T> StackBuilder<T> {
             }
         }
         if let Some((rate, burst)) = self.bandwidth {
-            if !(rate.is_finite() && rate > 0.0) {
-                bad(
-                    "limits.bandwidth_bytes_per_sec".into(),
-                    format!("must be above 0, got {rate}"),
-                );
+            // Each setting on its own, so both are reported.
+            if let Err(e) = Bucket::try_new(rate, burst.max(1)) {
+                bad(format!("limits.{}", e.field), e.message);
             }
             if burst == 0 {
-                bad("limits.bandwidth_burst".into(), "must be above 0".into());
+                bad(
+                    "limits.bandwidth_burst".into(),
+                    "must be above 0, got 0".into(),
+                );
             }
         }
         for (i, (_, limit)) in self.concurrency.iter().enumerate() {
-            if *limit == 0 {
+            if *limit == 0 || *limit > ConcurrencyPerKeyLayer::<()>::MAX_LIMIT {
                 bad(
                     format!("limits.concurrency_per_key[{i}]"),
-                    "must be at least 1".into(),
+                    format!(
+                        "must be within 1..={}, got {limit}",
+                        ConcurrencyPerKeyLayer::<()>::MAX_LIMIT
+                    ),
                 );
             }
         }
