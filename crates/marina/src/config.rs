@@ -59,6 +59,9 @@ pub struct StackConfig {
     pub picker: Option<String>,
     /// TCP connect timeout, ms (default 5000).
     pub connect_timeout_ms: Option<u64>,
+    /// Each attempt's timeout, ms (default 15,000: see
+    /// [`StackBuilder::request_timeout`]; above 0).
+    pub request_timeout_ms: Option<u64>,
     /// Fail fast after nothing is ready for this long, ms (default 10000).
     pub failfast_timeout_ms: Option<u64>,
     /// Each backend's pool.
@@ -200,6 +203,9 @@ impl StackConfig {
         }
         if self.connect_timeout_ms == Some(0) {
             bad("connect_timeout_ms".into(), "must be above 0".into());
+        }
+        if self.request_timeout_ms == Some(0) {
+            bad("request_timeout_ms".into(), "must be above 0".into());
         }
         if let Some(p) = &self.pool.preset
             && !PRESETS.contains(&p.as_str())
@@ -351,7 +357,11 @@ impl StackConfig {
             ))
             .failfast_timeout(Duration::from_millis(
                 self.failfast_timeout_ms.unwrap_or(10_000),
-            ));
+            ))
+            .request_timeout(
+                self.request_timeout_ms
+                    .map_or(crate::DEFAULT_REQUEST_TIMEOUT, Duration::from_millis),
+            );
         b = match self.picker.as_deref().unwrap_or("round_robin") {
             "weighted_round_robin" => b.picker(WeightedRoundRobin::new),
             "least_connections" => b.picker(LeastConnections::new),

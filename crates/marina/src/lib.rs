@@ -98,6 +98,8 @@ mod ext;
 mod problem;
 #[cfg(feature = "full")]
 mod stack;
+#[cfg(feature = "full")]
+mod timeout;
 
 #[cfg(feature = "serde")]
 pub use config::{
@@ -107,11 +109,15 @@ pub use config::{
 pub use ext::ServiceBuilderExt;
 #[cfg(feature = "full")]
 pub use problem::{ConfigProblem, InvalidConfig};
+#[cfg(feature = "full")]
+pub use timeout::{
+    RequestTimeout, RequestTimeoutFuture, RequestTimeoutLayer, RequestTimeoutService,
+};
 
 #[cfg(feature = "full")]
 pub use stack::{
-    AffinityMode, BackendStats, Conn, KeyFnBox, ShuttingDown, Stack, StackBuilder, StackHandle,
-    StackRequest, StackService, StackStats,
+    AffinityMode, BackendStats, Conn, DEFAULT_REQUEST_TIMEOUT, EndpointService, KeyFnBox, Reply,
+    ShuttingDown, Stack, StackBuilder, StackHandle, StackRequest, StackService, StackStats,
 };
 
 /// The names most programs use.

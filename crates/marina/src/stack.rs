@@ -17,6 +17,8 @@ use marina_balance::{
 };
 use marina_core::Probe;
 use marina_core::{BoxError, BoxFuture, EjectionGate, Request, Response};
+
+use crate::timeout::RequestTimeoutService;
 use marina_health::{ActiveConfig, HealthConfig, HealthHandle, HealthLayer, Status};
 use marina_limit::{
     BandwidthLimit, Bucket, ConcurrencyHandle, ConcurrencyPerKeyLayer, ConcurrencyStats, Rate,
@@ -50,6 +52,23 @@ pub type Conn = Throttled<TcpStream>;
 pub type StackService<T, U> = BoxCloneSyncService<Request<T>, Response<U>, BoxError>;
 
 type KeyFn<T> = Arc<dyn Fn(&Request<T>) -> Option<String> + Send + Sync>;
+
+/// A reply on its way through the layers a user adds per backend
+/// ([`StackBuilder::endpoint_layer`]): the protocol's reply, type-erased (downcast it to
+/// read it: a `String` for [`StackBuilder::build_line`]).
+pub struct Reply(pub Box<dyn std::any::Any + Send>);
+
+impl fmt::Debug for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Reply(..)")
+    }
+}
+
+/// One backend's service as the layers added with [`StackBuilder::endpoint_layer`] see
+/// it: below them the request timeout and the pool, above them the health checks.
+pub type EndpointService<T> = BoxCloneSyncService<Request<T>, Response<Reply>, BoxError>;
+
+type EndpointLayerFn<T> = Arc<dyn Fn(EndpointService<T>) -> EndpointService<T> + Send + Sync>;
 
 /// Adds an active probe of one backend's address to its health layer.
 type ProbeSetup = Arc<dyn Fn(HealthLayer, SocketAddr) -> HealthLayer + Send + Sync>;
@@ -100,6 +119,9 @@ impl<T> KeyFnBox<T> {
     }
 }
 
+/// The request timeout a stack starts with: 15 s, Envoy's route timeout.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Builds a [`Stack`]; see [`Stack::builder`].
 pub struct StackBuilder<T> {
     endpoints: Vec<SocketAddr>,
@@ -119,6 +141,8 @@ pub struct StackBuilder<T> {
     rate_per_key: Option<(KeyFnBox<T>, Rate)>,
     concurrency: Vec<(KeyFnBox<T>, usize)>,
     bandwidth: Option<(f64, u64)>,
+    request_timeout: Option<Duration>,
+    endpoint_layers: Vec<EndpointLayerFn<T>>,
 }
 
 impl<T> fmt::Debug for StackBuilder<T> {
@@ -170,6 +194,8 @@ impl Stack {
             rate_per_key: None,
             concurrency: Vec::new(),
             bandwidth: None,
+            request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
+            endpoint_layers: Vec::new(),
         }
     }
 }
@@ -197,6 +223,55 @@ impl<T> StackBuilder<T> {
     /// Each backend's pool configuration.
     pub fn pool(mut self, config: Config) -> Self {
         self.pool = config;
+        self
+    }
+
+    /// Each attempt's timeout (default [`DEFAULT_REQUEST_TIMEOUT`], 15 s; above 0;
+    /// `None` for none): an attempt with no reply by then fails with
+    /// [`RequestTimeout`](crate::RequestTimeout), and the backend's health checks count
+    /// it as a failure (so a backend that accepts and never answers is ejected). It
+    /// covers the whole attempt below the health checks: waiting for a pooled
+    /// connection, connecting, sending and reading the reply. A timed-out request may
+    /// have been sent: failover does not re-send it unless it is marked idempotent.
+    pub fn request_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.request_timeout = timeout.into();
+        self
+    }
+
+    /// Adds a layer of your own to every backend, inside its health checks (which see
+    /// its failures) and above the request timeout and the pool: tower's
+    /// `ConcurrencyLimit`, your logging or metrics, a circuit breaker. Layers added
+    /// later sit further out. The layer sees [`EndpointService`]s: requests as sent to
+    /// the stack, replies type-erased as [`Reply`]s (boxed: one allocation per request,
+    /// only with such a layer). It must keep the reply it gets (a layer that replaces a
+    /// reply's body with another type fails that request).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use marina::Stack;
+    /// use tower::limit::ConcurrencyLimitLayer;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina::core::BoxError> {
+    /// let (_svc, handle) = Stack::builder::<String>()
+    ///     .endpoints(["127.0.0.1:7000".parse()?])
+    ///     .endpoint_layer(ConcurrencyLimitLayer::new(64)) // at most 64 in flight per backend
+    ///     .build_line()?;
+    /// # handle.shutdown(Duration::from_millis(10)).await;
+    /// # Ok(()) }
+    /// ```
+    pub fn endpoint_layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<EndpointService<T>> + Send + Sync + 'static,
+        L::Service: Service<Request<T>, Response = Response<Reply>> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Request<T>>>::Error: Into<BoxError>,
+        <L::Service as Service<Request<T>>>::Future: Send + 'static,
+        T: 'static,
+    {
+        self.endpoint_layers
+            .push(Arc::new(move |svc: EndpointService<T>| {
+                BoxCloneSyncService::new(layer.layer(svc).map_err(Into::into))
+            }));
         self
     }
 
@@ -335,6 +410,9 @@ impl<T> StackBuilder<T> {
         }
         if self.connect_timeout.is_zero() {
             bad("connect_timeout_ms".into(), "must be above 0".into());
+        }
+        if self.request_timeout.is_some_and(|t| t.is_zero()) {
+            bad("request_timeout_ms".into(), "must be above 0".into());
         }
         for problem in self.pool.validate().errors {
             let key = match problem.field {
@@ -605,6 +683,8 @@ where
             let state = state_for_add.clone();
             let health_config = b.health.clone();
             let probe = b.probe.clone();
+            let request_timeout = b.request_timeout;
+            let endpoint_layers = b.endpoint_layers.clone();
             let registry = registry.clone();
             let gate = gate.clone();
             Arc::new(move |addr: SocketAddr| -> Result<(), BoxError> {
@@ -621,10 +701,17 @@ where
                 }
                 let pool = builder.build(connector.clone(), addr)?;
                 let body = body.clone();
-                let endpoint = PoolService::new(pool.clone())
-                    .map_request(move |r: Request<T>| body(r.into_body()))
-                    .map_response(Response::new)
-                    .map_err(Into::<BoxError>::into);
+                let endpoint = RequestTimeoutService::new(
+                    PoolService::new(pool.clone())
+                        .map_request(move |r: Request<T>| body(r.into_body()))
+                        .map_response(Response::new),
+                    request_timeout,
+                );
+                let endpoint = if endpoint_layers.is_empty() {
+                    BoxCloneSyncService::new(endpoint)
+                } else {
+                    with_endpoint_layers(endpoint, &endpoint_layers)
+                };
                 let mut health = None;
                 let endpoint: StackService<T, U> = match &health_config {
                     Some(cfg) => {
@@ -772,6 +859,38 @@ where
         };
         Ok((svc, handle))
     }
+}
+
+/// `endpoint` under the user's endpoint layers: replies type-erased on the way through
+/// them, restored above.
+fn with_endpoint_layers<T, U, S>(endpoint: S, layers: &[EndpointLayerFn<T>]) -> StackService<T, U>
+where
+    T: Send + 'static,
+    U: Send + 'static,
+    S: Service<Request<T>, Response = Response<U>, Error = BoxError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let erased: EndpointService<T> =
+        BoxCloneSyncService::new(endpoint.map_response(|r: Response<U>| Response {
+            body: Reply(Box::new(r.body)),
+            extensions: r.extensions,
+        }));
+    let layered = layers.iter().fold(erased, |svc, layer| layer(svc));
+    BoxCloneSyncService::new(layered.and_then(|r: Response<Reply>| async move {
+        match r.body.0.downcast::<U>() {
+            Ok(body) => Ok(Response {
+                body: *body,
+                extensions: r.extensions,
+            }),
+            Err(_) => Err(BoxError::from(
+                "an endpoint layer replaced the reply with a value of another type",
+            )),
+        }
+    }))
 }
 
 /// Boxes a picker made at run time.
