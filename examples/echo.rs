@@ -2,16 +2,20 @@
 //!
 //! Starts three line echo servers on 127.0.0.1 (random ports), builds the stack —
 //! per-client concurrency limit and an optional rate limit → sticky sessions → round
-//! robin (or another picker) with failover → health checks → a pool per backend over a
-//! bandwidth-limited TCP connector — and drives concurrent clients for a few seconds.
-//! A third of the way in it kills one backend; two thirds in it restarts it. A live
+//! robin (or another picker) with failover → health checks → a 300 ms request timeout →
+//! a pool per backend over a bandwidth-limited TCP connector — and drives concurrent
+//! clients for a few seconds. A third of the way in it kills one backend; two thirds
+//! in it restarts it. With `--black-hole`, another backend stops answering a third of
+//! the way in (it still accepts and reads): its requests time out, it is ejected, and
+//! no client hangs. A live
 //! progress line runs meanwhile; then a summary: requests per backend, errors by kind,
 //! when the killed backend was ejected and came back, pool stats, sessions, limits,
 //! p50/p99 latency.
 //!
 //! ```text
 //! cargo run --example echo -- [--clients N] [--duration SECS] [--picker rr|p2c|lc|lrt|hash]
-//!                             [--rate REQ_PER_SEC] [--no-kill] [--backends host:port,...]
+//!                             [--rate REQ_PER_SEC] [--no-kill] [--black-hole]
+//!                             [--backends host:port,...]
 //! ```
 
 use std::collections::BTreeMap;
@@ -42,6 +46,7 @@ struct Args {
     picker: String,
     rate: Option<u32>,
     kill: bool,
+    black_hole: bool,
     backends: Vec<SocketAddr>,
 }
 
@@ -54,6 +59,8 @@ usage: cargo run --example echo -- [options]
   --picker NAME          rr | p2c | lc | lrt | hash (default rr)
   --rate N               global rate limit in requests/s (default: none)
   --no-kill              do not kill and restart a backend midway
+  --black-hole           midway, another backend stops answering (it still accepts and
+                         reads): requests there time out, it is ejected, no client hangs
   --backends A,B,...     use these echo servers instead of starting three
   --help                 this text";
 
@@ -64,6 +71,7 @@ fn parse_args() -> Result<Args, String> {
         picker: "rr".into(),
         rate: None,
         kill: true,
+        black_hole: false,
         backends: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -79,6 +87,7 @@ fn parse_args() -> Result<Args, String> {
             "--picker" => a.picker = value()?,
             "--rate" => a.rate = Some(value()?.parse().map_err(|e| format!("--rate: {e}"))?),
             "--no-kill" => a.kill = false,
+            "--black-hole" => a.black_hole = true,
             "--backends" => {
                 a.backends = value()?
                     .split(',')
@@ -103,6 +112,8 @@ fn parse_args() -> Result<Args, String> {
 struct EchoServer {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
+    /// Set: the server still accepts and reads, but answers nothing (a black hole).
+    silent: Arc<AtomicBool>,
 }
 
 impl EchoServer {
@@ -110,13 +121,18 @@ impl EchoServer {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (stop, _) = watch::channel(false);
-        let s = EchoServer { addr, stop };
+        let s = EchoServer {
+            addr,
+            stop,
+            silent: Arc::new(AtomicBool::new(false)),
+        };
         s.serve(listener);
         Ok(s)
     }
 
     fn serve(&self, listener: TcpListener) {
         let mut stopped = self.stop.subscribe();
+        let silent = self.silent.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -124,6 +140,7 @@ impl EchoServer {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { return };
                         let mut stopped = stopped.clone();
+                        let silent = silent.clone();
                         tokio::spawn(async move {
                             let (read, mut write) = stream.into_split();
                             let mut lines = BufReader::new(read).lines();
@@ -131,6 +148,7 @@ impl EchoServer {
                                 tokio::select! {
                                     _ = until_stopped(&mut stopped) => return,
                                     line = lines.next_line() => match line {
+                                        Ok(Some(_)) if silent.load(Relaxed) => {}
                                         Ok(Some(line)) => {
                                             if write.write_all(format!("{line}\n").as_bytes()).await.is_err() {
                                                 return;
@@ -149,6 +167,11 @@ impl EchoServer {
 
     fn kill(&self) {
         self.stop.send_replace(true);
+    }
+
+    /// Stops answering, and keeps accepting and reading.
+    fn go_silent(&self) {
+        self.silent.store(true, Relaxed);
     }
 
     async fn restart(&self) -> std::io::Result<()> {
@@ -256,6 +279,9 @@ async fn main() -> Result<(), BoxError> {
             ..Config::balanced()
         })
         .connect_timeout(Duration::from_millis(500))
+        // No request waits for ever: an attempt with no reply in 300 ms times out, and
+        // the health checks count it (the default is 15 s; short here for the demo).
+        .request_timeout(Duration::from_millis(300))
         .health(Some(HealthConfig {
             consecutive_failures: 3,
             base_ejection: Duration::from_millis(700),
@@ -286,7 +312,7 @@ async fn main() -> Result<(), BoxError> {
     }
     let (svc, handle) = builder.build_line()?;
     println!(
-        "stack: limits → sticky sessions → {} with failover → health → pools (≤ 8 per backend) → 32 MiB/s TCP",
+        "stack: limits → sticky sessions → {} with failover → health → 300 ms request timeout → pools (≤ 8 per backend) → 32 MiB/s TCP",
         args.picker
     );
     println!("{} clients for {:?}\n", args.clients, args.duration);
@@ -332,15 +358,20 @@ async fn main() -> Result<(), BoxError> {
         });
     }
 
-    // Health timeline of the backend we kill.
+    // Health timelines of the backend we kill and of the one that goes silent.
     let victim = addrs
         .get(1)
         .copied()
         .filter(|_| args.kill && !servers.is_empty());
+    let hole = addrs
+        .get(2)
+        .copied()
+        .filter(|_| args.black_hole && servers.len() > 2);
     let timeline = Arc::new(Mutex::new(Vec::<(f64, String)>::new()));
-    if let Some(addr) = victim
-        && let Some(h) = handle.health(addr)
-    {
+    for addr in [victim, hole].into_iter().flatten() {
+        let Some(h) = handle.health(addr) else {
+            continue;
+        };
         let timeline = timeline.clone();
         let mut rx = h.subscribe();
         tokio::spawn(async move {
@@ -350,7 +381,10 @@ async fn main() -> Result<(), BoxError> {
                     Status::Ejected { .. } => "ejected".to_string(),
                     other => format!("{other:?}").to_lowercase(),
                 };
-                timeline.lock().unwrap().push((since(), what));
+                timeline
+                    .lock()
+                    .unwrap()
+                    .push((since(), format!("{addr} {what}")));
             }
         });
     }
@@ -359,7 +393,7 @@ async fn main() -> Result<(), BoxError> {
     let deadline = start + args.duration;
     let kill_at = start + args.duration / 3;
     let restart_at = start + args.duration * 2 / 3;
-    let (mut killed, mut restarted) = (false, false);
+    let (mut killed, mut restarted, mut silenced) = (false, false, false);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     while Instant::now() < deadline {
         tick.tick().await;
@@ -382,6 +416,18 @@ async fn main() -> Result<(), BoxError> {
                     .push((since(), format!("restarted {addr}")));
             }
         }
+        if let Some(addr) = hole
+            && !silenced
+            && Instant::now() >= kill_at
+        {
+            let server = servers.iter().find(|s| s.addr == addr).expect("our server");
+            server.go_silent();
+            silenced = true;
+            timeline
+                .lock()
+                .unwrap()
+                .push((since(), format!("{addr} stopped answering (black hole)")));
+        }
         let s = handle.stats();
         let per: Vec<String> = s
             .backends
@@ -400,7 +446,15 @@ async fn main() -> Result<(), BoxError> {
         let _ = std::io::stdout().flush();
     }
     done.store(true, Relaxed);
-    while clients.join_next().await.is_some() {}
+    // Every client finishes its last request within the request timeout: none hangs.
+    let mut hung = clients.len();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while clients.join_next().await.is_some() {
+            hung -= 1;
+        }
+    })
+    .await;
+    clients.abort_all();
     println!("\n");
 
     // Summary.
@@ -425,9 +479,18 @@ async fn main() -> Result<(), BoxError> {
             println!("  {n:>6}  {kind}");
         }
     }
+    if let Some(addr) = hole
+        && let Some(b) = stats.backends.iter().find(|b| b.addr == addr)
+    {
+        let failed = b.balance.as_ref().map_or(0, |e| e.errors);
+        println!(
+            "black hole {addr}: {failed} attempts timed out after 300 ms (echo lines are idempotent: each was sent again elsewhere)"
+        );
+    }
+    println!("hung clients: {hung}");
     let timeline = std::mem::take(&mut *timeline.lock().unwrap());
     if !timeline.is_empty() {
-        println!("killed backend, timeline:");
+        println!("killed / silent backends, timeline:");
         for (t, what) in timeline.iter() {
             println!("  {t:>5.2}s  {what}");
         }

@@ -1269,6 +1269,18 @@ impl StackHandle {
     }
 }
 
+/// A backend's health in the stats table: `healthy`, `ejected (12.3 s left)`, …
+fn health_text(status: Status) -> String {
+    match status {
+        Status::Ejected { until: Some(until) } => {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            format!("ejected ({:.1} s left)", left.as_secs_f64())
+        }
+        Status::Ejected { until: None } => "ejected (until a probe passes)".to_string(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
 /// The shutdown's work, on its own task (see [`StackHandle::shutdown`]).
 async fn shut_down(st: Arc<ShutdownState>, registry: Arc<Registry>, deadline: Duration) -> usize {
     let start = tokio::time::Instant::now();
@@ -1320,7 +1332,7 @@ impl fmt::Display for StackStats {
                 b.pool.idle,
                 b.pool.created,
                 ewma.map_or("-".to_string(), |d| format!("{:.2?}", d)),
-                b.health.map_or("-".to_string(), |h| format!("{h:?}")),
+                b.health.map_or("-".to_string(), health_text),
             )?;
         }
         let t = &self.balance;
