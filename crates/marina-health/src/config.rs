@@ -237,7 +237,7 @@ impl Default for FailureRate {
     }
 }
 
-/// Active checking: a probe every `interval` (± `jitter`), bounded by `timeout`.
+/// Active checking: a probe round every `interval` (± `jitter`), bounded by `timeout`.
 ///
 /// Each field documents its unit and valid range; [`validate`](Self::validate) checks
 /// them, and so do [`HealthLayer::probe`](crate::HealthLayer::probe) (which panics) and
@@ -252,23 +252,77 @@ impl Default for FailureRate {
 /// assert_eq!(err.problems[0].path, "interval");
 /// assert_eq!(err.problems[0].message, "must be at least 10ms, got 0ns");
 /// ```
+///
+/// # Schedule
+///
+/// The first round starts as soon as the endpoint's service is made. Each later round
+/// is due `interval × (1 + r)` after the *start* of the round before, however long
+/// that round took, with `r` drawn anew each time from `-jitter..=jitter`. A round
+/// still running when the next is due (possible when `timeout` exceeds `interval`)
+/// holds the next one back until it ends: the next starts at once then. Rounds never
+/// overlap, so a backend sees at most one probe at a time from each endpoint service.
+///
+/// Two consecutive rounds therefore start `max(interval × (1 + r), d)` apart, `d`
+/// being how long the first took (at most `timeout`), and never more than
+///
+/// ```text
+/// P = max(interval × (1 + jitter), timeout)
+/// ```
+///
+/// # How soon a failing backend is taken out (and brought back)
+///
+/// Write `fall` for [`unhealthy_threshold`](Self::unhealthy_threshold) and `d` for
+/// how long a failing round takes. The endpoint is taken out when its `fall`-th
+/// failing round in a row ends, at most
+///
+/// ```text
+/// (fall − 1) × max(interval × (1 + jitter), d) + d
+/// ```
+///
+/// after the first of those rounds started; and that first failing round starts
+/// less than `P` after the backend began failing (the round before it started
+/// earlier, and the next one follows within `P`).
+///
+/// - A **black hole** (a backend that accepts and never answers: every round runs
+///   into `timeout`, `d = timeout`) is taken out within `(fall − 1) × P + timeout` of
+///   the first failing round's start, so within `fall × P + timeout` of the moment it
+///   stopped answering. With the defaults (10 s ± 10%, 2 s, fall 3): `P` = 11 s,
+///   24 s from the first failing round, 35 s from the failure at worst. Without
+///   jitter, and failing from the first round, it is taken out exactly
+///   `(fall − 1) × max(interval, timeout) + timeout` after the service is made.
+/// - A backend that **refuses at once** (connection refused: `d` ≈ 0) is taken out
+///   within about `(fall − 1) × interval × (1 + jitter)` of its first failing round.
+///
+/// Coming back is the same with `healthy_threshold` passing rounds and their duration
+/// for `d`.
+///
+/// # Cancellation
+///
+/// A round that runs into `timeout` fails, and its probe future is dropped before the
+/// next round starts (at its next `.await`, at once). A probe that blocks its thread
+/// cannot be stopped that way: the prober waits one more `timeout` for it, then
+/// leaves it running and goes on, so only such a probe can overlap the next round.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ActiveConfig {
     /// Time between the starts of probe rounds (default 10 s); at least 10 ms
-    /// ([`MIN_PROBE_INTERVAL`]). A round that takes longer delays the next.
+    /// ([`MIN_PROBE_INTERVAL`]). A round that takes longer delays the next to its own
+    /// end (see [Schedule](Self#schedule)).
     pub interval: Duration,
     /// Each round starts up to this share of `interval` early or late (default 0.1,
     /// that is ±10%), so many clients do not probe in step. A share, within
     /// `0.0..=0.5` ([`MAX_PROBE_JITTER`]).
     pub jitter: f64,
     /// A probe round slower than this fails (default 2 s); must be above 0. It may
-    /// exceed `interval` (rounds never overlap).
+    /// exceed `interval`: rounds never overlap, so a round that runs this long starts
+    /// the next one when it ends.
     pub timeout: Duration,
     /// Consecutive passing rounds that bring an endpoint taken out by probes back
     /// (rise, default 2); at least 1. They also end a passive ejection early, unless
     /// [`HealthConfig::uneject_on_probe_success`] is off.
     pub healthy_threshold: u32,
-    /// Consecutive failing rounds that take it out (fall, default 3); at least 1.
+    /// Consecutive failing rounds that take it out (fall, default 3); at least 1. See
+    /// [how soon](Self#how-soon-a-failing-backend-is-taken-out-and-brought-back) that
+    /// is.
     pub unhealthy_threshold: u32,
 }
 

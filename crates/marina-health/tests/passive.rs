@@ -1088,7 +1088,7 @@ async fn a_round_under_way_at_the_ejection_does_not_end_it() {
         healthy_threshold: 1,
         ..every_200ms()
     };
-    // Rounds take 100 ms: 0–100, 300–400, 600–700 ms.
+    // Rounds start every 200 ms and take 100 ms: 0–100, 200–300, 400–500 ms.
     let Probed {
         mut svc,
         fail,
@@ -1097,12 +1097,12 @@ async fn a_round_under_way_at_the_ejection_does_not_end_it() {
     } = probed(consecutive_only(), active, ms(100), &gate);
     let h = svc.handle();
 
-    sleep(ms(350)).await; // the second round is under way
+    sleep(ms(250)).await; // the second round is under way
     assert_eq!(rounds.load(Ordering::SeqCst), 1);
     fail_n(&mut svc, &fail, 5).await;
     assert!(matches!(h.status(), Status::Ejected { until: Some(_) }));
 
-    sleep(ms(100)).await; // it passed at 400 ms
+    sleep(ms(100)).await; // it passed at 300 ms
     assert_eq!(rounds.load(Ordering::SeqCst), 2);
     assert!(
         matches!(h.status(), Status::Ejected { until: Some(_) }),
@@ -1111,7 +1111,7 @@ async fn a_round_under_way_at_the_ejection_does_not_end_it() {
     );
     assert_eq!(gate.counts(), (1, 1));
 
-    sleep(ms(300)).await; // the round begun at 600 ms passed
+    sleep(ms(200)).await; // the round begun at 400 ms passed
     assert_eq!(rounds.load(Ordering::SeqCst), 3);
     assert_eq!(h.status(), Status::Healthy);
     assert_eq!(gate.counts(), (1, 0));
