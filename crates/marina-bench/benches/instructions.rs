@@ -2,10 +2,11 @@
 //! move with machine noise, unlike wall time on a shared 2-core VM).
 //!
 //! Each row is one of the stack bench's (`benches/common/rows.rs`): `deadpool` (deadpool
-//! + a hand-written round robin), `pool` (marina's pool alone, same round robin),
+//! and a hand-written round robin), `pool` (marina's pool alone, same round robin),
 //! `marina` (the stack with its defaults: health checks, failover, the request
-//! timeout), `marina-bare` (balance + pool), `marina-sticky-rate` (`marina` + sticky
-//! sessions + a global rate limit). A row runs in a child process of this binary, under
+//! timeout), `marina-bare` (balance and pool), `marina-sticky-rate` (`marina` with
+//! sticky sessions and a global rate limit). A row runs in a child process of this
+//! binary, under
 //! callgrind, on a current-thread runtime (clients and the three echo servers on one
 //! thread): `--clients` tasks (default 16) send `n` requests in all, after the pools
 //! are filled. It is run twice, with `n = --short` and `n = --long` requests (defaults
