@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use marina_core::Probe;
 
-use crate::config::{Config, Problem, Reuse};
 use crate::check::default_check;
+use crate::config::{Config, ConnectRetry, Problem, Reuse};
 use crate::core::CheckFn;
 use crate::error::PoolError;
+use crate::manage::{Hooks, Managed};
 use crate::pool::{Connector, Pool, Target};
 
 fn type_mismatch(hook: &str) -> PoolError {
@@ -63,8 +64,17 @@ macro_rules! knobs {
     )*};
 }
 
-/// A pool's liveness hooks, typed: the checkout check and the background probe.
-pub(crate) type Hooks<X> = (Option<CheckFn<X>>, Option<Arc<dyn Probe<X>>>);
+/// A pool's liveness hooks, typed: the user's checkout check and background probe.
+pub(crate) type UserHooks<X> = (Option<CheckFn<X>>, Option<Arc<dyn Probe<X>>>);
+
+/// Everything a pool runs on its connections: the checkout check (the connector's and
+/// the user's, or the default socket check), the background probe, and a
+/// [`Managed`] connector's hooks.
+pub(crate) struct PoolHooks<X> {
+    pub(crate) check: Option<CheckFn<X>>,
+    pub(crate) probe: Option<Arc<dyn Probe<X>>>,
+    pub(crate) managed: Option<Arc<dyn Hooks<X>>>,
+}
 
 impl Builder {
     /// A builder with [`Config::default`]; the same as [`Pool::builder`].
@@ -95,6 +105,8 @@ impl Builder {
         max_connecting: usize => |v| v;
         /// See [`Config::reuse`].
         reuse: Reuse => |v| v;
+        /// See [`Config::connect_retry`].
+        connect_retry: ConnectRetry => |v| v;
     }
 
     /// Replaces the whole configuration.
@@ -124,7 +136,15 @@ impl Builder {
     /// `TokioIo` of either) with one non-blocking `recv(MSG_PEEK)` per checkout: a
     /// connection whose peer closed it (EOF or RST), or that has unread bytes waiting (a
     /// previous user did not read its whole reply), is closed instead of handed out.
-    /// Other types pass.
+    /// Other types pass: for a client that is not a socket (a database client, say),
+    /// prefer a connector that knows its clients ([`Manage::is_broken`](crate::Manage::is_broken)),
+    /// so every pool of it is safe without this hook.
+    ///
+    /// With a [`Managed`] connector, this check runs after the connector's own
+    /// `is_broken` instead of replacing it.
+    ///
+    /// A check that panics closes the connection it was checking (its slot is freed)
+    /// before the panic reaches the caller of `get()`.
     ///
     /// The hook is typed by the connection it checks; a hook for another type than the
     /// connector makes is reported by `build` as [`PoolError::Invalid`].
@@ -207,11 +227,42 @@ impl Builder {
         }
     }
 
-    /// The hooks, typed for connections of type `X`; an error if one was written for
-    /// another type.
-    pub(crate) fn hooks<X: 'static>(&self) -> Result<Hooks<X>, PoolError> {
+    /// Every hook a pool over `connector` runs; an error if one was written for another
+    /// connection type.
+    pub(crate) fn pool_hooks<C, T>(&self, connector: &C) -> Result<PoolHooks<C::Response>, PoolError>
+    where
+        C: Connector<T>,
+        T: Target,
+    {
+        let (user_check, probe) = self.hooks::<C::Response>()?;
+        let any: &dyn Any = connector;
+        let managed = any
+            .downcast_ref::<Managed<C::Response, T>>()
+            .map(Managed::hooks);
+        let check: Option<CheckFn<C::Response>> = match (&managed, user_check) {
+            (Some(m), Some(f)) => {
+                let m = m.clone();
+                Some(Arc::new(move |c: &mut C::Response| !m.is_broken(c) && f(c)))
+            }
+            (Some(m), None) => {
+                let m = m.clone();
+                Some(Arc::new(move |c: &mut C::Response| !m.is_broken(c)))
+            }
+            (None, Some(f)) => Some(f),
+            (None, None) => default_check::<C::Response>(),
+        };
+        Ok(PoolHooks {
+            check,
+            probe,
+            managed,
+        })
+    }
+
+    /// The user's hooks, typed for connections of type `X`; an error if one was
+    /// written for another type.
+    pub(crate) fn hooks<X: 'static>(&self) -> Result<UserHooks<X>, PoolError> {
         let check = match &self.check {
-            None => default_check::<X>(),
+            None => None,
             Some(any) => Some(
                 any.downcast_ref::<CheckFn<X>>()
                     .cloned()

@@ -64,7 +64,7 @@ pub(crate) fn default_check<X: 'static>() -> Option<CheckFn<X>> {
     known.then(|| Arc::new(socket_check::<X>) as CheckFn<X>)
 }
 
-fn socket_check<X: 'static>(conn: &mut X) -> bool {
+pub(crate) fn socket_check<X: 'static>(conn: &mut X) -> bool {
     let any: &mut dyn Any = conn;
     if let Some(s) = any.downcast_ref::<TcpStream>() {
         return socket_is_open(s);

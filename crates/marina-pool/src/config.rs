@@ -14,6 +14,39 @@ pub enum Reuse {
     Fifo,
 }
 
+/// Whether [`Pool::get`](crate::Pool::get) retries a connect that failed for a
+/// transient reason (refused, reset, timed out: see [`Manage::is_transient`] and
+/// [`is_transient`](crate::is_transient)), with jittered exponential backoff (10 ms
+/// doubling up to 500 ms), until `acquire_timeout` runs out.
+///
+/// A connect error the connector calls permanent (a wrong password, an unknown
+/// database, a TLS failure) is returned at once as [`PoolError::Connect`], whatever this
+/// says. When the time runs out while retrying, the error is a `PoolError::Connect`
+/// too, whose source is a [`RetriesExhausted`](crate::RetriesExhausted) carrying the last
+/// connect error (a backend that cannot be reached is not a busy pool: no
+/// `PoolError::Timeout`).
+///
+/// [`PoolService`](crate::PoolService) never retries: it is what balancers (and the
+/// `marina` stack) use, and failing over to another backend at once beats waiting on a
+/// dead one.
+///
+/// [`Manage::is_transient`]: crate::Manage::is_transient
+/// [`PoolError::Connect`]: crate::PoolError::Connect
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConnectRetry {
+    /// Never retry: every failed connect is returned at once.
+    Off,
+    /// Retry once the pool has connected to its target at least once (the default): a
+    /// restart, a failover or a network blip costs callers no errors, while a target
+    /// never reached (a wrong address or port) is reported at once rather than after
+    /// `acquire_timeout`.
+    #[default]
+    Reconnects,
+    /// Retry always, also before the first connect succeeds (a service that may start
+    /// before its database).
+    Always,
+}
+
 /// Every knob of a [`Pool`](crate::Pool).
 ///
 /// Build one from a preset ([`balanced`](Config::balanced), [`high_throughput`](Config::high_throughput),
@@ -74,12 +107,16 @@ pub struct Config {
     pub max_connecting: usize,
     /// Which idle connection a checkout reuses.
     pub reuse: Reuse,
+    /// Whether [`Pool::get`](crate::Pool::get) retries transient connect failures
+    /// within `acquire_timeout` ([`ConnectRetry::Reconnects`] by default).
+    pub connect_retry: ConnectRetry,
 }
 
 impl Default for Config {
     /// Opens connections on demand (`min_idle` 0), at most 10; waits 30 s to acquire and
     /// 10 s to connect; closes connections idle for 10 min or open for 30 min; checks idle
-    /// connections every 30 s; at most 8 connects at once; LIFO reuse.
+    /// connections every 30 s; at most 8 connects at once; LIFO reuse; retries
+    /// transient connect failures once the target was reached.
     fn default() -> Self {
         Config {
             min_idle: 0,
@@ -93,6 +130,7 @@ impl Default for Config {
             eviction_interval: Duration::from_secs(30),
             max_connecting: 8,
             reuse: Reuse::Lifo,
+            connect_retry: ConnectRetry::Reconnects,
         }
     }
 }
@@ -117,6 +155,7 @@ impl Config {
             eviction_interval: secs(60),
             max_connecting: 8,
             reuse: Reuse::Lifo,
+            connect_retry: ConnectRetry::Reconnects,
         }
     }
 

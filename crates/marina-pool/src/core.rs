@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, Reuse};
 use crate::error::PoolError;
+use crate::manage::Hooks;
 use crate::pooled::Pooled;
 use crate::slots::{Grant, NEVER, Slots, WaitError, Waiter};
 use crate::stats::{ConnStats, PoolStats};
@@ -137,6 +138,8 @@ pub(crate) struct Core<X> {
     idle_timeout_ms: u64,
     max_lifetime_ms: u64,
     pub(crate) check: Option<CheckFn<X>>,
+    /// The connector's hooks, when it is a [`Managed`](crate::Managed) one.
+    pub(crate) hooks: Option<Arc<dyn Hooks<X>>>,
     pub(crate) counters: Counters,
     registry: Mutex<HashMap<u64, Arc<ConnMeta>>>,
     next_id: AtomicU64,
@@ -155,17 +158,26 @@ pub(crate) struct Core<X> {
     timer_running: AtomicBool,
     /// Mirrors the slots' closed flag, readable without their lock.
     closed: AtomicBool,
+    /// Set by the first successful connect ([`ConnectRetry::Reconnects`](crate::ConnectRetry::Reconnects)
+    /// retries only after it).
+    pub(crate) reached: AtomicBool,
     pub(crate) name: Arc<str>,
 }
 
 impl<X> Core<X> {
-    pub(crate) fn new(config: &Config, check: Option<CheckFn<X>>, name: Arc<str>) -> Self {
+    pub(crate) fn new(
+        config: &Config,
+        check: Option<CheckFn<X>>,
+        hooks: Option<Arc<dyn Hooks<X>>>,
+        name: Arc<str>,
+    ) -> Self {
         Core {
             slots: Slots::new(config.max_size, config.reuse == Reuse::Lifo),
             clock: Clock::new(),
             idle_timeout_ms: as_ms(config.idle_timeout),
             max_lifetime_ms: as_ms(config.max_lifetime),
             check,
+            hooks,
             counters: Counters::default(),
             registry: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -177,6 +189,7 @@ impl<X> Core<X> {
             timer: Notify::new(),
             timer_running: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            reached: AtomicBool::new(false),
             name,
         }
     }
@@ -218,9 +231,20 @@ impl<X> Core<X> {
             this.retire(e, reason, release_on_failure);
             return None;
         }
-        if this.check.as_ref().is_some_and(|check| !check(&mut e.conn)) {
-            this.retire(e, Reason::Broken, release_on_failure);
-            return None;
+        if let Some(check) = this.check.as_ref() {
+            // User code: if it panics, the connection is closed and its slot freed
+            // before the panic goes on to the caller, so the pool stays whole.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&mut e.conn))) {
+                Ok(true) => {}
+                Ok(false) => {
+                    this.retire(e, Reason::Broken, release_on_failure);
+                    return None;
+                }
+                Err(panic) => {
+                    this.retire(e, Reason::Broken, true);
+                    std::panic::resume_unwind(panic);
+                }
+            }
         }
         // Only the holder of a connection writes its counter: no read-modify-write needed.
         e.meta.uses.store(e.meta.uses.load(Relaxed) + 1, Relaxed);
@@ -245,14 +269,27 @@ impl<X> Core<X> {
         }
     }
 
-    /// Closes a connection: bookkeeping, event, drop; frees its slot if it still holds one.
+    /// Closes a connection: bookkeeping, drop, event; frees its slot if it still holds
+    /// one.
+    ///
+    /// The connection's `Drop` and the event (a tracing subscriber, a metrics recorder)
+    /// are user code: they run after the bookkeeping, and the slot is freed even if they
+    /// panic, so a panic there leaves the pool whole.
     pub(crate) fn retire(&self, e: Entry<X>, reason: Reason, release_slot: bool) {
         let Entry { conn, meta } = e;
         self.forget(&meta);
-        drop(conn);
         self.counters.destroyed.fetch_add(1, Relaxed);
         if reason.is_eviction() {
             self.counters.evicted.fetch_add(1, Relaxed);
+        }
+        {
+            // Dropped after the connection (so the pool never holds more sockets than
+            // `max_size`), even when its drop panics.
+            let _free = FreeSlot {
+                core: self,
+                release: release_slot,
+            };
+            drop(conn);
         }
         if reason.is_eviction() {
             tracing::debug!(pool = %self.name, id = meta.id, reason = reason.as_str(), "connection evicted");
@@ -266,10 +303,6 @@ impl<X> Core<X> {
                 metrics::counter!("marina_pool_connections_evicted_total", "pool" => self.name.to_string()).increment(1);
             }
         }
-        if release_slot {
-            self.slots.release();
-        }
-        self.drained.notify_waiters();
     }
 
     pub(crate) fn forget(&self, meta: &ConnMeta) {
@@ -279,10 +312,17 @@ impl<X> Core<X> {
         c.retired_releases.fetch_add(meta.releases.load(Relaxed), Relaxed);
     }
 
+    /// Records a connection just opened. The event (user code) comes first: if it
+    /// panics, nothing was recorded, and the caller's guard frees the slot.
     pub(crate) fn register(&self, conn: X) -> Entry<X> {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        tracing::debug!(pool = %self.name, id, "connection opened");
+        #[cfg(feature = "metrics")]
+        metrics::counter!("marina_pool_connections_created_total", "pool" => self.name.to_string())
+            .increment(1);
         let now = self.clock.refresh();
         let meta = Arc::new(ConnMeta {
-            id: self.next_id.fetch_add(1, Relaxed),
+            id,
             created_at: Instant::now(),
             created_ms: now,
             returned_ms: AtomicU64::new(now),
@@ -292,10 +332,7 @@ impl<X> Core<X> {
         });
         crate::sync::lock_std(&self.registry).insert(meta.id, meta.clone());
         self.counters.created.fetch_add(1, Relaxed);
-        tracing::debug!(pool = %self.name, id = meta.id, "connection opened");
-        #[cfg(feature = "metrics")]
-        metrics::counter!("marina_pool_connections_created_total", "pool" => self.name.to_string())
-            .increment(1);
+        self.reached.store(true, Relaxed);
         Entry { conn, meta }
     }
 
@@ -450,6 +487,21 @@ impl<X> Core<X> {
     }
 }
 
+/// Frees a slot (if asked) and wakes `close()` when dropped, also while unwinding.
+struct FreeSlot<'a, X> {
+    core: &'a Core<X>,
+    release: bool,
+}
+
+impl<X> Drop for FreeSlot<'_, X> {
+    fn drop(&mut self) {
+        if self.release {
+            self.core.slots.release();
+        }
+        self.core.drained.notify_waiters();
+    }
+}
+
 /// Holds a `Create` grant while a connect runs: if the connect is cancelled or fails,
 /// the slot goes back (to a waiter, if any).
 pub(crate) struct Connecting<'a, X> {
@@ -466,6 +518,13 @@ impl<'a, X> Connecting<'a, X> {
     pub(crate) fn done(mut self) {
         self.armed = false;
         self.core.connecting.fetch_sub(1, Relaxed);
+    }
+
+    /// Ends a connect that did not produce a connection (not a cancel): frees the slot.
+    pub(crate) fn fail(self) {
+        let core = self.core;
+        self.done();
+        core.release_slot();
     }
 }
 
@@ -554,4 +613,32 @@ pub(crate) async fn first<A: Future, B: Future>(a: A, b: B) -> bool {
         }
     })
     .await
+}
+
+pin_project_lite::pin_project! {
+    /// Runs a future, catching a panic in any of its polls (user code: a probe, a
+    /// connector, a tracing subscriber), so a background task survives it.
+    pub(crate) struct CatchUnwind<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> CatchUnwind<F> {
+    pub(crate) fn new(inner: F) -> Self {
+        CatchUnwind { inner }
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.project().inner;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
 }

@@ -17,7 +17,9 @@ use crate::config::Problem;
 pub enum PoolError {
     /// No connection became available within `acquire_timeout` (the duration waited).
     Timeout(Duration),
-    /// Opening a connection failed; the connector's error (or a [`ConnectTimeout`]).
+    /// Opening a connection failed; the connector's error (or a [`ConnectTimeout`]), or a
+    /// [`RetriesExhausted`] when transient failures were retried until `acquire_timeout`
+    /// ran out.
     Connect(BoxError),
     /// The pool was closed.
     Closed,
@@ -78,6 +80,61 @@ impl Error for PoolError {
             PoolError::Connect(e) => Some(&**e),
             _ => None,
         }
+    }
+}
+
+/// Connects kept failing for a transient reason until `acquire_timeout` ran out (see
+/// [`ConnectRetry`](crate::ConnectRetry)): the source of the [`PoolError::Connect`] that
+/// [`Pool::get`](crate::Pool::get) then returns. Its own [`source`](Error::source) is the
+/// last connect error.
+///
+/// A `Connect` error rather than a `Timeout`: the pool was not too busy, the backend
+/// could not be reached.
+#[derive(Debug)]
+pub struct RetriesExhausted {
+    attempts: u32,
+    waited: Duration,
+    last: BoxError,
+}
+
+impl RetriesExhausted {
+    pub(crate) fn new(attempts: u32, waited: Duration, last: BoxError) -> Self {
+        RetriesExhausted {
+            attempts,
+            waited,
+            last,
+        }
+    }
+
+    /// How many connects were tried (and failed).
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// How long the checkout waited in all: its `acquire_timeout`.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+
+    /// The last connect error (also the [`source`](Error::source)).
+    pub fn last_error(&self) -> &(dyn Error + Send + Sync + 'static) {
+        &*self.last
+    }
+}
+
+impl fmt::Display for RetriesExhausted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} connect attempts failed within the acquire timeout of {:?}",
+            self.attempts, self.waited
+        )
+    }
+}
+
+impl Error for RetriesExhausted {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&*self.last)
     }
 }
 

@@ -113,6 +113,7 @@ not_loom! {
     mod error;
     mod keyed;
     mod maintain;
+    mod manage;
     mod pool;
     mod pooled;
     mod service;
@@ -120,8 +121,9 @@ not_loom! {
     mod tcp;
 
     pub use check::socket_is_open;
-    pub use config::{Config, Problem, Reuse, Validation};
-    pub use error::{ConnectTimeout, PoolError};
+    pub use config::{Config, ConnectRetry, Problem, Reuse, Validation};
+    pub use error::{ConnectTimeout, PoolError, RetriesExhausted};
+    pub use manage::{Manage, Managed, ManagedFuture, is_transient};
     pub use keyed::KeyedPool;
     pub use builder::Builder;
     pub use pool::{Connector, Pool, PoolFuture, Target, TcpPool};
@@ -130,6 +132,11 @@ not_loom! {
     pub use stats::{ConnStats, PoolStats};
     pub use tcp::{ConnectError, ConnectFuture, TcpConnector};
 }
+
+#[cfg(all(feature = "postgres", not(loom)))]
+pub mod postgres;
+#[cfg(all(feature = "redis", not(loom)))]
+pub mod redis;
 
 #[cfg(all(test, not(loom)))]
 mod tests;

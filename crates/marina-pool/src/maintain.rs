@@ -9,7 +9,7 @@ use std::time::Duration;
 use marina_core::BoxError;
 use tokio::time::Instant;
 
-use crate::core::{Core, Entry, Reason, first};
+use crate::core::{CatchUnwind, Core, Entry, Reason, first};
 use crate::error::{ConnectTimeout, PoolError};
 use crate::pool::{Connector, Inner, Target};
 
@@ -59,8 +59,16 @@ where
         let started = set.len();
         let mut first = None;
         while let Some(r) = set.join_next().await {
-            if let Ok(Err(e)) = r {
-                first.get_or_insert(e);
+            match r {
+                Ok(Err(e)) => {
+                    first.get_or_insert(e);
+                }
+                // The connector panicked (its guard freed the slot): a failure too, so
+                // refill backs off instead of panicking on every tick.
+                Err(e) if e.is_panic() => {
+                    first.get_or_insert(PoolError::Connect("the connector panicked".into()));
+                }
+                _ => {}
             }
         }
         first.map_or(Ok(started), Err)
@@ -84,15 +92,18 @@ where
         core.connecting.fetch_add(1, Relaxed);
         let mut reserved = Reserved { core, armed: true };
         let r = self.connect().await;
-        reserved.armed = false;
-        core.connecting.fetch_sub(1, Relaxed);
         match r {
             Ok(conn) => {
+                // Still armed while `register` runs its event (user code).
                 let e = core.register(conn);
+                reserved.armed = false;
+                core.connecting.fetch_sub(1, Relaxed);
                 core.refilled(Some(e));
                 Ok(())
             }
             Err(err) => {
+                reserved.armed = false;
+                core.connecting.fetch_sub(1, Relaxed);
                 core.counters.failed.fetch_add(1, Relaxed);
                 core.refilled(None);
                 Err(PoolError::Connect(err))
@@ -146,8 +157,9 @@ where
                     core.retire(e, core.surplus_reason(), false);
                 }
             } else {
-                tracing::debug!(pool = %core.name, id = e.meta.id, "idle connection failed its health check");
+                let id = e.meta.id;
                 core.retire(e, Reason::HealthCheck, true);
+                tracing::debug!(pool = %core.name, id, "idle connection failed its health check");
             }
         }
     }
@@ -188,6 +200,11 @@ impl<X> Drop for Probing<'_, X> {
 /// connections, health-checks idle ones, and refills to `min_idle` (backing off
 /// exponentially, up to a minute, while connects fail). Ends when the pool closes,
 /// which also abandons a refill in flight.
+///
+/// A panic in user code a tick runs (a probe, the checkout check, a tracing subscriber
+/// or metrics recorder) ends that tick, not the task: the connection involved was closed
+/// by its guard, and the next tick runs as usual (a refill that panicked backs off as if
+/// it failed).
 pub(crate) async fn maintain<C, T>(inner: Arc<Inner<C, T>>)
 where
     C: Connector<T>,
@@ -202,12 +219,13 @@ where
         // The coarse clock that checkouts read is refreshed at least every second.
         tick = tick.min(Duration::from_secs(1));
     }
-    let (evict_every, health_every) = (c.eviction_interval, c.health_check_interval);
     let start = Instant::now();
-    let mut next_evict = start + evict_every;
-    let mut next_health = health_every.map(|h| start + h);
-    let mut next_refill = start;
-    let mut backoff = Duration::ZERO;
+    let mut plan = Plan {
+        next_evict: start + c.eviction_interval,
+        next_health: c.health_check_interval.map(|h| start + h),
+        next_refill: start,
+        backoff: Duration::ZERO,
+    };
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let core = &inner.core;
@@ -221,31 +239,73 @@ where
         if !first(interval.tick(), closing.as_mut()).await {
             return;
         }
+        match CatchUnwind::new(inner.tick(&mut plan, closing.as_mut())).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_panic) => {
+                plan.failed_refill();
+                tracing::error!(pool = %core.name, "a pool maintenance step panicked; carrying on");
+            }
+        }
+    }
+}
+
+/// When the maintenance task does what next.
+struct Plan {
+    next_evict: Instant,
+    next_health: Option<Instant>,
+    next_refill: Instant,
+    backoff: Duration,
+}
+
+impl Plan {
+    /// Backs the next refill off (a refill failed or panicked).
+    fn failed_refill(&mut self) {
+        self.backoff = (self.backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        self.next_refill = Instant::now() + self.backoff;
+    }
+}
+
+impl<C, T> Inner<C, T>
+where
+    C: Connector<T>,
+    T: Target,
+{
+    /// One maintenance tick. False when the pool closed meanwhile.
+    async fn tick(self: &Arc<Self>, plan: &mut Plan, mut closing: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>) -> bool {
+        let core = &self.core;
+        let c = &self.config;
         core.clock.refresh();
         let now = Instant::now();
-        if now >= next_evict {
-            inner.evict();
-            next_evict = now + evict_every;
+        if now >= plan.next_evict {
+            plan.next_evict = now + c.eviction_interval;
+            self.evict();
         }
-        if let (Some(at), Some(every)) = (next_health, health_every)
-            && now >= at {
-                if !first(inner.health_check(every), closing.as_mut()).await {
-                    return;
-                }
-                next_health = Some(Instant::now() + every);
+        if let (Some(at), Some(every)) = (plan.next_health, c.health_check_interval)
+            && now >= at
+        {
+            // Scheduled first, so a probe that panics does not run again at once.
+            plan.next_health = Some(now + every);
+            if !first(self.health_check(every), closing.as_mut()).await {
+                return false;
             }
-        if now >= next_refill {
+            plan.next_health = Some(Instant::now() + every);
+        }
+        if now >= plan.next_refill {
+            // Backed off first, in case the refill panics; undone when it succeeds.
+            plan.failed_refill();
             let mut result = None;
-            if !first(async { result = Some(inner.refill().await) }, closing.as_mut()).await {
-                return;
+            if !first(async { result = Some(self.refill().await) }, closing.as_mut()).await {
+                return false;
             }
             match result {
                 Some(Err(e)) => {
-                    backoff = (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
-                    next_refill = Instant::now() + backoff;
-                    tracing::debug!(pool = %core.name, error = %e, retry_in = ?backoff, "refill to min_idle failed");
+                    tracing::debug!(pool = %core.name, error = %e, retry_in = ?plan.backoff, "refill to min_idle failed");
                 }
-                _ => backoff = Duration::ZERO,
+                _ => {
+                    plan.backoff = Duration::ZERO;
+                    plan.next_refill = now;
+                }
             }
         }
         #[cfg(feature = "metrics")]
@@ -259,5 +319,6 @@ where
             metrics::gauge!("marina_pool_connections", "pool" => name.clone(), "state" => "connecting").set(s.connecting as f64);
             metrics::gauge!("marina_pool_waiting", "pool" => name).set(s.waiting as f64);
         }
+        true
     }
 }

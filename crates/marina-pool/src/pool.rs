@@ -13,9 +13,9 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::builder::Builder;
-use crate::config::Config;
-use crate::core::{Connecting, Core, Entry, Reason, RunningFlag, Wait};
-use crate::error::PoolError;
+use crate::config::{Config, ConnectRetry};
+use crate::core::{Connecting, Core, Entry, Reason, RunningFlag, Wait, first};
+use crate::error::{ConnectTimeout, PoolError, RetriesExhausted};
 use crate::pooled::Pooled;
 use crate::slots::{Closed, Grant, NEVER, WaitError};
 use crate::stats::PoolStats;
@@ -211,11 +211,12 @@ where
         for a in &report.advisories {
             tracing::warn!(pool = %name, "{a}");
         }
-        let (check, probe) = builder.hooks::<C::Response>()?;
+        let hooks = builder.pool_hooks::<C, T>(&connector)?;
+        let probe = hooks.probe;
         let pool = Pool {
             handle: Arc::new(Handle {
                 inner: Arc::new(Inner {
-                    core: Arc::new(Core::new(&config, check, name)),
+                    core: Arc::new(Core::new(&config, hooks.check, hooks.managed, name)),
                     connect_gate: Semaphore::new(config.max_connecting),
                     connector: std::sync::Mutex::new(connector),
                     target,
@@ -233,22 +234,43 @@ where
     /// pool has room, else waits in FIFO order for one to be returned.
     ///
     /// Fails with [`PoolError::Timeout`] after `acquire_timeout` in all,
-    /// [`PoolError::Connect`] at once when a connect fails, [`PoolError::Closed`] when the
-    /// pool is or gets closed. Idle connections that expired or whose socket was closed
-    /// by the peer are closed, not handed out.
+    /// [`PoolError::Connect`] when a connect fails for good, [`PoolError::Closed`] when
+    /// the pool is or gets closed. Idle connections that expired, whose socket was
+    /// closed by the peer, or that the connector calls broken
+    /// ([`Manage::is_broken`](crate::Manage::is_broken)) are closed, not handed out.
+    ///
+    /// A connect that fails for a transient reason (refused, reset, timed out) is retried
+    /// with jittered backoff within `acquire_timeout`, as
+    /// [`Config::connect_retry`] says (by default once the pool has reached its target
+    /// before); if the time runs out, the error is a [`PoolError::Connect`] whose source
+    /// is a [`RetriesExhausted`](crate::RetriesExhausted) carrying the last connect error.
+    /// Other connect errors are returned at once.
     ///
     /// Takes part in tokio's cooperative budget, like `tokio::sync::Semaphore`: a task
     /// that loops on a ready pool still yields to others now and then.
+    ///
+    /// A panic in user code it runs (the checkout check, the connector, a
+    /// [`recycle`](crate::Manage::recycle)) reaches the caller, after the connection
+    /// involved is closed and its slot freed: the pool stays usable.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe. Dropping the future at any point leaves nothing behind: a queued
     /// waiter is withdrawn (a connection already handed to it goes to the next waiter or
-    /// back to the idle queue), and a connect in flight is dropped and its slot freed
-    /// (counted in [`PoolStats::cancelled`]).
+    /// back to the idle queue), a connect in flight is dropped and its slot freed
+    /// (counted in [`PoolStats::cancelled`]), and a connection being recycled is closed.
     pub fn get(&self) -> impl Future<Output = Result<Pooled<C::Response>, PoolError>> + Send + '_ {
+        self.checkout(self.handle.inner.config.connect_retry)
+    }
+
+    /// [`get`](Self::get), retrying connects as `retry` says.
+    pub(crate) fn checkout(
+        &self,
+        retry: ConnectRetry,
+    ) -> impl Future<Output = Result<Pooled<C::Response>, PoolError>> + Send + '_ {
         Checkout {
             pool: self,
+            retry,
             slow: None,
         }
     }
@@ -261,12 +283,20 @@ where
             match core.slots.try_acquire_with(|| core.clone()) {
                 (Err(Closed), _) => return FastPath::Closed,
                 (Ok(Some(Grant::Idle(e))), Some(handle)) => {
-                    if let Some(p) = Core::checkout_with(handle, e, true) {
+                    if let Some(mut p) = Core::checkout_with(handle, e, true) {
+                        // A connection the connector wants to recycle first takes the
+                        // slow path (the future is made again there).
+                        if core.hooks.as_ref().is_some_and(|h| h.recycle(&mut p).is_some()) {
+                            return FastPath::Recycle(p);
+                        }
                         return FastPath::Ready(p);
                     }
                 }
                 (Ok(Some(Grant::Idle(e))), None) => {
-                    if let Some(p) = core.checkout(e) {
+                    if let Some(mut p) = core.checkout(e) {
+                        if core.hooks.as_ref().is_some_and(|h| h.recycle(&mut p).is_some()) {
+                            return FastPath::Recycle(p);
+                        }
                         return FastPath::Ready(p);
                     }
                 }
@@ -317,6 +347,8 @@ where
     async fn get_slow(
         &self,
         mut grant: Option<Grant<Entry<C::Response>>>,
+        recycle: Option<Pooled<C::Response>>,
+        retry: ConnectRetry,
     ) -> Result<Pooled<C::Response>, PoolError> {
         self.start_maintenance();
         let inner = &self.handle.inner;
@@ -326,6 +358,13 @@ where
         let now = Instant::now();
         let deadline = limit.and_then(|l| now.checked_add(l));
         let deadline_ns = deadline.map_or(NEVER, |d| core.clock.ns_at(d));
+        if let Some(p) = recycle {
+            match self.recycled(p, deadline).await {
+                Recycled::Ready(p) => return Ok(p),
+                Recycled::Failed => grant = Some(Grant::Create),
+                Recycled::TimedOut => return Err(core.timed_out(limit)),
+            }
+        }
         loop {
             let g = match grant.take() {
                 Some(g) => g,
@@ -359,39 +398,136 @@ where
             }
             match g {
                 Grant::Idle(e) => match core.checkout_or_keep_slot(e) {
-                    Some(p) => return Ok(p),
+                    Some(p) => match self.recycled(p, deadline).await {
+                        Recycled::Ready(p) => return Ok(p),
+                        // Closed, its slot kept: connect in it.
+                        Recycled::Failed => grant = Some(Grant::Create),
+                        Recycled::TimedOut => return Err(core.timed_out(limit)),
+                    },
                     // The connection was stale: connect in its slot rather than give the
                     // slot up and queue again behind later arrivals.
                     None => grant = Some(Grant::Create),
                 },
-                Grant::Create => {
-                    let guard = Connecting::new(core);
-                    let conn = match deadline {
-                        None => inner.connect().await,
-                        Some(d) => match tokio::time::timeout_at(d, inner.connect()).await {
-                            Ok(r) => r,
-                            // Dropping `guard` frees the slot and counts the cancel.
-                            Err(_) => return Err(core.timed_out(limit)),
-                        },
-                    };
+                Grant::Create => return self.connect_in_slot(deadline, retry).await,
+            }
+        }
+    }
+
+    /// Runs the connector's [`recycle`](crate::Manage::recycle) on a connection just
+    /// checked out, if it has one: the connection is handed out if it passes, closed
+    /// (keeping its slot) if it fails or outlasts `health_check_timeout`.
+    async fn recycled(&self, mut p: Pooled<C::Response>, deadline: Option<Instant>) -> Recycled<C::Response> {
+        let inner = &self.handle.inner;
+        let core = &inner.core;
+        let Some(hooks) = &core.hooks else {
+            return Recycled::Ready(p);
+        };
+        // Broken until it passes: cancelled or panicking half-way, it is closed.
+        p.mark_broken();
+        let until = Instant::now() + inner.config.health_check_timeout;
+        let until = deadline.map_or(until, |d| d.min(until));
+        let result = {
+            let Some(fut) = hooks.recycle(&mut p) else {
+                p.mark_healthy();
+                return Recycled::Ready(p);
+            };
+            tokio::time::timeout_at(until, fut).await
+        };
+        match result {
+            Ok(Ok(())) => {
+                p.mark_healthy();
+                Recycled::Ready(p)
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(pool = %core.name, id = p.id(), %error, "connection failed its recycle check");
+                core.retire(p.take_unused(), Reason::Broken, false);
+                Recycled::Failed
+            }
+            Err(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                core.retire(p.take_unused(), Reason::Broken, true);
+                Recycled::TimedOut
+            }
+            Err(_) => {
+                tracing::debug!(pool = %core.name, id = p.id(), "connection's recycle check timed out");
+                core.retire(p.take_unused(), Reason::Broken, false);
+                Recycled::Failed
+            }
+        }
+    }
+
+    /// Connects in a slot this checkout holds, retrying transient failures within the
+    /// deadline as `retry` says.
+    async fn connect_in_slot(
+        &self,
+        deadline: Option<Instant>,
+        retry: ConnectRetry,
+    ) -> Result<Pooled<C::Response>, PoolError> {
+        let inner = &self.handle.inner;
+        let core = &inner.core;
+        let limit = inner.config.acquire_timeout;
+        // Frees the slot (and counts a cancel) if this future is dropped or a hook panics.
+        let guard = Connecting::new(core);
+        let mut backoff = Backoff::new();
+        let mut last_error = None;
+        let mut attempts = 0;
+        // Out of time while retrying: the backend is unreachable, not the pool busy.
+        let exhausted = |attempts, last: Option<BoxError>| match last {
+            Some(last) => PoolError::Connect(
+                RetriesExhausted::new(attempts, limit.unwrap_or_default(), last).into(),
+            ),
+            None => core.timed_out(limit),
+        };
+        loop {
+            attempts += 1;
+            let conn = match deadline {
+                None => inner.connect().await,
+                Some(d) => match tokio::time::timeout_at(d, inner.connect()).await {
+                    Ok(r) => r,
+                    // Dropping `guard` frees the slot and counts the cancel.
+                    Err(_) => return Err(exhausted(attempts, last_error)),
+                },
+            };
+            let err = match conn {
+                Ok(conn) => {
+                    let e = core.register(conn);
                     guard.done();
-                    match conn {
-                        Ok(conn) => {
-                            let e = core.register(conn);
-                            if core.is_closed() {
-                                core.retire(e, Reason::Closed, true);
-                                return Err(PoolError::Closed);
-                            }
-                            e.meta.uses.store(1, Relaxed);
-                            return Ok(Pooled::new(e, core.clone()));
-                        }
-                        Err(err) => {
-                            core.counters.failed.fetch_add(1, Relaxed);
-                            core.release_slot();
-                            return Err(PoolError::Connect(err));
-                        }
+                    if core.is_closed() {
+                        core.retire(e, Reason::Closed, true);
+                        return Err(PoolError::Closed);
                     }
+                    e.meta.uses.store(1, Relaxed);
+                    return Ok(Pooled::new(e, core.clone()));
                 }
+                Err(err) => err,
+            };
+            core.counters.failed.fetch_add(1, Relaxed);
+            if core.is_closed() || !inner.should_retry(retry, &err) {
+                guard.fail();
+                return Err(PoolError::Connect(err));
+            }
+            let wait = backoff.next_delay();
+            tracing::debug!(pool = %core.name, error = %err, retry_in = ?wait, "connect failed; retrying");
+            last_error = Some(err);
+            let wake = Instant::now() + wait;
+            let closing = core.closing.notified();
+            tokio::pin!(closing);
+            closing.as_mut().enable();
+            if core.is_closed() {
+                guard.fail();
+                return Err(PoolError::Closed);
+            }
+            let out_of_time = deadline.is_some_and(|d| wake >= d);
+            let until = match deadline {
+                Some(d) if out_of_time => d,
+                _ => wake,
+            };
+            if !first(tokio::time::sleep_until(until), closing).await {
+                guard.fail();
+                return Err(PoolError::Closed);
+            }
+            if out_of_time {
+                guard.fail();
+                return Err(exhausted(attempts, last_error));
             }
         }
     }
@@ -446,6 +582,8 @@ where
     /// assert_eq!((pool.stats().total, pool.stats().max_size), (1, 1));
     /// # Ok(()) }
     /// ```
+    ///
+    /// On a closed pool it does nothing (its `max_size` reads 0).
     pub fn resize(&self, max_size: usize) {
         let core = &self.handle.inner.core;
         for e in core.slots.resize(max_size.max(1)) {
@@ -554,9 +692,63 @@ where
 /// What the fast path of a checkout found.
 enum FastPath<X> {
     Ready(Pooled<X>),
+    /// Checked out, but the connector wants to recycle it first.
+    Recycle(Pooled<X>),
     Closed,
     /// Wait or connect, starting with this grant if there is one.
     Slow(Option<Grant<Entry<X>>>),
+}
+
+/// What [`Pool::recycled`] did with a connection.
+enum Recycled<X> {
+    Ready(Pooled<X>),
+    /// It was closed; the checkout keeps its slot.
+    Failed,
+    /// The checkout's deadline passed; the connection was closed and its slot freed.
+    TimedOut,
+}
+
+/// Jittered exponential backoff between connect retries: 10 ms doubling up to 500 ms,
+/// each delay drawn from its upper half.
+struct Backoff {
+    next: std::time::Duration,
+}
+
+impl Backoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(10);
+    const MAX: std::time::Duration = std::time::Duration::from_millis(500);
+
+    fn new() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+
+    fn next_delay(&mut self) -> std::time::Duration {
+        let d = self.next;
+        self.next = (d * 2).min(Self::MAX);
+        d / 2 + d.mul_f64(fastrand::f64() / 2.0)
+    }
+}
+
+impl<C, T> Inner<C, T>
+where
+    C: Connector<T>,
+    T: Target,
+{
+    /// Whether a failed connect is retried: as `retry` allows, and if the connector
+    /// calls the error transient.
+    fn should_retry(&self, retry: ConnectRetry, err: &BoxError) -> bool {
+        let allowed = match retry {
+            ConnectRetry::Off => false,
+            ConnectRetry::Reconnects => self.core.reached.load(Relaxed),
+            ConnectRetry::Always => true,
+        };
+        allowed
+            && (err.is::<ConnectTimeout>()
+                || match &self.core.hooks {
+                    Some(h) => h.is_transient(&**err),
+                    None => crate::manage::is_transient(&**err),
+                })
+    }
 }
 
 type SlowCheckout<'a, X> = Pin<Box<dyn Future<Output = Result<Pooled<X>, PoolError>> + Send + 'a>>;
@@ -568,6 +760,7 @@ where
     C: Service<T>,
 {
     pool: &'a Pool<C, T>,
+    retry: ConnectRetry,
     slow: Option<SlowCheckout<'a, C::Response>>,
 }
 
@@ -589,15 +782,16 @@ where
         }
         let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         coop.made_progress();
-        let first = match self.pool.try_checkout() {
+        let (first, recycle) = match self.pool.try_checkout() {
             FastPath::Ready(p) => return Poll::Ready(Ok(p)),
+            FastPath::Recycle(p) => (None, Some(p)),
             FastPath::Closed => return Poll::Ready(Err(PoolError::Closed)),
-            FastPath::Slow(first) => first,
+            FastPath::Slow(first) => (first, None),
         };
         // A `Create` grant moves into the slow future, which guards it from its first
         // poll, right below, on: no await point comes between.
-        let pool = self.pool;
-        let slow = self.slow.insert(Box::pin(pool.get_slow(first)));
+        let (pool, retry) = (self.pool, self.retry);
+        let slow = self.slow.insert(Box::pin(pool.get_slow(first, recycle, retry)));
         slow.as_mut().poll(cx)
     }
 }

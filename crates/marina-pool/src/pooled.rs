@@ -141,11 +141,26 @@ impl<X> Pooled<X> {
         meta.released();
         core.forget(&meta);
         core.counters.destroyed.fetch_add(1, Relaxed);
+        // The slot first, the event (user code, which may panic) after.
+        core.release_slot();
         tracing::debug!(pool = %core.name, id = meta.id, reason = Reason::Detached.as_str(), "connection detached");
         #[cfg(feature = "metrics")]
         metrics::counter!("marina_pool_connections_closed_total", "pool" => core.name.to_string(), "reason" => Reason::Detached.as_str()).increment(1);
-        core.release_slot();
         conn
+    }
+
+    /// Takes the entry out without returning it, undoing this checkout's use count (a
+    /// checkout that did not happen: the connection failed its recycle check). The
+    /// caller holds its slot.
+    pub(crate) fn take_unused(mut self) -> Entry<X> {
+        let e = self
+            .entry
+            .take()
+            .expect("Pooled used after being taken apart");
+        e.meta
+            .uses
+            .store(e.meta.uses.load(Relaxed).saturating_sub(1), Relaxed);
+        e
     }
 
     /// The pool's id for this connection (as in [`ConnStats::id`](crate::ConnStats::id)).

@@ -11,7 +11,7 @@ use marina_core::{BoxError, NotSent};
 use tower::load::Load;
 use tower_service::Service;
 
-use crate::Pool;
+use crate::{ConnectRetry, Pool};
 
 /// A `Service<Req>` over a pool whose items are themselves `Service<Req>` (a line
 /// protocol client, a tower wrapper around hyper's `SendRequest`): each call checks a
@@ -26,6 +26,12 @@ use crate::Pool;
 ///
 /// Implements [`tower::load::Load`] with the number of requests in flight, so any load
 /// balancer (tower's p2c, marina-balance) can use it as an endpoint.
+///
+/// Its checkouts do not retry failed connects, whatever
+/// [`Config::connect_retry`](crate::Config::connect_retry) says: a refused connect fails
+/// the request at once, so the balancer above can send it to another backend without
+/// delay (the `marina` stack's endpoints are `PoolService`s). Over a single backend,
+/// call [`Pool::get`] yourself to have connects retried through a restart.
 ///
 /// Errors are [`BoxError`]s. When the request never reached a client — the checkout
 /// failed (a [`PoolError`](crate::PoolError): connect refused, acquire timeout, pool
@@ -155,7 +161,11 @@ where
         ResponseFuture {
             inner: Box::pin(async move {
                 let _guard = guard;
-                let mut conn = pool.get().await.map_err(NotSent::new)?;
+                // No connect retries: a balancer fails over to another backend at once.
+                let mut conn = pool
+                    .checkout(ConnectRetry::Off)
+                    .await
+                    .map_err(NotSent::new)?;
                 // Broken until proven otherwise: if this future is dropped before the
                 // response arrives, the client is closed, not reused mid-protocol.
                 conn.mark_broken();

@@ -386,6 +386,10 @@ impl<E> Slots<E> {
     pub(crate) fn resize(&self, max: usize) -> Vec<E> {
         let mut wakeups = Wakeups::new();
         let mut st = lock(&self.state);
+        if st.closed {
+            // A closed pool has no size to change: it stays at 0.
+            return Vec::new();
+        }
         st.max = max;
         let mut out = Vec::new();
         while st.open > st.max {
@@ -400,11 +404,12 @@ impl<E> Slots<E> {
     }
 
     /// Closes: waiters are woken with `Closed`, later acquires fail, idle connections
-    /// are returned for destruction.
+    /// are returned for destruction, and the maximum reads 0 from now on.
     pub(crate) fn close(&self) -> Vec<E> {
         let mut wakeups = Wakeups::new();
         let mut st = lock(&self.state);
         st.closed = true;
+        st.max = 0;
         let idle: Vec<E> = st.idle.drain(..).collect();
         st.open -= idle.len();
         for w in st.waiters.drain(..) {

@@ -7,11 +7,12 @@ use std::time::Duration;
 /// Gauges (`total`, `idle`, `active`, `connecting`, `waiting`) are the state now;
 /// counters (`created` … `cancelled`) count since the pool was built. After the pool
 /// goes quiet, `acquired == released + active` and
-/// `created == destroyed + total` hold.
+/// `created == destroyed + total` hold, and `total <= max_size` while it is open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PoolStats {
-    /// The current maximum size (after any [`resize`](crate::Pool::resize)).
+    /// The current maximum size (after any [`resize`](crate::Pool::resize)); 0 once the
+    /// pool is closed (it opens nothing more).
     pub max_size: usize,
     /// Open connections: idle plus checked out.
     pub total: usize,

@@ -135,3 +135,15 @@ async fn a_failing_custom_check_closes_the_connection_at_checkout() {
     assert_eq!(ids, [1, 1, 2, 2, 3, 3]);
     assert_eq!(pool.stats().destroyed, 2);
 }
+
+#[tokio::test]
+async fn a_closed_pool_reads_max_size_0_and_ignores_resize() {
+    let pool = mem_pool(4);
+    drop(pool.get().await.unwrap());
+    pool.close().await;
+    assert_eq!(pool.stats().max_size, 0);
+    pool.resize(16);
+    let s = pool.stats();
+    assert_eq!((s.max_size, s.total, s.closed), (0, 0, true), "{s:#?}");
+    assert!(pool.get().await.unwrap_err().is_closed());
+}
