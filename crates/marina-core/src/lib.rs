@@ -1,8 +1,71 @@
 //! The small shared vocabulary of marina.
 //!
 //! marina's crates (pool, health, balance, affinity, limit) meet only through the types
-//! in this crate, so each one stays usable alone. Its dependencies are tokio's clock and
-//! a SipHash implementation.
+//! in this crate, so each one stays usable alone. Depend on it directly when your own
+//! code speaks that vocabulary: an endpoint service that marks its failures
+//! [`NotSent`], a request type that carries a [`RouteHint`], a [`Probe`] for the pool
+//! or the health checks. Through the umbrella crate it is `marina::core`.
+//!
+//! # Add it
+//!
+//! ```toml
+//! [dependencies]
+//! marina-core = "0.1"
+//! ```
+//!
+//! # Cargo features
+//!
+//! | feature | enables |
+//! |---|---|
+//! | *(none)* | marina-core has no optional features (default: none). It depends only on tokio's clock, `http` (for [`Extensions`]) and a SipHash implementation. |
+//!
+//! # Examples
+//!
+//! A user meets this crate's types at the edges of a stack. An endpoint that could not
+//! connect says so with [`NotSent`] and hands the request back
+//! ([`NotSent::with_request`]), so a balancer may send it elsewhere — or the caller
+//! gets it back, here a request that is not `Clone`:
+//!
+//! ```
+//! use marina_core::{BoxError, NotSent, Request, is_not_sent, take_unsent_request};
+//! use std::io;
+//!
+//! struct Upload(Vec<u8>); // a streaming body, say: not Clone
+//!
+//! // An endpoint whose connection was refused: nothing was sent.
+//! fn send(req: Request<Upload>) -> Result<(), BoxError> {
+//!     let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+//!     Err(NotSent::with_request(refused, req).into())
+//! }
+//!
+//! let err = send(Request::new(Upload(vec![1, 2, 3]))).unwrap_err();
+//! assert!(is_not_sent(&*err)); // safe to send to another endpoint
+//! let back: Request<Upload> = take_unsent_request(&*err).expect("handed back");
+//! assert_eq!(back.body.0, [1, 2, 3]);
+//! ```
+//!
+//! A [`RouteHint`] travels in the request's extensions: the affinity layer (or your
+//! code) puts it there, the balancer reads it, routes by it, and reports the endpoint
+//! it chose through it — clones of a hint share that report:
+//!
+//! ```
+//! use marina_core::{EndpointId, HasExtensions, HintTarget, Request, RouteHint};
+//!
+//! // Route this user's requests by a consistent hash of the user name.
+//! let hint = RouteHint::hash(marina_core::stable_hash("alice"));
+//! let mut req = Request::new("GET /cart".to_string());
+//! req.extensions_mut().insert(hint.clone());
+//!
+//! // What a balancer does with it.
+//! let seen = req.extensions().get::<RouteHint>().expect("a hint");
+//! assert!(matches!(seen.target(), HintTarget::Hash(_)));
+//! seen.report_chosen(EndpointId(7));
+//!
+//! // The layer that set the hint learns where the request went.
+//! assert_eq!(hint.chosen(), Some(EndpointId(7)));
+//! ```
+//!
+//! # What is here
 //!
 //! - [`BoxError`]: the error type of layers that add failures of their own. Callers
 //!   downcast it to the small named error structs each crate exports.
@@ -21,8 +84,6 @@
 //! - [`Probe`]: an asynchronous check of something — a pooled connection or an endpoint —
 //!   that returns the measured response time or an error. The pool uses it to validate
 //!   idle connections; the health layer uses it for active probes.
-//!
-//! # Examples
 //!
 //! A probe that writes a `PING` line on a connection and expects `PONG` back:
 //!
@@ -47,6 +108,7 @@
 //! # assert_probe(&ping);
 //! ```
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;
 mod ext;
