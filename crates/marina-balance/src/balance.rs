@@ -293,6 +293,15 @@ struct Endpoint<K, S> {
 /// Failover: see [`failover`](Self::failover); the panic threshold: see
 /// [`panic_threshold`](Self::panic_threshold).
 ///
+/// # Sharing
+///
+/// Not `Clone`: a balancer is one ready set and one picker state, and copies would
+/// each keep their own. To send from many tasks, call [`shared`](Self::shared) for a
+/// `Clone` [`Shared`](crate::Shared) handle whose clones all use this one balancer, or
+/// put it behind tower's `Buffer` (a worker task owns it and requests reach it through
+/// a channel). The statistics [`handle`](Self::handle) is `Clone` and readable from
+/// anywhere.
+///
 /// # Examples
 ///
 /// ```

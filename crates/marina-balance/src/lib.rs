@@ -1,4 +1,96 @@
-//! Load balancing for tower services: the pickers.
+//! Load balancing for tower services: one `Service` in front of many endpoints, choosing
+//! among the ready ones with a pluggable picker.
+//!
+//! [`Balance`] takes its endpoints from a list ([`Balance::from_services`]), a channel
+//! of changes ([`Balance::from_channel`]) or any `tower::discover::Discover`. The
+//! endpoints can be any tower services — tonic `Channel`s, hyper clients,
+//! marina-pool's `PoolService`s, marina-health's `Health` wrappers around them — and
+//! need not implement `tower::load::Load`: the balancer counts each endpoint's
+//! requests in flight and measures its response times itself.
+//!
+//! # Add it
+//!
+//! ```toml
+//! [dependencies]
+//! marina-balance = "0.1"
+//! # or, to have failover recognise hyper-util's connect errors:
+//! # marina-balance = { version = "0.1", features = ["hyper-util"] }
+//! ```
+//!
+//! # Cargo features
+//!
+//! Default: none. Each feature teaches [`never_sent`] (the default failover policy) to
+//! recognise another client's "the request never left" errors; none adds API.
+//!
+//! | feature | enables |
+//! |---|---|
+//! | `hyper-util` | hyper-util's legacy client connect errors (`Error::is_connect`) count as never sent |
+//! | `tonic` | tonic's `ConnectError` (a `Channel` that could not connect) counts as never sent |
+//! | `buffer` | tower `Buffer`'s `Closed` and `ServiceError` (its worker is gone) count as never sent |
+//!
+//! # Examples
+//!
+//! A balancer is a tower service: wait until it is ready, then call it.
+//!
+//! ```
+//! use marina_balance::{Balance, RoundRobin};
+//! use tower::{Service, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), marina_core::BoxError> {
+//! // Three endpoints; in a real program, tonic Channels, hyper clients or pools.
+//! let endpoints = (0..3).map(|n| {
+//!     service_fn(move |req: String| async move {
+//!         Ok::<_, std::io::Error>(format!("{req} from backend {n}"))
+//!     })
+//! });
+//! let mut lb = Balance::from_services(endpoints, RoundRobin::new());
+//! let reply = lb.ready().await?.call("hello".to_string()).await?;
+//! assert_eq!(reply, "hello from backend 0");
+//! # Ok(()) }
+//! ```
+//!
+//! `Balance` is not `Clone` (one ready set, one picker state). To send from many tasks,
+//! make it [`shared`](Balance::shared): a `Clone` handle to the one balancer. Here with
+//! [`failover`](Balance::failover) too, so requests that never reached their endpoint
+//! (an error marked [`NotSent`](marina_core::NotSent), a refused connect) go to another
+//! one:
+//!
+//! ```
+//! use marina_balance::{Balance, Failover, RoundRobin};
+//! use marina_core::NotSent;
+//! use tower::{ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), marina_core::BoxError> {
+//! // Backend 0 refuses every connection.
+//! let endpoints = (0..3).map(|n| {
+//!     service_fn(move |req: String| async move {
+//!         if n == 0 {
+//!             let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+//!             return Err(NotSent::new(refused));
+//!         }
+//!         Ok(format!("{req} from backend {n}"))
+//!     })
+//! });
+//! let lb = Balance::from_services(endpoints, RoundRobin::new()).failover(Failover::new());
+//! let stats = lb.handle();
+//! let lb = lb.shared();
+//!
+//! let mut tasks = Vec::new();
+//! for i in 0..6 {
+//!     let lb = lb.clone(); // one balancer, one round robin, six users
+//!     tasks.push(tokio::spawn(lb.oneshot(format!("request {i}"))));
+//! }
+//! for task in tasks {
+//!     let reply = task.await??; // none fails...
+//!     assert!(!reply.ends_with("backend 0")); // ...and none came from backend 0
+//! }
+//! assert_eq!(stats.totals().retries, 2); // backend 0's two turns went elsewhere
+//! # Ok(()) }
+//! ```
+//!
+//! # What the balancer does
 //!
 //! A [`Pick`] chooses one of the ready endpoints for a request, through a read-only
 //! [`Endpoints`] view (id, weight, load, latency) and the request's
@@ -18,9 +110,7 @@
 //! Random pickers take a seed ([`Random::with_seed`], [`PowerOfTwoChoices::with_seed`])
 //! so simulations and tests are reproducible.
 //!
-//! [`Balance`] drives them: a `Service` over any `tower::discover::Discover`
-//! ([`Balance::from_services`] for a fixed list, [`Balance::from_channel`] for a channel
-//! of changes), with
+//! Around the picker, [`Balance`] has
 //!
 //! - a ready set that does not churn, and pending endpoints and discovery driven with
 //!   no traffic;
@@ -29,26 +119,28 @@
 //! - **failover** ([`Balance::failover`]): a request that never reached its endpoint
 //!   (an error marked [`NotSent`](marina_core::NotSent), as marina-pool's `PoolService`
 //!   marks connect and checkout failures) goes to another endpoint, within
-//!   `max_attempts` and a [`RetryBudget`];
+//!   `max_attempts` and a [`RetryBudget`]; [`Balance::failover_unsent`] does the same
+//!   for requests that are not `Clone`;
 //! - a **panic threshold** ([`Balance::panic_threshold`]): below 50% healthy endpoints
 //!   (as reported by marina-health through an
 //!   [`EjectionGate`](marina_core::EjectionGate)), route over all of them;
 //! - per-endpoint stats and totals ([`BalanceHandle`]), route hints
-//!   ([`Balance::route_hint`]), weights from discovery keys ([`Balance::weights`]) or
-//!   services ([`Weighted`]), and a [`BalanceLayer`].
+//!   ([`Balance::route_hint`], [`Balance::route_hints_from_extensions`]), weights from
+//!   discovery keys ([`Balance::weights`]) or services ([`Weighted`]), and a
+//!   [`BalanceLayer`].
 //!
-//! Endpoint services need not implement `tower::load::Load`: the balancer counts each
-//! endpoint's requests in flight and measures its response times itself, and every
-//! picker reads those.
+//! # Writing a picker
 //!
-//! # Examples
+//! A picker implements [`Pick`]: given the ready endpoints (never none) and the
+//! request's hint, it returns an index. To try one without a balancer — in a unit
+//! test, or to see how the built-in pickers choose — write an [`Endpoints`] view by
+//! hand; only `len` and `id` are required.
 //!
 //! ```
-//! use marina_balance::{Endpoints, Pick, PowerOfTwoChoices, RoundRobin};
-//! use marina_core::EndpointId;
-//! use std::time::Duration;
+//! use marina_balance::{Balance, Endpoints, Pick, PowerOfTwoChoices, RoundRobin};
+//! use marina_core::{EndpointId, RouteHint};
 //!
-//! /// Three endpoints with in-flight counts.
+//! /// Endpoints with their requests in flight.
 //! struct View(Vec<(u64, f64)>);
 //!
 //! impl Endpoints for View {
@@ -65,8 +157,24 @@
 //! // P2C compares two distinct endpoints: the busiest one (index 2) can never win.
 //! let mut p2c = PowerOfTwoChoices::with_seed(7);
 //! assert!((0..100).all(|_| p2c.pick(&view, None) != 2));
+//!
+//! /// A picker of your own: the first idle endpoint, else the first one.
+//! struct FirstIdle;
+//!
+//! impl Pick for FirstIdle {
+//!     fn pick(&mut self, endpoints: &dyn Endpoints, _hint: Option<&RouteHint>) -> usize {
+//!         (0..endpoints.len()).find(|&i| endpoints.load(i) == 0.0).unwrap_or(0)
+//!     }
+//! }
+//!
+//! assert_eq!(FirstIdle.pick(&view, None), 1);
+//! // A balancer takes it like any other.
+//! let endpoints = (0..2).map(|n| tower::service_fn(move |_: ()| async move { Ok::<_, std::io::Error>(n) }));
+//! let lb = Balance::from_services(endpoints, FirstIdle);
+//! # drop(lb);
 //! ```
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod balance;
 mod failover;

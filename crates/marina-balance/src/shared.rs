@@ -31,6 +31,13 @@ use tower_service::Service;
 /// task, or when callers must not contend for a lock (the lock is held for one
 /// `poll_ready` and one `call`, typically well under a microsecond).
 ///
+/// # Sharing
+///
+/// `Clone`, and that is its purpose: every clone is a handle to the same service (for a
+/// `Balance`: one ready set, one picker state, one set of statistics), and cloning
+/// copies two `Arc`s. It is `Send + Sync` when the service is `Send`: clone it into
+/// each task.
+///
 /// # Examples
 ///
 /// ```

@@ -9,6 +9,13 @@ use tower_service::Service;
 /// none: build the balancer with `.service_weights(Weighted::weight)`. Calls, readiness
 /// and load pass through to the inner service.
 ///
+/// # Sharing
+///
+/// `Clone` when the inner service is: a clone has the same weight and a clone of the
+/// inner service, so what clones share is what the inner service's clones share. It
+/// is an endpoint, owned by the balancer it is given to: share the balancer (see
+/// [`Balance::shared`](crate::Balance::shared)), not the endpoint.
+///
 /// ```
 /// use marina_balance::{Balance, Weighted, WeightedRoundRobin};
 /// use tower::discover::ServiceList;
