@@ -1,53 +1,35 @@
 //! Health checking for tower endpoints: passive outlier detection and active probes,
 //! as a readiness gate.
 //!
-//! [`Health<S>`](Health) wraps one endpoint's service:
+//! [`Health<S>`](Health) wraps one endpoint's service (built with [`Health::builder`],
+//! or by [`HealthLayer`] for each endpoint a balancer discovers). It counts the
+//! endpoint's failures, can probe it in the background, and while the endpoint is
+//! ejected its `poll_ready` returns `Pending`, so any balancer above it — marina's or
+//! tower's — routes around it.
 //!
-//! - **Passive**: every completed request is classified ([`Classify`]; by default every
-//!   `Err` is a failure). Two detectors eject the endpoint: `consecutive_failures` in a
-//!   row (default 5), and a failure rate over a sliding window once it holds enough
-//!   requests ([`FailureRate`]).
-//! - **Ejection is a closed readiness gate**: `poll_ready` returns `Pending` and wakes the
-//!   task when the ejection ends — never `Err`, which would make tower's balancers drop
-//!   the endpoint for good. The n-th ejection lasts `n × base_ejection` (30 s), capped
-//!   at `max_ejection` (300 s); the count resets after `reset_after` healthy. When an
-//!   ejection ends the endpoint is half-open: exactly one trial request (or probe round)
-//!   decides between healthy and ejected again.
-//! - **Active**: with a [`Probe`](marina_core::Probe) — [`TcpConnectProbe`],
-//!   [`LineProbe`], [`HttpProbe`], `GrpcProbe` (feature `grpc`), or any closure through [`probe_fn`](marina_core::probe_fn)
-//!   — one task per endpoint probes every `interval` (with jitter) under a `timeout`;
-//!   `unhealthy_threshold` failing rounds in a row take the endpoint out,
-//!   `healthy_threshold` passing ones bring it back ([`ActiveConfig`]). Passive and
-//!   active run together (hybrid), and the probe has the last word: `healthy_threshold`
-//!   passing rounds, all begun after a passive ejection, end it early and the endpoint
-//!   serves again at once (no half-open trial; every waiting caller is woken). Turn
-//!   that off with [`HealthConfig::uneject_on_probe_success`], for a probe that can pass
-//!   while requests fail. A probe that panics or hangs only fails its round.
-//! - **Visible**: [`HealthHandle`] gives the [`Status`] (`Unknown`, `Healthy`, `Degraded`,
-//!   `Ejected { until }`), a [`HealthReport`] (health % over the last probe rounds, the
-//!   last round's checks: socket, response time, error rate, age), and a
-//!   `tokio::sync::watch` subscription to status changes. Every change is a `tracing`
-//!   event.
+//! # Add it
 //!
-//! **Settings are checked.** Every field of [`HealthConfig`], [`FailureRate`] and
-//! [`ActiveConfig`] documents its unit and valid range, and the constructors refuse a
-//! configuration out of range instead of running with it: a failure-rate threshold of
-//! `50.0` (meant 50%: the detector could never fire), a zero probe `interval` (a probe
-//! connection as fast as the backend answers, hundreds a second from every client),
-//! a `base_ejection` above `max_ejection`, a zero threshold. The `try_` constructors
-//! ([`HealthLayer::try_new`], [`HealthLayer::try_probe`], [`HealthBuilder::try_build`],
-//! [`Health::try_new`]) return an [`InvalidHealthConfig`] that lists every problem
-//! with its path (`failure_rate.threshold: must be within 0.0..1.0 (a share, not a
-//! percentage), got 50.0`); the plain ones panic with that message.
-//! [`HealthConfig::validate`] and [`ActiveConfig::validate`] check without building.
+//! ```toml
+//! [dependencies]
+//! marina-health = "0.1"
+//! # with the HTTP 5xx classifier and the gRPC health probe:
+//! # marina-health = { version = "0.1", features = ["http", "grpc"] }
+//! ```
 //!
-//! It works under any tower balancer, tower's own `p2c::Balance` included. Put load
-//! tracking (`tower::load::PendingRequests`, …) outside `Health`, and a request timeout
-//! inside it: a call cancelled from outside says nothing about the endpoint, so a
-//! backend that accepts and never answers is only caught if the timeout's error reaches
-//! the classifier (or by an active probe).
+//! # Cargo features
+//!
+//! Default: none. The other probes ([`TcpConnectProbe`], [`LineProbe`], [`HttpProbe`])
+//! need no feature.
+//!
+//! | feature | enables |
+//! |---|---|
+//! | `http` | [`Http5xx`], a classifier that counts HTTP 5xx responses as failures |
+//! | `grpc` | [`GrpcProbe`], the standard gRPC health check (`grpc.health.v1.Health/Check`) through tonic and tonic-health |
 //!
 //! # Examples
+//!
+//! Wrapping one endpoint: three failures in a row eject it, and when the ejection
+//! ends it is half-open, ready for one trial request.
 //!
 //! ```
 //! use std::time::Duration;
@@ -124,11 +106,53 @@
 //! # }
 //! ```
 //!
-//! # Cargo features
+//! # How it works
 //!
-//! - `http`: [`Http5xx`], a classifier that counts HTTP 5xx responses as failures.
-//! - `grpc`: `GrpcProbe`, the standard `grpc.health.v1` check through tonic-health.
+//! - **Passive**: every completed request is classified ([`Classify`]; by default every
+//!   `Err` is a failure). Two detectors eject the endpoint: `consecutive_failures` in a
+//!   row (default 5), and a failure rate over a sliding window once it holds enough
+//!   requests ([`FailureRate`]).
+//! - **Ejection is a closed readiness gate**: `poll_ready` returns `Pending` and wakes the
+//!   task when the ejection ends — never `Err`, which would make tower's balancers drop
+//!   the endpoint for good. The n-th ejection lasts `n × base_ejection` (30 s), capped
+//!   at `max_ejection` (300 s); the count resets after `reset_after` healthy. When an
+//!   ejection ends the endpoint is half-open: exactly one trial request (or probe round)
+//!   decides between healthy and ejected again.
+//! - **Active**: with a [`Probe`](marina_core::Probe) — [`TcpConnectProbe`],
+//!   [`LineProbe`], [`HttpProbe`], `GrpcProbe` (feature `grpc`), or any closure through [`probe_fn`](marina_core::probe_fn)
+//!   — one task per endpoint probes every `interval` (with jitter) under a `timeout`;
+//!   `unhealthy_threshold` failing rounds in a row take the endpoint out,
+//!   `healthy_threshold` passing ones bring it back ([`ActiveConfig`]). Passive and
+//!   active run together (hybrid), and the probe has the last word: `healthy_threshold`
+//!   passing rounds, all begun after a passive ejection, end it early and the endpoint
+//!   serves again at once (no half-open trial; every waiting caller is woken). Turn
+//!   that off with [`HealthConfig::uneject_on_probe_success`], for a probe that can pass
+//!   while requests fail. A probe that panics or hangs only fails its round.
+//! - **Visible**: [`HealthHandle`] gives the [`Status`] (`Unknown`, `Healthy`, `Degraded`,
+//!   `Ejected { until }`), a [`HealthReport`] (health % over the last probe rounds, the
+//!   last round's checks: socket, response time, error rate, age), and a
+//!   `tokio::sync::watch` subscription to status changes. Every change is a `tracing`
+//!   event.
+//!
+//! **Settings are checked.** Every field of [`HealthConfig`], [`FailureRate`] and
+//! [`ActiveConfig`] documents its unit and valid range, and the constructors refuse a
+//! configuration out of range instead of running with it: a failure-rate threshold of
+//! `50.0` (meant 50%: the detector could never fire), a zero probe `interval` (a probe
+//! connection as fast as the backend answers, hundreds a second from every client),
+//! a `base_ejection` above `max_ejection`, a zero threshold. The `try_` constructors
+//! ([`HealthLayer::try_new`], [`HealthLayer::try_probe`], [`HealthBuilder::try_build`],
+//! [`Health::try_new`]) return an [`InvalidHealthConfig`] that lists every problem
+//! with its path (`failure_rate.threshold: must be within 0.0..1.0 (a share, not a
+//! percentage), got 50.0`); the plain ones panic with that message.
+//! [`HealthConfig::validate`] and [`ActiveConfig::validate`] check without building.
+//!
+//! It works under any tower balancer, tower's own `p2c::Balance` included. Put load
+//! tracking (`tower::load::PendingRequests`, …) outside `Health`, and a request timeout
+//! inside it: a call cancelled from outside says nothing about the endpoint, so a
+//! backend that accepts and never answers is only caught if the timeout's error reaches
+//! the classifier (or by an active probe).
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod active;
 mod classify;

@@ -57,13 +57,20 @@ impl Drop for Clones {
 /// before its time: the endpoint serves again straight away and every waiting task is
 /// woken (see [`HealthConfig::uneject_on_probe_success`]).
 ///
-/// Clones share one state and one [`HealthHandle`]. Errors of the inner service pass
-/// through unchanged.
+/// Errors of the inner service pass through unchanged. Without a tokio runtime at
+/// construction, active checks are off (a warning is logged) and a passive ejection
+/// ends when the service is next polled.
 ///
-/// A clone that got readiness while the endpoint is half-open holds the one trial until
-/// it calls (and the call completes) or is dropped: do not keep a ready `Health` idle.
-/// Without a tokio runtime at construction, active checks are off (a warning is
-/// logged) and a passive ejection ends when the service is next polled.
+/// # Sharing
+///
+/// `Clone` when the inner service is. Clones share the endpoint's health: one set of
+/// failure counts, one ejection, one half-open trial, one active probe task (it stops
+/// when the last clone is dropped) and one [`HealthHandle`]; each clone calls its own
+/// clone of the inner service. Clone it into each task that sends; when the inner
+/// service is not `Clone`, put the `Health` behind tower's `Buffer`. Usually a
+/// balancer owns the endpoint, and it is the balancer that is shared. A clone that got
+/// readiness while the endpoint is half-open holds the one trial until it calls (and
+/// the call completes) or is dropped: do not keep a ready clone idle.
 ///
 /// See the [crate docs](crate) for an example.
 pub struct Health<S, K = ErrorsOnly> {
