@@ -6,38 +6,29 @@
 //! [`RouteHint`](marina_core::RouteHint) into its extensions, which marina-balance's
 //! `Balance` reads (`route_hints_from_extensions`). The balancer reports the endpoint it
 //! chose through the same hint, so the layer learns where a new session landed, or
-//! that a session moved, without reading responses. Three modes:
+//! that a session moved, without reading responses.
 //!
-//! | mode | state | sessions shared between client instances | when the pinned endpoint is down |
-//! |---|---|---|---|
-//! | [`sticky`](AffinityLayer::sticky) table | bounded table, idle expiry, sweep | no | re-pin (or `strict`: fail) |
-//! | signed [`token`](AffinityLayer::token) | none: the client carries `{endpoint, expiry}` + HMAC | yes | re-pin, new token |
-//! | consistent [`hash`](AffinityLayer::hash) | none | yes, for the same endpoint set | the hash maps elsewhere |
+//! # Add it
 //!
-//! Also: new sessions for key-less requests ([`AffinityLayer::new_sessions`]: 256-bit
-//! ids from the OS CSPRNG, returned as [`NewSession`] in the response's extensions;
-//! [`write_session_cookie`] turns it, or an [`IssuedToken`], into a `Set-Cookie`),
-//! session-pinned connections over marina-pool ([`SessionPool`]), and stats
-//! ([`AffinityHandle`]).
+//! The layer needs a balancer under it that reads its hints; marina-balance's is one:
 //!
-//! # What the balancer under the layer must do
+//! ```toml
+//! [dependencies]
+//! marina-affinity = "0.1"
+//! marina-balance = "0.1"
+//! ```
 //!
-//! The layer writes a hint; it does not route. The service under it must be a balancer
-//! that reads the hint from the request's extensions and reports its choice back:
-//! marina-balance's `Balance` built with `.route_hints_from_extensions()` (or
-//! `.route_hint(..)`), as below, or the whole stack from `marina::Stack`, which wires
-//! it. Over anything else the stack still works, but sessions are silently not
-//! pinned. So the layer watches for it: if the first 8 requests that carried a hint
-//! complete with no choice reported and none ever was, it logs one `tracing` warning
-//! ("session affinity is doing nothing: no balancer has read this AffinityLayer's
-//! route hints …") and sets [`AffinityStats::hint_unread`];
-//! [`AffinityStats::unrouted`] counts the requests whose hint went unread. Seeing
-//! either means: add `.route_hints_from_extensions()` to the balancer. See
-//! [`AffinityLayer`]'s "Wiring".
+//! # Cargo features
+//!
+//! | feature | enables |
+//! |---|---|
+//! | *(none)* | marina-affinity has no optional features (default: none); [`SessionPool`] builds on marina-pool, which is always a dependency. |
 //!
 //! # Examples
 //!
-//! A raw protocol (lines), sticky sessions keyed by a user name carried in the request:
+//! The wiring every mode needs: the layer over a `Balance` built with
+//! `.route_hints_from_extensions()`. Here a raw protocol, with sticky sessions keyed
+//! by a user name carried in the request:
 //!
 //! ```
 //! use marina_affinity::{AffinityLayer, TableConfig};
@@ -104,7 +95,37 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! # Modes
+//!
+//! | mode | state | sessions shared between client instances | when the pinned endpoint is down |
+//! |---|---|---|---|
+//! | [`sticky`](AffinityLayer::sticky) table | bounded table, idle expiry, sweep | no | re-pin (or `strict`: fail) |
+//! | signed [`token`](AffinityLayer::token) | none: the client carries `{endpoint, expiry}` + HMAC | yes | re-pin, new token |
+//! | consistent [`hash`](AffinityLayer::hash) | none | yes, for the same endpoint set | the hash maps elsewhere |
+//!
+//! Also: new sessions for key-less requests ([`AffinityLayer::new_sessions`]: 256-bit
+//! ids from the OS CSPRNG, returned as [`NewSession`] in the response's extensions;
+//! [`write_session_cookie`] turns it, or an [`IssuedToken`], into a `Set-Cookie`),
+//! session-pinned connections over marina-pool ([`SessionPool`]), and stats
+//! ([`AffinityHandle`]).
+//!
+//! # What the balancer under the layer must do
+//!
+//! The layer writes a hint; it does not route. The service under it must be a balancer
+//! that reads the hint from the request's extensions and reports its choice back:
+//! marina-balance's `Balance` built with `.route_hints_from_extensions()` (or
+//! `.route_hint(..)`), as in the examples above, or the whole stack from `marina::Stack`, which wires
+//! it. Over anything else the stack still works, but sessions are silently not
+//! pinned. So the layer watches for it: if the first 8 requests that carried a hint
+//! complete with no choice reported and none ever was, it logs one `tracing` warning
+//! ("session affinity is doing nothing: no balancer has read this AffinityLayer's
+//! route hints …") and sets [`AffinityStats::hint_unread`];
+//! [`AffinityStats::unrouted`] counts the requests whose hint went unread. Seeing
+//! either means: add `.route_hints_from_extensions()` to the balancer. See
+//! [`AffinityLayer`]'s "Wiring".
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod service;
 mod session;

@@ -315,6 +315,47 @@ impl AffinityHandle {
 }
 
 /// Pins each request's session to an endpoint; see [`AffinityLayer`].
+///
+/// # Sharing
+///
+/// `Clone` when the inner service is. Clones share the layer's state — the sticky
+/// table, the token codec, the counters behind [`AffinityHandle`] — as do all the
+/// services one [`AffinityLayer`] made; each clone calls its own clone of the inner
+/// service. A marina-balance `Balance` is not `Clone`: build it with `.shared()` under
+/// the layer, and the `Affinity` over it is one to clone into each task.
+///
+/// ```
+/// use marina_affinity::{AffinityLayer, TableConfig};
+/// use marina_balance::{Balance, RoundRobin};
+/// use marina_core::{Request, Response};
+/// use tower::{Layer, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), marina_core::BoxError> {
+/// let backends = (0..3).map(|n| {
+///     service_fn(move |_req: Request<&'static str>| async move {
+///         Ok::<_, std::io::Error>(Response::new(n))
+///     })
+/// });
+/// let balance = Balance::from_services(backends, RoundRobin::new())
+///     .route_hints_from_extensions()
+///     .shared();
+/// let user = |req: &Request<&'static str>| Some(req.body.to_string());
+/// let svc = AffinityLayer::sticky(user, TableConfig::default()).layer(balance);
+///
+/// // alice's first request pins her session...
+/// let pinned = svc.clone().oneshot(Request::new("alice")).await?.body;
+/// // ...and every clone, in any task, sees the same table and balancer.
+/// let mut tasks = Vec::new();
+/// for _ in 0..4 {
+///     let svc = svc.clone();
+///     tasks.push(tokio::spawn(svc.oneshot(Request::new("alice"))));
+/// }
+/// for task in tasks {
+///     assert_eq!(task.await??.body, pinned);
+/// }
+/// # Ok(()) }
+/// ```
 pub struct Affinity<S, X> {
     inner: S,
     layer: AffinityLayer<X>,
