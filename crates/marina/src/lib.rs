@@ -10,17 +10,59 @@
 //! under every pool: TCP through the bandwidth limiter (limit), then the protocol
 //! ```
 //!
+//! [`Stack`] builds all of it as one `Service` that you clone into each task; each crate
+//! is also here as a module, to use alone or to assemble yourself (with tower's
+//! `ServiceBuilder` and [`ServiceBuilderExt`]).
+//!
 //! | module | crate | what |
 //! |---|---|---|
-//! | [`pool`] | marina-pool | a bounded, cancel-safe connection pool; a tower `MakeConnection` |
-//! | [`health`] | marina-health | passive outlier detection and active probes, as a readiness gate |
-//! | [`balance`] | marina-balance | load balancing with pluggable pickers, failover, panic threshold |
-//! | [`affinity`] | marina-affinity | session affinity: sticky table, signed tokens, consistent hash |
-//! | [`limit`] | marina-limit | rate limits (governor), per-key concurrency, bandwidth |
-//! | [`core`] | marina-core | the shared vocabulary: `RouteHint`, `NotSent`, `KeyExtractor`, … |
+//! | [`pool`] | [marina-pool](https://docs.rs/marina-pool) | a bounded, cancel-safe connection pool; a tower `MakeConnection` |
+//! | [`health`] | [marina-health](https://docs.rs/marina-health) | passive outlier detection and active probes, as a readiness gate |
+//! | [`balance`] | [marina-balance](https://docs.rs/marina-balance) | load balancing with pluggable pickers, failover, panic threshold |
+//! | [`affinity`] | [marina-affinity](https://docs.rs/marina-affinity) | session affinity: sticky table, signed tokens, consistent hash |
+//! | [`limit`] | [marina-limit](https://docs.rs/marina-limit) | rate limits (governor), per-key concurrency, bandwidth |
+//! | [`core`] | [marina-core](https://docs.rs/marina-core) | the shared vocabulary: `RouteHint`, `NotSent`, `KeyExtractor`, … |
 //!
-//! Each module is behind a feature of the same name (`full` is all of them; the
-//! default features are `full` and `serde`, which adds [`StackConfig`]); [`Stack`] needs `full`; [`line`](mod@line) needs nothing.
+//! # Add it
+//!
+//! ```toml
+//! [dependencies]
+//! marina = "0.1"
+//! tokio = { version = "1", features = ["macros", "rt-multi-thread"] }
+//! tower = { version = "0.5", features = ["util"] }
+//! ```
+//!
+//! Only some of the pieces, without the stack builder:
+//!
+//! ```toml
+//! [dependencies]
+//! marina = { version = "0.1", default-features = false, features = ["balance", "health"] }
+//! ```
+//!
+//! # Cargo features
+//!
+//! Default: `full` and `serde`. [`core`] and [`line`](mod@line) (a line-protocol client)
+//! need no feature.
+//!
+//! | feature | enables |
+//! |---|---|
+//! | `full` | all five crates below, and what needs them all: [`Stack`], [`ServiceBuilderExt`], [`RequestTimeoutLayer`], [`InvalidConfig`] |
+//! | `pool` | [`pool`] (marina-pool) |
+//! | `health` | [`health`] (marina-health) |
+//! | `balance` | [`balance`] (marina-balance) |
+//! | `affinity` | [`affinity`] (marina-affinity) |
+//! | `limit` | [`limit`] (marina-limit) |
+//! | `serde` | [`StackConfig`] and [`Stack::from_config`]: the stack from a TOML file; turns on `full` |
+//!
+//! The crates' own features (marina-balance's `hyper-util`, `tonic` and `buffer`;
+//! marina-health's `http` and `grpc`) are not forwarded. To turn one on, also depend on
+//! that crate with the feature; Cargo then enables it for the copy marina uses:
+//!
+//! ```toml
+//! [dependencies]
+//! marina = "0.1"
+//! marina-health = { version = "0.1", features = ["grpc"] }
+//! ```
 //!
 //! # Examples
 //!
@@ -74,6 +116,7 @@
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use marina_core as core;
 

@@ -21,6 +21,13 @@ use tower_service::Service;
 /// UTF-8 or longer than [`MAX_LINE`] is `InvalidData`. A call that fails or is dropped before its reply leaves the
 /// client broken (the stream may be mid-reply): its `poll_ready` fails from then on, and
 /// a pool closes it.
+///
+/// # Sharing
+///
+/// Not `Clone`: a client is one connection, with one exchange on it at a time. Share
+/// connections by pooling clients (marina-pool's `Pool` and `PoolService`, as the
+/// `Stack` does); to share a single connection between tasks, put the client behind
+/// tower's `Buffer`, and calls take turns on it.
 pub struct LineClient<IO> {
     io: Arc<tokio::sync::Mutex<BufReader<IO>>>,
     broken: Arc<AtomicBool>,

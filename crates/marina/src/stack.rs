@@ -37,8 +37,13 @@ use tower_service::Service;
 pub type Conn = Throttled<TcpStream>;
 
 /// The stack as one service: requests and responses carry extensions (route hints,
-/// new sessions). `Clone`: every clone shares one stack (one balancer, one set of
-/// pools and limits); clone it for each task.
+/// new sessions).
+///
+/// # Sharing
+///
+/// `Clone`, `Send` and `Sync`: every clone is a handle to the one stack (one balancer,
+/// one set of pools, health checks and limits, the figures one [`StackHandle`]
+/// reports); clone it into each task that sends.
 ///
 /// # Cancel safety
 ///
@@ -66,6 +71,13 @@ impl fmt::Debug for Reply {
 
 /// One backend's service as the layers added with [`StackBuilder::endpoint_layer`] see
 /// it: below them the request timeout and the pool, above them the health checks.
+///
+/// # Sharing
+///
+/// `Clone`, `Send` and `Sync`: clones reach the same backend's pool. The stack clones
+/// it (failover sends a retried request through a copy of the endpoint), so a layer's
+/// service must be `Clone` too, and state its clones should share belongs behind an
+/// `Arc`.
 pub type EndpointService<T> = BoxCloneSyncService<Request<T>, Response<Reply>, BoxError>;
 
 type EndpointLayerFn<T> = Arc<dyn Fn(EndpointService<T>) -> EndpointService<T> + Send + Sync>;
