@@ -16,23 +16,32 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::invalid::{InvalidLimit, or_panic};
+use crate::keyless::{MissingKey, WithoutKey};
 
 /// A key has its maximum of requests in flight.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionLimit {
-    /// The key (user, client address).
-    pub key: String,
+    /// The key (user, client address); `None` for the requests without a key, which
+    /// share one limit ([`WithoutKey::Shared`]).
+    pub key: Option<String>,
     /// Its limit.
     pub limit: usize,
 }
 
 impl fmt::Display for ConnectionLimit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:?} has its maximum of {} requests in flight",
-            self.key, self.limit
-        )
+        match &self.key {
+            Some(key) => write!(
+                f,
+                "{key:?} has its maximum of {} requests in flight",
+                self.limit
+            ),
+            None => write!(
+                f,
+                "requests without a key have their maximum of {} in flight",
+                self.limit
+            ),
+        }
     }
 }
 
@@ -60,8 +69,13 @@ struct Table {
     limit: usize,
     max_keys: usize,
     wait: Option<Duration>,
+    without_key: WithoutKey,
+    /// The permits shared by requests without a key ([`WithoutKey::Shared`]).
+    keyless: Arc<Semaphore>,
     admitted: AtomicU64,
     rejected: AtomicU64,
+    /// Requests refused for want of a key (also in `rejected`).
+    missing_key: AtomicU64,
 }
 
 impl Table {
@@ -72,8 +86,11 @@ impl Table {
     }
 
     /// Forgets `key` if nothing holds or awaits its permits (the map only holds keys
-    /// in use).
-    fn release(&self, key: &str) {
+    /// in use). The permits of requests without a key (`None`) are not in the map.
+    fn release(&self, key: Option<&str>) {
+        let Some(key) = key else {
+            return;
+        };
         let mut keys = self.lock();
         if let Some(sem) = keys.get(key)
             && Arc::strong_count(sem) == 1
@@ -92,7 +109,11 @@ impl Table {
 /// [`wait`](Self::wait), waits up to a bound for a slot. A slot is released when the
 /// response future completes or is dropped (cancellation). Only keys with requests in
 /// flight are kept, at most `max_keys` of them (default 100,000: past that, new keys
-/// fail with [`TooManyActiveKeys`]). Requests without a key are not limited.
+/// fail with [`TooManyActiveKeys`]).
+///
+/// A request without a key is refused with [`MissingKey`] unless
+/// [`without_key`](Self::without_key) says otherwise ([`WithoutKey`]: let through
+/// unlimited, or `limit` in flight for all of them together).
 ///
 /// To cap *connections* rather than requests, put the layer in front of a service whose
 /// calls hold a connection for their duration (a `PoolService`, a session).
@@ -175,8 +196,11 @@ impl<X> ConcurrencyPerKeyLayer<X> {
                 limit,
                 max_keys: 100_000,
                 wait: None,
+                without_key: WithoutKey::default(),
+                keyless: Arc::new(Semaphore::new(limit)),
                 admitted: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
+                missing_key: AtomicU64::new(0),
             }),
         })
     }
@@ -224,6 +248,23 @@ impl<X> ConcurrencyPerKeyLayer<X> {
         Ok(self)
     }
 
+    /// What happens to a request whose key `extractor` finds none (default
+    /// [`WithoutKey::Refuse`]: it fails with [`MissingKey`]; see [`WithoutKey`] for
+    /// why).
+    ///
+    /// With [`WithoutKey::Shared`], all those requests together have `limit` slots,
+    /// apart from every key's (the empty key's included) and not counted against
+    /// `max_keys`; a request that finds none fails with [`ConnectionLimit`] (its
+    /// `key` is `None`) or waits, as [`wait`](Self::wait) says.
+    ///
+    /// # Panics
+    ///
+    /// If the layer was already cloned or used (configure it first).
+    pub fn without_key(mut self, without_key: WithoutKey) -> Self {
+        self.table_mut().without_key = without_key;
+        self
+    }
+
     /// The handle to the counters.
     pub fn handle(&self) -> ConcurrencyHandle {
         ConcurrencyHandle {
@@ -250,16 +291,23 @@ impl<S, X> Layer<S> for ConcurrencyPerKeyLayer<X> {
 pub struct ConcurrencyStats {
     /// Keys with requests in flight now.
     pub active_keys: usize,
-    /// Requests in flight now, all keys together.
+    /// Requests in flight now, all keys together (not those without a key).
     pub in_flight: usize,
+    /// Requests without a key in flight now, in their shared slots
+    /// ([`WithoutKey::Shared`]; 0 otherwise, as those let through are not tracked).
+    pub keyless_in_flight: usize,
     /// The five keys with the most requests in flight, most first.
     pub top: Vec<(String, usize)>,
     /// The per-key limit.
     pub limit: usize,
-    /// Requests admitted.
+    /// Requests admitted (with those without a key let through by
+    /// [`WithoutKey::Unlimited`]).
     pub admitted: u64,
     /// Requests refused.
     pub rejected: u64,
+    /// Requests refused because they had no key ([`WithoutKey::Refuse`]), also
+    /// counted in `rejected`.
+    pub missing_key: u64,
 }
 
 /// The counters of a [`ConcurrencyPerKeyLayer`], readable from anywhere.
@@ -304,10 +352,12 @@ impl ConcurrencyHandle {
         ConcurrencyStats {
             active_keys,
             in_flight,
+            keyless_in_flight: t.limit - t.keyless.available_permits(),
             top: per,
             limit: t.limit,
             admitted: t.admitted.load(Relaxed),
             rejected: t.rejected.load(Relaxed),
+            missing_key: t.missing_key.load(Relaxed),
         }
     }
 
@@ -346,7 +396,8 @@ impl<S: fmt::Debug, X> fmt::Debug for ConcurrencyPerKey<S, X> {
     }
 }
 
-/// A key waited on: forgets the key when dropped unused (a cancelled wait).
+/// A key waited on: forgets the key when dropped unused (a cancelled wait). `None`:
+/// the wait is over, or it was for the slots of requests without a key.
 struct KeyGuard {
     key: Option<String>,
     table: Arc<Table>,
@@ -355,22 +406,23 @@ struct KeyGuard {
 impl Drop for KeyGuard {
     fn drop(&mut self) {
         if let Some(k) = self.key.take() {
-            self.table.release(&k);
+            self.table.release(Some(&k));
         }
     }
 }
 
-/// A slot: releases the key's permit and forgets the key when unused.
+/// A slot: releases the key's permit and forgets the key when unused. `key` is
+/// `None` for a slot of the requests without a key.
 struct Slot {
     permit: Option<OwnedSemaphorePermit>,
-    key: String,
+    key: Option<String>,
     table: Arc<Table>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         drop(self.permit.take());
-        self.table.release(&self.key);
+        self.table.release(self.key.as_deref());
     }
 }
 
@@ -390,31 +442,44 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let t = &self.table;
-        let Some(key) = self.extractor.extract(&req) else {
-            return ResponseFuture::new(State::Call {
-                fut: self.inner.call(req),
-                slot: None,
-            });
-        };
-        let sem = {
-            let mut keys = t.lock();
-            match keys.get(&key) {
-                Some(s) => s.clone(),
-                None if keys.len() >= t.max_keys => {
-                    t.rejected.fetch_add(1, Relaxed);
-                    return ResponseFuture::failed(
-                        TooManyActiveKeys {
-                            max_keys: t.max_keys,
-                        }
-                        .into(),
-                    );
-                }
-                None => {
-                    let s = Arc::new(Semaphore::new(t.limit));
-                    keys.insert(key.clone(), s.clone());
-                    s
+        let key = self.extractor.extract(&req);
+        let sem = match &key {
+            Some(key) => {
+                let mut keys = t.lock();
+                match keys.get(key) {
+                    Some(s) => s.clone(),
+                    None if keys.len() >= t.max_keys => {
+                        t.rejected.fetch_add(1, Relaxed);
+                        return ResponseFuture::failed(
+                            TooManyActiveKeys {
+                                max_keys: t.max_keys,
+                            }
+                            .into(),
+                        );
+                    }
+                    None => {
+                        let s = Arc::new(Semaphore::new(t.limit));
+                        keys.insert(key.clone(), s.clone());
+                        s
+                    }
                 }
             }
+            None => match t.without_key {
+                WithoutKey::Unlimited => {
+                    t.admitted.fetch_add(1, Relaxed);
+                    return ResponseFuture::new(State::Call {
+                        fut: self.inner.call(req),
+                        slot: None,
+                    });
+                }
+                WithoutKey::Refuse => {
+                    t.rejected.fetch_add(1, Relaxed);
+                    t.missing_key.fetch_add(1, Relaxed);
+                    return ResponseFuture::failed(MissingKey.into());
+                }
+                // One more key of their own, outside the map.
+                WithoutKey::Shared => t.keyless.clone(),
+            },
         };
         match sem.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -451,7 +516,7 @@ where
                         svc: Some(svc),
                         req: Some(req),
                         guard: KeyGuard {
-                            key: Some(wait_key),
+                            key: wait_key,
                             table,
                         },
                         limit,
@@ -460,7 +525,7 @@ where
                 None => {
                     drop(sem);
                     t.rejected.fetch_add(1, Relaxed);
-                    t.release(&key);
+                    t.release(key.as_deref());
                     ResponseFuture::failed(
                         ConnectionLimit {
                             key,
@@ -557,7 +622,7 @@ where
                 } => {
                     let permit = std::task::ready!(acquire.as_mut().poll(cx));
                     let table = guard.table.clone();
-                    let key = guard.key.take().expect("the key");
+                    let key = guard.key.take();
                     match permit {
                         Some(permit) => {
                             table.admitted.fetch_add(1, Relaxed);
@@ -574,7 +639,7 @@ where
                         }
                         None => {
                             table.rejected.fetch_add(1, Relaxed);
-                            table.release(&key);
+                            table.release(key.as_deref());
                             State::Failed {
                                 error: Some(ConnectionLimit { key, limit: *limit }.into()),
                             }

@@ -11,6 +11,9 @@
 //! - [`ConcurrencyPerKeyLayer`]: requests in flight per key — the seed's
 //!   `maxConnectionsPerUser` and `maxConnectionsPerIP`; over the limit:
 //!   [`ConnectionLimit`], or a bounded wait.
+//! - In both per-key limiters a request without a key is refused with [`MissingKey`],
+//!   unless the layer's `without_key` lets it through unlimited or limits all such
+//!   requests together as one key of their own ([`WithoutKey`]).
 //! - [`BandwidthLimit`]: wraps a connector; its connections are throttled in bytes/s
 //!   with a burst, per connection or shared, charged before the bytes move in small
 //!   chunks; a [`MinRate`] cuts off slow peers ([`TooSlow`]).
@@ -69,6 +72,7 @@ mod bandwidth;
 mod clock;
 mod concurrency;
 mod invalid;
+mod keyless;
 mod rate;
 mod store;
 
@@ -79,6 +83,7 @@ pub use concurrency::{
     ConnectionLimit, ResponseFuture as ConcurrencyFuture, TooManyActiveKeys,
 };
 pub use invalid::InvalidLimit;
+pub use keyless::{MissingKey, WithoutKey};
 pub use rate::{
     Global, KeyTable, Keyed, KeyedFuture, OnLimit, Rate, RateLimit, RateLimitHandle,
     RateLimitLayer, RateLimited, RateStats, ResponseFuture, TooManyKeys,

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use tower_service::Service;
 
 use crate::clock::TokioClock;
 use crate::invalid::{InvalidLimit, or_panic};
+use crate::keyless::{MissingKey, WithoutKey};
 use crate::store::{BoundedStore, GlobalState, SharedStore, WhenKeysFull};
 
 /// A request went over its rate limit.
@@ -247,8 +248,15 @@ struct Limiter {
     gcra: Gcra,
     rate: Rate,
     on_limit: std::sync::Mutex<OnLimit>,
+    /// A keyed limiter's [`WithoutKey`], as `without_key_code` writes it.
+    without_key: AtomicU8,
+    /// The state of the quota shared by requests without a key
+    /// ([`WithoutKey::Shared`]), in the time of the keyed states (`start`).
+    keyless: GlobalState,
     admitted: AtomicU64,
     rejected: AtomicU64,
+    /// Requests refused for want of a key (also in `rejected`).
+    missing_key: AtomicU64,
     /// The last `stats()` reading: (clock ns, admitted then, rate computed then).
     last_reading: std::sync::Mutex<(u64, u64, u64)>,
 }
@@ -359,8 +367,11 @@ impl Limiter {
             gcra,
             rate,
             on_limit: std::sync::Mutex::new(OnLimit::Reject),
+            without_key: AtomicU8::new(without_key_code(WithoutKey::default())),
+            keyless: GlobalState::default(),
             admitted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            missing_key: AtomicU64::new(0),
             last_reading: std::sync::Mutex::new((0, 0, 0)),
         }
     }
@@ -404,19 +415,25 @@ impl Limiter {
         }
     }
 
+    fn without_key(&self) -> WithoutKey {
+        match self.without_key.load(Relaxed) {
+            0 => WithoutKey::Refuse,
+            1 => WithoutKey::Unlimited,
+            _ => WithoutKey::Shared,
+        }
+    }
+
     /// Takes a cell for `key` (or the global one): `Ok`, or how long until one.
     fn check(&self, key: Option<&String>) -> Result<(), Check> {
         let out = match (&self.kind, key) {
             (Kind::Global(l, _), _) => l.check(),
-            (Kind::Keyed(l, store), key) => {
-                // Requests without a key share the empty key's quota.
-                let empty = String::new();
-                let k = key.unwrap_or(&empty);
+            (Kind::Keyed(l, store), Some(k)) => {
                 if !store.admit(k, || self.state_now()) {
                     return Err(Check::Full(store.max_keys()));
                 }
                 l.check_key(k)
             }
+            (Kind::Keyed(..), None) => return self.check_keyless(),
         };
         match out {
             Ok(()) => {
@@ -425,6 +442,23 @@ impl Limiter {
             }
             Err(nu) => Err(Check::Wait(self.wait_of(&nu))),
         }
+    }
+
+    /// A keyed limiter's request without a key, as [`WithoutKey`] says.
+    fn check_keyless(&self) -> Result<(), Check> {
+        match self.without_key() {
+            WithoutKey::Refuse => return Err(Check::Missing),
+            WithoutKey::Unlimited => {}
+            WithoutKey::Shared => {
+                // Governor's check exactly: a reservation that may not wait.
+                let (gcra, t0) = (self.gcra, self.state_now());
+                self.keyless
+                    .measure_and_replace(&NotKeyed::NonKey, |tat| gcra.reserve(tat, t0, 0))
+                    .map_err(|wait| Check::Wait(Duration::from_nanos(wait)))?;
+            }
+        }
+        self.admit();
+        Ok(())
     }
 
     fn wait_of(&self, nu: &NotUntil<Nanos>) -> Duration {
@@ -438,16 +472,16 @@ impl Limiter {
         let t0 = self.state_now();
         let gcra = self.gcra;
         let reserve = |tat| gcra.reserve(tat, t0, max);
-        // Requests without a key share the empty key's quota.
-        let key = key.unwrap_or_default();
-        let out = match &self.kind {
-            Kind::Global(_, state) => state.measure_and_replace(&NotKeyed::NonKey, reserve),
-            Kind::Keyed(_, store) => {
-                if !store.admit(&key, || t0) {
+        let out = match (&self.kind, &key) {
+            (Kind::Global(_, state), _) => state.measure_and_replace(&NotKeyed::NonKey, reserve),
+            (Kind::Keyed(_, store), Some(k)) => {
+                if !store.admit(k, || t0) {
                     return Reserved::Full(store.max_keys());
                 }
-                store.measure_and_replace(&key, reserve)
+                store.measure_and_replace(k, reserve)
             }
+            // Only `WithoutKey::Shared` lets a request without a key wait.
+            (Kind::Keyed(..), None) => self.keyless.measure_and_replace(&NotKeyed::NonKey, reserve),
         };
         match out {
             Ok((Slot::Now, _)) => {
@@ -467,17 +501,19 @@ impl Limiter {
     }
 
     /// Gives back the cell reserved as state `tat` if it is still the last one
-    /// reserved for `key`: the state goes back one period, as if it had never been
-    /// taken. (Once a later cell is reserved, the line keeps its times.)
-    fn give_back(&self, key: &String, tat: u64) {
+    /// reserved for `key` (`None`: the global quota, or the one shared by requests
+    /// without a key): the state goes back one period, as if it had never been taken.
+    /// (Once a later cell is reserved, the line keeps its times.)
+    fn give_back(&self, key: Option<&String>, tat: u64) {
         let t = self.gcra.t;
         let back = |now: Option<Nanos>| match now {
             Some(now) if now.as_u64() == tat => Ok(((), Nanos::from(tat - t))),
             _ => Err(()),
         };
-        let _ = match &self.kind {
-            Kind::Global(_, state) => state.measure_and_replace(&NotKeyed::NonKey, back),
-            Kind::Keyed(_, store) => store.measure_and_replace(key, back),
+        let _ = match (&self.kind, key) {
+            (Kind::Global(_, state), _) => state.measure_and_replace(&NotKeyed::NonKey, back),
+            (Kind::Keyed(_, store), Some(k)) => store.measure_and_replace(k, back),
+            (Kind::Keyed(..), None) => self.keyless.measure_and_replace(&NotKeyed::NonKey, back),
         };
     }
 
@@ -485,11 +521,28 @@ impl Limiter {
         self.rejected.fetch_add(1, Relaxed);
         RateLimited { retry_after: wait }.into()
     }
+
+    fn refuse_missing_key(&self) -> BoxError {
+        self.rejected.fetch_add(1, Relaxed);
+        self.missing_key.fetch_add(1, Relaxed);
+        MissingKey.into()
+    }
+}
+
+/// How [`Limiter::without_key`] is stored.
+fn without_key_code(w: WithoutKey) -> u8 {
+    match w {
+        WithoutKey::Refuse => 0,
+        WithoutKey::Unlimited => 1,
+        WithoutKey::Shared => 2,
+    }
 }
 
 enum Check {
     Wait(Duration),
     Full(usize),
+    /// A keyed limiter's request without a key, refused ([`WithoutKey::Refuse`]).
+    Missing,
 }
 
 /// The outcome of a reservation.
@@ -511,7 +564,8 @@ struct Reservation {
     /// When the request is admitted.
     at: Instant,
     limiter: Arc<Limiter>,
-    key: String,
+    /// `None`: the global quota, or the one shared by requests without a key.
+    key: Option<String>,
     /// The state this reservation left (none once used).
     tat: Option<u64>,
 }
@@ -527,7 +581,7 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(tat) = self.tat {
-            self.limiter.give_back(&self.key, tat);
+            self.limiter.give_back(self.key.as_ref(), tat);
         }
     }
 }
@@ -536,10 +590,15 @@ impl Drop for Reservation {
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub struct RateStats {
-    /// Requests admitted.
+    /// Requests admitted (with those without a key let through by
+    /// [`WithoutKey::Unlimited`]).
     pub admitted: u64,
-    /// Requests refused (over the limit, or a new key when the key table refuses).
+    /// Requests refused (over the limit, a new key when the key table refuses, or a
+    /// request without a key: [`WithoutKey::Refuse`]).
     pub rejected: u64,
+    /// Requests refused because they had no key ([`WithoutKey::Refuse`]; keyed
+    /// limiters), also counted in `rejected`.
+    pub missing_key: u64,
     /// Requests admitted per second, averaged since the previous `stats()` reading at
     /// least a second earlier (or since the limiter was made): a scraper reading every
     /// 15 s sees the rate over those 15 s. (Counting per request costs one atomic add;
@@ -580,6 +639,7 @@ impl RateLimitHandle {
         RateStats {
             admitted: l.admitted.load(Relaxed),
             rejected: l.rejected.load(Relaxed),
+            missing_key: l.missing_key.load(Relaxed),
             current_rate: l.current_rate(),
             limit_per_second: l.rate.per_second_f64(),
             burst: l.rate.burst_size(),
@@ -605,7 +665,9 @@ impl RateLimitHandle {
 ///   [`RateLimited`]; `Wait` holds `poll_ready` back (backpressure) until the
 ///   service's reserved cell comes, up to its bound.
 /// - [`keyed`](Self::keyed): one quota per key (user, client IP: any
-///   [`KeyExtractor`]); requests without a key share one. The key table is bounded
+///   [`KeyExtractor`]). A request without a key is refused with [`MissingKey`]
+///   unless [`without_key`](Self::without_key) says otherwise ([`WithoutKey`]: let
+///   through unlimited, or one quota for all of them). The key table is bounded
 ///   (`max_keys`, default 100,000: evict the least active keys, or refuse new ones
 ///   with [`TooManyKeys`]) and swept every `sweep_interval` (default 60 s) of keys
 ///   whose quota has replenished (governor#171: rotating keys otherwise grow without
@@ -791,7 +853,8 @@ impl KeyTable {
 }
 
 impl<X> RateLimitLayer<Keyed<X>> {
-    /// One quota per key read by `extractor`, with the default key table.
+    /// One quota per key read by `extractor`, with the default key table. Requests
+    /// without a key are refused ([`without_key`](Self::without_key)).
     pub fn keyed(extractor: X, rate: Rate) -> Self {
         Self::build_keyed(extractor, rate, KeyTable::default())
     }
@@ -831,6 +894,20 @@ impl<X> RateLimitLayer<Keyed<X>> {
             limiter,
             extractor: Arc::new(Keyed(extractor)),
         }
+    }
+
+    /// What happens to a request whose key `extractor` finds none (default
+    /// [`WithoutKey::Refuse`]: it fails with [`MissingKey`]; see [`WithoutKey`] for
+    /// why). Applies to every service of the layer, from their next request.
+    ///
+    /// With [`WithoutKey::Shared`], all those requests share one quota at the
+    /// layer's rate, apart from every key's (the empty key's included); over it they
+    /// fail with [`RateLimited`] or wait, as [`on_limit`](Self::on_limit) says.
+    pub fn without_key(self, without_key: WithoutKey) -> Self {
+        self.limiter
+            .without_key
+            .store(without_key_code(without_key), Relaxed);
+        self
     }
 }
 
@@ -996,7 +1073,9 @@ where
             }
             self.state = match self.limiter.check(None) {
                 Ok(()) => Ready::Permit,
-                Err(Check::Full(_)) => unreachable!("a global limiter has no key table"),
+                Err(Check::Full(_) | Check::Missing) => {
+                    unreachable!("a global limiter has no keys")
+                }
                 Err(Check::Wait(wait)) => match self.limiter.on_limit() {
                     OnLimit::Reject => Ready::Denied(wait),
                     // Take a place in line; refused at once if it is too far back.
@@ -1063,6 +1142,12 @@ where
                 .into();
             }
             Err(Check::Full(max_keys)) => return self.too_many_keys(max_keys),
+            Err(Check::Missing) => {
+                return KeyedState::Failed {
+                    error: Some(self.limiter.refuse_missing_key()),
+                }
+                .into();
+            }
             Err(Check::Wait(wait)) => wait,
         };
         let OnLimit::Wait { max } = self.limiter.on_limit() else {

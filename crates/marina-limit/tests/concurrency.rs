@@ -2,7 +2,8 @@
 //! key's limit fails with `ConnectionLimit` (or waits, bounded, for a slot); a slot is
 //! released when the response completes or its future is dropped; the key table holds
 //! only keys in use (a cancelled wait leaves nothing behind) and caps them; requests
-//! without a key pass unlimited; the handle reports top keys and in-flight counts.
+//! without a key are handled as `without_key` says (tests/without_key.rs has the
+//! choices); the handle reports top keys and in-flight counts.
 //!
 //! Requests are held in flight by the backend, which answers each when the test sends
 //! on the request's `oneshot` channel. Waits run on paused time.
@@ -10,7 +11,7 @@
 use std::time::Duration;
 
 use marina_core::{BoxError, ClientIp, PeerAddr};
-use marina_limit::{ConcurrencyPerKeyLayer, ConnectionLimit, TooManyActiveKeys};
+use marina_limit::{ConcurrencyPerKeyLayer, ConnectionLimit, TooManyActiveKeys, WithoutKey};
 use proptest::prelude::*;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, advance};
@@ -75,7 +76,7 @@ async fn the_sixth_request_of_a_user_is_refused() {
     assert_eq!(
         connection_limit(&e),
         ConnectionLimit {
-            key: "alice".into(),
+            key: Some("alice".into()),
             limit: 5
         }
     );
@@ -292,7 +293,7 @@ fn layer_one_wait() -> ConcurrencyPerKeyLayer<UserFn> {
 
 #[tokio::test]
 async fn max_keys_caps_the_distinct_active_keys() {
-    let layer = layer(5).max_keys(2);
+    let layer = layer(5).max_keys(2).without_key(WithoutKey::Shared);
     let handle = layer.handle();
     let mut svc = layer.layer(backend());
     let (mut a, a_tx) = start!(svc, Some("alice"));
@@ -305,7 +306,8 @@ async fn max_keys_caps_the_distinct_active_keys() {
         e.downcast_ref::<TooManyActiveKeys>(),
         Some(&TooManyActiveKeys { max_keys: 2 })
     );
-    // Known keys still get slots; keyless requests are not keys.
+    // Known keys still get slots; the slots shared by requests without a key are not
+    // one of the keys counted.
     let (mut a2, a2_tx) = start!(svc, Some("alice"));
     assert_pending!(a2.poll());
     let (mut anon, anon_tx) = start!(svc, None);
@@ -324,8 +326,8 @@ async fn max_keys_caps_the_distinct_active_keys() {
 }
 
 #[tokio::test]
-async fn requests_without_a_key_are_not_limited() {
-    let layer = layer(1);
+async fn requests_without_a_key_let_through_are_not_limited() {
+    let layer = layer(1).without_key(WithoutKey::Unlimited);
     let handle = layer.handle();
     let mut svc = layer.layer(backend());
     let mut anon: Vec<_> = Vec::new();
@@ -339,6 +341,8 @@ async fn requests_without_a_key_are_not_limited() {
         (stats.active_keys, stats.in_flight, stats.rejected),
         (0, 0, 0)
     );
+    // Admitted, but not tracked.
+    assert_eq!((stats.admitted, stats.keyless_in_flight), (50, 0));
     // A keyed request beside them is limited as usual.
     let (mut k, _k_tx) = start!(svc, Some("alice"));
     assert_pending!(k.poll());
@@ -411,8 +415,10 @@ async fn client_ip_caps_requests_per_peer_address() {
     let (r, _tx) = from("192.0.2.1:1002");
     let mut f = tokio_test::task::spawn(svc.ready().await.unwrap().call(r));
     assert_eq!(
-        connection_limit(&assert_ready_err!(f.poll())).key,
-        "192.0.2.1"
+        connection_limit(&assert_ready_err!(f.poll()))
+            .key
+            .as_deref(),
+        Some("192.0.2.1")
     );
     let (r, tx) = from("192.0.2.2:1000");
     let mut f = tokio_test::task::spawn(svc.ready().await.unwrap().call(r));
