@@ -1,0 +1,320 @@
+//! Putting the stack together: one backend's endpoint, the balancer, the layers above.
+
+use super::*;
+
+/// A builder whose requests are converted before they reach a client.
+pub(super) struct MappedBuilder<T, T2> {
+    pub(super) inner: StackBuilder<T>,
+    pub(super) f: Arc<dyn Fn(T) -> T2 + Send + Sync>,
+    /// Refuses bad requests at the top of the stack.
+    pub(super) validate: Option<ValidateFn<T>>,
+}
+
+pub(super) type ValidateFn<T> = Arc<dyn Fn(&T) -> Result<(), BoxError> + Send + Sync>;
+
+impl<T, T2> MappedBuilder<T, T2>
+where
+    T: Clone + Send + Sync + 'static,
+    T2: Send + 'static,
+{
+    pub(super) fn build<U, C>(
+        self,
+        protocol: impl Fn(Conn) -> BoxFuture<'static, io::Result<C>> + Send + Sync + 'static,
+        check: Option<CheckFn<C>>,
+    ) -> Result<(StackService<T, U>, StackHandle), BoxError>
+    where
+        C: Service<T2, Response = U> + Send + 'static,
+        C::Error: Into<BoxError>,
+        C::Future: Send + 'static,
+        U: Send + 'static,
+    {
+        let b = self.inner;
+        let body = self.f;
+        let problems = b.validate();
+        if !problems.is_empty() {
+            return Err(crate::InvalidConfig(problems).into());
+        }
+        let proto: ProtoFn<C> = Arc::new(protocol);
+        let mut tcp =
+            BandwidthLimit::new(TcpConnector::new().connect_timeout(Some(b.connect_timeout)));
+        if let Some((rate, burst)) = b.bandwidth {
+            tcp = tcp.shared_write(rate, burst);
+        }
+        let bandwidth = tcp.write_bucket().cloned();
+        let connector = ProtocolConnector { tcp, proto };
+        let gate = EjectionGate::new();
+        let state = Arc::new(ShutdownState::default());
+        let state_for_add = state.clone();
+        let (changes, discover) = marina_balance::ChangeStream::channel();
+        let changes_for_remove = changes.clone();
+        // Makes one backend's endpoint (pool, health) and registers it with the
+        // balancer; kept in the handle to add backends at run time.
+        let registry = Arc::new(Registry::default());
+        let add: AddFn = {
+            // One connect timeout: the builder's (the pool's own would cap it).
+            let pool_config = Config {
+                connect_timeout: Some(b.connect_timeout),
+                ..b.pool.clone()
+            };
+            let state = state_for_add.clone();
+            let health_config = b.health.clone();
+            let probe = b.probe.clone();
+            let request_timeout = b.request_timeout;
+            let endpoint_layers = b.endpoint_layers.clone();
+            let registry = registry.clone();
+            let gate = gate.clone();
+            Arc::new(move |addr: SocketAddr| -> Result<(), BoxError> {
+                if state.closed.load(Acquire) {
+                    return Err(ShuttingDown.into());
+                }
+                if registry.lock().iter().any(|p| p.addr == addr && p.active) {
+                    return Err(format!("backend {addr} is in the stack already").into());
+                }
+                let mut builder = Pool::builder().config(pool_config.clone());
+                if let Some(check) = &check {
+                    let check = check.clone();
+                    builder = builder.check(move |c: &mut C| check(c));
+                }
+                let pool = builder.build(connector.clone(), addr)?;
+                let body = body.clone();
+                let endpoint = RequestTimeoutService::new(
+                    PoolService::new(pool.clone())
+                        .map_request(move |r: Request<T>| body(r.into_body()))
+                        .map_response(Response::new),
+                    request_timeout,
+                );
+                let endpoint = if endpoint_layers.is_empty() {
+                    BoxCloneSyncService::new(endpoint)
+                } else {
+                    with_endpoint_layers(endpoint, &endpoint_layers)
+                };
+                let mut health = None;
+                let endpoint: StackService<T, U> = match &health_config {
+                    Some(cfg) => {
+                        let mut layer = HealthLayer::new(cfg.clone())
+                            .name(addr.to_string())
+                            .ejection_gate(gate.clone());
+                        if let Some(probe) = &probe {
+                            layer = probe(layer, addr);
+                        }
+                        let h = layer.layer(endpoint);
+                        health = Some(h.handle());
+                        BoxCloneSyncService::new(h)
+                    }
+                    None => BoxCloneSyncService::new(endpoint),
+                };
+                changes
+                    .send(Change::Insert(addr, endpoint))
+                    .map_err(|_| "the stack's balancer is gone")?;
+                let stats_pool = pool.clone();
+                registry.lock().push(PoolEntry {
+                    addr,
+                    active: true,
+                    stats: Box::new(move || stats_pool.stats()),
+                    close: Box::new(move || {
+                        let p = pool.clone();
+                        Box::pin(async move { p.close().await })
+                    }),
+                    health,
+                });
+                Ok(())
+            })
+        };
+        let remove: RemoveFn = {
+            let changes = changes_for_remove;
+            let registry = registry.clone();
+            Arc::new(move |addr: SocketAddr| {
+                let close = {
+                    let mut entries = registry.lock();
+                    let Some(entry) = entries.iter_mut().find(|p| p.addr == addr && p.active)
+                    else {
+                        return false;
+                    };
+                    entry.active = false;
+                    (entry.close)()
+                };
+                let _ = changes.send(Change::Remove(addr));
+                // The pool drains (requests in flight finish), closes, and leaves the
+                // registry.
+                let registry = registry.clone();
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        close.await;
+                        registry.lock().retain(|p| p.active || p.addr != addr);
+                    });
+                }
+                true
+            })
+        };
+        for &addr in &b.endpoints {
+            add(addr)?;
+        }
+        // Hash affinity routes by the key's hash, which only a consistent-hash picker
+        // reads: it is the default then.
+        let picker: Box<dyn Pick> = match (&b.picker, &b.affinity) {
+            (Some(make), _) => make(),
+            (None, Some(AffinityMode::Hash(_))) => Box::new(ConsistentHash::new()),
+            (None, _) => Box::new(RoundRobin::new()),
+        };
+        let mut balance = Balance::new(discover, BoxedPick(picker))
+            .failfast_timeout(b.failfast)
+            .ejection_gate(gate)
+            .panic_threshold(b.panic_threshold)
+            .route_hints_from_extensions();
+        if let Some(f) = b.failover {
+            balance = balance.failover(f);
+        }
+        let balance_handle = balance.handle();
+        let shared = Shared::new(balance);
+        // With no layer above the balancer, the guard wraps it directly (one boxed
+        // future fewer per request).
+        let bare = b.affinity.is_none()
+            && b.concurrency.is_empty()
+            && b.rate.is_none()
+            && b.rate_per_key.is_none();
+        let mut svc: StackService<T, U> = BoxCloneSyncService::new(shared.clone());
+        let mut affinity = None;
+        match &b.affinity {
+            Some(AffinityMode::Sticky(key, table)) => {
+                let layer = AffinityLayer::sticky(key.extractor(), *table);
+                affinity = Some(layer.handle());
+                svc = BoxCloneSyncService::new(layer.layer(svc));
+            }
+            Some(AffinityMode::Hash(key)) => {
+                let layer = AffinityLayer::hash(key.extractor());
+                affinity = Some(layer.handle());
+                svc = BoxCloneSyncService::new(layer.layer(svc));
+            }
+            None => {}
+        }
+        let mut concurrency = Vec::new();
+        for (key, limit) in &b.concurrency {
+            let layer = ConcurrencyPerKeyLayer::new(key.extractor(), *limit);
+            concurrency.push(layer.handle());
+            svc = BoxCloneSyncService::new(layer.layer(svc));
+        }
+        let mut rate = None;
+        let mut rate_per_key = None;
+        if let Some((key, r)) = &b.rate_per_key {
+            let layer = RateLimitLayer::keyed(key.extractor(), *r);
+            rate_per_key = Some(layer.handle());
+            svc = BoxCloneSyncService::new(layer.layer(svc));
+        }
+        if let Some(r) = b.rate {
+            let layer = RateLimitLayer::global(r);
+            rate = Some(layer.handle());
+            svc = BoxCloneSyncService::new(layer.layer(svc));
+        }
+        let svc = if bare {
+            drop(svc);
+            BoxCloneSyncService::new(Guarded {
+                inner: shared,
+                state: state.clone(),
+                validate: self.validate.clone(),
+            })
+        } else {
+            BoxCloneSyncService::new(Guarded {
+                inner: svc,
+                state: state.clone(),
+                validate: self.validate.clone(),
+            })
+        };
+        let handle = StackHandle {
+            inner: Arc::new(HandleInner {
+                registry,
+                add,
+                remove,
+                balance: balance_handle,
+                affinity,
+                rate,
+                rate_per_key,
+                concurrency,
+                bandwidth,
+                state,
+            }),
+        };
+        Ok((svc, handle))
+    }
+}
+
+/// `endpoint` under the user's endpoint layers: replies type-erased on the way through
+/// them, restored above.
+pub(super) fn with_endpoint_layers<T, U, S>(
+    endpoint: S,
+    layers: &[EndpointLayerFn<T>],
+) -> StackService<T, U>
+where
+    T: Send + 'static,
+    U: Send + 'static,
+    S: Service<Request<T>, Response = Response<U>, Error = BoxError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let erased: EndpointService<T> =
+        BoxCloneSyncService::new(endpoint.map_response(|r: Response<U>| Response {
+            body: Reply(Box::new(r.body)),
+            extensions: r.extensions,
+        }));
+    let layered = layers.iter().fold(erased, |svc, layer| layer(svc));
+    BoxCloneSyncService::new(layered.and_then(|r: Response<Reply>| async move {
+        match r.body.0.downcast::<U>() {
+            Ok(body) => Ok(Response {
+                body: *body,
+                extensions: r.extensions,
+            }),
+            Err(_) => Err(BoxError::from(
+                "an endpoint layer replaced the reply with a value of another type",
+            )),
+        }
+    }))
+}
+
+/// Boxes a picker made at run time.
+pub(super) struct BoxedPick(pub(super) Box<dyn Pick>);
+
+impl Pick for BoxedPick {
+    fn pick(
+        &mut self,
+        endpoints: &dyn marina_balance::Endpoints,
+        hint: Option<&marina_core::RouteHint>,
+    ) -> usize {
+        self.0.pick(endpoints, hint)
+    }
+}
+
+/// TCP (through the bandwidth limiter), then the protocol.
+pub(super) struct ProtocolConnector<C> {
+    pub(super) tcp: BandwidthLimit<TcpConnector>,
+    pub(super) proto: ProtoFn<C>,
+}
+
+impl<C> Clone for ProtocolConnector<C> {
+    fn clone(&self) -> Self {
+        ProtocolConnector {
+            tcp: self.tcp.clone(),
+            proto: self.proto.clone(),
+        }
+    }
+}
+
+impl<C: Send + 'static> Service<SocketAddr> for ProtocolConnector<C> {
+    type Response = C;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<C, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::<SocketAddr>::poll_ready(&mut self.tcp, cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, addr: SocketAddr) -> Self::Future {
+        let connect = self.tcp.call(addr);
+        let proto = self.proto.clone();
+        Box::pin(async move {
+            let conn = connect.await?;
+            Ok(proto(conn).await?)
+        })
+    }
+}

@@ -1,0 +1,650 @@
+//! `Stack`: limits → affinity → balance → health → pool, as one `Service`.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::AcqRel, Ordering::Acquire};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use marina_affinity::{AffinityHandle, AffinityLayer, AffinityStats, TableConfig};
+use marina_balance::{
+    Balance, BalanceHandle, BalanceTotals, ConsistentHash, EndpointSnapshot, Failover, Pick,
+    RoundRobin, Shared,
+};
+use marina_core::Probe;
+use marina_core::{BoxError, BoxFuture, EjectionGate, Request, Response};
+
+use crate::timeout::RequestTimeoutService;
+
+mod assemble;
+mod guard;
+mod handle;
+
+use assemble::*;
+pub use guard::ShuttingDown;
+use guard::*;
+use handle::*;
+pub use handle::{BackendStats, StackHandle, StackStats};
+use marina_health::{ActiveConfig, HealthConfig, HealthHandle, HealthLayer, Status};
+use marina_limit::{
+    BandwidthLimit, Bucket, ConcurrencyHandle, ConcurrencyPerKeyLayer, ConcurrencyStats, Rate,
+    RateLimitHandle, RateLimitLayer, RateStats, Throttled,
+};
+use marina_pool::{Config, Pool, PoolService, PoolStats, TcpConnector};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tower::discover::Change;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceExt};
+use tower_service::Service;
+
+/// The connection every pool holds before the protocol: TCP through the bandwidth
+/// limiter.
+pub type Conn = Throttled<TcpStream>;
+
+/// The stack as one service: requests and responses carry extensions (route hints,
+/// new sessions).
+///
+/// # Sharing
+///
+/// `Clone`, `Send` and `Sync`: every clone is a handle to the one stack (one balancer,
+/// one set of pools, health checks and limits, the figures one [`StackHandle`]
+/// reports); clone it into each task that sends.
+///
+/// # Cancel safety
+///
+/// Dropping a call's future cancels the request wherever it is, and leaves nothing
+/// behind: waiting on a limit or for a ready backend, it gives up its place (a rate
+/// limit's reserved slot, a concurrency slot); waiting for a pooled connection, it
+/// leaves the pool's queue; once sent, it drops the client's future (the line client
+/// then marks itself broken, and its pool closes it instead of reusing it, as the reply
+/// may be half read; with [`StackBuilder::build`], the `check` decides), and the
+/// in-flight counts (balancer, health, [`StackHandle::shutdown`]'s wait) go down.
+pub type StackService<T, U> = BoxCloneSyncService<Request<T>, Response<U>, BoxError>;
+
+pub(crate) type KeyFn<T> = Arc<dyn Fn(&Request<T>) -> Option<String> + Send + Sync>;
+
+/// A reply on its way through the layers a user adds per backend
+/// ([`StackBuilder::endpoint_layer`]): the protocol's reply, type-erased (downcast it to
+/// read it: a `String` for [`StackBuilder::build_line`]).
+pub struct Reply(pub Box<dyn std::any::Any + Send>);
+
+impl fmt::Debug for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Reply(..)")
+    }
+}
+
+/// One backend's service as the layers added with [`StackBuilder::endpoint_layer`] see
+/// it: below them the request timeout and the pool, above them the health checks.
+///
+/// # Sharing
+///
+/// `Clone`, `Send` and `Sync`: clones reach the same backend's pool. The stack clones
+/// it (failover sends a retried request through a copy of the endpoint), so a layer's
+/// service must be `Clone` too, and state its clones should share belongs behind an
+/// `Arc`.
+pub type EndpointService<T> = BoxCloneSyncService<Request<T>, Response<Reply>, BoxError>;
+
+pub(crate) type EndpointLayerFn<T> =
+    Arc<dyn Fn(EndpointService<T>) -> EndpointService<T> + Send + Sync>;
+
+/// Adds an active probe of one backend's address to its health layer.
+pub(crate) type ProbeSetup = Arc<dyn Fn(HealthLayer, SocketAddr) -> HealthLayer + Send + Sync>;
+pub(crate) type ProtoFn<C> = Arc<dyn Fn(Conn) -> BoxFuture<'static, io::Result<C>> + Send + Sync>;
+pub(crate) type CheckFn<C> = Arc<dyn Fn(&mut C) -> bool + Send + Sync>;
+
+/// Affinity for the stack.
+#[derive(Clone)]
+pub enum AffinityMode<T> {
+    /// Sticky table keyed by the extractor's key.
+    Sticky(KeyFnBox<T>, TableConfig),
+    /// Consistent hash of the extractor's key (the stack's default picker is then
+    /// `ConsistentHash`, which reads it; another picker ignores the hash).
+    Hash(KeyFnBox<T>),
+}
+
+impl<T> fmt::Debug for AffinityMode<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AffinityMode::Sticky(_, c) => f.debug_tuple("Sticky").field(c).finish(),
+            AffinityMode::Hash(_) => f.write_str("Hash"),
+        }
+    }
+}
+
+/// A key extractor for the stack's requests.
+#[derive(Clone)]
+pub struct KeyFnBox<T>(KeyFn<T>);
+
+impl<T> fmt::Debug for KeyFnBox<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyFnBox")
+    }
+}
+
+impl<T> KeyFnBox<T> {
+    /// Reads a key with `f`.
+    pub fn new(f: impl Fn(&Request<T>) -> Option<String> + Send + Sync + 'static) -> Self {
+        KeyFnBox(Arc::new(f))
+    }
+
+    fn extractor(&self) -> impl Fn(&Request<T>) -> Option<String> + Send + Sync + 'static
+    where
+        T: 'static,
+    {
+        let f = self.0.clone();
+        move |r: &Request<T>| f(r)
+    }
+}
+
+/// The request timeout a stack starts with: 15 s, Envoy's route timeout.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Builds a [`Stack`]; see [`Stack::builder`].
+pub struct StackBuilder<T> {
+    endpoints: Vec<SocketAddr>,
+    pool: Config,
+    connect_timeout: Duration,
+    health: Option<HealthConfig>,
+    probe: Option<ProbeSetup>,
+    /// The active checks' settings (validated at build).
+    active: Option<ActiveConfig>,
+    /// `None`: round robin, or consistent hash with hash affinity.
+    picker: Option<Box<dyn Fn() -> Box<dyn Pick> + Send + Sync>>,
+    failover: Option<Failover>,
+    failfast: Duration,
+    panic_threshold: f64,
+    affinity: Option<AffinityMode<T>>,
+    rate: Option<Rate>,
+    rate_per_key: Option<(KeyFnBox<T>, Rate)>,
+    concurrency: Vec<(KeyFnBox<T>, usize)>,
+    bandwidth: Option<(f64, u64)>,
+    request_timeout: Option<Duration>,
+    endpoint_layers: Vec<EndpointLayerFn<T>>,
+}
+
+impl<T> fmt::Debug for StackBuilder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StackBuilder")
+            .field("endpoints", &self.endpoints)
+            .field("pool", &self.pool)
+            .field("health", &self.health)
+            .field("affinity", &self.affinity)
+            .field("rate", &self.rate)
+            .field("bandwidth", &self.bandwidth)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The whole client stack in one service: see [`Stack::builder`].
+#[derive(Debug)]
+pub struct Stack;
+
+impl Stack {
+    /// A builder from a validated [`StackConfig`](crate::StackConfig) (the `serde`
+    /// feature).
+    #[cfg(feature = "serde")]
+    pub fn from_config<T>(
+        config: &crate::StackConfig,
+    ) -> Result<StackBuilder<T>, crate::InvalidConfig>
+    where
+        T: StackRequest,
+    {
+        config.builder()
+    }
+
+    /// Starts a stack: no endpoints yet, `Config::balanced()` pools, default health
+    /// checks, round robin, failover on, no affinity, no limits.
+    pub fn builder<T>() -> StackBuilder<T> {
+        StackBuilder {
+            endpoints: Vec::new(),
+            pool: Config::balanced(),
+            connect_timeout: Duration::from_secs(5),
+            health: Some(HealthConfig::default()),
+            probe: None,
+            active: None,
+            picker: None,
+            failover: Some(Failover::new()),
+            failfast: Duration::from_secs(10),
+            panic_threshold: 0.5,
+            affinity: None,
+            rate: None,
+            rate_per_key: None,
+            concurrency: Vec::new(),
+            bandwidth: None,
+            request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
+            endpoint_layers: Vec::new(),
+        }
+    }
+}
+
+/// What a [`Stack`]'s request body must be: `Clone` (failover keeps a copy of each
+/// request to send it to another backend when it never reached its own), `Send + Sync +
+/// 'static` (the stack is one service shared by tasks). Implemented for every such
+/// type; it only gives a clearer error than the four bounds would.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be the request of a marina `Stack`: it must be `Clone + Send + Sync + 'static`",
+    label = "`{Self}` is not `Clone + Send + Sync + 'static`",
+    note = "the stack keeps a copy of each request so failover can re-send one that never reached its backend; derive or implement `Clone`, or wrap the body in an `Arc`"
+)]
+pub trait StackRequest: Clone + Send + Sync + 'static {}
+
+impl<T: Clone + Send + Sync + 'static> StackRequest for T {}
+
+impl<T> StackBuilder<T> {
+    /// The backends.
+    pub fn endpoints(mut self, endpoints: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.endpoints = endpoints.into_iter().collect();
+        self
+    }
+
+    /// Each backend's pool configuration.
+    pub fn pool(mut self, config: Config) -> Self {
+        self.pool = config;
+        self
+    }
+
+    /// Each attempt's timeout (default [`DEFAULT_REQUEST_TIMEOUT`], 15 s; above 0;
+    /// `None` for none): an attempt with no reply by then fails with
+    /// [`RequestTimeout`](crate::RequestTimeout), and the backend's health checks count
+    /// it as a failure (so a backend that accepts and never answers is ejected). It
+    /// covers the whole attempt below the health checks: waiting for a pooled
+    /// connection, connecting, sending and reading the reply. A timed-out request may
+    /// have been sent: failover does not re-send it unless it is marked idempotent.
+    pub fn request_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.request_timeout = timeout.into();
+        self
+    }
+
+    /// Adds a layer of your own to every backend, inside its health checks (which see
+    /// its failures) and above the request timeout and the pool: tower's
+    /// `ConcurrencyLimit`, your logging or metrics, a circuit breaker. Layers added
+    /// later sit further out. The layer sees [`EndpointService`]s: requests as sent to
+    /// the stack, replies type-erased as [`Reply`]s (boxed: one allocation per request,
+    /// only with such a layer). It must keep the reply it gets (a layer that replaces a
+    /// reply's body with another type fails that request).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use marina::Stack;
+    /// use tower::limit::ConcurrencyLimitLayer;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina::core::BoxError> {
+    /// let (_svc, handle) = Stack::builder::<String>()
+    ///     .endpoints(["127.0.0.1:7000".parse()?])
+    ///     .endpoint_layer(ConcurrencyLimitLayer::new(64)) // at most 64 in flight per backend
+    ///     .build_line()?;
+    /// # handle.shutdown(Duration::from_millis(10)).await;
+    /// # Ok(()) }
+    /// ```
+    pub fn endpoint_layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<EndpointService<T>> + Send + Sync + 'static,
+        L::Service: Service<Request<T>, Response = Response<Reply>> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Request<T>>>::Error: Into<BoxError>,
+        <L::Service as Service<Request<T>>>::Future: Send + 'static,
+        T: 'static,
+    {
+        self.endpoint_layers
+            .push(Arc::new(move |svc: EndpointService<T>| {
+                BoxCloneSyncService::new(layer.layer(svc).map_err(Into::into))
+            }));
+        self
+    }
+
+    /// The TCP connect timeout (default 5 s; above 0).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Passive health checks with `config` (default on); `None` turns them off. The
+    /// settings are checked at build (a failure rate is a share within `0.0..1.0`, an
+    /// ejection time above 0 and at most `max_ejection`, …: see `HealthConfig`'s
+    /// fields), problems reported under `health.<field>`.
+    pub fn health(mut self, config: Option<HealthConfig>) -> Self {
+        self.health = config;
+        self
+    }
+
+    /// Active health checks: `probe` (for example `marina::health::LineProbe`,
+    /// `TcpConnectProbe`, `HttpProbe`) run against each backend's address every
+    /// `active.interval`, besides the passive checks (turned on with defaults if they
+    /// were off). `active` is checked at build (an interval of at least 10 ms, a
+    /// timeout above 0, thresholds of at least 1: see `ActiveConfig`'s fields), problems
+    /// reported under `probe.<field>`.
+    pub fn probe<P>(mut self, active: ActiveConfig, probe: P) -> Self
+    where
+        P: Probe<SocketAddr> + Clone,
+    {
+        if self.health.is_none() {
+            self.health = Some(HealthConfig::default());
+        }
+        self.active = Some(active);
+        self.probe = Some(Arc::new(move |layer: HealthLayer, addr: SocketAddr| {
+            layer.probe(active, probe.clone(), addr)
+        }));
+        self
+    }
+
+    /// The picker, made by `make` (default round robin; consistent hash with
+    /// [`AffinityMode::Hash`], which needs one).
+    pub fn picker<P: Pick>(mut self, make: impl Fn() -> P + Send + Sync + 'static) -> Self {
+        self.picker = Some(Box::new(move || Box::new(make())));
+        self
+    }
+
+    /// Failover for requests not sent (default `Failover::new()`); `None` turns it off.
+    pub fn failover(mut self, failover: Option<Failover>) -> Self {
+        self.failover = failover;
+        self
+    }
+
+    /// How long nothing may be ready before calls fail fast (default 10 s).
+    pub fn failfast_timeout(mut self, timeout: Duration) -> Self {
+        self.failfast = timeout;
+        self
+    }
+
+    /// The balancer's panic threshold (default 0.5): below this share of healthy
+    /// backends, route to all of them. A share within `0.0..=1.0` (0.5 for 50%; 0
+    /// turns panic mode off); anything else is refused at build, under the path
+    /// `health.panic_threshold`.
+    pub fn panic_threshold(mut self, healthy_share: f64) -> Self {
+        self.panic_threshold = healthy_share;
+        self
+    }
+
+    /// Session affinity.
+    pub fn affinity(mut self, mode: AffinityMode<T>) -> Self {
+        self.affinity = Some(mode);
+        self
+    }
+
+    /// A global rate limit (rejects over the limit).
+    pub fn rate_limit(mut self, rate: Rate) -> Self {
+        self.rate = Some(rate);
+        self
+    }
+
+    /// A rate limit per key (user, client IP).
+    pub fn rate_limit_per_key(mut self, key: KeyFnBox<T>, rate: Rate) -> Self {
+        self.rate_per_key = Some((key, rate));
+        self
+    }
+
+    /// At most `limit` requests in flight per key (add one per kind of key: user, IP).
+    /// `limit` is at least 1 (0 is refused at build, under the path
+    /// `limits.concurrency_per_key[i]`).
+    pub fn concurrency_per_key(mut self, key: KeyFnBox<T>, limit: usize) -> Self {
+        self.concurrency.push((key, limit));
+        self
+    }
+
+    /// All connections together write at most `bytes_per_sec` (bursts of `burst`
+    /// bytes); both above 0 (refused at build otherwise, under the paths
+    /// `limits.bandwidth_bytes_per_sec` and `limits.bandwidth_burst`).
+    pub fn bandwidth(mut self, bytes_per_sec: f64, burst: u64) -> Self {
+        self.bandwidth = Some((bytes_per_sec, burst));
+        self
+    }
+
+    /// Every problem with these settings, each with its path as a
+    /// [`StackConfig`](crate::StackConfig) file names it (`endpoints`,
+    /// `connect_timeout_ms`, `pool.max_size`, `health.panic_threshold`, …); empty when
+    /// they can build a stack. [`build`](Self::build) and
+    /// [`build_line`](Self::build_line) refuse settings with problems, returning them
+    /// all as an [`InvalidConfig`](crate::InvalidConfig).
+    ///
+    /// ```
+    /// use marina::Stack;
+    ///
+    /// let problems = Stack::builder::<String>()
+    ///     .endpoints(["127.0.0.1:7000".parse().unwrap()])
+    ///     .panic_threshold(50.0) // meant 50%
+    ///     .validate();
+    /// assert_eq!(problems.len(), 1);
+    /// assert_eq!(problems[0].path, "health.panic_threshold");
+    /// ```
+    pub fn validate(&self) -> Vec<crate::ConfigProblem> {
+        let mut out = Vec::new();
+        let mut bad = |path: String, message: String| {
+            out.push(crate::ConfigProblem { path, message });
+        };
+        if self.endpoints.is_empty() {
+            bad(
+                "endpoints".into(),
+                "at least one backend address is needed".into(),
+            );
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if let Some(j) = self.endpoints[..i].iter().position(|o| o == e) {
+                bad(
+                    format!("endpoints[{i}]"),
+                    format!("{e} is listed twice (as endpoints[{j}] too)"),
+                );
+            }
+        }
+        if self.connect_timeout.is_zero() {
+            bad("connect_timeout_ms".into(), "must be above 0".into());
+        }
+        if self.request_timeout.is_some_and(|t| t.is_zero()) {
+            bad("request_timeout_ms".into(), "must be above 0".into());
+        }
+        for problem in self.pool.validate().errors {
+            let key = match problem.field {
+                "acquire_timeout" | "idle_timeout" | "max_lifetime" | "connect_timeout" => {
+                    format!("{}_ms", problem.field)
+                }
+                other => other.to_string(),
+            };
+            bad(format!("pool.{key}"), problem.message);
+        }
+        if !(0.0..=1.0).contains(&self.panic_threshold) {
+            bad(
+                "health.panic_threshold".into(),
+                format!(
+                    "must be within 0.0..=1.0 (a share, not a percentage), got {}",
+                    self.panic_threshold
+                ),
+            );
+        }
+        // The health checks' own ranges (a failure rate is a share, a probe interval at
+        // least 10 ms, …), under the file's names (durations in ms).
+        let health_path = |p: &str| match p {
+            "base_ejection" | "max_ejection" | "reset_after" => format!("health.{p}_ms"),
+            other => format!("health.{other}"),
+        };
+        if let Some(Err(invalid)) = self.health.as_ref().map(HealthConfig::validate) {
+            for p in invalid.problems {
+                bad(health_path(&p.path), p.message);
+            }
+        }
+        if let Some(Err(invalid)) = self.active.as_ref().map(ActiveConfig::validate) {
+            for p in invalid.problems {
+                bad(format!("probe.{}", p.path), p.message);
+            }
+        }
+        if let Some((rate, burst)) = self.bandwidth {
+            // Each setting on its own, so both are reported.
+            if let Err(e) = Bucket::try_new(rate, burst.max(1)) {
+                bad(format!("limits.{}", e.field), e.message);
+            }
+            if burst == 0 {
+                bad(
+                    "limits.bandwidth_burst".into(),
+                    "must be above 0, got 0".into(),
+                );
+            }
+        }
+        for (i, (_, limit)) in self.concurrency.iter().enumerate() {
+            if *limit == 0 || *limit > ConcurrencyPerKeyLayer::<()>::MAX_LIMIT {
+                bad(
+                    format!("limits.concurrency_per_key[{i}]"),
+                    format!(
+                        "must be within 1..={}, got {limit}",
+                        ConcurrencyPerKeyLayer::<()>::MAX_LIMIT
+                    ),
+                );
+            }
+        }
+        out
+    }
+
+    /// Builds the stack over the line protocol ([`LineClient`](crate::line::LineClient)):
+    /// requests and responses are lines.
+    ///
+    /// Fails with [`InvalidConfig`](crate::InvalidConfig) (inside the `BoxError`) when
+    /// [`validate`](Self::validate) finds problems. Needs a tokio runtime (pools and
+    /// health checks spawn tasks).
+    pub fn build_line(self) -> Result<(StackService<T, String>, StackHandle), BoxError>
+    where
+        T: StackRequest + Into<String>,
+    {
+        let mut mapped = self.map_body(|t: T| t.into());
+        // A line holding '\n' is the caller's mistake: refuse it before it enters the
+        // stack, where the health checks would count it against a backend.
+        mapped.validate = Some(Arc::new(|t: &T| {
+            let line: String = t.clone().into();
+            if line.contains('\n') {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a line request may not hold '\\n'",
+                )
+                .into())
+            } else {
+                Ok(())
+            }
+        }));
+        mapped.build(
+            |conn: Conn| Box::pin(async move { Ok(crate::line::LineClient::new(conn)) }),
+            Some(Arc::new(|c: &mut crate::line::LineClient<Conn>| {
+                c.is_open_with(|io| marina_pool::socket_is_open(io.get_ref()))
+            }) as CheckFn<_>),
+        )
+    }
+
+    /// The same stack with the body converted by `f` before it reaches a client.
+    fn map_body<T2>(self, f: impl Fn(T) -> T2 + Send + Sync + 'static) -> MappedBuilder<T, T2> {
+        MappedBuilder {
+            inner: self,
+            f: Arc::new(f),
+            validate: None,
+        }
+    }
+
+    /// Builds the stack over any protocol: each pooled connection (TCP through the
+    /// bandwidth limiter, a [`Conn`]) becomes a client with `protocol` (a handshake, or
+    /// just a wrapper: an async closure), and `check` tells at checkout whether a pooled
+    /// client can still be used (`|_| true` for no check). The client is a
+    /// `Service<T>`: one request at a time, as a pooled client is used.
+    ///
+    /// `T` must be [`StackRequest`]: `Clone`, since failover keeps a copy of each
+    /// request to re-send one that never reached its backend.
+    ///
+    /// Fails with [`InvalidConfig`](crate::InvalidConfig) (inside the `BoxError`) when
+    /// [`validate`](Self::validate) finds problems. Needs a tokio runtime (pools and
+    /// health checks spawn tasks).
+    ///
+    /// # Examples
+    ///
+    /// A length-prefixed protocol (a 4-byte big-endian length, then the bytes) over two
+    /// backends:
+    ///
+    /// ```
+    /// use std::io;
+    /// use std::sync::Arc;
+    /// use marina::{Conn, Stack};
+    /// use marina::core::{BoxError, Request};
+    /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// use tower::{Service, ServiceExt};
+    ///
+    /// /// One connection's client: a frame out, a frame back.
+    /// #[derive(Clone)]
+    /// struct FrameClient {
+    ///     conn: Arc<tokio::sync::Mutex<Conn>>,
+    /// }
+    ///
+    /// impl Service<Vec<u8>> for FrameClient {
+    ///     type Response = Vec<u8>;
+    ///     type Error = io::Error;
+    ///     type Future = marina::core::BoxFuture<'static, io::Result<Vec<u8>>>;
+    ///
+    ///     fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+    ///         std::task::Poll::Ready(Ok(()))
+    ///     }
+    ///
+    ///     fn call(&mut self, frame: Vec<u8>) -> Self::Future {
+    ///         let conn = self.conn.clone();
+    ///         Box::pin(async move {
+    ///             let mut conn = conn.lock().await;
+    ///             conn.write_all(&(frame.len() as u32).to_be_bytes()).await?;
+    ///             conn.write_all(&frame).await?;
+    ///             let len = conn.read_u32().await? as usize;
+    ///             let mut reply = vec![0; len];
+    ///             conn.read_exact(&mut reply).await?;
+    ///             Ok(reply)
+    ///         })
+    ///     }
+    /// }
+    ///
+    /// # async fn frame_echo_server() -> std::net::SocketAddr {
+    /// #     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// #     let addr = l.local_addr().unwrap();
+    /// #     tokio::spawn(async move { loop {
+    /// #         let (mut s, _) = l.accept().await.unwrap();
+    /// #         tokio::spawn(async move { loop {
+    /// #             let Ok(len) = s.read_u32().await else { return };
+    /// #             let mut buf = vec![0; len as usize];
+    /// #             if s.read_exact(&mut buf).await.is_err() { return }
+    /// #             let _ = s.write_all(&len.to_be_bytes()).await;
+    /// #             let _ = s.write_all(&buf).await;
+    /// #         } });
+    /// #     } });
+    /// #     addr
+    /// # }
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), BoxError> {
+    /// # let (a, b) = (frame_echo_server().await, frame_echo_server().await);
+    /// let (svc, handle) = Stack::builder::<Vec<u8>>()
+    ///     .endpoints([a, b])
+    ///     .build(
+    ///         |conn: Conn| async move { Ok(FrameClient { conn: Arc::new(tokio::sync::Mutex::new(conn)) }) },
+    ///         |_: &mut FrameClient| true,
+    ///     )?;
+    /// let reply = svc.oneshot(Request::new(b"ping".to_vec())).await?;
+    /// assert_eq!(reply.into_body(), b"ping");
+    /// handle.shutdown(std::time::Duration::from_secs(1)).await;
+    /// # Ok(()) }
+    /// ```
+    pub fn build<U, C, F, Fut>(
+        self,
+        protocol: F,
+        check: impl Fn(&mut C) -> bool + Send + Sync + 'static,
+    ) -> Result<(StackService<T, U>, StackHandle), BoxError>
+    where
+        T: StackRequest,
+        F: Fn(Conn) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = io::Result<C>> + Send + 'static,
+        C: Service<T, Response = U> + Send + 'static,
+        C::Error: Into<BoxError>,
+        C::Future: Send + 'static,
+        U: Send + 'static,
+    {
+        MappedBuilder {
+            inner: self,
+            f: Arc::new(|t: T| t),
+            validate: None,
+        }
+        .build(
+            move |conn: Conn| -> BoxFuture<'static, io::Result<C>> { Box::pin(protocol(conn)) },
+            Some(Arc::new(check)),
+        )
+    }
+}
