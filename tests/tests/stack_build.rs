@@ -296,3 +296,26 @@ mod validate_matches_build {
         }
     }
 }
+
+#[tokio::test]
+async fn requests_without_a_key_are_refused_unless_the_stack_says_otherwise() {
+    use marina::limit::{MissingKey, WithoutKey};
+    let server = EchoServer::start().await;
+    let user = || KeyFnBox::new(|r: &Request<String>| r.extensions.get::<String>().cloned());
+    for (choice, refused) in [(None, true), (Some(WithoutKey::Unlimited), false)] {
+        let mut b = Stack::builder::<String>()
+            .endpoints([server.addr()])
+            .rate_limit_per_key(user(), Rate::per_second(1_000));
+        if let Some(c) = choice {
+            b = b.without_key(c);
+        }
+        let (svc, handle) = b.build_line().expect("a valid stack");
+        let out = within(LIMIT, "a request", svc.oneshot(Request::new("anon".into()))).await;
+        match out {
+            Err(e) if refused => assert!(e.downcast_ref::<MissingKey>().is_some(), "{e}"),
+            Ok(r) if !refused => assert_eq!(r.into_body(), "anon"),
+            other => panic!("{choice:?}: {other:?}"),
+        }
+        assert_eq!(within(LIMIT, "shutdown", handle.shutdown(LIMIT)).await, 0);
+    }
+}

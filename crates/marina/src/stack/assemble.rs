@@ -189,14 +189,15 @@ where
         }
         let mut concurrency = Vec::new();
         for (key, limit) in &b.concurrency {
-            let layer = ConcurrencyPerKeyLayer::new(key.extractor(), *limit);
+            let layer =
+                ConcurrencyPerKeyLayer::new(key.extractor(), *limit).without_key(b.without_key);
             concurrency.push(layer.handle());
             svc = BoxCloneSyncService::new(layer.layer(svc));
         }
         let mut rate = None;
         let mut rate_per_key = None;
         if let Some((key, r)) = &b.rate_per_key {
-            let layer = RateLimitLayer::keyed(key.extractor(), *r);
+            let layer = RateLimitLayer::keyed(key.extractor(), *r).without_key(b.without_key);
             rate_per_key = Some(layer.handle());
             svc = BoxCloneSyncService::new(layer.layer(svc));
         }

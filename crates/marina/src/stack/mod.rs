@@ -32,7 +32,7 @@ pub use handle::{BackendStats, StackHandle, StackStats};
 use marina_health::{ActiveConfig, HealthConfig, HealthHandle, HealthLayer, Status};
 use marina_limit::{
     BandwidthLimit, Bucket, ConcurrencyHandle, ConcurrencyPerKeyLayer, ConcurrencyStats, Rate,
-    RateLimitHandle, RateLimitLayer, RateStats, Throttled,
+    RateLimitHandle, RateLimitLayer, RateStats, Throttled, WithoutKey,
 };
 use marina_pool::{Config, Pool, PoolService, PoolStats, TcpConnector};
 use tokio::net::TcpStream;
@@ -166,6 +166,7 @@ pub struct StackBuilder<T> {
     bandwidth: Option<(f64, u64)>,
     request_timeout: Option<Duration>,
     endpoint_layers: Vec<EndpointLayerFn<T>>,
+    without_key: WithoutKey,
 }
 
 impl<T> fmt::Debug for StackBuilder<T> {
@@ -219,6 +220,7 @@ impl Stack {
             bandwidth: None,
             request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             endpoint_layers: Vec::new(),
+            without_key: WithoutKey::Refuse,
         }
     }
 }
@@ -376,6 +378,17 @@ impl<T> StackBuilder<T> {
     /// A rate limit per key (user, client IP).
     pub fn rate_limit_per_key(mut self, key: KeyFnBox<T>, rate: Rate) -> Self {
         self.rate_per_key = Some((key, rate));
+        self
+    }
+
+    /// What the per-key limits ([`rate_limit_per_key`](Self::rate_limit_per_key),
+    /// [`concurrency_per_key`](Self::concurrency_per_key)) do with a request whose key
+    /// extractor finds no key (default [`WithoutKey::Refuse`]: it fails at once with
+    /// `MissingKey`, so a missing header or a misconfigured extractor shows on the first
+    /// request instead of silently lifting the limit). `Unlimited` lets such requests
+    /// through; `Shared` limits them together as one key of their own.
+    pub fn without_key(mut self, without_key: WithoutKey) -> Self {
+        self.without_key = without_key;
         self
     }
 
