@@ -78,8 +78,9 @@ impl<T> Request<T> {
 }
 
 /// Clones the body; extensions are not `Clone` and the copy gets none, except the
-/// [`RouteHint`](crate::RouteHint) and [`PeerAddr`](crate::PeerAddr), which it keeps
-/// (so a balancer's failover copy routes like the original).
+/// [`RouteHint`](crate::RouteHint), [`PeerAddr`](crate::PeerAddr) and
+/// [`Idempotent`](crate::Idempotent) marker, which it keeps (so a balancer's failover
+/// copy routes, and is retried, like the original).
 impl<T: Clone> Clone for Request<T> {
     fn clone(&self) -> Self {
         let mut extensions = Extensions::new();
@@ -88,6 +89,9 @@ impl<T: Clone> Clone for Request<T> {
         }
         if let Some(p) = self.extensions.get::<crate::PeerAddr>() {
             extensions.insert(*p);
+        }
+        if self.extensions.get::<crate::Idempotent>().is_some() {
+            extensions.insert(crate::Idempotent);
         }
         Request {
             body: self.body.clone(),

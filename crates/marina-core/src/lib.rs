@@ -74,6 +74,8 @@
 //! - [`NotSent`]: marks an error that happened before the request was sent (connect
 //!   refused, pool checkout timeout), so a balancer may safely send it elsewhere;
 //!   [`find`] reaches a named error through such wrappers.
+//! - [`Idempotent`]: marks a request that is safe to send twice, so a balancer may
+//!   retry it after it may have been sent, or hedge it (only where told to read it).
 //! - [`EjectionGate`]: links a balancer's panic threshold to its endpoints' health
 //!   checks.
 //! - [`HasExtensions`], [`Request`] and [`Response`]: where those typed values travel —
@@ -113,6 +115,7 @@
 mod error;
 mod ext;
 mod gate;
+mod idempotent;
 mod key;
 mod probe;
 mod route;
@@ -120,6 +123,7 @@ mod route;
 pub use error::{NotSent, find, is_not_sent, take_unsent_request};
 pub use ext::{Extensions, HasExtensions, Request, Response};
 pub use gate::{EjectionGate, GateMember};
+pub use idempotent::Idempotent;
 pub use key::{
     ClientIp, CookieKey, HeaderKey, InvalidIpNet, IpNet, KeyExtractor, MAX_KEY_LEN, PeerAddr,
 };
