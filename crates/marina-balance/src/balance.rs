@@ -9,20 +9,21 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use marina_core::{
-    BoxError, EjectionGate, EndpointId, HasExtensions, HintTarget, NotSent,
-    PinnedEndpointUnavailable, RouteHint, find,
+    BoxError, EjectionGate, EndpointId, HasExtensions, HintTarget, Idempotent,
+    PinnedEndpointUnavailable, RouteHint,
 };
-use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::discover::{Change, Discover};
 use tower_service::Service;
 
 use crate::failover::Failover;
+use crate::future::{ResponseFuture, Retry, Track};
 use crate::pick::{Endpoints, Pick};
+use crate::slow_start::{SlowStart, SlowState};
 
 /// Nothing was ready within the fail-fast timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +42,7 @@ impl std::error::Error for NoReadyEndpoints {}
 
 /// One endpoint's counters, shared with its response futures and the handle.
 #[derive(Debug, Default)]
-struct EndpointStats {
+pub(crate) struct EndpointStats {
     /// Requests dropped before they completed.
     cancelled: AtomicU64,
     errors: AtomicU64,
@@ -63,7 +64,7 @@ const IN_FLIGHT_MASK: u64 = (1 << IN_FLIGHT_BITS) - 1;
 const FINISH: u64 = (1 << IN_FLIGHT_BITS) - 1;
 
 impl EndpointStats {
-    fn in_flight(&self) -> u64 {
+    pub(crate) fn in_flight(&self) -> u64 {
         self.flow.load(Relaxed) & IN_FLIGHT_MASK
     }
 
@@ -72,8 +73,21 @@ impl EndpointStats {
             .then(|| Duration::from_secs_f64(f64::from_bits(self.ewma_us.load(Relaxed)) / 1e6))
     }
 
+    /// A request was sent.
+    pub(crate) fn started(&self) {
+        self.flow.fetch_add(1, Relaxed);
+    }
+
+    /// A request ended: completed, or `cancelled` (dropped first).
+    pub(crate) fn finished(&self, cancelled: bool) {
+        if cancelled {
+            self.cancelled.fetch_add(1, Relaxed);
+        }
+        self.flow.fetch_add(FINISH, Relaxed);
+    }
+
     /// A request completed; `elapsed` when it was one of the timed ones.
-    fn observe(&self, elapsed: Option<Duration>, failed: bool) {
+    pub(crate) fn observe(&self, elapsed: Option<Duration>, failed: bool) {
         if let Some(elapsed) = elapsed {
             let us = elapsed.as_secs_f64() * 1e6;
             let old = f64::from_bits(self.ewma_us.load(Relaxed));
@@ -124,9 +138,13 @@ type Registered = (String, EndpointId, u32, Arc<EndpointStats>);
 
 /// Balancer-wide counters.
 #[derive(Debug, Default)]
-struct Totals {
-    retries: AtomicU64,
-    retries_refused: AtomicU64,
+pub(crate) struct Totals {
+    pub(crate) retries: AtomicU64,
+    pub(crate) sent_retries: AtomicU64,
+    pub(crate) retries_refused: AtomicU64,
+    pub(crate) hedges: AtomicU64,
+    pub(crate) hedges_won: AtomicU64,
+    pub(crate) deadlines_exceeded: AtomicU64,
     panicking: AtomicBool,
 }
 
@@ -146,10 +164,22 @@ pub struct BalanceTotals {
     pub errors: u64,
     /// Requests in flight now.
     pub in_flight: u64,
-    /// Failover attempts made (a request sent again to another endpoint).
+    /// Failover attempts made (a request sent again to another endpoint after its
+    /// attempt failed), retries of idempotent requests included.
     pub retries: u64,
-    /// Failover attempts the retry budget refused.
+    /// Of `retries`, those of idempotent requests after an error that did not prove
+    /// the request unsent (it may have run twice). See
+    /// [`Failover::retry_idempotent_if`](crate::Failover::retry_idempotent_if).
+    pub sent_retries: u64,
+    /// Failover attempts and hedges the retry budget refused.
     pub retries_refused: u64,
+    /// Hedges sent (see [`Failover::hedge`](crate::Failover::hedge)).
+    pub hedges: u64,
+    /// Of `hedges`, those whose reply was the one returned (the other attempt was
+    /// cancelled).
+    pub hedges_won: u64,
+    /// Requests that failed with [`DeadlineExceeded`](crate::DeadlineExceeded).
+    pub deadlines_exceeded: u64,
     /// The panic threshold is crossed: requests go to every endpoint, healthy or not.
     pub panicking: bool,
 }
@@ -216,7 +246,11 @@ impl BalanceHandle {
             errors: eps.iter().map(|e| e.errors).sum(),
             in_flight: eps.iter().map(|e| e.in_flight).sum(),
             retries: t.retries.load(Relaxed),
+            sent_retries: t.sent_retries.load(Relaxed),
             retries_refused: t.retries_refused.load(Relaxed),
+            hedges: t.hedges.load(Relaxed),
+            hedges_won: t.hedges_won.load(Relaxed),
+            deadlines_exceeded: t.deadlines_exceeded.load(Relaxed),
             panicking: t.panicking.load(Relaxed),
         }
     }
@@ -291,7 +325,71 @@ struct Endpoint<K, S> {
 /// Weights: see [`weights`](Self::weights).
 ///
 /// Failover: see [`failover`](Self::failover); the panic threshold: see
-/// [`panic_threshold`](Self::panic_threshold).
+/// [`panic_threshold`](Self::panic_threshold); slow start after recovery: see
+/// [`slow_start`](Self::slow_start).
+///
+/// # Deadlines, retries and hedging
+///
+/// With [`failover`](Self::failover) on (a [`Failover`] policy), a request may be sent
+/// to more than one endpoint. Exactly these are sent again, each time to an endpoint
+/// not tried yet for that request:
+///
+/// - **Never sent**, any request: its attempt failed with an error that proves the
+///   request never reached the endpoint — [`never_sent`](crate::never_sent)'s (the
+///   [`NotSent`](marina_core::NotSent) marker, which marina-pool puts on connect and
+///   checkout failures and a connect timeout should carry; a refused TCP connect)
+///   and those of [`Failover::not_sent_if`]. With [`failover_unsent`](Self::failover_unsent),
+///   only when the endpoint gave the request back.
+/// - **Maybe sent, idempotent only**: any other error (a reset connection, a
+///   per-attempt timeout, a protocol error; narrowed with
+///   [`Failover::retry_idempotent_if`]) of a request that
+///   [`idempotent_if`](Self::idempotent_if) or
+///   [`idempotent_from_extensions`](Self::idempotent_from_extensions) marks. Needs a
+///   copy of the request: `failover` only.
+/// - **Hedged, idempotent only**: with [`Failover::hedge`], a marked request whose
+///   attempt has been alone in flight for the delay gets a second attempt on another
+///   ready endpoint; the first reply wins and the other attempt is dropped.
+///
+/// Never sent again:
+///
+/// - a request not marked idempotent after an error that does not prove it unsent —
+///   a per-attempt timeout included, unless the endpoint marks it `NotSent`;
+///   nothing is idempotent by default, and [`Failover::retry_if`] (which widens the
+///   rule for every request) is only for request types that are all idempotent;
+/// - a reply, whatever it says (an HTTP 503 is a reply: turn such replies into errors
+///   in the endpoint's stack to have them retried);
+/// - a request with a strict route hint (only the deadline applies to it);
+/// - past [`Failover::max_attempts`] (the first attempt, failovers, retries and hedges
+///   all count), when the [`RetryBudget`](crate::RetryBudget) that failovers, retries
+///   and hedges share is spent, or after the [`Failover::deadline`].
+///
+/// The **deadline** covers the request from `call` to its reply, every attempt
+/// included: retries never extend a request past it, and when it passes the request
+/// fails with [`DeadlineExceeded`](crate::DeadlineExceeded), whose `maybe_sent` says
+/// whether it may have reached a backend. The per-attempt timeout belongs inside each
+/// endpoint (below its health checks, so a timed-out attempt counts as a failure
+/// there); its error is then retried by the rules above. Counters:
+/// [`BalanceTotals`]'s `retries`, `sent_retries`, `retries_refused`, `hedges`,
+/// `hedges_won`, `deadlines_exceeded`.
+///
+/// ```
+/// use marina_balance::{Balance, Failover, RoundRobin};
+/// use marina_core::Request;
+/// use std::time::Duration;
+/// use tower::service_fn;
+///
+/// let endpoints = (0..3).map(|n| service_fn(move |_: Request<String>| async move { Ok::<_, std::io::Error>(n) }));
+/// let lb = Balance::from_services(endpoints, RoundRobin::new())
+///     .failover(
+///         Failover::new()
+///             .max_attempts(3)
+///             .deadline(Duration::from_secs(2)) // the whole request
+///             .hedge(Duration::from_millis(80)), // about the backends' p99
+///     )
+///     // Retries after sending, and hedges, for requests carrying `marina_core::Idempotent`.
+///     .idempotent_from_extensions();
+/// # drop(lb);
+/// ```
 ///
 /// # Sharing
 ///
@@ -355,6 +453,12 @@ where
     weigh: Option<WeighFn<D::Key>>,
     weigh_service: Option<WeighFn<D::Service>>,
     failover: Option<Arc<FailoverShared<D::Service, Req>>>,
+    idempotent: Option<IdempotentFn<Req>>,
+    slow_start: Option<SlowStart>,
+    /// Each slot's slow-start state (empty without slow start).
+    slow: Vec<SlowState>,
+    /// A request was called (endpoints discovered from now on ramp up).
+    started: bool,
     gate: Option<EjectionGate>,
     panic_threshold: f64,
     panicking: bool,
@@ -366,24 +470,27 @@ where
 /// Gives an endpoint's weight from its key or service (see [`Balance::weights`]).
 type WeighFn<K> = Box<dyn Fn(&K) -> u32 + Send + Sync>;
 
+/// Says whether a request is idempotent (see [`Balance::idempotent_if`]).
+type IdempotentFn<Req> = Box<dyn Fn(&Req) -> bool + Send + Sync>;
+
 /// What failover needs beyond the balancer: the policy, how to copy requests and
 /// endpoint services, and a copy of every endpoint to fail over to.
-struct FailoverShared<S, Req> {
-    policy: Failover,
+pub(crate) struct FailoverShared<S, Req> {
+    pub(crate) policy: Failover,
     /// Copies each request before it is sent (`failover`), or none are copied and a
     /// request is taken back from its `NotSent` error (`failover_unsent`).
-    clone_req: Option<fn(&Req) -> Req>,
-    take_req: Option<fn(&BoxError) -> Option<Req>>,
+    pub(crate) clone_req: Option<fn(&Req) -> Req>,
+    pub(crate) take_req: Option<fn(&BoxError) -> Option<Req>>,
     clone_svc: fn(&S) -> S,
     peers: Mutex<Vec<Peer<S>>>,
-    totals: Arc<Totals>,
+    pub(crate) totals: Arc<Totals>,
 }
 
 /// An endpoint a failed request may go to instead.
-struct Peer<S> {
-    id: EndpointId,
-    stats: Arc<EndpointStats>,
-    svc: S,
+pub(crate) struct Peer<S> {
+    pub(crate) id: EndpointId,
+    pub(crate) stats: Arc<EndpointStats>,
+    pub(crate) svc: S,
 }
 
 impl<S, Req> FailoverShared<S, Req> {
@@ -394,7 +501,7 @@ impl<S, Req> FailoverShared<S, Req> {
     }
 
     /// The ready endpoint, not yet tried, with the fewest requests in flight.
-    fn next_peer(&self, tried: &[EndpointId]) -> Option<Peer<S>> {
+    pub(crate) fn next_peer(&self, tried: &[EndpointId]) -> Option<Peer<S>> {
         let peers = self.peers();
         let best = peers
             .iter()
@@ -495,6 +602,10 @@ impl<D: Discover, Req> Balance<D, Req> {
             weigh: None,
             weigh_service: None,
             failover: None,
+            idempotent: None,
+            slow_start: None,
+            slow: Vec::new(),
+            started: false,
             gate: None,
             panic_threshold: 0.5,
             panicking: false,
@@ -697,7 +808,7 @@ impl<D: Discover, Req> Balance<D, Req> {
     /// Failover for requests that are not `Clone` (an `http::Request` with a streaming
     /// body, a tonic request, a proxy's incoming request): nothing is copied; a request
     /// is sent again to another endpoint only when its endpoint gave it back with the
-    /// error, through [`NotSent::with_request`] (marina-pool's `PoolService` does when
+    /// error, through [`NotSent::with_request`](marina_core::NotSent::with_request) (marina-pool's `PoolService` does when
     /// a connection cannot be had; for hyper, wrap `SendRequest::try_send_request`'s
     /// `TrySendError::into_message()` the same way). Otherwise as
     /// [`failover`](Self::failover): the policy decides which errors, how many attempts,
@@ -739,6 +850,141 @@ impl<D: Discover, Req> Balance<D, Req> {
         D::Service: Clone,
     {
         self.failover_with(policy, None, Some(take_unsent::<Req>), D::Service::clone)
+    }
+
+    /// Says which requests are **idempotent** (safe to send twice): with
+    /// [`failover`](Self::failover), such a request is also retried on another
+    /// endpoint after an error that came after it may have been sent (a reset
+    /// connection, a per-attempt timeout: see
+    /// [`Failover::retry_idempotent_if`](crate::Failover::retry_idempotent_if)), and
+    /// [hedged](crate::Failover::hedge) when the policy hedges. No request is
+    /// idempotent unless a predicate says so; with several predicates (this one,
+    /// [`idempotent_from_extensions`](Self::idempotent_from_extensions)), any one
+    /// suffices. Asked once per request, only while failover keeps a copy (not with
+    /// [`failover_unsent`](Self::failover_unsent), and not with `max_attempts(1)`).
+    ///
+    /// ```
+    /// use marina_balance::{Balance, Failover, RoundRobin};
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use tower::{Service, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina_core::BoxError> {
+    /// // Endpoint 0 resets every connection after reading the request.
+    /// let calls = Arc::new(AtomicUsize::new(0));
+    /// let endpoints = (0..2).map(|n| {
+    ///     let calls = calls.clone();
+    ///     service_fn(move |req: &'static str| {
+    ///         calls.fetch_add(1, Ordering::SeqCst);
+    ///         async move {
+    ///             if n == 0 {
+    ///                 return Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+    ///             }
+    ///             Ok(format!("{req}: ok"))
+    ///         }
+    ///     })
+    /// });
+    /// let mut lb = Balance::from_services(endpoints, RoundRobin::new())
+    ///     .failover(Failover::new())
+    ///     .idempotent_if(|req: &&str| req.starts_with("GET "));
+    /// // A read goes to endpoint 0, fails after it was sent, and is retried on 1.
+    /// assert_eq!(lb.ready().await?.call("GET /a").await?, "GET /a: ok");
+    /// // A write is never sent twice: endpoint 0's error reaches the caller.
+    /// assert_eq!(lb.ready().await?.call("POST /b").await?, "POST /b: ok"); // endpoint 1's turn
+    /// assert!(lb.ready().await?.call("POST /c").await.is_err()); // endpoint 0's turn
+    /// assert_eq!(calls.load(Ordering::SeqCst), 4);
+    /// assert_eq!(lb.handle().totals().sent_retries, 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn idempotent_if(
+        mut self,
+        idempotent: impl Fn(&Req) -> bool + Send + Sync + 'static,
+    ) -> Self
+    where
+        Req: 'static,
+    {
+        self.idempotent = Some(match self.idempotent.take() {
+            None => Box::new(idempotent),
+            Some(before) => Box::new(move |req: &Req| before(req) || idempotent(req)),
+        });
+        self
+    }
+
+    /// Counts a request as idempotent when it carries the
+    /// [`Idempotent`](marina_core::Idempotent) marker in its extensions (for
+    /// `http::Request`s and `marina_core::Request`s): see
+    /// [`idempotent_if`](Self::idempotent_if).
+    ///
+    /// ```
+    /// use marina_balance::{Balance, Failover, RoundRobin};
+    /// use marina_core::{Idempotent, Request};
+    /// use tower::{Service, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina_core::BoxError> {
+    /// let endpoints = (0..2).map(|n| service_fn(move |req: Request<u32>| async move {
+    ///     if n == 0 {
+    ///         return Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+    ///     }
+    ///     Ok(req.body)
+    /// }));
+    /// let mut lb = Balance::from_services(endpoints, RoundRobin::new())
+    ///     .failover(Failover::new())
+    ///     .idempotent_from_extensions();
+    /// let mut get = Request::new(7);
+    /// Idempotent::mark(&mut get);
+    /// assert_eq!(lb.ready().await?.call(get).await?, 7); // retried on endpoint 1
+    /// # Ok(()) }
+    /// ```
+    pub fn idempotent_from_extensions(self) -> Self
+    where
+        Req: HasExtensions + 'static,
+    {
+        self.idempotent_if(|req: &Req| Idempotent::is_marked(req))
+    }
+
+    /// Turns on **slow start** (Envoy's `slow_start_window`, HAProxy's `slowstart`;
+    /// default off): an endpoint that comes back after being unready — its ejection by
+    /// the health checks ended, it reconnected — or that discovery added after the
+    /// balancer's first request gets a share of the picks that would go to it, growing
+    /// linearly from 10% to all of them over `window`, so a cold or just-recovered
+    /// backend is not flooded at once. Takes a window, or a [`SlowStart`] for the
+    /// starting share and the shortest unready spell that counts (1 s by default, so
+    /// an endpoint at its concurrency limit for a moment does not ramp).
+    ///
+    /// Works with every picker: when the picker chooses a ramping endpoint and the
+    /// ramp turns the choice down, the picker chooses again (up to 4 choices in all),
+    /// then the least loaded ready endpoint not ramping takes the request; when every
+    /// ready endpoint ramps, the choice stands. Requests with a route hint (a pinned
+    /// endpoint, a consistent-hash key) are not turned away: affinity wins. Failover
+    /// attempts and hedges go to the least loaded endpoint, ramping or not.
+    ///
+    /// The endpoints there before the first request do not ramp (they all start
+    /// cold together). Cost, only while on: a clock read when an endpoint enters or
+    /// leaves the ready set, and one per request whose picker chooses a ramping
+    /// endpoint.
+    ///
+    /// ```
+    /// use marina_balance::{Balance, RoundRobin, SlowStart};
+    /// use std::time::Duration;
+    /// use tower::service_fn;
+    ///
+    /// let endpoints = (0..3).map(|n| service_fn(move |_: ()| async move { Ok::<_, std::io::Error>(n) }));
+    /// let lb = Balance::from_services(endpoints, RoundRobin::new())
+    ///     .slow_start(Duration::from_secs(30));
+    /// # let _: Balance<_, ()> = lb;
+    /// // Or with a starting share of 5%, ramping after any unready spell of 5 s or more:
+    /// let slow = SlowStart::new(Duration::from_secs(30)).min_share(0.05).after_unready(Duration::from_secs(5));
+    /// # drop(slow);
+    /// ```
+    pub fn slow_start(mut self, slow_start: impl Into<SlowStart>) -> Self {
+        let config = slow_start.into();
+        self.slow = (0..self.slots.len())
+            .map(|_| SlowState::new(self.started))
+            .collect();
+        self.slow_start = Some(config);
+        self
     }
 
     /// The handle to the per-endpoint statistics.
@@ -816,6 +1062,12 @@ where
                 self.slots.len() - 1
             }
         };
+        if self.slow_start.is_some() {
+            if self.slow.len() <= slot {
+                self.slow.resize_with(slot + 1, SlowState::default);
+            }
+            self.slow[slot] = SlowState::new(self.started);
+        }
         self.by_key.insert(key, slot);
         match self.by_id.entry(id) {
             std::collections::hash_map::Entry::Occupied(_) => self.id_clashes += 1,
@@ -876,6 +1128,9 @@ where
             ep.stats.ready.store(false, Relaxed);
         }
         self.generation += 1;
+        if self.slow_start.is_some() {
+            self.slow[slot].left();
+        }
     }
 
     fn make_ready(&mut self, slot: usize) {
@@ -884,6 +1139,9 @@ where
             ep.stats.ready.store(true, Relaxed);
             self.ready.push(slot);
             self.generation += 1;
+            if let Some(config) = &self.slow_start {
+                self.slow[slot].joined(config);
+            }
         }
     }
 
@@ -1097,6 +1355,16 @@ where
         // The picker chooses; a choice that is not ready any more leaves the set and the
         // picker chooses again (for a consistent hash, the key moves to its next
         // endpoint); past a few tries, the endpoint `poll_ready` checked.
+        if self.slow_start.is_some() {
+            self.started = true;
+            // Slow start turns some choices of ramping endpoints down; a hint's
+            // affinity wins over it.
+            if chosen.is_none()
+                && !matches!(target, Some(HintTarget::Endpoint(_) | HintTarget::Hash(_)))
+            {
+                chosen = self.pick_slow_start(hint.as_ref());
+            }
+        }
         for _ in 0..PICK_TRIES {
             if chosen.is_some() || self.ready.is_empty() {
                 break;
@@ -1128,25 +1396,13 @@ where
         self.candidate = None;
         self.just_called = Some(slot);
         let ep = self.slots[slot].as_mut().expect("ready endpoints exist");
-        // Boxed: the future's size costs on every request, failover or not.
-        // A strict hint never fails over to another endpoint.
-        let retry = self.failover.as_ref().filter(|_| !strict).map(|f| {
-            f.policy.budget.deposit();
-            Box::new(Retry {
-                hint: hint.clone(),
-                req: f
-                    .clone_req
-                    .filter(|_| f.policy.max_attempts > 1)
-                    .map(|copy| copy(&req)),
-                shared: f.clone(),
-                first: ep.id,
-                attempts: 1,
-                more: None,
+        let idempotent = &self.idempotent;
+        let retry = self.failover.as_ref().and_then(|f| {
+            Retry::start(f, &req, hint.as_ref(), strict, ep.id, |req| {
+                idempotent.as_ref().is_some_and(|is| is(req))
             })
         });
         let fut = ep.svc.call(req);
-        ep.stats.flow.fetch_add(1, Relaxed);
-        let stats = ep.stats.clone();
         if let Some(h) = &hint {
             h.report_chosen(ep.id);
         }
@@ -1156,9 +1412,7 @@ where
         let timed = ep.calls.is_multiple_of(TIME_EVERY);
         ep.calls = ep.calls.wrapping_add(1);
         let start = timed.then(Instant::now);
-        let mut f = ResponseFuture::sent(fut, stats, start);
-        f.retry = retry;
-        f
+        ResponseFuture::sent(fut, Track::start(ep.stats.clone(), start), retry)
     }
 }
 
@@ -1183,6 +1437,53 @@ where
         };
         let i = self.picker.pick(&view, hint).min(self.ready.len() - 1);
         self.ready[i]
+    }
+
+    /// With slow start on: the picker's choice, where the ramps of the endpoints it
+    /// chooses let it stand (up to `PICK_TRIES` choices); otherwise the least loaded
+    /// ready endpoint not ramping, or (every ready one ramps) the first choice.
+    /// `None` when no choice was usable (the caller's fallbacks follow).
+    fn pick_slow_start(&mut self, hint: Option<&RouteHint>) -> Option<usize> {
+        let config = self.slow_start?;
+        let mut now = None;
+        let mut turned_down = [usize::MAX; PICK_TRIES];
+        for i in 0..PICK_TRIES {
+            if self.ready.is_empty() {
+                return None;
+            }
+            let slot = self.pick_slot(hint);
+            // Once turned down, an endpoint stays down for this request (asking its ramp
+            // again would let it through more often than its share).
+            if turned_down.contains(&slot)
+                || (self.ready.len() > 1 && !self.slow[slot].admit(&config, &mut now))
+            {
+                turned_down[i] = slot;
+                continue;
+            }
+            if self.usable_now(slot) {
+                return Some(slot);
+            }
+        }
+        if turned_down.iter().all(|&slot| slot == usize::MAX) {
+            return None;
+        }
+        // Every choice was turned down: the least loaded endpoint that does not ramp.
+        while !self.ready.is_empty() {
+            let steady = self
+                .ready
+                .iter()
+                .copied()
+                .filter(|&slot| !self.slow[slot].ramping())
+                .min_by_key(|&slot| self.slots[slot].as_ref().map_or(0, |e| e.stats.in_flight()));
+            match steady {
+                Some(slot) if self.usable_now(slot) => return Some(slot),
+                Some(_) => continue, // it left the ready set; look again
+                None => break,
+            }
+        }
+        turned_down
+            .into_iter()
+            .find(|&slot| slot != usize::MAX && self.is_ready_slot(slot) && self.usable_now(slot))
     }
 
     fn is_ready_slot(&self, slot: usize) -> bool {
@@ -1219,244 +1520,5 @@ where
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
         self.recheck(slot, &mut cx)
-    }
-}
-
-pin_project! {
-    /// The future of [`Balance`]'s calls: the endpoint's response, timed and counted,
-    /// and with [failover](Balance::failover) on, further attempts on other endpoints.
-    ///
-    /// # Cancel safety
-    ///
-    /// Dropping it drops the endpoint's future (cancelling the request there) and stops
-    /// counting it as in flight; a failover attempt not yet sent is abandoned.
-    pub struct ResponseFuture<S, Req>
-    where
-        S: Service<Req>,
-    {
-        #[pin]
-        inner: State<S::Future>,
-        track: Option<Track>,
-        retry: Option<Box<Retry<S, Req>>>,
-    }
-}
-
-pin_project! {
-    /// The current attempt: its endpoint's future, or an error to return at once.
-    #[project = StateProj]
-    enum State<F> {
-        Call { #[pin] fut: F },
-        Failed { error: Option<BoxError> },
-        Done,
-    }
-}
-
-/// A request's failover state.
-struct Retry<S, Req> {
-    shared: Arc<FailoverShared<S, Req>>,
-    /// The request's route hint: told where a failover attempt went.
-    hint: Option<RouteHint>,
-    /// The copy kept for the next attempt (none once attempts are used up).
-    req: Option<Req>,
-    /// The current attempt's endpoint.
-    first: EndpointId,
-    attempts: u32,
-    /// Made at the first failover only.
-    more: Option<Box<RetryMore<S>>>,
-}
-
-/// The failover state past the first attempt.
-struct RetryMore<S> {
-    /// Endpoints tried before the current one.
-    tried: Vec<EndpointId>,
-    /// The next attempt's endpoint, being readied.
-    readying: Option<Peer<S>>,
-}
-
-impl<S, Req> Retry<S, Req> {
-    /// After a failed attempt: chooses the next endpoint if the error, the attempt
-    /// count, the endpoints left and the budget allow.
-    fn next(&mut self, error: &BoxError) -> bool {
-        let f = &*self.shared;
-        // Without a copy, the request must have come back with the error.
-        let given_back = self.req.is_none()
-            && f.take_req.is_some()
-            && find::<NotSent>(&**error).is_some_and(NotSent::has_request);
-        if (self.req.is_none() && !given_back)
-            || self.attempts >= f.policy.max_attempts
-            || !(f.policy.retry_if)(error)
-        {
-            return false;
-        }
-        let more = self.more.get_or_insert_with(|| {
-            Box::new(RetryMore {
-                tried: Vec::new(),
-                readying: None,
-            })
-        });
-        more.tried.push(self.first);
-        let Some(peer) = f.next_peer(&more.tried) else {
-            tracing::debug!(%error, "no other ready endpoint to fail over to");
-            return false;
-        };
-        if !f.policy.budget.withdraw() {
-            f.totals.retries_refused.fetch_add(1, Relaxed);
-            tracing::debug!(%error, "retry budget spent: not failing over");
-            return false;
-        }
-        if given_back {
-            // Taken out of the error only now that it is certain to be sent again.
-            self.req = f.take_req.and_then(|take| take(error));
-            if self.req.is_none() {
-                return false;
-            }
-        }
-        f.totals.retries.fetch_add(1, Relaxed);
-        tracing::debug!(%error, to = ?peer.id, attempt = self.attempts + 1, "failing over");
-        self.first = peer.id;
-        self.attempts += 1;
-        more.readying = Some(peer);
-        true
-    }
-}
-
-struct Track {
-    stats: Arc<EndpointStats>,
-    start: Option<Instant>,
-    done: bool,
-}
-
-impl Drop for Track {
-    fn drop(&mut self) {
-        if !self.done {
-            self.stats.cancelled.fetch_add(1, Relaxed);
-        }
-        self.stats.flow.fetch_add(FINISH, Relaxed);
-    }
-}
-
-impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
-    fn sent(inner: S::Future, stats: Arc<EndpointStats>, start: Option<Instant>) -> Self {
-        ResponseFuture {
-            inner: State::Call { fut: inner },
-            track: Some(Track {
-                stats,
-                start,
-                done: false,
-            }),
-            retry: None,
-        }
-    }
-
-    fn failed(error: BoxError) -> Self {
-        ResponseFuture {
-            inner: State::Failed { error: Some(error) },
-            track: None,
-            retry: None,
-        }
-    }
-}
-
-impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-impl<S, Req> Future for ResponseFuture<S, Req>
-where
-    S: Service<Req>,
-    S::Error: Into<BoxError>,
-{
-    type Output = Result<S::Response, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        loop {
-            // A failover attempt whose endpoint is being readied.
-            if let Some(retry) = this.retry.as_mut()
-                && let Some(more) = retry.more.as_mut()
-                && let Some(peer) = more.readying.as_mut()
-            {
-                match peer.svc.poll_ready(cx) {
-                    Poll::Pending => {
-                        // Its readiness flag was stale (ejected, at a limit since the
-                        // balancer last looked): prefer another ready endpoint, if any;
-                        // wait on this one only when none is left.
-                        let waiting = peer.id;
-                        more.tried.push(waiting);
-                        match retry.shared.next_peer(&more.tried) {
-                            Some(other) => {
-                                tracing::debug!(skipped = ?waiting, to = ?other.id, "failover endpoint not ready: trying another");
-                                retry.first = other.id;
-                                more.readying = Some(other);
-                                continue;
-                            }
-                            None => {
-                                more.tried.pop();
-                                return Poll::Pending;
-                            }
-                        }
-                    }
-                    Poll::Ready(Err(e)) => {
-                        let e: BoxError = e.into();
-                        more.readying = None;
-                        if retry.next(&e) {
-                            continue;
-                        }
-                        return Poll::Ready(Err(e));
-                    }
-                    Poll::Ready(Ok(())) => {
-                        let mut peer = more.readying.take().expect("readying");
-                        let req = retry
-                            .req
-                            .take()
-                            .expect("a copy is kept while attempts remain");
-                        if retry.attempts < retry.shared.policy.max_attempts {
-                            retry.req = retry.shared.clone_req.map(|copy| copy(&req));
-                        }
-                        let fut = peer.svc.call(req);
-                        peer.stats.flow.fetch_add(1, Relaxed);
-                        if let Some(h) = &retry.hint {
-                            h.report_chosen(peer.id);
-                        }
-                        this.inner.set(State::Call { fut });
-                        *this.track = Some(Track {
-                            stats: peer.stats,
-                            start: Some(Instant::now()),
-                            done: false,
-                        });
-                    }
-                }
-            }
-            let out = match this.inner.as_mut().project() {
-                StateProj::Call { fut } => ready!(fut.poll(cx)),
-                StateProj::Failed { error } => {
-                    return Poll::Ready(Err(error
-                        .take()
-                        .unwrap_or_else(|| "polled after completion".into())));
-                }
-                StateProj::Done => return Poll::Ready(Err("polled after completion".into())),
-            };
-            this.inner.set(State::Done);
-            if let Some(mut track) = this.track.take() {
-                track.done = true;
-                track
-                    .stats
-                    .observe(track.start.map(|s| s.elapsed()), out.is_err());
-            }
-            match out {
-                Ok(resp) => return Poll::Ready(Ok(resp)),
-                Err(e) => {
-                    let e: BoxError = e.into();
-                    if let Some(retry) = this.retry.as_mut()
-                        && retry.next(&e)
-                    {
-                        continue;
-                    }
-                    return Poll::Ready(Err(e));
-                }
-            }
-        }
     }
 }

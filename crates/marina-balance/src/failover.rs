@@ -22,6 +22,13 @@ use tokio::time::Instant;
 /// for idempotent requests, [`retry_if`](Self::retry_if) widens it to any error you
 /// deem safe to repeat (a connection reset mid-request, say).
 ///
+/// Requests that may have been sent are retried only when they are marked idempotent
+/// ([`Balance::idempotent_if`](crate::Balance::idempotent_if),
+/// [`Balance::idempotent_from_extensions`](crate::Balance::idempotent_from_extensions)):
+/// see [`retry_idempotent_if`](Self::retry_idempotent_if). Such requests can also be
+/// [hedged](Self::hedge). A [`deadline`](Self::deadline) bounds the whole request,
+/// every attempt included.
+///
 /// Recipe for an endpoint marina does not know: mark its never-sent errors yourself,
 /// either by wrapping them in `NotSent` in the endpoint service (best: then give the
 /// request back with [`NotSent::with_request`](marina_core::NotSent::with_request) and
@@ -42,24 +49,42 @@ use tokio::time::Instant;
 pub struct Failover {
     pub(crate) max_attempts: u32,
     pub(crate) budget: RetryBudget,
-    pub(crate) retry_if: Arc<dyn Fn(&BoxError) -> bool + Send + Sync>,
+    pub(crate) retry_if: Classifier,
+    /// [`never_sent`] and the classifiers `not_sent_if` added (not replaced by
+    /// `retry_if`): tells a failure that proves the request never left.
+    pub(crate) not_sent: Classifier,
+    /// For idempotent requests: the errors after sending that are retried (none set:
+    /// every error).
+    pub(crate) retry_sent_if: Option<Classifier>,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) hedge: Option<Duration>,
 }
+
+/// Decides something about an attempt's error.
+pub(crate) type Classifier = Arc<dyn Fn(&BoxError) -> bool + Send + Sync>;
 
 impl fmt::Debug for Failover {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Failover")
             .field("max_attempts", &self.max_attempts)
             .field("budget", &self.budget)
+            .field("deadline", &self.deadline)
+            .field("hedge", &self.hedge)
             .finish_non_exhaustive()
     }
 }
 
 impl Default for Failover {
     fn default() -> Self {
+        let not_sent: Classifier = Arc::new(|e: &BoxError| never_sent(&**e));
         Failover {
             max_attempts: 3,
             budget: RetryBudget::default(),
-            retry_if: Arc::new(|e: &BoxError| never_sent(&**e)),
+            retry_if: not_sent.clone(),
+            not_sent,
+            retry_sent_if: None,
+            deadline: None,
+            hedge: None,
         }
     }
 }
@@ -70,7 +95,8 @@ impl Failover {
         Self::default()
     }
 
-    /// Attempts in all, the first included (at least 1: no retry).
+    /// Attempts in all, the first included (at least 1: no retry). Failover attempts,
+    /// retries of idempotent requests and hedges all count.
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts.max(1);
         self
@@ -84,7 +110,9 @@ impl Failover {
     }
 
     /// Also counts the errors `classifier` accepts as never sent (an endpoint's own
-    /// connect or "closed" errors), beside [`never_sent`]'s.
+    /// connect or "closed" errors), beside [`never_sent`]'s: they are retried for any
+    /// request, and a [`DeadlineExceeded`] after only such failures says the request
+    /// was never sent.
     ///
     /// ```
     /// use marina_balance::Failover;
@@ -101,13 +129,19 @@ impl Failover {
         mut self,
         classifier: impl Fn(&BoxError) -> bool + Send + Sync + 'static,
     ) -> Self {
+        let classifier: Classifier = Arc::new(classifier);
         let before = self.retry_if.clone();
-        self.retry_if = Arc::new(move |e: &BoxError| before(e) || classifier(e));
+        let also = classifier.clone();
+        self.retry_if = Arc::new(move |e: &BoxError| before(e) || also(e));
+        let before = self.not_sent.clone();
+        self.not_sent = Arc::new(move |e: &BoxError| before(e) || classifier(e));
         self
     }
 
-    /// Retries the errors `retryable` accepts instead (only for requests that are
-    /// safe to send twice when the error may come after the request was sent).
+    /// Retries the errors `retryable` accepts instead, for every request (only for
+    /// request types that are all safe to send twice when the error may come after
+    /// the request was sent; to retry some requests only, mark those idempotent and see
+    /// [`retry_idempotent_if`](Self::retry_idempotent_if)).
     pub fn retry_if(
         mut self,
         retryable: impl Fn(&BoxError) -> bool + Send + Sync + 'static,
@@ -115,7 +149,146 @@ impl Failover {
         self.retry_if = Arc::new(retryable);
         self
     }
+
+    /// Which errors of **idempotent** requests are retried on another endpoint even
+    /// though the request may have been sent (default: every error: a connection reset
+    /// mid-reply, a per-attempt timeout, a protocol error).
+    ///
+    /// A request is idempotent when the balancer's
+    /// [`idempotent_if`](crate::Balance::idempotent_if) predicate says so, or it
+    /// carries the [`Idempotent`](marina_core::Idempotent) marker and the balancer reads
+    /// it ([`idempotent_from_extensions`](crate::Balance::idempotent_from_extensions)).
+    /// No request is idempotent by default. Such retries need a copy of the request:
+    /// only with [`Balance::failover`](crate::Balance::failover), not
+    /// [`failover_unsent`](crate::Balance::failover_unsent). They count toward
+    /// `max_attempts`, draw on the same [`RetryBudget`], stop at the
+    /// [`deadline`](Self::deadline), and are counted in
+    /// [`BalanceTotals::retries`](crate::BalanceTotals::retries) and
+    /// [`sent_retries`](crate::BalanceTotals::sent_retries).
+    ///
+    /// Only errors are retried: a reply is a reply (an HTTP 503 included); to retry
+    /// such replies, turn them into errors in the endpoint's stack.
+    ///
+    /// ```
+    /// use marina_balance::Failover;
+    /// use std::io;
+    ///
+    /// // Idempotent requests: retry resets and timeouts, not other errors.
+    /// let failover = Failover::new().retry_idempotent_if(|e| {
+    ///     marina_core::find::<io::Error>(&**e)
+    ///         .is_some_and(|e| matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::TimedOut))
+    /// });
+    /// # drop(failover);
+    /// ```
+    pub fn retry_idempotent_if(
+        mut self,
+        retryable: impl Fn(&BoxError) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.retry_sent_if = Some(Arc::new(retryable));
+        self
+    }
+
+    /// An overall deadline for each request, from `call` to its reply, across every
+    /// attempt (Envoy's route `timeout`, beside the per-attempt `per_try_timeout`
+    /// that belongs inside each endpoint). When it passes, the attempts in flight are
+    /// dropped (cancelled at their endpoints) and the request fails with
+    /// [`DeadlineExceeded`], which says whether it may have reached a backend; no
+    /// failover attempt, retry or hedge starts after it. Default: none.
+    ///
+    /// It starts at `Balance::call`: the wait for a ready balancer before it is not
+    /// covered (that is `failfast_timeout`'s). With `max_attempts(1)` it is a plain
+    /// timeout on the call. It costs one clock read per request, and one timer (one
+    /// allocation) for a request still unanswered when first polled.
+    ///
+    /// ```
+    /// use marina_balance::Failover;
+    /// use std::time::Duration;
+    ///
+    /// // At most 3 attempts, none past 2 s after the call.
+    /// let failover = Failover::new().deadline(Duration::from_secs(2));
+    /// # drop(failover);
+    /// ```
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// Hedges idempotent requests: when a request's attempt has been alone in flight
+    /// for `delay` without a reply, a copy goes to another ready endpoint (the least
+    /// loaded one not tried yet for the request) and the first *reply* wins; the other
+    /// attempt's future is dropped, which cancels it at its endpoint (a pooled
+    /// connection whose reply was not read to the end is not reused: that is the
+    /// endpoint's cancel safety). An attempt that fails while the other is still in
+    /// flight does not end the request: the other may still answer; when the last one
+    /// fails, the usual failover rules apply. Default: off.
+    ///
+    /// Bounds: only requests marked idempotent (see
+    /// [`retry_idempotent_if`](Self::retry_idempotent_if)) and only with
+    /// [`Balance::failover`](crate::Balance::failover) (a copy is needed); at most two
+    /// attempts in flight at once; a hedge counts toward `max_attempts`, draws on the
+    /// [`RetryBudget`] (a refusal counts in
+    /// [`retries_refused`](crate::BalanceTotals::retries_refused)), goes only to an
+    /// endpoint ready at that moment, and never starts after the
+    /// [`deadline`](Self::deadline). Counted in
+    /// [`BalanceTotals::hedges`](crate::BalanceTotals::hedges) and
+    /// [`hedges_won`](crate::BalanceTotals::hedges_won).
+    ///
+    /// The delay is fixed: set it near the backends' p95–p99 latency, so that about
+    /// 1–5% of requests are hedged (the budget caps the rest). An adaptive delay from
+    /// a latency percentile (Finagle's backup requests, tower's `Hedge`) needs a
+    /// latency histogram per request path, which the balancer does not keep.
+    ///
+    /// ```
+    /// use marina_balance::Failover;
+    /// use std::time::Duration;
+    ///
+    /// let failover = Failover::new()
+    ///     .hedge(Duration::from_millis(50))
+    ///     .deadline(Duration::from_secs(1));
+    /// # drop(failover);
+    /// ```
+    pub fn hedge(mut self, delay: Duration) -> Self {
+        self.hedge = Some(delay);
+        self
+    }
 }
+
+/// A request's [deadline](Failover::deadline) passed before any attempt answered.
+///
+/// `maybe_sent` says whether the request may have reached a backend: true when an
+/// attempt was in flight when the deadline passed, or an earlier attempt failed with
+/// an error that does not prove it was never sent; false when every attempt so far
+/// failed before sending (a refused connect, say) and the next one was still waiting
+/// for its endpoint. Only a request with `maybe_sent == false` is safe to send again
+/// when it is not idempotent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadlineExceeded {
+    /// The deadline.
+    pub after: Duration,
+    /// Attempts sent (hedges included).
+    pub attempts: u32,
+    /// Whether the request may have reached a backend.
+    pub maybe_sent: bool,
+}
+
+impl fmt::Display for DeadlineExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "request deadline of {:?} exceeded after {} attempt{} ({})",
+            self.after,
+            self.attempts,
+            if self.attempts == 1 { "" } else { "s" },
+            if self.maybe_sent {
+                "the request may have been sent"
+            } else {
+                "the request was never sent"
+            }
+        )
+    }
+}
+
+impl std::error::Error for DeadlineExceeded {}
 
 /// Whether `error` shows that its request never reached the endpoint, so sending it
 /// elsewhere is safe even when it is not idempotent. True for:

@@ -121,6 +121,14 @@
 //!   marks connect and checkout failures) goes to another endpoint, within
 //!   `max_attempts` and a [`RetryBudget`]; [`Balance::failover_unsent`] does the same
 //!   for requests that are not `Clone`;
+//! - **deadlines, idempotent retries and hedging** (opt-in, see
+//!   [`Balance`'s section](Balance#deadlines-retries-and-hedging)): an overall
+//!   [`Failover::deadline`] across attempts ([`DeadlineExceeded`]); requests marked
+//!   [`Idempotent`](marina_core::Idempotent) (or by [`Balance::idempotent_if`]) also
+//!   retried after errors that came after sending, and hedged after a delay
+//!   ([`Failover::hedge`]);
+//! - **slow start** ([`Balance::slow_start`], opt-in): an endpoint back from an
+//!   ejection, or new, gets a share of its picks that ramps up over a window;
 //! - a **panic threshold** ([`Balance::panic_threshold`]): below 50% healthy endpoints
 //!   (as reported by marina-health through an
 //!   [`EjectionGate`](marina_core::EjectionGate)), route over all of them;
@@ -178,17 +186,19 @@
 
 mod balance;
 mod failover;
+mod future;
 mod layer;
 mod pick;
 mod shared;
+mod slow_start;
 mod weighted;
 
-pub use balance::{
-    Balance, BalanceHandle, BalanceTotals, EndpointSnapshot, NoReadyEndpoints, ResponseFuture,
-};
-pub use failover::{Failover, RetryBudget, never_sent};
+pub use balance::{Balance, BalanceHandle, BalanceTotals, EndpointSnapshot, NoReadyEndpoints};
+pub use failover::{DeadlineExceeded, Failover, RetryBudget, never_sent};
+pub use future::ResponseFuture;
 pub use layer::{BalanceLayer, ChangeStream};
 pub use shared::{Shared, SharedFuture};
+pub use slow_start::SlowStart;
 pub use weighted::Weighted;
 
 pub use pick::{
