@@ -11,13 +11,23 @@
 //!   wait in FIFO order, and a returned connection goes straight to the oldest waiter.
 //!   `max_connecting` bounds connects in flight (no reconnect storm after an outage).
 //! - **Timeouts that say what happened**: `acquire_timeout` bounds the whole wait
-//!   ([`PoolError::Timeout`]); a connect that fails is reported at once as
-//!   [`PoolError::Connect`] with the connector's error, never as a timeout.
+//!   ([`PoolError::Timeout`]); a connect that fails for good (a wrong password, an
+//!   unknown database) is reported at once as [`PoolError::Connect`] with the
+//!   connector's error, never hidden behind a timeout.
+//! - **Through a restart**: a connect refused, reset or timed out is retried with
+//!   jittered backoff within `acquire_timeout` ([`ConnectRetry`]; by default once the
+//!   pool has reached its target), so a short restart of a lone database costs callers
+//!   no errors; [`PoolService`], the endpoint balancers use, fails at once instead so
+//!   they can fail over.
 //! - **No stale connections**: idle connections are checked at checkout (for TCP, the
-//!   socket state: a peer's FIN or RST, or unread bytes, close it), closed after
-//!   `idle_timeout` and `max_lifetime`, and validated in the background with an optional
+//!   socket state: a peer's FIN or RST, or unread bytes, close it; for other clients,
+//!   what their connector says: see below), closed after `idle_timeout` and
+//!   `max_lifetime`, and validated in the background with an optional
 //!   [`Probe`](marina_core::Probe). An I/O error or EOF seen through a [`Pooled`] closes
 //!   it instead of returning it.
+//! - **Panic safe**: a panic in user code the pool runs (a check, the connector, a
+//!   probe, a tracing subscriber) closes the connection involved and frees its slot;
+//!   the background task carries on.
 //! - **Background upkeep**: a maintenance task per pool warms up to `min_idle`, refills
 //!   (backing off while connects fail), evicts and health-checks; a second task, started
 //!   by the first `get()` that has to wait while an `acquire_timeout` is set, times
@@ -69,6 +79,34 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Pooling a client that is not a socket
+//!
+//! The pool checks socket state for the streams it knows (`TcpStream`, `UnixStream`).
+//! A database or cache client owns its socket in a background task, so the pool cannot
+//! see it die: after a server restart every idle client would be dead. Give the
+//! connector a say instead: implement [`Manage`] for it — `connect`, and `is_broken`
+//! (cheap and synchronous, like `Client::is_closed`), optionally an asynchronous
+//! `recycle` (a ping before reuse) and `is_transient` (which connect errors to retry) —
+//! and build pools over [`Managed::new`]`(connector)`. Every pool of that connector,
+//! keyed pools included, then hands out only live clients, with no per-pool hook.
+//!
+//! Ready-made, behind features: `marina_pool::postgres` (`tokio-postgres` clients,
+//! `PgPool`) and `marina_pool::redis` (redis-rs multiplexed connections, `RedisPool`):
+//!
+//! ```ignore
+//! use marina_pool::postgres::{PgConnector, PgPool};
+//! use marina_pool::{Managed, Pool};
+//!
+//! let pool: PgPool = Pool::builder()
+//!     .max_size(16)
+//!     .build(Managed::new(PgConnector::new(tokio_postgres::NoTls)), "host=127.0.0.1 user=postgres".parse()?)?;
+//! let client = pool.get().await?; // never a client whose connection died
+//! client.query_one("SELECT 1", &[]).await?;
+//! ```
+//!
+//! (Compiled in the `postgres` module's docs.) For one-off rules on a single pool,
+//! [`Builder::check`] still works, and runs after the connector's own check.
+//!
 //! As a `MakeConnection`:
 //!
 //! ```
@@ -86,6 +124,10 @@
 //! # Cargo features
 //!
 //! - `hyper`: hyper's `rt::Read`/`rt::Write` and hyper-util's `Connection` for [`Pooled`].
+//! - `postgres`: `marina_pool::postgres`, a [`Manage`] connector for `tokio-postgres`
+//!   clients, and the `PgPool` type.
+//! - `redis`: `marina_pool::redis`, a [`Manage`] connector for redis-rs multiplexed
+//!   connections, and the `RedisPool` type.
 //! - `metrics`: counters and gauges through the `metrics` facade
 //!   (`marina_pool_connections_created_total`, `…_closed_total{reason}`,
 //!   `…_evicted_total`, `marina_pool_timeouts_total`, `marina_pool_connect_errors_total`,

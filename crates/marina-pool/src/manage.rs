@@ -33,8 +33,7 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// that a client died with its server.
 ///
 /// The crate's `postgres` and `redis` features implement it for `tokio-postgres` and
-/// `redis`: see [`postgres`](crate::postgres) and [`redis`](crate::redis) (with those
-/// features on).
+/// `redis`: see the `marina_pool::postgres` and `marina_pool::redis` modules.
 ///
 /// # Examples
 ///

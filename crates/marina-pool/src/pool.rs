@@ -271,6 +271,7 @@ where
         Checkout {
             pool: self,
             retry,
+            wait: None,
             slow: None,
         }
     }
@@ -344,19 +345,34 @@ where
         }
     }
 
+    /// The checkout's deadline, from now: one clock read per checkout that cannot be
+    /// served at once (waiting costs hundreds of nanoseconds anyway).
+    fn deadline(&self) -> Option<Instant> {
+        self.handle
+            .inner
+            .config
+            .acquire_timeout
+            .and_then(|l| Instant::now().checked_add(l))
+    }
+
+    /// True when the connector wants `p` recycled before it is handed out.
+    fn wants_recycle(&self, p: &mut Pooled<C::Response>) -> bool {
+        let core = &self.handle.inner.core;
+        core.hooks.as_ref().is_some_and(|h| h.recycle(p).is_some())
+    }
+
+    /// The rest of a checkout that must connect, recycle, or wait again after a stale
+    /// connection: boxed by [`Checkout`] only when needed.
     async fn get_slow(
         &self,
         mut grant: Option<Grant<Entry<C::Response>>>,
         recycle: Option<Pooled<C::Response>>,
         retry: ConnectRetry,
+        deadline: Option<Instant>,
     ) -> Result<Pooled<C::Response>, PoolError> {
-        self.start_maintenance();
         let inner = &self.handle.inner;
         let core = &inner.core;
         let limit = inner.config.acquire_timeout;
-        // One clock read per slow checkout: waiting costs hundreds of nanoseconds anyway.
-        let now = Instant::now();
-        let deadline = limit.and_then(|l| now.checked_add(l));
         let deadline_ns = deadline.map_or(NEVER, |d| core.clock.ns_at(d));
         if let Some(p) = recycle {
             match self.recycled(p, deadline).await {
@@ -424,13 +440,13 @@ where
         };
         // Broken until it passes: cancelled or panicking half-way, it is closed.
         p.mark_broken();
-        let until = Instant::now() + inner.config.health_check_timeout;
-        let until = deadline.map_or(until, |d| d.min(until));
         let result = {
             let Some(fut) = hooks.recycle(&mut p) else {
                 p.mark_healthy();
                 return Recycled::Ready(p);
             };
+            let until = Instant::now() + inner.config.health_check_timeout;
+            let until = deadline.map_or(until, |d| d.min(until));
             tokio::time::timeout_at(until, fut).await
         };
         match result {
@@ -753,15 +769,83 @@ where
 
 type SlowCheckout<'a, X> = Pin<Box<dyn Future<Output = Result<Pooled<X>, PoolError>> + Send + 'a>>;
 
-/// The future of [`Pool::get`]: the fast path runs inline; waiting and connecting run
-/// in a boxed future made only when needed, so the common case stays small and cheap.
+/// The future of [`Pool::get`]: the fast path and the wait in the queue run inline;
+/// connecting, recycling and waiting again after a stale connection run in a boxed
+/// future made only when needed, so the common cases (a connection ready, or handed
+/// over after a wait) stay small and allocate nothing but the waiter.
 struct Checkout<'a, C, T>
 where
     C: Service<T>,
 {
     pool: &'a Pool<C, T>,
     retry: ConnectRetry,
+    /// Queued for a connection, with the checkout's deadline.
+    wait: Option<(Wait<'a, C::Response>, Option<Instant>)>,
     slow: Option<SlowCheckout<'a, C::Response>>,
+}
+
+impl<'a, C, T> Checkout<'a, C, T>
+where
+    C: Connector<T>,
+    T: Target,
+{
+    /// Goes on in the boxed slow future, polled at once: a grant moved into it is
+    /// guarded from its first poll on, with no await point between.
+    fn slow(
+        &mut self,
+        grant: Option<Grant<Entry<C::Response>>>,
+        recycle: Option<Pooled<C::Response>>,
+        deadline: Option<Instant>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Pooled<C::Response>, PoolError>> {
+        let (pool, retry) = (self.pool, self.retry);
+        let slow = self
+            .slow
+            .insert(Box::pin(pool.get_slow(grant, recycle, retry, deadline)));
+        slow.as_mut().poll(cx)
+    }
+
+    /// What a queued checkout got.
+    fn granted(
+        &mut self,
+        got: Result<Grant<Entry<C::Response>>, WaitError>,
+        deadline: Option<Instant>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Pooled<C::Response>, PoolError>> {
+        let pool = self.pool;
+        let inner = &pool.handle.inner;
+        let core = &inner.core;
+        let g = match got {
+            Ok(g) => g,
+            Err(WaitError::Closed) => return Poll::Ready(Err(PoolError::Closed)),
+            Err(WaitError::TimedOut) => {
+                return Poll::Ready(Err(core.timed_out(inner.config.acquire_timeout)));
+            }
+        };
+        // A grant handed over just before `close()` must not outlive it.
+        if core.is_closed() {
+            match g {
+                Grant::Idle(e) => core.retire(e, Reason::Closed, true),
+                Grant::Create => core.release_slot(),
+            }
+            return Poll::Ready(Err(PoolError::Closed));
+        }
+        match g {
+            Grant::Idle(e) => match core.checkout_or_keep_slot(e) {
+                Some(mut p) => {
+                    if pool.wants_recycle(&mut p) {
+                        self.slow(None, Some(p), deadline, cx)
+                    } else {
+                        Poll::Ready(Ok(p))
+                    }
+                }
+                // The connection was stale: connect in its slot rather than give the
+                // slot up and queue again behind later arrivals.
+                None => self.slow(Some(Grant::Create), None, deadline, cx),
+            },
+            Grant::Create => self.slow(Some(Grant::Create), None, deadline, cx),
+        }
+    }
 }
 
 impl<C, T> Future for Checkout<'_, C, T>
@@ -772,27 +856,56 @@ where
     type Output = Result<Pooled<C::Response>, PoolError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if let Some(slow) = self.slow.as_mut() {
+        let this = &mut *self;
+        if let Some(slow) = this.slow.as_mut() {
             return slow.as_mut().poll(cx);
         }
+        if let Some((wait, deadline)) = this.wait.as_mut() {
+            let got = std::task::ready!(Pin::new(wait).poll(cx));
+            let deadline = *deadline;
+            this.wait = None;
+            return this.granted(got, deadline, cx);
+        }
+        let pool = this.pool;
         // A relaxed load of a flag that rarely changes: restarts maintenance if its
         // runtime went away, even for a pool that never reaches the slow path.
-        if !self.pool.handle.inner.maintenance_running.load(Relaxed) {
-            self.pool.start_maintenance();
+        if !pool.handle.inner.maintenance_running.load(Relaxed) {
+            pool.start_maintenance();
         }
         let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         coop.made_progress();
-        let (first, recycle) = match self.pool.try_checkout() {
-            FastPath::Ready(p) => return Poll::Ready(Ok(p)),
-            FastPath::Recycle(p) => (None, Some(p)),
-            FastPath::Closed => return Poll::Ready(Err(PoolError::Closed)),
-            FastPath::Slow(first) => (first, None),
-        };
-        // A `Create` grant moves into the slow future, which guards it from its first
-        // poll, right below, on: no await point comes between.
-        let (pool, retry) = (self.pool, self.retry);
-        let slow = self.slow.insert(Box::pin(pool.get_slow(first, recycle, retry)));
-        slow.as_mut().poll(cx)
+        match pool.try_checkout() {
+            FastPath::Ready(p) => Poll::Ready(Ok(p)),
+            FastPath::Closed => Poll::Ready(Err(PoolError::Closed)),
+            FastPath::Recycle(p) => this.slow(None, Some(p), pool.deadline(), cx),
+            FastPath::Slow(Some(g)) => this.slow(Some(g), None, pool.deadline(), cx),
+            FastPath::Slow(None) => {
+                // Queue, inline: no boxed future for a plain wait.
+                let core = &pool.handle.inner.core;
+                let deadline = pool.deadline();
+                let deadline_ns = deadline.map_or(NEVER, |d| core.clock.ns_at(d));
+                match core.slots.acquire_or_wait(deadline_ns) {
+                    Err(Closed) => Poll::Ready(Err(PoolError::Closed)),
+                    Ok(Ok(g)) => this.granted(Ok(g), deadline, cx),
+                    Ok(Err(queued)) => {
+                        if deadline.is_some() {
+                            core.arm_timer(queued.wake_timer);
+                        }
+                        let mut wait = Wait {
+                            core,
+                            waiter: Some(queued.waiter),
+                        };
+                        match Pin::new(&mut wait).poll(cx) {
+                            Poll::Ready(got) => this.granted(got, deadline, cx),
+                            Poll::Pending => {
+                                this.wait = Some((wait, deadline));
+                                Poll::Pending
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
