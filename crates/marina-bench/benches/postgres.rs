@@ -7,8 +7,10 @@
 //! → `simple_query("SELECT 1")` → return it* until a stop flag is set after `--secs` of
 //! wall clock. Every pool holds `--pool` clients (default 16), all opened before
 //! measuring, and runs `--warmup` seconds (default 0.3) before the measured run. A row
-//! reports queries/s (queries ÷ wall time from the start signal to the last task's end)
-//! and the p50/p99 latency of a checkout plus its query. The rows run interleaved, one
+//! reports queries/s (queries ÷ wall time from the start signal to the last task's end),
+//! the p50/p99 latency of a checkout plus its query, and each task's share of the
+//! queries (fewest and most, ÷ the mean: a pool whose waiters barge starves some tasks,
+//! whose long waits then count as few latency samples). The rows run interleaved, one
 //! pool at a time, `--reps` times (default 5); the table shows each row's median rep,
 //! its min–max, and its ratio to deadpool's median.
 //!
@@ -204,6 +206,8 @@ struct Run {
     wall: Duration,
     /// Sorted latencies, µs.
     latencies: Vec<u32>,
+    /// Queries per task, smallest and largest, as shares of the mean.
+    share: (f64, f64),
 }
 
 impl Run {
@@ -252,10 +256,18 @@ async fn measure(pool: &Arc<AnyPool>, tasks: usize, secs: f64) -> Result<Run, St
     .await
     .map_err(|_| "HUNG: tasks did not stop".to_string())?;
     run.wall = began.elapsed();
+    let mut per_task = Vec::with_capacity(tasks);
     for r in joined {
         let lat = r.map_err(|e| format!("task panicked: {e}"))??;
         run.ok += lat.len() as u64;
+        per_task.push(lat.len() as f64);
         run.latencies.extend(lat);
+    }
+    let mean = run.ok as f64 / tasks as f64;
+    if mean > 0.0 {
+        run.share = per_task.iter().fold((f64::MAX, 0f64), |(lo, hi), &n| {
+            (lo.min(n / mean), hi.max(n / mean))
+        });
     }
     run.latencies.sort_unstable();
     Ok(run)
@@ -319,8 +331,10 @@ fn main() -> ExitCode {
             runs[m].per_sec()
         });
     println!();
-    println!("| row | queries/s (median) | min–max | p50 µs | p99 µs | × deadpool |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| row | queries/s (median) | min–max | p50 µs | p99 µs | task share min / max | × deadpool |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (row, runs) in results.iter_mut() {
         let m = median(runs);
         let (lo, hi) = runs.iter().fold((f64::MAX, 0f64), |(lo, hi), r| {
@@ -329,12 +343,14 @@ fn main() -> ExitCode {
         let r = &runs[m];
         let ratio = deadpool.map_or("–".to_string(), |d| format!("{:.2}", r.per_sec() / d));
         println!(
-            "| {row} | {:.0} | {:.0}–{:.0} | {} | {} | {ratio} |",
+            "| {row} | {:.0} | {:.0}–{:.0} | {} | {} | {:.2} / {:.2} | {ratio} |",
             r.per_sec(),
             lo,
             hi,
             r.percentile_us(0.5),
-            r.percentile_us(0.99)
+            r.percentile_us(0.99),
+            r.share.0,
+            r.share.1
         );
     }
     if o.smoke {
