@@ -208,3 +208,160 @@ async fn endpoint_layers_sit_inside_the_health_checks() {
     assert_eq!(seen.load(SeqCst), 1);
     assert_eq!(within(LIMIT, "shutdown", handle.shutdown(LIMIT)).await, 0);
 }
+
+#[tokio::test]
+async fn a_deadline_bounds_the_request_across_failover_attempts() {
+    use marina::balance::DeadlineExceeded;
+    let holes = [
+        LineServer::start(LineServerOptions {
+            hold: true,
+            ..LineServerOptions::default()
+        })
+        .await,
+        LineServer::start(LineServerOptions {
+            hold: true,
+            ..LineServerOptions::default()
+        })
+        .await,
+        LineServer::start(LineServerOptions {
+            hold: true,
+            ..LineServerOptions::default()
+        })
+        .await,
+    ];
+    let (svc, handle) = Stack::builder::<String>()
+        .endpoints(holes.iter().map(LineServer::addr))
+        .request_timeout(Duration::from_millis(400))
+        .deadline(Duration::from_millis(500))
+        .health(None)
+        .build_line()
+        .expect("a valid stack");
+    // Idempotent, so every timed-out attempt may be sent again: without the deadline
+    // the request would last 3 × 400 ms.
+    let mut req = Request::new("x".to_string());
+    marina::core::Idempotent::mark(&mut req);
+    let err = within(LIMIT, "a request", svc.clone().oneshot(req))
+        .await
+        .expect_err("every backend is a black hole");
+    let d = find::<DeadlineExceeded>(&*err).unwrap_or_else(|| panic!("not a deadline: {err}"));
+    assert_eq!(d.after, Duration::from_millis(500));
+    assert!(d.maybe_sent);
+    assert_eq!(d.attempts, 2, "{err}");
+    assert_eq!(handle.stats().balance.deadlines_exceeded, 1);
+    for h in &holes {
+        h.release();
+    }
+    within(LIMIT, "shutdown", handle.shutdown(LIMIT)).await;
+}
+
+/// A backend that reads each request line, counts it, and closes the connection.
+async fn read_and_close() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::AsyncBufReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(stream).lines();
+                if let Ok(Some(_)) = lines.next_line().await {
+                    count.fetch_add(1, SeqCst);
+                }
+                // Dropped: closed without a reply.
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn only_idempotent_requests_are_sent_again_after_they_may_have_been_sent() {
+    let (bad, seen) = read_and_close().await;
+    let good = LineServer::start(LineServerOptions::default()).await;
+    let (svc, handle) = Stack::builder::<String>()
+        .endpoints([bad, good.addr()])
+        .health(None)
+        .build_line()
+        .expect("a valid stack");
+    let (mut failed_unmarked, mut ok_marked) = (0, 0);
+    for i in 0..30 {
+        let mut req = Request::new(format!("r{i}"));
+        // Not every other one: round robin over two backends would line the marked
+        // requests up with one backend.
+        let marked = i % 3 == 0;
+        if marked {
+            marina::core::Idempotent::mark(&mut req);
+        }
+        match within(LIMIT, "a request", svc.clone().oneshot(req)).await {
+            Ok(r) => {
+                assert_eq!(r.into_body(), format!("r{i}"));
+                ok_marked += usize::from(marked);
+            }
+            Err(_) => {
+                assert!(!marked, "a marked request failed");
+                failed_unmarked += 1;
+            }
+        }
+    }
+    assert_eq!(ok_marked, 10, "every marked request succeeded");
+    assert!(
+        failed_unmarked > 0,
+        "no unmarked request reached the bad backend"
+    );
+    // Each unmarked request that reached the bad backend was delivered exactly once.
+    let totals = handle.stats().balance;
+    assert_eq!(
+        seen.load(SeqCst) as u64,
+        failed_unmarked as u64 + totals.sent_retries,
+        "{totals:?}"
+    );
+    within(LIMIT, "shutdown", handle.shutdown(LIMIT)).await;
+}
+
+#[tokio::test]
+async fn a_hedge_takes_the_fast_reply() {
+    let slow = LineServer::start(LineServerOptions {
+        tag: true,
+        delay: Duration::from_millis(300),
+        ..LineServerOptions::default()
+    })
+    .await;
+    let fast = LineServer::start(LineServerOptions {
+        tag: true,
+        ..LineServerOptions::default()
+    })
+    .await;
+    let (svc, handle) = Stack::builder::<String>()
+        .endpoints([slow.addr(), fast.addr()])
+        .hedge(Duration::from_millis(20))
+        .health(None)
+        .build_line()
+        .expect("a valid stack");
+    for i in 0..6 {
+        let mut req = Request::new(format!("h{i}"));
+        marina::core::Idempotent::mark(&mut req);
+        let reply = within(LIMIT, "a request", svc.clone().oneshot(req))
+            .await
+            .expect("a reply");
+        let body = reply.into_body();
+        let (port, line) = split_tag(&body).expect("tagged");
+        assert_eq!(port, fast.addr().port(), "the slow reply won");
+        assert_eq!(line, format!("h{i}"));
+    }
+    let totals = handle.stats().balance;
+    assert!(totals.hedges >= 1 && totals.hedges_won >= 1, "{totals:?}");
+    // Unmarked requests are never hedged.
+    let before = handle.stats().balance.hedges;
+    for i in 0..4 {
+        let _ = within(
+            LIMIT,
+            "a request",
+            svc.clone().oneshot(Request::new(format!("u{i}"))),
+        )
+        .await;
+    }
+    assert_eq!(handle.stats().balance.hedges, before);
+    within(LIMIT, "shutdown", handle.shutdown(LIMIT)).await;
+}

@@ -62,6 +62,12 @@ pub struct StackConfig {
     /// Each attempt's timeout, ms (default 15,000: see
     /// [`StackBuilder::request_timeout`]; above 0).
     pub request_timeout_ms: Option<u64>,
+    /// One deadline for a request's attempts together, ms (default none; above 0).
+    pub deadline_ms: Option<u64>,
+    /// Hedge idempotent requests after this long, ms (default off; needs failover).
+    pub hedge_ms: Option<u64>,
+    /// Slow start window for backends that come back or are added, ms (default off).
+    pub slow_start_ms: Option<u64>,
     /// Fail fast after nothing is ready for this long, ms (default 10000).
     pub failfast_timeout_ms: Option<u64>,
     /// Each backend's pool.
@@ -204,8 +210,21 @@ impl StackConfig {
         if self.connect_timeout_ms == Some(0) {
             bad("connect_timeout_ms".into(), "must be above 0".into());
         }
-        if self.request_timeout_ms == Some(0) {
-            bad("request_timeout_ms".into(), "must be above 0".into());
+        for (key, v) in [
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("deadline_ms", self.deadline_ms),
+            ("hedge_ms", self.hedge_ms),
+            ("slow_start_ms", self.slow_start_ms),
+        ] {
+            if v == Some(0) {
+                bad(key.into(), "must be above 0".into());
+            }
+        }
+        if self.hedge_ms.is_some() && self.failover.enabled == Some(false) {
+            bad(
+                "hedge_ms".into(),
+                "hedging needs failover on (a hedge is a second attempt)".into(),
+            );
         }
         if let Some(p) = &self.pool.preset
             && !PRESETS.contains(&p.as_str())
@@ -361,7 +380,10 @@ impl StackConfig {
             .request_timeout(
                 self.request_timeout_ms
                     .map_or(crate::DEFAULT_REQUEST_TIMEOUT, Duration::from_millis),
-            );
+            )
+            .deadline(self.deadline_ms.map(Duration::from_millis))
+            .hedge(self.hedge_ms.map(Duration::from_millis))
+            .slow_start(self.slow_start_ms.map(Duration::from_millis));
         b = match self.picker.as_deref().unwrap_or("round_robin") {
             "weighted_round_robin" => b.picker(WeightedRoundRobin::new),
             "least_connections" => b.picker(LeastConnections::new),

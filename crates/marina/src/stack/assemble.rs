@@ -161,8 +161,24 @@ where
             .ejection_gate(gate)
             .panic_threshold(b.panic_threshold)
             .route_hints_from_extensions();
-        if let Some(f) = b.failover {
-            balance = balance.failover(f);
+        if let Some(window) = b.slow_start {
+            balance = balance.slow_start(window);
+        }
+        // Failover, the deadline across attempts and hedging share one policy; with
+        // failover off, a deadline alone is one attempt with a time limit.
+        let policy = match (b.failover, b.deadline) {
+            (Some(f), _) => Some(f),
+            (None, Some(_)) => Some(Failover::new().max_attempts(1)),
+            (None, None) => None,
+        };
+        if let Some(mut f) = policy {
+            if let Some(d) = b.deadline {
+                f = f.deadline(d);
+            }
+            if let Some(h) = b.hedge {
+                f = f.hedge(h);
+            }
+            balance = balance.failover(f).idempotent_from_extensions();
         }
         let balance_handle = balance.handle();
         let shared = Shared::new(balance);

@@ -167,6 +167,9 @@ pub struct StackBuilder<T> {
     request_timeout: Option<Duration>,
     endpoint_layers: Vec<EndpointLayerFn<T>>,
     without_key: WithoutKey,
+    deadline: Option<Duration>,
+    hedge: Option<Duration>,
+    slow_start: Option<Duration>,
 }
 
 impl<T> fmt::Debug for StackBuilder<T> {
@@ -221,6 +224,9 @@ impl Stack {
             request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             endpoint_layers: Vec::new(),
             without_key: WithoutKey::Refuse,
+            deadline: None,
+            hedge: None,
+            slow_start: None,
         }
     }
 }
@@ -343,8 +349,47 @@ impl<T> StackBuilder<T> {
     }
 
     /// Failover for requests not sent (default `Failover::new()`); `None` turns it off.
+    ///
+    /// What is sent again, and what never is: a request that never reached its backend
+    /// (a refused or failed connect, a pool checkout that timed out) goes to another
+    /// backend, within the policy's attempts and retry budget. A request that may have
+    /// been sent (it timed out waiting for its reply, the connection broke mid-reply) is
+    /// sent again only when it is marked idempotent
+    /// ([`Idempotent::mark`](marina_core::Idempotent::mark) on the request's
+    /// extensions): never by default.
     pub fn failover(mut self, failover: Option<Failover>) -> Self {
         self.failover = failover;
+        self
+    }
+
+    /// One deadline for the whole request, every failover attempt included (default
+    /// none: each attempt has its own [`request_timeout`](Self::request_timeout), so
+    /// a request lasts at most attempts × timeout). Past it the request fails with
+    /// `marina::balance::DeadlineExceeded`, which says whether it may have been sent.
+    /// Above 0.
+    pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
+        self.deadline = deadline.into();
+        self
+    }
+
+    /// Hedging for requests marked idempotent
+    /// ([`Idempotent::mark`](marina_core::Idempotent::mark)): when the first attempt
+    /// has not answered after `delay`, a copy goes to another ready backend and the
+    /// first reply wins (the other is cancelled; its connection is closed, not reused).
+    /// Draws on the failover's retry budget and attempts, so it needs failover on.
+    /// Counted in the balancer's totals (`hedges`, `hedges_won`). Off by default; above
+    /// 0.
+    pub fn hedge(mut self, delay: impl Into<Option<Duration>>) -> Self {
+        self.hedge = delay.into();
+        self
+    }
+
+    /// Slow start (Envoy's `slow_start_window`, HAProxy's `slowstart`): a backend that
+    /// comes back after an ejection, or is added while the stack runs, gets a share of
+    /// its picks that ramps up over `window`, whatever the picker. Off by default; above
+    /// 0.
+    pub fn slow_start(mut self, window: impl Into<Option<Duration>>) -> Self {
+        self.slow_start = window.into();
         self
     }
 
@@ -449,6 +494,21 @@ impl<T> StackBuilder<T> {
         }
         if self.request_timeout.is_some_and(|t| t.is_zero()) {
             bad("request_timeout_ms".into(), "must be above 0".into());
+        }
+        if self.deadline.is_some_and(|t| t.is_zero()) {
+            bad("deadline_ms".into(), "must be above 0".into());
+        }
+        if self.hedge.is_some_and(|t| t.is_zero()) {
+            bad("hedge_ms".into(), "must be above 0".into());
+        }
+        if self.hedge.is_some() && self.failover.is_none() {
+            bad(
+                "hedge_ms".into(),
+                "hedging needs failover on (a hedge is a second attempt)".into(),
+            );
+        }
+        if self.slow_start.is_some_and(|t| t.is_zero()) {
+            bad("slow_start_ms".into(), "must be above 0".into());
         }
         for problem in self.pool.validate().errors {
             let key = match problem.field {
