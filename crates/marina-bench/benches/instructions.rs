@@ -20,6 +20,9 @@
 //!     [--clients N] [--short N] [--long N]
 //! ```
 //!
+//! `-- --bench --allocs` counts heap allocations per request instead (the same two
+//! run lengths, in process, with `allocation-counter`), no valgrind needed.
+//!
 //! Needs valgrind (`apt-get install -y valgrind`). Without `--bench` in its arguments (as
 //! under `cargo test --benches`) it runs each row briefly in process, without valgrind,
 //! and fails on an error or a wrong echo.
@@ -137,6 +140,17 @@ fn main() -> ExitCode {
             "--long" => long = value().parse().unwrap_or(long),
             _ => {}
         }
+    }
+    if args.iter().any(|a| a == "--allocs") {
+        // Heap allocations per request, by the same difference of two run lengths.
+        println!("| row | allocations / request |\n|---|---:|");
+        for row in &rows {
+            let a = allocation_counter::measure(|| run_row(row, clients, short).unwrap());
+            let b = allocation_counter::measure(|| run_row(row, clients, long).unwrap());
+            let per = b.count_total.saturating_sub(a.count_total) as f64 / (long - short) as f64;
+            println!("| {row} | {per:.2} |");
+        }
+        return ExitCode::SUCCESS;
     }
     if !args.iter().any(|a| a == "--bench") {
         // A smoke run: every row works, no valgrind.

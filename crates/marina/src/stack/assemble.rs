@@ -2,6 +2,8 @@
 
 use super::*;
 
+use tower::util::Either;
+
 /// A builder whose requests are converted before they reach a client.
 pub(super) struct MappedBuilder<T, T2> {
     pub(super) inner: StackBuilder<T>,
@@ -83,13 +85,15 @@ where
                         .map_response(Response::new),
                     request_timeout,
                 );
+                // Concrete types all the way down (no boxed future per request below
+                // the balancer), except under the user's own endpoint layers.
                 let endpoint = if endpoint_layers.is_empty() {
-                    BoxCloneSyncService::new(endpoint)
+                    Either::Left(endpoint)
                 } else {
-                    with_endpoint_layers(endpoint, &endpoint_layers)
+                    Either::Right(with_endpoint_layers(endpoint, &endpoint_layers))
                 };
                 let mut health = None;
-                let endpoint: StackService<T, U> = match &health_config {
+                let endpoint = match &health_config {
                     Some(cfg) => {
                         let mut layer = HealthLayer::new(cfg.clone())
                             .name(addr.to_string())
@@ -99,9 +103,9 @@ where
                         }
                         let h = layer.layer(endpoint);
                         health = Some(h.handle());
-                        BoxCloneSyncService::new(h)
+                        Either::Left(h)
                     }
-                    None => BoxCloneSyncService::new(endpoint),
+                    None => Either::Right(endpoint),
                 };
                 changes
                     .send(Change::Insert(addr, endpoint))
@@ -182,60 +186,48 @@ where
         }
         let balance_handle = balance.handle();
         let shared = Shared::new(balance);
-        // With no layer above the balancer, the guard wraps it directly (one boxed
-        // future fewer per request).
-        let bare = b.affinity.is_none()
-            && b.concurrency.is_empty()
-            && b.rate.is_none()
-            && b.rate_per_key.is_none();
-        let mut svc: StackService<T, U> = BoxCloneSyncService::new(shared.clone());
+        // The layers above the balancer, each there or not: composed statically (one
+        // boxed future for the whole stack, at its edge), not boxed per layer.
         let mut affinity = None;
-        match &b.affinity {
+        let affinity_layer = match &b.affinity {
             Some(AffinityMode::Sticky(key, table)) => {
-                let layer = AffinityLayer::sticky(key.extractor(), *table);
-                affinity = Some(layer.handle());
-                svc = BoxCloneSyncService::new(layer.layer(svc));
+                Some(AffinityLayer::sticky(key.extractor(), *table))
             }
-            Some(AffinityMode::Hash(key)) => {
-                let layer = AffinityLayer::hash(key.extractor());
-                affinity = Some(layer.handle());
-                svc = BoxCloneSyncService::new(layer.layer(svc));
-            }
-            None => {}
-        }
-        let mut concurrency = Vec::new();
-        for (key, limit) in &b.concurrency {
-            let layer =
-                ConcurrencyPerKeyLayer::new(key.extractor(), *limit).without_key(b.without_key);
-            concurrency.push(layer.handle());
-            svc = BoxCloneSyncService::new(layer.layer(svc));
-        }
-        let mut rate = None;
-        let mut rate_per_key = None;
-        if let Some((key, r)) = &b.rate_per_key {
-            let layer = RateLimitLayer::keyed(key.extractor(), *r).without_key(b.without_key);
-            rate_per_key = Some(layer.handle());
-            svc = BoxCloneSyncService::new(layer.layer(svc));
-        }
-        if let Some(r) = b.rate {
-            let layer = RateLimitLayer::global(r);
-            rate = Some(layer.handle());
-            svc = BoxCloneSyncService::new(layer.layer(svc));
-        }
-        let svc = if bare {
-            drop(svc);
-            BoxCloneSyncService::new(Guarded {
-                inner: shared,
-                state: state.clone(),
-                validate: self.validate.clone(),
-            })
-        } else {
-            BoxCloneSyncService::new(Guarded {
-                inner: svc,
-                state: state.clone(),
-                validate: self.validate.clone(),
-            })
+            Some(AffinityMode::Hash(key)) => Some(AffinityLayer::hash(key.extractor())),
+            None => None,
         };
+        if let Some(layer) = &affinity_layer {
+            affinity = Some(layer.handle());
+        }
+        let svc = either_layer(affinity_layer, shared);
+        // Per-key concurrency limits: any number of them (boxed when there are some).
+        let mut concurrency = Vec::new();
+        let svc = if b.concurrency.is_empty() {
+            Either::Right(svc)
+        } else {
+            let mut boxed: StackService<T, U> = BoxCloneSyncService::new(svc);
+            for (key, limit) in &b.concurrency {
+                let layer =
+                    ConcurrencyPerKeyLayer::new(key.extractor(), *limit).without_key(b.without_key);
+                concurrency.push(layer.handle());
+                boxed = BoxCloneSyncService::new(layer.layer(boxed));
+            }
+            Either::Left(boxed)
+        };
+        let keyed = b
+            .rate_per_key
+            .as_ref()
+            .map(|(key, r)| RateLimitLayer::keyed(key.extractor(), *r).without_key(b.without_key));
+        let rate_per_key = keyed.as_ref().map(RateLimitLayer::handle);
+        let svc = either_layer(keyed, svc);
+        let global = b.rate.map(RateLimitLayer::global);
+        let rate = global.as_ref().map(RateLimitLayer::handle);
+        let svc = either_layer(global, svc);
+        let svc = BoxCloneSyncService::new(Guarded {
+            inner: svc,
+            state: state.clone(),
+            validate: self.validate.clone(),
+        });
         let handle = StackHandle {
             inner: Arc::new(HandleInner {
                 registry,
@@ -251,6 +243,14 @@ where
             }),
         };
         Ok((svc, handle))
+    }
+}
+
+/// `svc` under `layer`, if there is one.
+fn either_layer<L: Layer<S>, S>(layer: Option<L>, svc: S) -> Either<L::Service, S> {
+    match layer {
+        Some(l) => Either::Left(l.layer(svc)),
+        None => Either::Right(svc),
     }
 }
 

@@ -584,8 +584,18 @@ impl<T> StackBuilder<T> {
         // A line holding '\n' is the caller's mistake: refuse it before it enters the
         // stack, where the health checks would count it against a backend.
         mapped.validate = Some(Arc::new(|t: &T| {
-            let line: String = t.clone().into();
-            if line.contains('\n') {
+            // A `String` (or `&str`) body is read in place; other bodies are converted
+            // on a copy.
+            let any: &dyn std::any::Any = t;
+            let bad = if let Some(line) = any.downcast_ref::<String>() {
+                line.contains('\n')
+            } else if let Some(line) = any.downcast_ref::<&'static str>() {
+                line.contains('\n')
+            } else {
+                let line: String = t.clone().into();
+                line.contains('\n')
+            };
+            if bad {
                 Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
                     "a line request may not hold '\\n'",
