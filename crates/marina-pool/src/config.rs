@@ -80,7 +80,8 @@ pub struct Config {
     pub max_size: usize,
     /// How long [`Pool::get`](crate::Pool::get) waits in all (queueing and connecting)
     /// before it fails with [`PoolError::Timeout`](crate::PoolError::Timeout).
-    /// `None` waits for ever (not recommended: a stuck backend then stalls callers).
+    /// `None` waits for ever (not recommended: a stuck backend then stalls callers, and
+    /// connects that keep failing for a transient reason are retried for ever).
     pub acquire_timeout: Option<Duration>,
     /// How long one connect may take before it fails with
     /// [`PoolError::Connect`](crate::PoolError::Connect).
