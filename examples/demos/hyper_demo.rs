@@ -2,7 +2,7 @@
 //! balancer → health checks → a pool of hyper connections per backend.
 //!
 //! ```text
-//! request ─► RateLimit (x-user) ─► Affinity (cookie "route") ─► Buffer ─► Balance ─┬─► Health ─► PoolService ─► hyper SendRequest ─► backend 0
+//! request ─► RateLimit (x-user) ─► Affinity (cookie "route") ─► Balance (shared, failover) ─┬─► Health ─► PoolService ─► hyper SendRequest ─► backend 0
 //!                                                                                 ├─► …                                          ─► backend 1
 //!                                                                                 └─► …                                          ─► backend 2
 //! ```
@@ -29,14 +29,13 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 use marina::affinity::{AffinityLayer, IssuedToken, TokenCodec, write_session_cookie};
-use marina::balance::{Balance, RoundRobin};
+use marina::balance::{Balance, Failover, RoundRobin};
 use marina::core::{BoxError, CookieKey, HeaderKey, find};
 use marina::health::{ActiveConfig, HealthConfig, HealthLayer, Http5xx, HttpProbe};
 use marina::limit::{Rate, RateLimitLayer, RateLimited};
 use marina::pool::{Pool, PoolService};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
-use tower::buffer::Buffer;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
@@ -344,11 +343,16 @@ fn build_stack(addrs: &[SocketAddr], options: &Options) -> Result<Stack, BoxErro
             );
         endpoints.push(health.layer(PoolService::new(pool)));
     }
-    let balance: Balance<_, Request<Body>> =
-        Balance::from_services(endpoints, RoundRobin::new()).route_hints_from_extensions();
+    // Failover without copying requests (an `http::Request` is not `Clone`): a request
+    // that never reached its backend (connect refused, no connection in time) comes back
+    // from the pool with its error and goes to another backend.
+    let balance: Balance<_, Request<Body>> = Balance::from_services(endpoints, RoundRobin::new())
+        .route_hints_from_extensions()
+        .failover_unsent(Failover::new());
     let balance_handle = balance.handle();
-    // `Balance` is not `Clone`; the buffer makes the stack shareable between tasks.
-    let balance = Buffer::new(balance, 64);
+    // `Balance` is not `Clone`: `shared()` gives every task a handle to the one balancer
+    // (no task hop per request, unlike tower's `Buffer`).
+    let balance = balance.shared();
 
     let codec = TokenCodec::new(
         b"marina hyper demo: 32-byte key!!",

@@ -2,7 +2,7 @@
 //! with the standard gRPC health probe → one tonic `Channel` per backend.
 //!
 //! ```text
-//! HealthClient ─► RateLimit (x-user) ─► Buffer ─► Balance ─┬─► Health (GrpcProbe) ─► Channel ─► server 0
+//! HealthClient ─► RateLimit (x-user) ─► Balance (shared) ─┬─► Health (GrpcProbe) ─► Channel ─► server 0
 //!                                                          ├─► Health (GrpcProbe) ─► Channel ─► server 1
 //!                                                          └─► Health (GrpcProbe) ─► Channel ─► server 2
 //! ```
@@ -38,7 +38,6 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::server::HealthReporter;
-use tower::buffer::Buffer;
 use tower::util::BoxCloneService;
 use tower::{Layer, ServiceBuilder};
 
@@ -412,12 +411,15 @@ pub async fn run_with(options: Options) -> Result<Summary, BoxError> {
         Rate::per_second(options.rate_per_second).burst(options.burst),
     );
     let limiter = limit.handle();
-    // The generated client needs a `Clone` service: the buffer shares the balancer.
+    // The generated client needs a `Clone` service: `shared()` shares the balancer.
+    // (No failover here: a tonic request is not `Clone` and a `Channel` does not give an
+    // unsent request back; a refused connect is still never sent twice, and the
+    // health checks take the backend out.)
     let channel: GrpcChannel = BoxCloneService::new(
         ServiceBuilder::new()
             .map_err(tonic::Status::from_error)
             .layer(limit)
-            .service(Buffer::new(balance, 64)),
+            .service(balance.shared()),
     );
     let client = HealthClient::new(channel);
 

@@ -261,3 +261,59 @@ async fn an_error_without_the_request_is_returned_and_one_with_it_keeps_it() {
     let back: Upload = take_unsent_request(&*err).expect("the request comes back");
     assert_eq!(back.0, [7, 7]);
 }
+
+/// marina-pool's `PoolService` gives an unsent request back: requests that are not
+/// `Clone` fail over from a backend that refuses connections.
+#[tokio::test]
+async fn pool_services_give_unsent_requests_back() {
+    use marina_pool::{Pool, PoolService};
+    let live = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                open.push(s);
+            }
+        });
+        a
+    };
+    let dead = dead_addr().await;
+    // A "client" per connection that answers with the upload's length.
+    let connector = service_fn(|addr: SocketAddr| async move {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        drop(stream);
+        Ok::<_, std::io::Error>(service_fn(|u: Upload| async move {
+            Ok::<_, std::io::Error>(u.0.len())
+        }))
+    });
+    let endpoints = [dead, live].map(|addr| {
+        let pool = Pool::builder().build(connector, addr).unwrap();
+        PoolService::new(pool)
+    });
+    // The error itself carries the request.
+    let mut alone = endpoints[0].clone();
+    let err = alone
+        .ready()
+        .await
+        .unwrap()
+        .call(Upload(vec![1, 2]))
+        .await
+        .unwrap_err();
+    let back: Upload = take_unsent_request(&*err).expect("given back");
+    assert_eq!(back.0, [1, 2]);
+
+    let mut lb =
+        Balance::from_services(endpoints, RoundRobin::new()).failover_unsent(Failover::new());
+    for _ in 0..6 {
+        let got = lb
+            .ready()
+            .await
+            .unwrap()
+            .call(Upload(vec![0; 3]))
+            .await
+            .unwrap();
+        assert_eq!(got, 3);
+    }
+    assert!(lb.handle().totals().retries >= 3);
+}

@@ -36,8 +36,11 @@ use crate::{ConnectRetry, Pool};
 /// Errors are [`BoxError`]s. When the request never reached a client — the checkout
 /// failed (a [`PoolError`](crate::PoolError): connect refused, acquire timeout, pool
 /// closed) or the checked-out client's `poll_ready` failed — the error is marked
-/// [`NotSent`] (wrapping the original), so a balancer may fail over to another endpoint
-/// safely; reach the `PoolError` with [`marina_core::find`]. Errors from the client's
+/// [`NotSent`] (wrapping the original) and carries the request back
+/// ([`NotSent::with_request`]: take it with [`marina_core::take_unsent_request`]), so a
+/// balancer may fail over to another endpoint safely, without having copied the
+/// request (marina-balance's `failover_unsent`); reach the `PoolError` with
+/// [`marina_core::find`]. Errors from the client's
 /// call are passed on as they are: the request may have been sent.
 ///
 /// # Examples
@@ -162,16 +165,18 @@ where
             inner: Box::pin(async move {
                 let _guard = guard;
                 // No connect retries: a balancer fails over to another backend at once.
-                let mut conn = pool
-                    .checkout(ConnectRetry::Off)
-                    .await
-                    .map_err(NotSent::new)?;
+                // Not sent: the request goes back with the error, so a balancer can
+                // send it elsewhere without having copied it.
+                let mut conn = match pool.checkout(ConnectRetry::Off).await {
+                    Ok(conn) => conn,
+                    Err(e) => return Err(NotSent::with_request(e, req).into()),
+                };
                 // Broken until proven otherwise: if this future is dropped before the
                 // response arrives, the client is closed, not reused mid-protocol.
                 conn.mark_broken();
-                poll_fn(|cx| conn.poll_ready(cx))
-                    .await
-                    .map_err(NotSent::new)?;
+                if let Err(e) = poll_fn(|cx| conn.poll_ready(cx)).await {
+                    return Err(NotSent::with_request(e, req).into());
+                }
                 let resp = conn.call(req).await.map_err(Into::into)?;
                 conn.mark_healthy();
                 Ok(resp)
