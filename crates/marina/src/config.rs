@@ -68,6 +68,9 @@ pub struct StackConfig {
     pub hedge_ms: Option<u64>,
     /// Slow start window for backends that come back or are added, ms (default off).
     pub slow_start_ms: Option<u64>,
+    /// Idle connections kept open ahead of traffic across all backends (default 64;
+    /// see [`StackBuilder::warm_connections`]).
+    pub warm_connections: Option<usize>,
     /// Fail fast after nothing is ready for this long, ms (default 10000).
     pub failfast_timeout_ms: Option<u64>,
     /// Each backend's pool.
@@ -383,7 +386,8 @@ impl StackConfig {
             )
             .deadline(self.deadline_ms.map(Duration::from_millis))
             .hedge(self.hedge_ms.map(Duration::from_millis))
-            .slow_start(self.slow_start_ms.map(Duration::from_millis));
+            .slow_start(self.slow_start_ms.map(Duration::from_millis))
+            .warm_connections(self.warm_connections.unwrap_or(crate::DEFAULT_WARM_BUDGET));
         b = match self.picker.as_deref().unwrap_or("round_robin") {
             "weighted_round_robin" => b.picker(WeightedRoundRobin::new),
             "least_connections" => b.picker(LeastConnections::new),

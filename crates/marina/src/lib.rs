@@ -159,7 +159,7 @@ pub use timeout::{
 
 #[cfg(feature = "full")]
 pub use stack::{
-    AffinityMode, BackendStats, Conn, DEFAULT_REQUEST_TIMEOUT, EndpointService, KeyFnBox, Reply,
+    AffinityMode, BackendStats, Conn, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WARM_BUDGET, EndpointService, KeyFnBox, Reply,
     ShuttingDown, Stack, StackBuilder, StackHandle, StackRequest, StackService, StackStats,
 };
 

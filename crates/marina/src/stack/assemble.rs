@@ -52,10 +52,19 @@ where
         // Makes one backend's endpoint (pool, health) and registers it with the
         // balancer; kept in the handle to add backends at run time.
         let registry = Arc::new(Registry::default());
+        // The runtime the stack was built on: backends added or removed from any thread
+        // (inside a runtime or not) get their tasks there.
+        let rt = tokio::runtime::Handle::try_current().map_err(
+            |_| "building a stack needs a tokio runtime (its pools and health checks run tasks)",
+        )?;
         let add: AddFn = {
+            let rt = rt.clone();
             // One connect timeout: the builder's (the pool's own would cap it).
+            // Warm connections within the stack's budget across its backends.
+            let per_backend = b.warm_budget / b.endpoints.len().max(1);
             let pool_config = Config {
                 connect_timeout: Some(b.connect_timeout),
+                min_idle: b.pool.min_idle.min(per_backend),
                 ..b.pool.clone()
             };
             let state = state_for_add.clone();
@@ -66,6 +75,7 @@ where
             let registry = registry.clone();
             let gate = gate.clone();
             Arc::new(move |addr: SocketAddr| -> Result<(), BoxError> {
+                let _runtime = rt.enter();
                 if state.closed.load(Acquire) {
                     return Err(ShuttingDown.into());
                 }
@@ -141,12 +151,10 @@ where
                 // The pool drains (requests in flight finish), closes, and leaves the
                 // registry.
                 let registry = registry.clone();
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move {
-                        close.await;
-                        registry.lock().retain(|p| p.active || p.addr != addr);
-                    });
-                }
+                rt.spawn(async move {
+                    close.await;
+                    registry.lock().retain(|p| p.active || p.addr != addr);
+                });
                 true
             })
         };

@@ -94,7 +94,13 @@ impl StackHandle {
     /// Gathers pool, health, balance, session and limiter stats.
     pub fn stats(&self) -> StackStats {
         let i = &self.inner;
-        let eps = i.balance.stats();
+        // O(N): the balancer's figures indexed once by key.
+        let mut eps: std::collections::HashMap<String, EndpointSnapshot> = i
+            .balance
+            .stats()
+            .into_iter()
+            .map(|e| (e.key.clone(), e))
+            .collect();
         let backends = i
             .registry
             .lock()
@@ -103,10 +109,11 @@ impl StackHandle {
                 addr: p.addr,
                 pool: (p.stats)(),
                 health: p.health.as_ref().map(HealthHandle::status),
-                balance: eps
-                    .iter()
-                    .find(|e| e.key == format!("{:?}", p.addr))
-                    .cloned(),
+                balance: if p.active {
+                    eps.remove(&format!("{:?}", p.addr))
+                } else {
+                    None
+                },
             })
             .collect();
         StackStats {
@@ -137,7 +144,8 @@ impl StackHandle {
 
     /// Adds a backend at run time (service discovery): a pool and health checks for it,
     /// then the balancer picks it up on its next request. Fails for a backend already
-    /// in the stack, and after [`shutdown`](Self::shutdown).
+    /// in the stack, and after [`shutdown`](Self::shutdown). Callable from any thread,
+    /// inside a tokio runtime or not: the backend's tasks run on the stack's runtime.
     pub fn add_endpoint(&self, addr: SocketAddr) -> Result<(), BoxError> {
         (self.inner.add)(addr)
     }
@@ -176,7 +184,8 @@ impl StackHandle {
 
     /// Removes a backend: it gets no new requests, its requests in flight complete,
     /// then its pool closes and it leaves [`stats`](Self::stats). False if no such
-    /// backend is in the stack.
+    /// backend is in the stack. Callable from any thread, inside a tokio runtime or not:
+    /// the drain and close run on the stack's runtime.
     pub fn remove_endpoint(&self, addr: SocketAddr) -> bool {
         (self.inner.remove)(addr)
     }

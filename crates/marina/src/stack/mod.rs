@@ -145,6 +145,10 @@ impl<T> KeyFnBox<T> {
 /// The request timeout a stack starts with: 15 s, Envoy's route timeout.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How many connections a stack opens ahead of traffic across all its backends, by
+/// default ([`StackBuilder::warm_connections`]).
+pub const DEFAULT_WARM_BUDGET: usize = 64;
+
 /// Builds a [`Stack`]; see [`Stack::builder`].
 pub struct StackBuilder<T> {
     endpoints: Vec<SocketAddr>,
@@ -170,6 +174,7 @@ pub struct StackBuilder<T> {
     deadline: Option<Duration>,
     hedge: Option<Duration>,
     slow_start: Option<Duration>,
+    warm_budget: usize,
 }
 
 impl<T> fmt::Debug for StackBuilder<T> {
@@ -227,6 +232,7 @@ impl Stack {
             deadline: None,
             hedge: None,
             slow_start: None,
+            warm_budget: DEFAULT_WARM_BUDGET,
         }
     }
 }
@@ -248,6 +254,18 @@ impl<T> StackBuilder<T> {
     /// The backends.
     pub fn endpoints(mut self, endpoints: impl IntoIterator<Item = SocketAddr>) -> Self {
         self.endpoints = endpoints.into_iter().collect();
+        self
+    }
+
+    /// How many idle connections the stack keeps open ahead of traffic, across all its
+    /// backends together (default [`DEFAULT_WARM_BUDGET`], 64): each backend's pool
+    /// keeps `min(pool.min_idle, total / backends)` warm. With a few backends that is
+    /// the pool's `min_idle`; with hundreds it is 0, and a backend's connections are
+    /// opened by its first requests (512 backends × `min_idle` 5 would otherwise be
+    /// 2,560 connections and connects from every client instance at start-up).
+    /// `usize::MAX` keeps `min_idle` warm on every backend.
+    pub fn warm_connections(mut self, total: usize) -> Self {
+        self.warm_budget = total;
         self
     }
 
