@@ -159,8 +159,9 @@ pub use timeout::{
 
 #[cfg(feature = "full")]
 pub use stack::{
-    AffinityMode, BackendStats, Conn, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WARM_BUDGET, EndpointService, KeyFnBox, Reply,
-    ShuttingDown, Stack, StackBuilder, StackHandle, StackRequest, StackService, StackStats,
+    AffinityMode, BackendStats, Conn, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WARM_BUDGET,
+    EndpointService, KeyFnBox, Reply, ShuttingDown, Stack, StackBuilder, StackHandle, StackRequest,
+    StackService, StackStats,
 };
 
 /// The names most programs use.
