@@ -38,6 +38,16 @@ use crate::{PoolError, PoolStats};
 /// as it lives (it pools them itself): this pool's idle timeout, lifetime and health
 /// checks then never see them, and only `max_size` bounds connections per target.
 ///
+/// # Sharing
+///
+/// `Clone`, and cheap to clone (one `Arc`): clones share the map of per-target pools,
+/// its bounds and its sweeps, so every clone checks out of the same pools
+/// ([`max_targets`](Self::max_targets) and
+/// [`target_idle_timeout`](Self::target_idle_timeout) set them for every clone). It is
+/// `Send + Sync` and always ready: clone it into each task, or into each client that
+/// takes it as its connector. When the last clone is dropped, each target's pool closes
+/// once no [`Pool`] from [`pool`](Self::pool) and no pending call still holds it.
+///
 /// # Examples
 ///
 /// ```

@@ -42,6 +42,32 @@
 //! request-level service over a pool of clients, with [`tower::load::Load`]), and
 //! [`Config`] with presets, Little's-law sizing ([`Config::for_load`]) and validation.
 //!
+//! # Add it
+//!
+//! ```toml
+//! [dependencies]
+//! marina-pool = "0.1"
+//! # or, for pools of tokio-postgres clients and hyper connections:
+//! # marina-pool = { version = "0.1", features = ["postgres", "hyper"] }
+//! ```
+//!
+//! # Cargo features
+//!
+//! Default: none. TCP pools, [`Manage`] connectors of your own, [`KeyedPool`] and
+//! [`PoolService`] need no feature.
+//!
+//! | feature | enables |
+//! |---|---|
+//! | `hyper` | hyper's `rt::Read`/`rt::Write` and hyper-util's `Connection` for [`Pooled`] (when the pooled stream has them), so a pool fits hyper-util's legacy `Client` as its connector |
+//! | `postgres` | `marina_pool::postgres`: a [`Manage`] connector for `tokio-postgres` clients, and the `PgPool` type |
+//! | `redis` | `marina_pool::redis`: a [`Manage`] connector for redis-rs multiplexed connections, and the `RedisPool` type |
+//! | `metrics` | counters and gauges through the `metrics` facade, labelled by pool name (listed below) |
+//!
+//! The `metrics` feature records `marina_pool_connections_created_total`,
+//! `…_closed_total{reason}`, `…_evicted_total`, `marina_pool_timeouts_total`,
+//! `marina_pool_connect_errors_total`, `marina_pool_connections{state}` and
+//! `marina_pool_waiting`.
+//!
 //! # Examples
 //!
 //! ```
@@ -120,19 +146,10 @@
 //! takes_a_connector(Pool::builder().build(TcpConnector::new(), addr)?);
 //! # Ok(()) }
 //! ```
-//!
-//! # Cargo features
-//!
-//! - `hyper`: hyper's `rt::Read`/`rt::Write` and hyper-util's `Connection` for [`Pooled`].
-//! - `postgres`: `marina_pool::postgres`, a [`Manage`] connector for `tokio-postgres`
-//!   clients, and the `PgPool` type.
-//! - `redis`: `marina_pool::redis`, a [`Manage`] connector for redis-rs multiplexed
-//!   connections, and the `RedisPool` type.
-//! - `metrics`: counters and gauges through the `metrics` facade
-//!   (`marina_pool_connections_created_total`, `…_closed_total{reason}`,
-//!   `…_evicted_total`, `marina_pool_timeouts_total`, `marina_pool_connect_errors_total`,
-//!   `marina_pool_connections{state}`, `marina_pool_waiting`), labelled by pool name.
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+// Every item but the slot model is `cfg(not(loom))`: no badge for that on docs.rs.
+#![cfg_attr(docsrs, doc(auto_cfg(hide(loom))))]
 // Under `--cfg loom` only the slot accounting and its models are built (tokio's
 // networking does not build under loom).
 #![cfg_attr(loom, allow(dead_code, unused_imports))]

@@ -81,6 +81,12 @@ pub trait Manage<T>: Send + Sync + 'static {
     type Error: Error + Send + Sync + 'static;
 
     /// Opens a connection to `target`. The pool bounds it by its `connect_timeout`.
+    ///
+    /// # Cancel safety
+    ///
+    /// The pool drops this future when its `connect_timeout` passes or the checkout
+    /// waiting for it is dropped: dropped, it should leave nothing behind — no half-open
+    /// socket, no task spawned for a connection that was never returned.
     fn connect(&self, target: &T) -> impl Future<Output = Result<Self::Conn, Self::Error>> + Send;
 
     /// True when `conn` is known to be unusable: its connection closed, a protocol
@@ -103,6 +109,12 @@ pub trait Manage<T>: Send + Sync + 'static {
     /// It runs only on reused connections (not on one just opened), after
     /// [`is_broken`](Self::is_broken) said `false`, and costs a round trip per checkout
     /// if it does I/O: prefer `is_broken` where the client can tell.
+    ///
+    /// # Cancel safety
+    ///
+    /// The pool drops this future when `health_check_timeout` or the checkout's
+    /// `acquire_timeout` passes, or the checkout is dropped; the connection is then
+    /// closed, not reused, so a recycle dropped half-way need not leave it usable.
     fn recycle(
         &self,
         conn: &mut Self::Conn,
@@ -239,6 +251,12 @@ where
 /// Its type names only the connection and the target, so a pool of it is easy to
 /// name: `Pool<Managed<Client, Config>, Config>`.
 ///
+/// # Sharing
+///
+/// `Clone`, and cheap to clone (one `Arc`): clones share the one manager, so every
+/// pool built over a clone (a [`KeyedPool`](crate::KeyedPool)'s per-target pools
+/// included) uses the same `Manage` value. `Send + Sync`, always ready.
+///
 /// # Examples
 ///
 /// See [`Manage`].
@@ -300,6 +318,11 @@ impl<X, T> Service<T> for Managed<X, T> {
 }
 
 /// The future of a [`Managed`] connector's calls: a connect in progress.
+///
+/// # Cancel safety
+///
+/// Dropping it drops the [`Manage::connect`] future in progress, and leaves behind
+/// only what that future leaves when dropped (see its cancel safety).
 pub struct ManagedFuture<X> {
     inner: BoxFuture<'static, Result<X, BoxError>>,
 }

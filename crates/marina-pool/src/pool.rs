@@ -86,12 +86,38 @@ where
 
 /// A bounded pool of connections to one target, made by a connector `C: Service<T>`.
 ///
-/// `Pool` is a cheap, `Clone`able handle; clones share the pool. When the last handle
-/// is dropped the pool closes: idle connections are closed at once, checked-out ones
-/// when they are returned, and the background tasks end.
-///
 /// The pooled item `C::Response` can be a raw stream (`TcpStream`) or a protocol client
 /// built on one. A checkout is a [`Pooled`] guard that returns the connection on drop.
+///
+/// # Sharing
+///
+/// `Clone`, and cheap to clone (one `Arc`): every clone is a handle to the same pool —
+/// its connections, its queue of waiters, its statistics and its background tasks. It
+/// is `Send + Sync` (the [`Connector`] and [`Target`] bounds see to that), and
+/// [`get`](Self::get) takes `&self`, so one handle serves any number of concurrent
+/// checkouts: clone it into each task (no `Arc` or `Mutex` needed). When the last
+/// handle is dropped the pool closes: idle connections are closed at once, checked-out
+/// ones when they are returned, and the background tasks end. A [`Pooled`] guard is
+/// not a handle and does not keep the pool open.
+///
+/// ```
+/// # use marina_pool::{Pool, TcpConnector};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), marina_pool::PoolError> {
+/// # let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+/// # let addr = l.local_addr().unwrap();
+/// let pool = Pool::builder().max_size(2).build(TcpConnector::new(), addr)?;
+/// let mut tasks = Vec::new();
+/// for _ in 0..4 {
+///     let pool = pool.clone(); // one pool, four users
+///     tasks.push(tokio::spawn(async move { pool.get().await.map(drop) }));
+/// }
+/// for t in tasks {
+///     t.await.unwrap()?;
+/// }
+/// assert!(pool.stats().created <= 2);
+/// # Ok(()) }
+/// ```
 ///
 /// # Examples
 ///

@@ -43,6 +43,14 @@ use crate::{ConnectRetry, Pool};
 /// [`marina_core::find`]. Errors from the client's
 /// call are passed on as they are: the request may have been sent.
 ///
+/// # Sharing
+///
+/// `Clone`, and cheap to clone (two `Arc`s): clones share the pool and the count of
+/// requests in flight, so [`Load`] and [`in_flight`](Self::in_flight) count every
+/// clone's requests. It is `Send + Sync` and always ready (the wait for a client is in
+/// the call), so it needs no `Buffer`: clone it into each task. It holds a [`Pool`]
+/// handle, which keeps the pool open while any clone lives.
+///
 /// # Examples
 ///
 /// ```
@@ -189,8 +197,10 @@ where
 ///
 /// # Cancel safety
 ///
-/// Dropping it before it completes is safe and leaks nothing, but the client it had
-/// checked out is closed rather than reused (it may be mid-protocol).
+/// Dropping it before it completes is safe and leaks nothing. While it waits for a
+/// client it is like dropping [`Pool::get`]'s future, and the request is dropped
+/// unsent; once it holds a client, that client is closed rather than reused (it may be
+/// mid-protocol).
 pub struct ResponseFuture<R> {
     inner: Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>,
 }

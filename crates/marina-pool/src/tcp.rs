@@ -19,6 +19,12 @@ use tower_service::Service;
 /// connection, and bounds each connect attempt by `connect_timeout` when set (the pool
 /// has its own `connect_timeout` too). Errors are [`ConnectError`]s naming the address.
 ///
+/// # Sharing
+///
+/// `Clone`: a clone is a copy of the settings, with no state shared between clones or
+/// between connects; clone it freely (a pool clones its connector for each connect).
+/// Always ready.
+///
 /// # Examples
 ///
 /// ```
@@ -153,6 +159,14 @@ impl std::error::Error for ConnectError {
 }
 
 /// The future of [`TcpConnector`]'s calls.
+///
+/// # Cancel safety
+///
+/// Dropping it abandons the connect and leaks nothing: the socket of a connect in
+/// progress is closed (if the handshake had got far enough, the peer sees the
+/// connection close), and nothing is retried. For a `"host:port"` target, a DNS lookup
+/// in progress runs on tokio's blocking pool and cannot be interrupted: it finishes
+/// there and its result is discarded.
 pub struct ConnectFuture {
     inner: Pin<Box<dyn Future<Output = Result<TcpStream, ConnectError>> + Send>>,
 }
