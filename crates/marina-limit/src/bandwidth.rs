@@ -283,6 +283,16 @@ impl MinRate {
 /// let limited = BandwidthLimit::new(connector).shared_write(1024.0 * 1024.0, 64 * 1024);
 /// assert_eq!(limited.write_bucket().unwrap().limit(), 1024.0 * 1024.0);
 /// ```
+///
+/// # Sharing
+///
+/// `Clone` when the connector is. Clones share the budgets set with `shared`,
+/// `shared_read` and `shared_write` (one [`Bucket`] behind an `Arc`): every connection
+/// any clone makes or [`wrap`](Self::wrap)s draws on them. Per-connection budgets are
+/// made afresh for each connection. A setter called on a clone changes that clone
+/// only (the `shared` setters make a new bucket), so set the limits before cloning. It is
+/// `Send + Sync` when the connector is; a pool clones its connector for each connect,
+/// so all of a pool's connections draw on the one shared budget.
 #[derive(Clone, Debug)]
 pub struct BandwidthLimit<C> {
     inner: C,
@@ -585,6 +595,13 @@ impl Monitor {
 
 pin_project! {
     /// A connection from [`BandwidthLimit`]: reads and writes go through its budgets.
+    ///
+    /// # Cancel safety
+    ///
+    /// A read or write waiting for its budget has charged nothing, and bytes charged
+    /// but not moved are refunded at once, so dropping a read or write on it (in a
+    /// `select!`, under a timeout) loses no budget: its reads and writes are as cancel
+    /// safe as the connection's own.
     pub struct Throttled<IO> {
         #[pin]
         io: IO,

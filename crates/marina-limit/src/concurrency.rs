@@ -371,6 +371,17 @@ impl ConcurrencyHandle {
 }
 
 /// The service of a [`ConcurrencyPerKeyLayer`].
+///
+/// # Sharing
+///
+/// `Clone` when the inner service is (its `Service` impl needs that anyway). The key
+/// table lives in the layer: every clone, and every service made by the same
+/// [`ConcurrencyPerKeyLayer`] or a clone of it, counts against the same per-key limits
+/// and in one [`ConcurrencyHandle`]; a layer built once per service gives each its own.
+/// Each clone calls its own clone of the inner service. It is `Send + Sync` when the
+/// inner service and the key extractor are: clone it into each task. A slot is held
+/// by a call's [`ConcurrencyFuture`](crate::ConcurrencyFuture), never by the service,
+/// so an idle clone holds none.
 pub struct ConcurrencyPerKey<S, X> {
     inner: S,
     extractor: Arc<X>,

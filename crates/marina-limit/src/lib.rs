@@ -28,7 +28,44 @@
 //! [`InvalidLimit`] naming the setting (`rate_per_second: must be above 0, got 0`),
 //! for values read from a user's settings; the others panic with the same message.
 //!
+//! # Add it
+//!
+//! ```toml
+//! [dependencies]
+//! marina-limit = "0.1"
+//! ```
+//!
+//! # Cargo features
+//!
+//! None: every limiter is always built, and there is no default feature to turn off.
+//!
 //! # Examples
+//!
+//! A rate limit in front of a service: 100 requests a second in bursts of up to 10,
+//! and a request over the limit waits for its turn (up to 1 s) instead of failing:
+//!
+//! ```
+//! use std::time::Duration;
+//! use marina_limit::{OnLimit, Rate, RateLimitLayer};
+//! use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), marina_core::BoxError> {
+//! let backend = service_fn(|req: u32| async move { Ok::<_, std::io::Error>(req * 2) });
+//! let limit = RateLimitLayer::global(Rate::per_second(100).burst(10))
+//!     .on_limit(OnLimit::Wait { max: Duration::from_secs(1) });
+//! let mut svc = ServiceBuilder::new().layer(limit).service(backend);
+//!
+//! let start = tokio::time::Instant::now();
+//! for i in 0..20 {
+//!     assert_eq!(svc.ready().await?.call(i).await?, i * 2);
+//! }
+//! // The first 10 at once, then one every 10 ms.
+//! assert_eq!(start.elapsed(), Duration::from_millis(100));
+//! # Ok(()) }
+//! ```
+//!
+//! Clones of `svc` (one per task) share its quota: see [`RateLimit`]'s "Sharing".
 //!
 //! Per-user rate and concurrency limits in front of a service, the user read from a
 //! header:
@@ -67,6 +104,7 @@
 //! assert_eq!((err.field, err.message.as_str()), ("burst", "must be above 0, got 0"));
 //! ```
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod bandwidth;
 mod clock;

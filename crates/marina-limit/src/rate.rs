@@ -982,6 +982,16 @@ enum Ready {
 
 /// The service of a [`RateLimitLayer`].
 ///
+/// # Sharing
+///
+/// `Clone` when the inner service is. The quota lives in the layer: every clone, and
+/// every service made by the same [`RateLimitLayer`] or a clone of it, draws on one
+/// quota (for a keyed limiter, one key table) and counts in one [`RateLimitHandle`]; a
+/// layer built once per service gives each its own. Each clone calls its own clone of
+/// the inner service and starts with no cell taken. It is `Send + Sync` when the inner
+/// service and the key extractor are: clone it into each task. A global limiter takes
+/// its cell in `poll_ready`, so a clone made ready and then not called has spent one.
+///
 /// # Cancel safety
 ///
 /// A global service in `Wait` mode holds its reserved cell while `poll_ready` is
