@@ -21,7 +21,7 @@ use tower::discover::{Change, Discover};
 use tower_service::Service;
 
 use crate::failover::Failover;
-use crate::future::{ResponseFuture, Retry, Track};
+use crate::future::{ResponseFuture, Retry, RetryState, Track};
 use crate::pick::{Endpoints, Pick};
 use crate::slow_start::{SlowStart, SlowState};
 
@@ -339,13 +339,16 @@ struct Endpoint<K, S> {
 ///   [`NotSent`](marina_core::NotSent) marker, which marina-pool puts on connect and
 ///   checkout failures and a connect timeout should carry; a refused TCP connect)
 ///   and those of [`Failover::not_sent_if`]. With [`failover_unsent`](Self::failover_unsent),
-///   only when the endpoint gave the request back.
+///   only when the endpoint gave the request back; with
+///   [`failover_copy_idempotent`](Self::failover_copy_idempotent), a request not
+///   marked idempotent only when the endpoint gave it back.
 /// - **Maybe sent, idempotent only**: any other error (a reset connection, a
 ///   per-attempt timeout, a protocol error; narrowed with
 ///   [`Failover::retry_idempotent_if`]) of a request that
 ///   [`idempotent_if`](Self::idempotent_if) or
 ///   [`idempotent_from_extensions`](Self::idempotent_from_extensions) marks. Needs a
-///   copy of the request: `failover` only.
+///   copy of the request: `failover` or `failover_copy_idempotent`, not
+///   `failover_unsent`.
 /// - **Hedged, idempotent only**: with [`Failover::hedge`], a marked request whose
 ///   attempt has been alone in flight for the delay gets a second attempt on another
 ///   ready endpoint; the first reply wins and the other attempt is dropped.
@@ -478,8 +481,11 @@ type IdempotentFn<Req> = Box<dyn Fn(&Req) -> bool + Send + Sync>;
 pub(crate) struct FailoverShared<S, Req> {
     pub(crate) policy: Failover,
     /// Copies each request before it is sent (`failover`), or none are copied and a
-    /// request is taken back from its `NotSent` error (`failover_unsent`).
+    /// request is taken back from its `NotSent` error (`failover_unsent`), or both:
+    /// only idempotent requests are copied (`failover_copy_idempotent`).
     pub(crate) clone_req: Option<fn(&Req) -> Req>,
+    /// `clone_req` copies only the requests marked idempotent.
+    pub(crate) copy_idempotent_only: bool,
     pub(crate) take_req: Option<fn(&BoxError) -> Option<Req>>,
     clone_svc: fn(&S) -> S,
     peers: Mutex<Vec<Peer<S>>>,
@@ -739,8 +745,12 @@ impl<D: Discover, Req> Balance<D, Req> {
     ///
     /// Needs `Req: Clone` (each request is copied before it is sent, so it can be sent
     /// again after a failure; for request types that are not `Clone`, see
-    /// [`failover_unsent`](Self::failover_unsent)) and `Clone` endpoint services (an
-    /// attempt goes through a copy of the endpoint, readied in the response future).
+    /// [`failover_unsent`](Self::failover_unsent); to copy only the idempotent ones and
+    /// have the endpoint give the others back, see
+    /// [`failover_copy_idempotent`](Self::failover_copy_idempotent)) and `Clone`
+    /// endpoint services (an attempt goes through a copy of the endpoint, readied in
+    /// the response future). Each request's copy is kept in a failover state of its
+    /// own, one heap allocation per request beside what the copy itself allocates.
     /// Counts:
     /// [`BalanceTotals::retries`] and [`retries_refused`](BalanceTotals::retries_refused).
     ///
@@ -773,19 +783,21 @@ impl<D: Discover, Req> Balance<D, Req> {
         Req: Clone,
         D::Service: Clone,
     {
-        self.failover_with(policy, Some(Req::clone), None, D::Service::clone)
+        self.failover_with(policy, Some(Req::clone), false, None, D::Service::clone)
     }
 
     fn failover_with(
         mut self,
         policy: Failover,
         clone_req: Option<fn(&Req) -> Req>,
+        copy_idempotent_only: bool,
         take_req: Option<fn(&BoxError) -> Option<Req>>,
         clone_svc: fn(&D::Service) -> D::Service,
     ) -> Self {
         let shared = FailoverShared {
             policy,
             clone_req,
+            copy_idempotent_only,
             take_req,
             clone_svc,
             peers: Mutex::new(Vec::new()),
@@ -849,19 +861,105 @@ impl<D: Discover, Req> Balance<D, Req> {
         Req: 'static,
         D::Service: Clone,
     {
-        self.failover_with(policy, None, Some(take_unsent::<Req>), D::Service::clone)
+        self.failover_with(
+            policy,
+            None,
+            false,
+            Some(take_unsent::<Req>),
+            D::Service::clone,
+        )
+    }
+
+    /// Failover as with [`failover`](Self::failover), without a copy of every request:
+    /// only the requests marked idempotent
+    /// ([`idempotent_if`](Self::idempotent_if),
+    /// [`idempotent_from_extensions`](Self::idempotent_from_extensions)) are copied
+    /// before they are sent, for their retries after sending and their
+    /// [hedges](crate::Failover::hedge); every other request fails over, as with
+    /// [`failover_unsent`](Self::failover_unsent), only when its endpoint gave it back
+    /// with its never-sent error through
+    /// [`NotSent::with_request`](marina_core::NotSent::with_request). The policy decides
+    /// the rest as with `failover`: which errors, how many attempts, the budget, the
+    /// deadline.
+    ///
+    /// **Your endpoint must give requests back** with `NotSent::with_request`, as
+    /// marina-pool's `PoolService` does when it cannot check out or connect a
+    /// connection (for hyper, wrap `SendRequest::try_send_request`'s
+    /// `TrySendError::into_message()` the same way). A never-sent error that did not
+    /// bring its request back — a bare `NotSent::new`, a refused connect from a client
+    /// that keeps the request — is not retried for a request that is not idempotent
+    /// (`failover` would retry it from its copy): the error reaches the caller.
+    ///
+    /// What it saves: `failover` copies every request before sending it, and keeps the
+    /// copy in the request's failover state, a heap allocation of its own, though
+    /// almost no request ever fails over. Here a request that is not idempotent, under
+    /// a policy without a [deadline](crate::Failover::deadline), costs the balancer no
+    /// copy and no allocation: its failover state is built when an attempt fails with
+    /// the request given back, not before. Idempotent requests cost what they cost with
+    /// `failover`. The idempotent predicate is asked once per request (with
+    /// `max_attempts` above 1 and no strict route hint).
+    ///
+    /// Needs `Req: Clone` (for the copies of idempotent requests) and `Clone` endpoint
+    /// services (an attempt goes through a copy of the endpoint). Counts as
+    /// `failover`: [`BalanceTotals::retries`], [`sent_retries`](BalanceTotals::sent_retries),
+    /// [`retries_refused`](BalanceTotals::retries_refused).
+    ///
+    /// ```
+    /// use marina_balance::{Balance, Failover, RoundRobin};
+    /// use marina_core::{Idempotent, NotSent, Request};
+    /// use tower::{Service, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina_core::BoxError> {
+    /// // Endpoint 0 cannot connect and gives each request back (as marina-pool's
+    /// // `PoolService` does); endpoint 1 answers.
+    /// let endpoints = (0..2).map(|n| service_fn(move |req: Request<u32>| async move {
+    ///     if n == 0 {
+    ///         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+    ///         return Err(NotSent::with_request(refused, req));
+    ///     }
+    ///     Ok(req.body)
+    /// }));
+    /// let mut lb = Balance::from_services(endpoints, RoundRobin::new())
+    ///     .failover_copy_idempotent(Failover::new())
+    ///     .idempotent_from_extensions();
+    /// for n in 0..4 {
+    ///     // Not copied: the two sent to endpoint 0 come back with its error and go to 1.
+    ///     assert_eq!(lb.ready().await?.call(Request::new(n)).await?, n);
+    /// }
+    /// // Marked idempotent: copied before it is sent (and hedged if the policy hedges).
+    /// let mut get = Request::new(7);
+    /// Idempotent::mark(&mut get);
+    /// assert_eq!(lb.ready().await?.call(get).await?, 7);
+    /// assert_eq!(lb.handle().totals().retries, 3);
+    /// # Ok(()) }
+    /// ```
+    pub fn failover_copy_idempotent(self, policy: Failover) -> Self
+    where
+        Req: Clone + 'static,
+        D::Service: Clone,
+    {
+        self.failover_with(
+            policy,
+            Some(Req::clone),
+            true,
+            Some(take_unsent::<Req>),
+            D::Service::clone,
+        )
     }
 
     /// Says which requests are **idempotent** (safe to send twice): with
-    /// [`failover`](Self::failover), such a request is also retried on another
-    /// endpoint after an error that came after it may have been sent (a reset
-    /// connection, a per-attempt timeout: see
+    /// [`failover`](Self::failover) or
+    /// [`failover_copy_idempotent`](Self::failover_copy_idempotent) (which copies only
+    /// these), such a request is also retried on another endpoint after an error that
+    /// came after it may have been sent (a reset connection, a per-attempt timeout: see
     /// [`Failover::retry_idempotent_if`](crate::Failover::retry_idempotent_if)), and
     /// [hedged](crate::Failover::hedge) when the policy hedges. No request is
     /// idempotent unless a predicate says so; with several predicates (this one,
     /// [`idempotent_from_extensions`](Self::idempotent_from_extensions)), any one
-    /// suffices. Asked once per request, only while failover keeps a copy (not with
-    /// [`failover_unsent`](Self::failover_unsent), and not with `max_attempts(1)`).
+    /// suffices. Asked once per request, only where failover may keep a copy (not with
+    /// [`failover_unsent`](Self::failover_unsent), not with `max_attempts(1)`, not for
+    /// a request with a strict route hint).
     ///
     /// ```
     /// use marina_balance::{Balance, Failover, RoundRobin};
@@ -1397,15 +1495,27 @@ where
         self.just_called = Some(slot);
         let ep = self.slots[slot].as_mut().expect("ready endpoints exist");
         let idempotent = &self.idempotent;
-        let retry = self.failover.as_ref().and_then(|f| {
-            Retry::start(f, &req, hint.as_ref(), strict, ep.id, |req| {
-                idempotent.as_ref().is_some_and(|is| is(req))
-            })
-        });
-        let fut = ep.svc.call(req);
-        if let Some(h) = &hint {
-            h.report_chosen(ep.id);
-        }
+        let (fut, retry) = match &self.failover {
+            None => {
+                let fut = ep.svc.call(req);
+                if let Some(h) = &hint {
+                    h.report_chosen(ep.id);
+                }
+                (fut, RetryState::Off)
+            }
+            Some(f) => {
+                let mut retry = Retry::start(f, &req, strict, ep.id, |req| {
+                    idempotent.as_ref().is_some_and(|is| is(req))
+                });
+                let fut = ep.svc.call(req);
+                if let Some(h) = &hint {
+                    h.report_chosen(ep.id);
+                }
+                // Moved, not copied: the failover state tells it where later attempts go.
+                retry.keep_hint(hint);
+                (fut, retry)
+            }
+        };
         // Time one request in `TIME_EVERY` (a clock read costs about as much as the rest
         // of a pick and call together): the latency EWMA and average come from those.
         // Counted per endpoint, so a picker's periodic pattern cannot hide one.

@@ -159,7 +159,8 @@ impl Failover {
     /// carries the [`Idempotent`](marina_core::Idempotent) marker and the balancer reads
     /// it ([`idempotent_from_extensions`](crate::Balance::idempotent_from_extensions)).
     /// No request is idempotent by default. Such retries need a copy of the request:
-    /// only with [`Balance::failover`](crate::Balance::failover), not
+    /// only with [`Balance::failover`](crate::Balance::failover) or
+    /// [`failover_copy_idempotent`](crate::Balance::failover_copy_idempotent), not
     /// [`failover_unsent`](crate::Balance::failover_unsent). They count toward
     /// `max_attempts`, draw on the same [`RetryBudget`], stop at the
     /// [`deadline`](Self::deadline), and are counted in
@@ -224,8 +225,10 @@ impl Failover {
     ///
     /// Bounds: only requests marked idempotent (see
     /// [`retry_idempotent_if`](Self::retry_idempotent_if)) and only with
-    /// [`Balance::failover`](crate::Balance::failover) (a copy is needed); at most two
-    /// attempts in flight at once; a hedge counts toward `max_attempts`, draws on the
+    /// [`Balance::failover`](crate::Balance::failover) or
+    /// [`failover_copy_idempotent`](crate::Balance::failover_copy_idempotent) (a copy
+    /// is needed); at most two attempts in flight at once; a hedge counts toward
+    /// `max_attempts`, draws on the
     /// [`RetryBudget`] (a refusal counts in
     /// [`retries_refused`](crate::BalanceTotals::retries_refused)), goes only to an
     /// endpoint ready at that moment, and never starts after the

@@ -34,7 +34,7 @@ pin_project! {
         #[pin]
         inner: State<S::Future>,
         track: Option<Track>,
-        retry: Option<Box<Retry<S, Req>>>,
+        retry: RetryState<S, Req>,
     }
 }
 
@@ -50,14 +50,36 @@ pin_project! {
     }
 }
 
-/// A request's failover state (boxed: the future's size costs on every request,
-/// failover or not).
+/// A request's failover state, as cheap as the request allows.
+pub(crate) enum RetryState<S: Service<Req>, Req> {
+    /// No failover, or none this request can have (a strict route hint and no
+    /// deadline, a single attempt).
+    Off,
+    /// Nothing kept up front (no copy, no deadline, no hedge): a failed attempt can
+    /// only fail over when its endpoint gave the request back with the error, and the
+    /// full state is built then. No allocation for the requests that never fail.
+    Lazy {
+        shared: Arc<FailoverShared<S, Req>>,
+        hint: Option<RouteHint>,
+        first: EndpointId,
+    },
+    /// A copy of the request, a deadline or a hedge to keep, or a failover under way.
+    On(Box<Retry<S, Req>>),
+}
+
+/// A request's failover state past what [`RetryState::Lazy`] holds (boxed: the
+/// future's size costs on every request, failover or not).
 pub(crate) struct Retry<S: Service<Req>, Req> {
     shared: Arc<FailoverShared<S, Req>>,
     /// The request's route hint: told where an attempt that answers went.
     hint: Option<RouteHint>,
-    /// The copy kept for the next attempt (none once attempts are used up).
+    /// The copy kept for the next attempt (none once attempts are used up), or the
+    /// request taken back from an error, about to be sent again.
     req: Option<Req>,
+    /// Copies are kept for further attempts (every request with `failover`, the
+    /// idempotent ones with `failover_copy_idempotent`); otherwise a request fails
+    /// over only when its endpoint gives it back.
+    copying: bool,
     /// The current attempt's endpoint.
     first: EndpointId,
     /// Attempts sent or being readied, hedges included.
@@ -143,36 +165,55 @@ impl Drop for Track {
 }
 
 impl<S: Service<Req>, Req> Retry<S, Req> {
-    /// The failover state of a request about to be sent to `first`, or none when it
-    /// needs none (a strict hint and no deadline). `idempotent` is asked only when a
-    /// copy will be kept.
+    /// The failover state of a request about to be sent to `first` (its route hint
+    /// comes later, with [`RetryState::keep_hint`]). `idempotent` is asked only when a
+    /// copy may be kept.
     pub(crate) fn start(
         shared: &Arc<FailoverShared<S, Req>>,
         req: &Req,
-        hint: Option<&RouteHint>,
         strict: bool,
         first: EndpointId,
         idempotent: impl FnOnce(&Req) -> bool,
-    ) -> Option<Box<Self>> {
+    ) -> RetryState<S, Req> {
         let policy = &shared.policy;
         if strict && policy.deadline.is_none() {
-            return None;
+            return RetryState::Off;
         }
         // A strict hint never fails over to another endpoint.
         let more_attempts = !strict && policy.max_attempts > 1;
         if !strict {
             policy.budget.deposit();
         }
-        let copy = shared
-            .clone_req
-            .filter(|_| more_attempts)
-            .map(|copy| copy(req));
-        let idempotent = copy.is_some() && idempotent(req);
+        let (copy, idempotent) = match shared.clone_req.filter(|_| more_attempts) {
+            None => (None, false),
+            Some(clone) if shared.copy_idempotent_only => {
+                let idempotent = idempotent(req);
+                (idempotent.then(|| clone(req)), idempotent)
+            }
+            Some(clone) => {
+                let copy = clone(req);
+                (Some(copy), idempotent(req))
+            }
+        };
         let hedge = policy.hedge.filter(|_| idempotent);
+        if copy.is_none() && policy.deadline.is_none() {
+            // (No copy: not idempotent, so no hedge either.) Only a request given back
+            // with its error can fail over: nothing to keep until one is.
+            return if more_attempts && shared.take_req.is_some() {
+                RetryState::Lazy {
+                    shared: shared.clone(),
+                    hint: None,
+                    first,
+                }
+            } else {
+                RetryState::Off
+            };
+        }
         let now = (policy.deadline.is_some() || hedge.is_some()).then(Instant::now);
-        Some(Box::new(Retry {
+        RetryState::On(Box::new(Retry {
             shared: shared.clone(),
-            hint: hint.cloned(),
+            hint: None,
+            copying: copy.is_some(),
             req: copy,
             first,
             attempts: 1,
@@ -208,7 +249,7 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
     /// already counts the one being sent).
     fn take_copy(&mut self) -> Option<Req> {
         let req = self.req.take()?;
-        if self.attempts < self.shared.policy.max_attempts {
+        if self.copying && self.attempts < self.shared.policy.max_attempts {
             self.req = self.shared.clone_req.map(|copy| copy(&req));
         }
         Some(req)
@@ -483,9 +524,65 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
     }
 }
 
+impl<S: Service<Req>, Req> RetryState<S, Req> {
+    /// Keeps the request's route hint, to tell it where a later attempt went.
+    #[inline]
+    pub(crate) fn keep_hint(&mut self, route_hint: Option<RouteHint>) {
+        match self {
+            RetryState::Off => {}
+            RetryState::Lazy { hint, .. } => *hint = route_hint,
+            RetryState::On(retry) => retry.hint = route_hint,
+        }
+    }
+
+    /// The full failover state, if there is one.
+    fn get(&mut self) -> Option<&mut Retry<S, Req>> {
+        match self {
+            RetryState::On(retry) => Some(retry),
+            RetryState::Off | RetryState::Lazy { .. } => None,
+        }
+    }
+
+    /// The failover state to handle an attempt's `error` with: a lazy one becomes the
+    /// full one when the endpoint gave the request back with the error (the only
+    /// failure it could fail over), and stays as it is otherwise.
+    fn for_error(&mut self, error: &BoxError) -> Option<&mut Retry<S, Req>> {
+        if let RetryState::Lazy { .. } = self {
+            if !find::<NotSent>(&**error).is_some_and(NotSent::has_request) {
+                return None;
+            }
+            let RetryState::Lazy {
+                shared,
+                hint,
+                first,
+            } = std::mem::replace(self, RetryState::Off)
+            else {
+                unreachable!("matched above");
+            };
+            *self = RetryState::On(Box::new(Retry {
+                shared,
+                hint,
+                req: None,
+                copying: false,
+                first,
+                attempts: 1,
+                pinned: false,
+                idempotent: false,
+                maybe_sent: false,
+                hedge_current: false,
+                deadline: None,
+                hedge_at: None,
+                timer: None,
+                more: None,
+            }));
+        }
+        self.get()
+    }
+}
+
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     /// The future of a request sent to an endpoint.
-    pub(crate) fn sent(inner: S::Future, track: Track, retry: Option<Box<Retry<S, Req>>>) -> Self {
+    pub(crate) fn sent(inner: S::Future, track: Track, retry: RetryState<S, Req>) -> Self {
         ResponseFuture {
             inner: State::Call { fut: inner },
             track: Some(track),
@@ -498,7 +595,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         ResponseFuture {
             inner: State::Failed { error: Some(error) },
             track: None,
-            retry: None,
+            retry: RetryState::Off,
         }
     }
 }
@@ -520,7 +617,7 @@ where
         let mut this = self.project();
         loop {
             // A failover attempt whose endpoint is being readied.
-            if let Some(retry) = this.retry.as_mut() {
+            if let Some(retry) = this.retry.get() {
                 match retry.poll_readying(cx) {
                     Readying::Idle => {}
                     Readying::Failed(e) => {
@@ -545,7 +642,7 @@ where
                         .unwrap_or_else(|| "polled after completion".into())));
                 }
                 StateProj::Done => {
-                    if !this.retry.as_ref().is_some_and(|r| r.readying()) {
+                    if !this.retry.get().is_some_and(|r| r.readying()) {
                         return Poll::Ready(Err("polled after completion".into()));
                     }
                     Poll::Pending
@@ -558,14 +655,14 @@ where
                 }
                 match out {
                     Ok(resp) => {
-                        if let Some(retry) = this.retry.as_mut() {
+                        if let Some(retry) = this.retry.get() {
                             retry.answered();
                         }
                         return Poll::Ready(Ok(resp));
                     }
                     Err(e) => {
                         let e: BoxError = e.into();
-                        if let Some(retry) = this.retry.as_mut() {
+                        if let Some(retry) = this.retry.for_error(&e) {
                             if let Some(hedge) = retry.take_hedge() {
                                 // The hedge carries on alone; the request fails only
                                 // if it fails too.
@@ -585,7 +682,7 @@ where
                     }
                 }
             }
-            let Some(retry) = this.retry.as_mut() else {
+            let Some(retry) = this.retry.get() else {
                 return Poll::Pending;
             };
             // The hedge.

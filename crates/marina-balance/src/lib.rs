@@ -120,7 +120,10 @@
 //!   (an error marked [`NotSent`](marina_core::NotSent), as marina-pool's `PoolService`
 //!   marks connect and checkout failures) goes to another endpoint, within
 //!   `max_attempts` and a [`RetryBudget`]; [`Balance::failover_unsent`] does the same
-//!   for requests that are not `Clone`;
+//!   for requests that are not `Clone`, when the endpoint gives them back with the
+//!   error, and [`Balance::failover_copy_idempotent`] copies only the requests marked
+//!   idempotent and takes the others back that way (no copy and no allocation per
+//!   request that does not fail; what the marina stack uses);
 //! - **deadlines, idempotent retries and hedging** (opt-in, see
 //!   [`Balance`'s section](Balance#deadlines-retries-and-hedging)): an overall
 //!   [`Failover::deadline`] across attempts ([`DeadlineExceeded`]); requests marked

@@ -18,6 +18,13 @@
 //!   requests; the first attempt can still win (the hedge is dropped); a failed
 //!   attempt does not end the request while the other is in flight; the budget and the
 //!   deadline bound hedges.
+//! - **Copies of idempotent requests only** (`Balance::failover_copy_idempotent`): a
+//!   request not marked idempotent is never copied (a body that counts its copies
+//!   says so), fails over when its endpoint gives it back with `NotSent::with_request`
+//!   (through several endpoints, under a deadline, telling its route hint where it
+//!   went, and still carried by the last error when no attempt is left), and is not
+//!   retried after a never-sent error that kept it (`failover` would retry it from its
+//!   copy); marked requests are still copied, retried after sending and hedged.
 //!
 //! Endpoints are `service_fn`s over a shared log of calls, completions and drops (a
 //! guard inside each call's future), in a `ServiceList` keyed by position; the `First`
@@ -58,6 +65,9 @@ enum Behaviour {
     TimedOut(Duration),
     /// Fails after this long with a connect timeout marked `NotSent`.
     ConnectTimeout(Duration),
+    /// Fails after this long with a refused connect marked `NotSent`, giving the
+    /// request back (`NotSent::with_request`, as marina-pool's `PoolService` does).
+    GiveBack(Duration),
     /// Never answers.
     Hang,
 }
@@ -95,7 +105,7 @@ type Endpoint<R> = tower::util::BoxCloneService<R, usize, BoxError>;
 
 /// An endpoint behaving as `behaviour`, logging into `log`.
 fn endpoint<R: Send + 'static>(index: usize, behaviour: Behaviour, log: Arc<Log>) -> Endpoint<R> {
-    let svc = service_fn(move |_: R| {
+    let svc = service_fn(move |req: R| {
         let log = log.clone();
         log.calls.fetch_add(1, SeqCst);
         async move {
@@ -127,6 +137,14 @@ fn endpoint<R: Send + 'static>(index: usize, behaviour: Behaviour, log: Arc<Log>
                         NotSent::new(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
                             .into(),
                     )
+                }
+                Behaviour::GiveBack(after) => {
+                    tokio::time::sleep(after).await;
+                    let refused = io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!("endpoint {index} refused the connection"),
+                    );
+                    Err(NotSent::with_request(refused, req).into())
                 }
                 Behaviour::Hang => std::future::pending().await,
             };
@@ -731,4 +749,176 @@ async fn a_hedge_attempt_is_hand_polled_through_mocks() {
     let t = lb.handle().totals();
     assert_eq!((t.in_flight, t.hedges, t.hedges_won), (0, 1, 1));
     drop(slow_tx);
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Copies of idempotent requests only (`failover_copy_idempotent`)
+// ---------------------------------------------------------------------------------------
+
+/// A request body that counts its copies.
+#[derive(Debug)]
+struct Tally {
+    n: u32,
+    copies: Arc<AtomicUsize>,
+}
+
+impl Clone for Tally {
+    fn clone(&self) -> Self {
+        self.copies.fetch_add(1, SeqCst);
+        Tally {
+            n: self.n,
+            copies: self.copies.clone(),
+        }
+    }
+}
+
+type TallyBalance = Balance<ServiceList<Vec<Endpoint<Request<Tally>>>>, Request<Tally>>;
+
+/// A request of body `n` counting its copies into `copies`, marked idempotent when
+/// `idempotent`.
+fn tally(n: u32, copies: &Arc<AtomicUsize>, idempotent: bool) -> Request<Tally> {
+    let mut req = Request::new(Tally {
+        n,
+        copies: copies.clone(),
+    });
+    if idempotent {
+        Idempotent::mark(&mut req);
+    }
+    req
+}
+
+/// A balancer over `svcs` that copies only idempotent requests, first attempts to
+/// endpoint 0, requests idempotent when they carry the `Idempotent` marker.
+fn copy_idempotent_balance(svcs: Vec<Endpoint<Request<Tally>>>, policy: Failover) -> TallyBalance {
+    Balance::new(ServiceList::new(svcs), First)
+        .failover_copy_idempotent(policy)
+        .idempotent_from_extensions()
+}
+
+#[tokio::test(start_paused = true)]
+async fn copy_idempotent_fails_over_requests_given_back_without_copying_them() {
+    let (svcs, logs) = endpoints(&[
+        Behaviour::GiveBack(MS),
+        Behaviour::GiveBack(MS),
+        Behaviour::Answer(MS),
+    ]);
+    let mut lb = copy_idempotent_balance(svcs, Failover::new());
+    let copies = Arc::new(AtomicUsize::new(0));
+    for n in 0..5 {
+        let (out, took) = send(&mut lb, tally(n, &copies, false)).await;
+        assert_eq!(out.unwrap(), 2, "given back by endpoints 0 and 1");
+        assert_eq!(took, 3 * MS);
+    }
+    assert_eq!(copies.load(SeqCst), 0, "a request was copied");
+    assert_eq!(calls(&logs), [5, 5, 5]);
+    let t = lb.handle().totals();
+    assert_eq!((t.retries, t.sent_retries, t.in_flight), (10, 0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn copy_idempotent_does_not_retry_a_never_sent_error_that_kept_its_request() {
+    // A connect timeout marked `NotSent` without the request: nothing to send again.
+    let (svcs, logs) = endpoints(&[Behaviour::ConnectTimeout(MS), Behaviour::Answer(MS)]);
+    let mut lb = copy_idempotent_balance(svcs, Failover::new());
+    let copies = Arc::new(AtomicUsize::new(0));
+    let err = send(&mut lb, tally(1, &copies, false))
+        .await
+        .0
+        .expect_err("not retried");
+    assert!(find::<NotSent>(&*err).is_some(), "{err}");
+    assert_eq!(io_kind(&err), Some(io::ErrorKind::TimedOut));
+    assert_eq!(calls(&logs), [1, 0]);
+    assert_eq!(copies.load(SeqCst), 0);
+    assert_eq!(lb.handle().totals().retries, 0);
+
+    // A marked request is copied, and retried from its copy.
+    assert_eq!(send(&mut lb, tally(2, &copies, true)).await.0.unwrap(), 1);
+    assert_eq!(calls(&logs), [2, 1]);
+    assert!(copies.load(SeqCst) >= 1);
+    assert_eq!(lb.handle().totals().retries, 1);
+
+    // `failover` copies every request, and retries this one from its copy.
+    let (svcs, logs) = endpoints(&[Behaviour::ConnectTimeout(MS), Behaviour::Answer(MS)]);
+    let mut lb = Balance::new(ServiceList::new(svcs), First).failover(Failover::new());
+    let copies = Arc::new(AtomicUsize::new(0));
+    assert_eq!(send(&mut lb, tally(3, &copies, false)).await.0.unwrap(), 1);
+    assert_eq!(calls(&logs), [1, 1]);
+    assert!(copies.load(SeqCst) >= 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn copy_idempotent_still_retries_marked_requests_after_sending_and_hedges_them() {
+    let (svcs, logs) = endpoints(&[Behaviour::Reset(MS), Behaviour::Answer(MS)]);
+    let mut lb = copy_idempotent_balance(svcs, Failover::new());
+    let copies = Arc::new(AtomicUsize::new(0));
+    assert_eq!(send(&mut lb, tally(1, &copies, true)).await.0.unwrap(), 1);
+    let err = send(&mut lb, tally(2, &copies, false))
+        .await
+        .0
+        .expect_err("an unmarked request is not retried after sending");
+    assert_eq!(io_kind(&err), Some(io::ErrorKind::ConnectionReset));
+    assert_eq!(calls(&logs), [2, 1]);
+    let t = lb.handle().totals();
+    assert_eq!((t.retries, t.sent_retries), (1, 1));
+
+    let (svcs, logs) = endpoints(&[Behaviour::Answer(200 * MS), Behaviour::Answer(5 * MS)]);
+    let mut lb = copy_idempotent_balance(svcs, Failover::new().hedge(20 * MS));
+    let (out, took) = send(&mut lb, tally(3, &copies, true)).await;
+    assert_eq!(
+        (out.unwrap(), took),
+        (1, 25 * MS),
+        "hedged, the fast reply wins"
+    );
+    assert_eq!(logs[0].cancelled(), 1);
+    let (out, took) = send(&mut lb, tally(4, &copies, false)).await;
+    assert_eq!(
+        (out.unwrap(), took),
+        (0, 200 * MS),
+        "not marked: not hedged"
+    );
+    assert_eq!(calls(&logs), [2, 1]);
+    let t = lb.handle().totals();
+    assert_eq!((t.hedges, t.hedges_won, t.in_flight), (1, 1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn copy_idempotent_reports_the_failover_endpoint_and_keeps_the_deadline() {
+    use marina_core::HasExtensions;
+    let (svcs, _logs) = endpoints(&[Behaviour::GiveBack(MS), Behaviour::Answer(MS)]);
+    let mut lb = copy_idempotent_balance(svcs, Failover::new()).route_hints_from_extensions();
+    let copies = Arc::new(AtomicUsize::new(0));
+    let hint = RouteHint::any();
+    let mut req = tally(1, &copies, false);
+    req.extensions_mut().insert(hint.clone());
+    assert_eq!(send(&mut lb, req).await.0.unwrap(), 1);
+    assert_eq!(hint.chosen(), Some(EndpointId::of("1")));
+    assert_eq!(copies.load(SeqCst), 0);
+
+    // Under a deadline: given back by endpoint 0 at 1 ms, sent to endpoint 1, which
+    // never answers.
+    let (svcs, logs) = endpoints(&[Behaviour::GiveBack(MS), Behaviour::Hang]);
+    let mut lb = copy_idempotent_balance(svcs, Failover::new().deadline(100 * MS));
+    let (out, took) = send(&mut lb, tally(2, &copies, false)).await;
+    let d = deadline_error(&out.expect_err("endpoint 1 hangs"));
+    assert_eq!((d.attempts, d.maybe_sent), (2, true));
+    assert_eq!(took, 100 * MS);
+    assert_eq!(calls(&logs), [1, 1]);
+    assert_eq!(logs[1].cancelled(), 1);
+    assert_eq!(copies.load(SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn copy_idempotent_leaves_the_request_in_the_last_error() {
+    let (svcs, logs) = endpoints(&[Behaviour::GiveBack(MS); 3]);
+    let mut lb = copy_idempotent_balance(svcs, Failover::new().max_attempts(2));
+    let copies = Arc::new(AtomicUsize::new(0));
+    let err = send(&mut lb, tally(7, &copies, false))
+        .await
+        .0
+        .expect_err("every endpoint gives it back");
+    assert_eq!(calls(&logs).iter().sum::<usize>(), 2, "2 attempts in all");
+    let back: Request<Tally> =
+        marina_core::take_unsent_request(&*err).expect("the request comes back to the caller");
+    assert_eq!(back.body.n, 7);
+    assert_eq!(copies.load(SeqCst), 0);
 }
