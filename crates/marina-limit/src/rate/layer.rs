@@ -1,0 +1,196 @@
+//! `RateLimitLayer`: builds a limiter, global or keyed, and the services that share it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use governor::RateLimiter;
+use tower_layer::Layer;
+
+use super::config::{KeyTable, OnLimit, Rate};
+use super::handle::RateLimitHandle;
+use super::limiter::{Kind, Limiter, sweep, without_key_code};
+use super::service::{RateLimit, Ready};
+use crate::clock::TokioClock;
+use crate::invalid::{InvalidLimit, or_panic};
+use crate::keyless::WithoutKey;
+use crate::store::{BoundedStore, GlobalState, SharedStore};
+
+/// Limits the rate of requests, with governor's GCRA on tokio's clock.
+///
+/// - [`global`](Self::global): one quota for every request through the layer's
+///   services (clones share it). Over the limit, `Reject` fails the call with
+///   [`RateLimited`](crate::RateLimited); `Wait` holds `poll_ready` back (backpressure) until the
+///   service's reserved cell comes, up to its bound.
+/// - [`keyed`](Self::keyed): one quota per key (user, client IP: any
+///   [`KeyExtractor`](marina_core::KeyExtractor)). A request without a key is refused with [`MissingKey`](crate::MissingKey)
+///   unless [`without_key`](Self::without_key) says otherwise ([`WithoutKey`]: let
+///   through unlimited, or one quota for all of them). The key table is bounded
+///   (`max_keys`, default 100,000: evict the least active keys, or refuse new ones
+///   with [`TooManyKeys`](crate::TooManyKeys)) and swept every `sweep_interval` (default 60 s) of keys
+///   whose quota has replenished (governor#171: rotating keys otherwise grow without
+///   bound). `Wait` delays the request in its future: the service must be `Clone`
+///   (wrap others in `tower::buffer::Buffer`).
+///
+/// In `Wait` mode the waiters of one quota (the global one, or one key's) are served
+/// first come, first served: a request that finds no free cell reserves the next one
+/// (GCRA's theoretical arrival time moves one period on), so it knows on arrival when
+/// it will be admitted, and no later request can take that cell. Its wait is its
+/// place in line: with `n` waiters ahead, `n + 1` periods at most, however many
+/// callers share the quota. It is refused only if that place is more than `max`
+/// away, and then at once, reserving nothing. Admissions stay within the quota: the
+/// reserved cells are the ones successive checks would have granted.
+///
+/// ```
+/// use marina_limit::{OnLimit, Rate, RateLimitLayer, RateLimited};
+/// use std::time::Duration;
+/// use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let mut svc = ServiceBuilder::new()
+///     .layer(RateLimitLayer::global(Rate::per_second(2)))
+///     .service(service_fn(|r: u32| async move { Ok::<_, std::io::Error>(r) }));
+/// assert!(svc.ready().await.unwrap().call(1).await.is_ok());
+/// assert!(svc.ready().await.unwrap().call(2).await.is_ok());
+/// let err = svc.ready().await.unwrap().call(3).await.unwrap_err();
+/// assert_eq!(err.downcast_ref::<RateLimited>().unwrap().retry_after, Duration::from_millis(500));
+/// # }
+/// ```
+pub struct RateLimitLayer<X = Global> {
+    pub(crate) limiter: Arc<Limiter>,
+    pub(crate) extractor: Arc<X>,
+}
+
+impl<X> Clone for RateLimitLayer<X> {
+    fn clone(&self) -> Self {
+        RateLimitLayer {
+            limiter: self.limiter.clone(),
+            extractor: self.extractor.clone(),
+        }
+    }
+}
+
+impl<X> fmt::Debug for RateLimitLayer<X> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("rate", &self.limiter.rate)
+            .field("on_limit", &self.limiter.on_limit())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimitLayer<Global> {
+    /// One quota for all requests; `Reject` over the limit.
+    pub fn global(rate: Rate) -> Self {
+        let clock = TokioClock::new();
+        let state = GlobalState::default();
+        let kind = Kind::Global(RateLimiter::new(rate.quota, state.clone(), clock), state);
+        RateLimitLayer {
+            limiter: Arc::new(Limiter::new(kind, clock, rate)),
+            extractor: Arc::new(Global),
+        }
+    }
+}
+
+/// The key type of a global limiter: no key.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Global;
+
+/// The key type of a keyed limiter: its extractor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Keyed<X>(pub X);
+
+impl<X> RateLimitLayer<Keyed<X>> {
+    /// One quota per key read by `extractor`, with the default key table. Requests
+    /// without a key are refused ([`without_key`](Self::without_key)).
+    pub fn keyed(extractor: X, rate: Rate) -> Self {
+        Self::build_keyed(extractor, rate, KeyTable::default())
+    }
+
+    /// One quota per key, with `table`'s bound and sweep. Starts the sweep task on
+    /// the current tokio runtime, if any; it ends when the layer and its services are
+    /// gone.
+    ///
+    /// # Panics
+    ///
+    /// If a field of `table` is out of range (see [`KeyTable`]), with
+    /// [`try_keyed_with`](Self::try_keyed_with)'s message.
+    #[track_caller]
+    pub fn keyed_with(extractor: X, rate: Rate, table: KeyTable) -> Self {
+        or_panic(Self::try_keyed_with(extractor, rate, table))
+    }
+
+    /// One quota per key, with `table`'s bound and sweep, or [`InvalidLimit`] if a
+    /// field of `table` is out of range ([`KeyTable::validate`]).
+    pub fn try_keyed_with(extractor: X, rate: Rate, table: KeyTable) -> Result<Self, InvalidLimit> {
+        table.validate()?;
+        Ok(Self::build_keyed(extractor, rate, table))
+    }
+
+    fn build_keyed(extractor: X, rate: Rate, table: KeyTable) -> Self {
+        let clock = TokioClock::new();
+        let store = Arc::new(BoundedStore::new(table.max_keys, table.when_full));
+        let kind = Kind::Keyed(
+            RateLimiter::new(rate.quota, SharedStore(store.clone()), clock),
+            store,
+        );
+        let limiter = Arc::new(Limiter::new(kind, clock, rate));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(sweep(Arc::downgrade(&limiter), table.sweep_interval));
+        }
+        RateLimitLayer {
+            limiter,
+            extractor: Arc::new(Keyed(extractor)),
+        }
+    }
+
+    /// What happens to a request whose key `extractor` finds none (default
+    /// [`WithoutKey::Refuse`]: it fails with [`MissingKey`](crate::MissingKey); see [`WithoutKey`] for
+    /// why). Applies to every service of the layer, from their next request.
+    ///
+    /// With [`WithoutKey::Shared`], all those requests share one quota at the
+    /// layer's rate, apart from every key's (the empty key's included); over it they
+    /// fail with [`RateLimited`](crate::RateLimited) or wait, as [`on_limit`](Self::on_limit) says.
+    pub fn without_key(self, without_key: WithoutKey) -> Self {
+        self.limiter
+            .without_key
+            .store(without_key_code(without_key), Relaxed);
+        self
+    }
+}
+
+impl<K> RateLimitLayer<K> {
+    /// What happens over the limit (default `Reject`); applies to every service of
+    /// the layer, from their next request.
+    pub fn on_limit(self, on_limit: OnLimit) -> Self {
+        *self
+            .limiter
+            .on_limit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = on_limit;
+        self
+    }
+
+    /// The handle to the counters.
+    pub fn handle(&self) -> RateLimitHandle {
+        RateLimitHandle {
+            limiter: self.limiter.clone(),
+        }
+    }
+}
+
+impl<S, X> Layer<S> for RateLimitLayer<X> {
+    type Service = RateLimit<S, X>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit {
+            inner,
+            limiter: self.limiter.clone(),
+            extractor: self.extractor.clone(),
+            state: Ready::Idle,
+            reservation: None,
+            sleep: None,
+        }
+    }
+}
