@@ -41,7 +41,7 @@ impl fmt::Display for NoReadyEndpoints {
 impl std::error::Error for NoReadyEndpoints {}
 
 /// One endpoint's counters, shared with its response futures and the handle.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct EndpointStats {
     /// Requests dropped before they completed.
     cancelled: AtomicU64,
@@ -52,9 +52,43 @@ pub(crate) struct EndpointStats {
     latency_total_us: AtomicU64,
     /// Completed requests that were timed (one in `TIME_EVERY`).
     timed: AtomicU64,
-    /// Peak EWMA of response time, in microseconds, as f64 bits.
-    ewma_us: AtomicU64,
+    /// Peak EWMA of response time: its value in microseconds as `f32` bits (high
+    /// half) and the time of its last change in milliseconds since `origin`, wrapping
+    /// (low half), in one word so that one compare-exchange updates both; `NO_EWMA`
+    /// before the first timed response.
+    ewma: AtomicU64,
+    /// The zero of `ewma`'s clock.
+    origin: Instant,
     ready: AtomicBool,
+}
+
+/// `EndpointStats::ewma` before the first sample (an `f32` NaN: never a value).
+const NO_EWMA: u64 = u64::MAX;
+
+/// The peak EWMA's decay time constant, in milliseconds (tower's `PeakEwma` default,
+/// 10 s): a past estimate weighs e^(−t/τ) after t.
+const EWMA_DECAY_MS: f64 = 10_000.0;
+
+/// A late update whose clock reading is at most this far behind the estimate's (a
+/// thread that read the clock, then lost a race) counts as simultaneous; further
+/// behind, the 32-bit millisecond clock wrapped (about 49.7 days without a sample).
+const EWMA_LATE_MS: i32 = 60_000;
+
+/// The weight left to the previous estimate after `elapsed_ms`: (1 − t/32τ)^32, an
+/// approximation of e^(−t/τ) from five multiplications (no `exp` per sample): within
+/// 0.01 of it everywhere, never above it, and 0 from 32τ on. Consecutive samples
+/// compose to e^(−T/τ) over the total time T, so the decay follows the time that
+/// passed, not the number of samples.
+fn ewma_decay(elapsed_ms: u32) -> f64 {
+    let x = f64::from(elapsed_ms) / (32.0 * EWMA_DECAY_MS);
+    if x >= 1.0 {
+        return 0.0;
+    }
+    let mut w = 1.0 - x;
+    for _ in 0..5 {
+        w *= w;
+    }
+    w
 }
 
 /// `flow` bits: in flight below, finished above.
@@ -68,9 +102,25 @@ impl EndpointStats {
         self.flow.load(Relaxed) & IN_FLIGHT_MASK
     }
 
+    fn new() -> Self {
+        EndpointStats {
+            cancelled: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            flow: AtomicU64::new(0),
+            latency_total_us: AtomicU64::new(0),
+            timed: AtomicU64::new(0),
+            ewma: AtomicU64::new(NO_EWMA),
+            origin: Instant::now(),
+            ready: AtomicBool::new(false),
+        }
+    }
+
     fn ewma(&self) -> Option<Duration> {
-        (self.timed.load(Relaxed) > 0)
-            .then(|| Duration::from_secs_f64(f64::from_bits(self.ewma_us.load(Relaxed)) / 1e6))
+        let word = self.ewma.load(Relaxed);
+        (word != NO_EWMA).then(|| {
+            let us = f32::from_bits((word >> 32) as u32);
+            Duration::from_secs_f64(f64::from(us) / 1e6)
+        })
     }
 
     /// A request was sent.
@@ -86,23 +136,69 @@ impl EndpointStats {
         self.flow.fetch_add(FINISH, Relaxed);
     }
 
-    /// A request completed; `elapsed` when it was one of the timed ones.
-    pub(crate) fn observe(&self, elapsed: Option<Duration>, failed: bool) {
-        if let Some(elapsed) = elapsed {
-            let us = elapsed.as_secs_f64() * 1e6;
-            let old = f64::from_bits(self.ewma_us.load(Relaxed));
-            // Peak-sensitive: jump up at once, decay slowly.
-            let new = if self.timed.load(Relaxed) == 0 || us > old {
-                us
-            } else {
-                old * 0.9 + us * 0.1
-            };
-            self.ewma_us.store(new.to_bits(), Relaxed);
-            self.latency_total_us.fetch_add(us as u64, Relaxed);
-            self.timed.fetch_add(1, Relaxed);
+    /// A request completed; `start` when it was one of the timed ones.
+    #[inline]
+    pub(crate) fn observe(&self, start: Option<Instant>, failed: bool) {
+        if let Some(start) = start {
+            self.observe_timed(start);
         }
         if failed {
             self.errors.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A timed request sent at `start` completed.
+    fn observe_timed(&self, start: Instant) {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(start);
+        self.sample(now, elapsed);
+        self.latency_total_us
+            .fetch_add(elapsed.as_micros() as u64, Relaxed);
+        self.timed.fetch_add(1, Relaxed);
+    }
+
+    /// Feeds a response time measured at `now` to the peak EWMA (tower's `PeakEwma`
+    /// rule): a slower response than the estimate becomes the estimate at once; a
+    /// faster one pulls it down by the time since the estimate last changed, so a
+    /// burst of responses moves it by as little as the burst lasted, and after an idle
+    /// gap of a few τ the next response all but replaces it. Lock-free: a
+    /// compare-exchange loop over the value and its clock together, so concurrent
+    /// samples never lose a peak nor decay the same time twice.
+    fn sample(&self, now: Instant, rtt: Duration) {
+        let us = rtt.as_secs_f64() * 1e6;
+        // Milliseconds since `origin`, wrapping at 2^32.
+        let stamp = now.saturating_duration_since(self.origin).as_millis() as u32;
+        let mut cur = self.ewma.load(Relaxed);
+        loop {
+            let (value, at) = if cur == NO_EWMA {
+                (us, stamp)
+            } else {
+                let old = f64::from(f32::from_bits((cur >> 32) as u32));
+                let last = cur as u32;
+                let ahead = stamp.wrapping_sub(last) as i32;
+                let (elapsed, at) = if ahead >= 0 {
+                    (ahead.unsigned_abs(), stamp)
+                } else if ahead > -EWMA_LATE_MS {
+                    // Read the clock before the estimate's last change: no time passed.
+                    (0, last)
+                } else {
+                    (u32::MAX, stamp)
+                };
+                if us >= old {
+                    (us, at)
+                } else {
+                    let w = ewma_decay(elapsed);
+                    if w == 1.0 {
+                        return; // no time passed: a faster response changes nothing
+                    }
+                    (old * w + us * (1.0 - w), at)
+                }
+            };
+            let word = (u64::from((value as f32).to_bits()) << 32) | u64::from(at);
+            match self.ewma.compare_exchange_weak(cur, word, Relaxed, Relaxed) {
+                Ok(_) => return,
+                Err(now_there) => cur = now_there,
+            }
         }
     }
 }
@@ -125,7 +221,14 @@ pub struct EndpointSnapshot {
     pub in_flight: u64,
     /// Mean response time (of the timed requests: one in 8).
     pub avg_latency: Option<Duration>,
-    /// Peak EWMA of response time (of the timed requests).
+    /// Peak EWMA of response time (of the timed requests), as tower's `PeakEwma`
+    /// keeps it: a response slower than the estimate becomes the estimate at once; a
+    /// faster one pulls it toward itself by the time since the estimate last changed,
+    /// with a decay time of 10 s (the old estimate weighs about e^(−t/10 s)), so a
+    /// burst of fast responses moves it by as little as the burst lasted, and after an
+    /// idle spell of a minute the next response all but replaces it. It changes only
+    /// when a timed response completes (it does not decay while no request is timed).
+    /// What [`LeastResponseTime`](crate::LeastResponseTime) reads.
     pub ewma_latency: Option<Duration>,
     /// Its weight (1 unless set by [`Balance::weights`] or [`Weighted`](crate::Weighted)).
     pub weight: u32,
@@ -1125,7 +1228,7 @@ where
             self.remove_slot(old);
         }
         let id = EndpointId::of(&format!("{key:?}"));
-        let stats = Arc::new(EndpointStats::default());
+        let stats = Arc::new(EndpointStats::new());
         let weight = match (&self.weigh, &self.weigh_service) {
             (Some(f), _) => f(&key).max(1),
             (None, Some(f)) => f(&svc).max(1),
@@ -1630,5 +1733,122 @@ where
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
         self.recheck(slot, &mut cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The estimate, in milliseconds.
+    fn ewma_ms(stats: &EndpointStats) -> f64 {
+        stats.ewma().expect("a sample").as_secs_f64() * 1e3
+    }
+
+    #[test]
+    fn ewma_decay_approximates_exp_from_below_and_ends_at_32_tau() {
+        let mut last = 1.0;
+        for ms in (0..=400_000u32).step_by(50) {
+            let w = ewma_decay(ms);
+            let exact = (-f64::from(ms) / EWMA_DECAY_MS).exp();
+            assert!(w <= exact + 1e-12, "{ms} ms: {w} above e^-x = {exact}");
+            assert!(exact - w <= 0.01, "{ms} ms: {w} too far below {exact}");
+            assert!(w <= last, "{ms} ms: not decreasing");
+            last = w;
+        }
+        assert_eq!(ewma_decay(0), 1.0);
+        assert_eq!(ewma_decay(320_000), 0.0);
+        assert_eq!(ewma_decay(u32::MAX), 0.0);
+        // Within 2% of e^-1 after one τ.
+        assert!((ewma_decay(10_000) / (-1.0f64).exp() - 1.0).abs() < 0.02);
+    }
+
+    #[test]
+    fn ewma_follows_time_not_sample_count() {
+        let stats = EndpointStats::new();
+        let t0 = stats.origin;
+        let ms = Duration::from_millis;
+        assert_eq!(stats.ewma(), None);
+        stats.sample(t0, ms(1000));
+        // A burst of fast responses within 100 ms barely moves it.
+        for i in 1..=100 {
+            stats.sample(t0 + ms(i), ms(10));
+        }
+        let after_burst = ewma_ms(&stats);
+        assert!(after_burst > 985.0, "{after_burst}");
+        // One τ later, one fast response: about e^-1 of the peak is left.
+        stats.sample(t0 + ms(10_100), ms(10));
+        let w = ewma_decay(10_000);
+        let want = after_burst * w + 10.0 * (1.0 - w);
+        assert!((ewma_ms(&stats) - want).abs() < 0.01, "{}", ewma_ms(&stats));
+        assert!((340.0..380.0).contains(&ewma_ms(&stats)));
+        // The same time in many small steps decays about as much as in one gap.
+        let stepped = EndpointStats::new();
+        let t0 = stepped.origin;
+        stepped.sample(t0, ms(1000));
+        for i in 1..=100 {
+            stepped.sample(t0 + ms(100 * i), ms(10));
+        }
+        let one_gap = EndpointStats::new();
+        let t0 = one_gap.origin;
+        one_gap.sample(t0, ms(1000));
+        one_gap.sample(t0 + ms(10_000), ms(10));
+        let (a, b) = (ewma_ms(&stepped), ewma_ms(&one_gap));
+        assert!((a - b).abs() < 0.02 * b, "{a} against {b}");
+        // A slower response is the new estimate at once.
+        one_gap.sample(t0 + ms(10_001), ms(2000));
+        assert_eq!(ewma_ms(&one_gap), 2000.0);
+        // After 32 τ and more without a sample, the next response replaces it.
+        one_gap.sample(t0 + ms(10_001 + 320_000), ms(10));
+        assert_eq!(ewma_ms(&one_gap), 10.0);
+    }
+
+    #[test]
+    fn ewma_late_clock_readings_count_as_simultaneous() {
+        let stats = EndpointStats::new();
+        let t0 = stats.origin;
+        let ms = Duration::from_millis;
+        stats.sample(t0 + ms(5000), ms(1000));
+        // Read before the estimate's last change (a thread that lost a race): no time
+        // passed, so a faster response changes nothing and the clock stays.
+        stats.sample(t0 + ms(4000), ms(10));
+        assert_eq!(ewma_ms(&stats), 1000.0);
+        stats.sample(t0 + ms(4500), ms(3000));
+        assert_eq!(ewma_ms(&stats), 3000.0);
+        assert_eq!(stats.ewma.load(Relaxed) as u32, 5000);
+    }
+
+    #[test]
+    fn concurrent_samples_never_lose_a_peak() {
+        // Two threads draw rising response times from one counter (whole µs, exact in
+        // the estimate's f32) and feed them at one instant, so nothing decays: the
+        // estimate is the largest sample fed so far, and each thread reads back at least
+        // its own. A load-then-store update loses the other thread's peak when it
+        // stores a smaller sample over it.
+        const EACH: u32 = 200_000;
+        let stats = EndpointStats::new();
+        let now = stats.origin + Duration::from_secs(1);
+        let next = std::sync::atomic::AtomicU32::new(1);
+        let value_us =
+            |stats: &EndpointStats| f32::from_bits((stats.ewma.load(Relaxed) >> 32) as u32);
+        let barrier = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                let (stats, next, barrier) = (&stats, &next, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    for _ in 0..EACH {
+                        let us = next.fetch_add(1, Relaxed);
+                        stats.sample(now, Duration::from_micros(u64::from(us)));
+                        // Read back a few times: a peak stored over lands any time.
+                        for _ in 0..8 {
+                            let seen = value_us(stats);
+                            assert!(seen >= us as f32, "peak lost: {seen} µs after {us} µs");
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(value_us(&stats), (2 * EACH) as f32);
     }
 }

@@ -154,7 +154,7 @@ impl Track {
     /// The attempt completed.
     fn finish(mut self, failed: bool) {
         self.done = true;
-        self.stats.observe(self.start.map(|s| s.elapsed()), failed);
+        self.stats.observe(self.start, failed);
     }
 }
 

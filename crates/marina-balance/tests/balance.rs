@@ -1,6 +1,8 @@
 //! Tests of the `Balance` service: readiness (pending endpoints skipped, wake-ups, no
 //! churn of the ready set), fail-fast, the pickers driven through it, per-endpoint
-//! stats, removal of failed endpoints and draining of endpoints removed by discovery.
+//! stats (the peak EWMA of response times decays with the time that passed, not the
+//! number of responses), removal of failed endpoints and draining of endpoints removed
+//! by discovery.
 //!
 //! Endpoints are `tower_test` mocks (their readiness set with `Handle::allow`); static
 //! sets come from `tower::discover::ServiceList`, dynamic ones from
@@ -634,6 +636,53 @@ async fn stats_count_requests_errors_and_latency() {
     assert_ready_ok!(poll_ready(&mut task, &mut lb));
     assert!(!snap(&h, &list_key(0)).ready);
     assert!(snap(&h, &list_key(1)).ready);
+}
+
+/// Sends `lb` one request answered after `rtt` — a timed one, as the first of every 8
+/// an endpoint gets is — then the 7 untimed ones, answered at once.
+async fn timed_sample<S>(lb: &mut S, rtt: Duration)
+where
+    S: Service<Duration, Error = BoxError>,
+{
+    for rtt in std::iter::once(rtt).chain(std::iter::repeat_n(Duration::ZERO, 7)) {
+        lb.ready().await.unwrap().call(rtt).await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn peak_ewma_decays_with_the_time_that_passed_not_the_number_of_responses() {
+    let ms = Duration::from_millis;
+    // One endpoint that answers each request (a response time) after that long.
+    let endpoint = tower::service_fn(|rtt: Duration| async move {
+        tokio::time::sleep(rtt).await;
+        Ok::<_, Infallible>(())
+    });
+    let mut lb = Balance::from_services([endpoint], RoundRobin::new());
+    let h = lb.handle();
+    let ewma = || h.stats()[0].ewma_latency.expect("timed responses");
+
+    // A burst of slow responses: the estimate is the peak.
+    for _ in 0..5 {
+        timed_sample(&mut lb, ms(1000)).await;
+    }
+    assert!(close(Some(ewma()), ms(1000)), "{:?}", ewma());
+    // 40 fast responses within 0.4 s hardly move it (a per-response 0.9/0.1 rule
+    // would be down to about 25 ms).
+    for _ in 0..40 {
+        timed_sample(&mut lb, ms(10)).await;
+    }
+    let burst = ewma();
+    assert!(burst > ms(950), "{burst:?}");
+    // Idle for τ (10 s), then one fast response: about e^-1 of the peak is left.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    timed_sample(&mut lb, ms(10)).await;
+    let after_gap = ewma();
+    assert!(after_gap > ms(330) && after_gap < ms(380), "{after_gap:?}");
+    // Idle for 3 τ more: the next response all but replaces it.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    timed_sample(&mut lb, ms(10)).await;
+    let later = ewma();
+    assert!(later > ms(10) && later < ms(40), "{later:?}");
 }
 
 // ---------------------------------------------------------------------------------------
