@@ -319,3 +319,31 @@ async fn requests_without_a_key_are_refused_unless_the_stack_says_otherwise() {
         assert_eq!(within(LIMIT, "shutdown", handle.shutdown(LIMIT)).await, 0);
     }
 }
+
+/// The default stack copies no request: a request its pool could not send (a refused
+/// connect) comes back whole and goes to the other backend.
+#[tokio::test]
+async fn refused_connects_fail_over_without_copies() {
+    let live = EchoServer::start().await;
+    let dead = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let (svc, handle) = Stack::builder::<String>()
+        .endpoints([dead, live.addr()])
+        .health(None)
+        .build_line()
+        .expect("a valid stack");
+    for i in 0..8 {
+        let reply = within(
+            LIMIT,
+            "a request",
+            svc.clone().oneshot(Request::new(format!("r{i}"))),
+        )
+        .await
+        .expect("failed over");
+        assert_eq!(reply.into_body(), format!("r{i}"));
+    }
+    assert!(handle.stats().balance.retries >= 4, "{}", handle.stats());
+    within(LIMIT, "shutdown", handle.shutdown(LIMIT)).await;
+}

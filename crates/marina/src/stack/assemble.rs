@@ -43,7 +43,11 @@ where
             tcp = tcp.shared_write(rate, burst);
         }
         let bandwidth = tcp.write_bucket().cloned();
-        let connector = ProtocolConnector { tcp, proto };
+        let connector = ProtocolConnector {
+            tcp,
+            proto,
+            body: body.clone(),
+        };
         let gate = EjectionGate::new();
         let state = Arc::new(ShutdownState::default());
         let state_for_add = state.clone();
@@ -85,14 +89,12 @@ where
                 let mut builder = Pool::builder().config(pool_config.clone());
                 if let Some(check) = &check {
                     let check = check.clone();
-                    builder = builder.check(move |c: &mut C| check(c));
+                    builder =
+                        builder.check(move |c: &mut BodyClient<C, T, T2>| check(&mut c.client));
                 }
                 let pool = builder.build(connector.clone(), addr)?;
-                let body = body.clone();
                 let endpoint = RequestTimeoutService::new(
-                    PoolService::new(pool.clone())
-                        .map_request(move |r: Request<T>| body(r.into_body()))
-                        .map_response(Response::new),
+                    PoolService::new(pool.clone()).map_response(Response::new),
                     request_timeout,
                 );
                 // Concrete types all the way down (no boxed future per request below
@@ -190,7 +192,11 @@ where
             if let Some(h) = b.hedge {
                 f = f.hedge(h);
             }
-            balance = balance.failover(f).idempotent_from_extensions();
+            // The pools give requests they could not send back: only requests marked
+            // idempotent are copied (to be sent again after they may have been sent).
+            balance = balance
+                .failover_copy_idempotent(f)
+                .idempotent_from_extensions();
         }
         let balance_handle = balance.handle();
         let shared = Shared::new(balance);
@@ -311,24 +317,56 @@ impl Pick for BoxedPick {
 }
 
 /// TCP (through the bandwidth limiter), then the protocol.
-pub(super) struct ProtocolConnector<C> {
+pub(super) struct ProtocolConnector<C, T, T2> {
     pub(super) tcp: BandwidthLimit<TcpConnector>,
     pub(super) proto: ProtoFn<C>,
+    pub(super) body: Arc<dyn Fn(T) -> T2 + Send + Sync>,
 }
 
-impl<C> Clone for ProtocolConnector<C> {
+impl<C, T, T2> Clone for ProtocolConnector<C, T, T2> {
     fn clone(&self) -> Self {
         ProtocolConnector {
             tcp: self.tcp.clone(),
             proto: self.proto.clone(),
+            body: self.body.clone(),
         }
     }
 }
 
-impl<C: Send + 'static> Service<SocketAddr> for ProtocolConnector<C> {
-    type Response = C;
+/// A pooled protocol client that takes the stack's requests (`Request<T>`), converting
+/// the body for the protocol (`T2`) only when it sends: a request the pool could not
+/// send comes back whole (its route hint and markers with it) for failover.
+pub(super) struct BodyClient<C, T, T2> {
+    pub(super) client: C,
+    body: Arc<dyn Fn(T) -> T2 + Send + Sync>,
+}
+
+impl<C, T, T2> Service<Request<T>> for BodyClient<C, T, T2>
+where
+    C: Service<T2>,
+{
+    type Response = C::Response;
+    type Error = C::Error;
+    type Future = C::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.client.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<T>) -> Self::Future {
+        self.client.call((self.body)(req.into_body()))
+    }
+}
+
+impl<C, T, T2> Service<SocketAddr> for ProtocolConnector<C, T, T2>
+where
+    C: Send + 'static,
+    T: 'static,
+    T2: 'static,
+{
+    type Response = BodyClient<C, T, T2>;
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<C, BoxError>>;
+    type Future = BoxFuture<'static, Result<BodyClient<C, T, T2>, BoxError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Service::<SocketAddr>::poll_ready(&mut self.tcp, cx).map_err(Into::into)
@@ -337,9 +375,13 @@ impl<C: Send + 'static> Service<SocketAddr> for ProtocolConnector<C> {
     fn call(&mut self, addr: SocketAddr) -> Self::Future {
         let connect = self.tcp.call(addr);
         let proto = self.proto.clone();
+        let body = self.body.clone();
         Box::pin(async move {
             let conn = connect.await?;
-            Ok(proto(conn).await?)
+            Ok(BodyClient {
+                client: proto(conn).await?,
+                body,
+            })
         })
     }
 }
