@@ -27,16 +27,63 @@ use crate::ext::HasExtensions;
 /// let by_closure = |r: &http::Request<()>| Some(r.uri().path().to_string());
 /// assert_eq!(by_closure.extract(&req).as_deref(), Some("/"));
 /// ```
+///
+/// # Borrowed keys
+///
+/// [`with_key`](Self::with_key) lends the key to a closure instead of returning it, so
+/// a limiter can look a known key up without allocating: [`HeaderKey`] and
+/// [`CookieKey`] lend a slice of the header, [`ClientIp`] formats the address on the
+/// stack. A closure extractor returns an owned `String`, and `with_key` lends that. An
+/// extractor of your own that can borrow its key implements both:
+///
+/// ```
+/// use marina_core::KeyExtractor;
+///
+/// struct Order { user: &'static str, item: u32 }
+///
+/// struct ByUser;
+///
+/// impl KeyExtractor<Order> for ByUser {
+///     fn extract(&self, req: &Order) -> Option<String> {
+///         self.with_key(req, str::to_owned)
+///     }
+///
+///     fn with_key<R, F: FnOnce(&str) -> R>(&self, req: &Order, f: F) -> Option<R> {
+///         Some(f(req.user))
+///     }
+/// }
+///
+/// let order = Order { user: "alice", item: 7 };
+/// assert_eq!(ByUser.with_key(&order, str::len), Some(5));
+/// assert_eq!(ByUser.extract(&order).as_deref(), Some("alice"));
+/// ```
 pub trait KeyExtractor<Req>: Send + Sync + 'static {
     /// The request's key, if it has one.
     fn extract(&self, req: &Req) -> Option<String>;
+
+    /// Calls `f` with the request's key and returns what it returns; `None`, without
+    /// calling `f`, when the request has none. The key is the one
+    /// [`extract`](Self::extract) returns (`with_key(req, str::to_owned)` equals
+    /// `extract(req)`), lent rather than given: borrowed from the request, or made on
+    /// the stack, where the extractor can.
+    ///
+    /// The provided implementation lends the `String` that `extract` returns (one
+    /// allocation); [`HeaderKey`], [`CookieKey`] and [`ClientIp`] allocate nothing.
+    fn with_key<R, F>(&self, req: &Req, f: F) -> Option<R>
+    where
+        Self: Sized,
+        F: FnOnce(&str) -> R,
+    {
+        self.extract(req).map(|key| f(&key))
+    }
 }
 
 /// The longest key the extractors return, in bytes.
 pub const MAX_KEY_LEN: usize = 512;
 
-fn bounded(s: &str) -> Option<String> {
-    (!s.is_empty() && s.len() <= MAX_KEY_LEN).then(|| s.to_string())
+/// `s`, if it is a key: not empty and at most [`MAX_KEY_LEN`] bytes.
+fn bounded(s: &str) -> Option<&str> {
+    (!s.is_empty() && s.len() <= MAX_KEY_LEN).then_some(s)
 }
 
 impl<F, Req> KeyExtractor<Req> for F
@@ -67,9 +114,19 @@ impl HeaderKey {
     }
 }
 
+impl HeaderKey {
+    fn value<'r, B>(&self, req: &'r http::Request<B>) -> Option<&'r str> {
+        bounded(req.headers().get(&self.name)?.to_str().ok()?.trim())
+    }
+}
+
 impl<B> KeyExtractor<http::Request<B>> for HeaderKey {
     fn extract(&self, req: &http::Request<B>) -> Option<String> {
-        bounded(req.headers().get(&self.name)?.to_str().ok()?.trim())
+        self.value(req).map(str::to_owned)
+    }
+
+    fn with_key<R, F: FnOnce(&str) -> R>(&self, req: &http::Request<B>, f: F) -> Option<R> {
+        self.value(req).map(f)
     }
 }
 
@@ -86,8 +143,8 @@ impl CookieKey {
     }
 }
 
-impl<B> KeyExtractor<http::Request<B>> for CookieKey {
-    fn extract(&self, req: &http::Request<B>) -> Option<String> {
+impl CookieKey {
+    fn value<'r, B>(&self, req: &'r http::Request<B>) -> Option<&'r str> {
         req.headers()
             .get_all(http::header::COOKIE)
             .iter()
@@ -98,6 +155,16 @@ impl<B> KeyExtractor<http::Request<B>> for CookieKey {
                 (k.trim() == self.name).then(|| v.trim().trim_matches('"'))
             })
             .and_then(bounded)
+    }
+}
+
+impl<B> KeyExtractor<http::Request<B>> for CookieKey {
+    fn extract(&self, req: &http::Request<B>) -> Option<String> {
+        self.value(req).map(str::to_owned)
+    }
+
+    fn with_key<R, F: FnOnce(&str) -> R>(&self, req: &http::Request<B>, f: F) -> Option<R> {
+        self.value(req).map(f)
     }
 }
 
@@ -224,15 +291,15 @@ impl ClientIp {
         if !self.trusted(peer) {
             return Some(peer);
         }
-        let mut hops = req
+        // Right to left: the last header first, each one's last hop first.
+        let hops = req
             .headers()
             .get_all("x-forwarded-for")
             .iter()
+            .rev()
             .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .collect::<Vec<_>>();
-        hops.reverse();
+            .flat_map(|v| v.rsplit(','))
+            .map(str::trim);
         for hop in hops {
             match hop.parse::<IpAddr>() {
                 Ok(ip) if self.trusted(ip) => continue,
@@ -249,6 +316,10 @@ impl<B> KeyExtractor<http::Request<B>> for ClientIp {
     fn extract(&self, req: &http::Request<B>) -> Option<String> {
         self.client_ip(req).map(|ip| ip.to_string())
     }
+
+    fn with_key<R, F: FnOnce(&str) -> R>(&self, req: &http::Request<B>, f: F) -> Option<R> {
+        self.client_ip(req).map(|ip| IpText::new(ip).with(f))
+    }
 }
 
 impl<T> KeyExtractor<crate::Request<T>> for ClientIp {
@@ -256,5 +327,163 @@ impl<T> KeyExtractor<crate::Request<T>> for ClientIp {
         req.extensions()
             .get::<PeerAddr>()
             .map(|p| p.0.ip().to_string())
+    }
+
+    fn with_key<R, F: FnOnce(&str) -> R>(&self, req: &crate::Request<T>, f: F) -> Option<R> {
+        let ip = req.extensions().get::<PeerAddr>()?.0.ip();
+        Some(IpText::new(ip).with(f))
+    }
+}
+
+/// An address's text (as its `Display` writes it) on the stack: the longest, an IPv6
+/// address of eight full groups, is 39 bytes.
+struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl IpText {
+    fn new(ip: IpAddr) -> Self {
+        use std::fmt::Write as _;
+        let mut text = IpText {
+            buf: [0; 48],
+            len: 0,
+        };
+        // Cannot fail: the text fits.
+        let _ = write!(text, "{ip}");
+        text
+    }
+
+    /// Lends the text to `f`.
+    fn with<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        // Whole `&str`s were copied in: valid UTF-8.
+        f(std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default())
+    }
+}
+
+impl fmt::Write for IpText {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        self.buf
+            .get_mut(self.len..end)
+            .ok_or(fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)], peer: Option<&str>) -> http::Request<()> {
+        let mut req = http::Request::builder();
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let mut req = req.body(()).unwrap();
+        if let Some(peer) = peer {
+            req.extensions_mut().insert(PeerAddr(peer.parse().unwrap()));
+        }
+        req
+    }
+
+    /// `with_key` lends exactly the key `extract` returns, for every request.
+    fn agree<Req, X: KeyExtractor<Req>>(x: &X, req: &Req) -> Option<String> {
+        let lent = x.with_key(req, str::to_owned);
+        assert_eq!(lent, x.extract(req));
+        lent
+    }
+
+    #[test]
+    fn header_and_cookie_keys_lend_what_they_extract() {
+        let longest = "k".repeat(MAX_KEY_LEN);
+        let too_long = "k".repeat(MAX_KEY_LEN + 1);
+        let header = HeaderKey::new("x-user");
+        let cookie = CookieKey::new("SESSION");
+        let cases: Vec<Vec<(&str, String)>> = vec![
+            vec![],
+            vec![("x-user", "alice".into())],
+            vec![("x-user", "  alice \t".into())],
+            vec![("x-user", "".into())],
+            vec![("x-user", "   ".into())],
+            vec![("x-user", "one".into()), ("x-user", "two".into())],
+            vec![("x-user", longest.clone())],
+            vec![("x-user", too_long.clone())],
+            vec![("cookie", "theme=dark; SESSION=abc123".into())],
+            vec![("cookie", "SESSION=\"quoted\"".into())],
+            vec![("cookie", "a=1".into()), ("cookie", " SESSION = x ".into())],
+            vec![("cookie", "SESSION=".into())],
+            vec![("cookie", format!("SESSION={longest}"))],
+            vec![("cookie", format!("SESSION={too_long}"))],
+            vec![("set-cookie", "SESSION=abc".into())],
+        ];
+        let mut found = 0;
+        for case in &cases {
+            let headers: Vec<(&str, &str)> = case.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            let req = request(&headers, None);
+            found += agree(&header, &req).is_some() as u32;
+            found += agree(&cookie, &req).is_some() as u32;
+        }
+        // alice (twice), one, the longest; abc123, quoted, x, the longest.
+        assert_eq!(found, 8);
+        let req = request(&[("x-user", "  alice ")], None);
+        assert_eq!(header.with_key(&req, |k| k.as_ptr()), {
+            let value = req.headers()["x-user"].to_str().unwrap();
+            Some(value[2..].as_ptr())
+        });
+    }
+
+    #[test]
+    fn client_ip_lends_what_it_extracts() {
+        let ip = ClientIp::new().trust_proxy("10.0.0.0/8".parse().unwrap());
+        let peers = [
+            None,
+            Some("198.51.100.7:1"),
+            Some("10.0.0.1:1"),
+            Some("[2001:db8::1]:1"),
+            Some("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:1"),
+            Some("[::ffff:10.0.0.1]:1"),
+        ];
+        let xffs: [&[&str]; 6] = [
+            &[],
+            &["203.0.113.9"],
+            &["6.6.6.6, 203.0.113.9, 10.0.0.7"],
+            &["6.6.6.6", "203.0.113.9, 10.0.0.7", "10.0.0.8"],
+            &["garbage, 10.0.0.7"],
+            &["1111:2222:3333:4444:5555:6666:7777:8888"],
+        ];
+        for peer in peers {
+            for xff in xffs {
+                let headers: Vec<(&str, &str)> =
+                    xff.iter().map(|v| ("x-forwarded-for", *v)).collect();
+                let req = request(&headers, peer);
+                let key = agree(&ip, &req);
+                assert_eq!(key.is_some(), peer.is_some());
+                let mut raw = crate::Request::new(());
+                if let Some(peer) = peer {
+                    raw.extensions_mut().insert(PeerAddr(peer.parse().unwrap()));
+                }
+                agree(&ip, &raw);
+            }
+        }
+        let req = request(
+            &["6.6.6.6", "203.0.113.9, 10.0.0.7", "10.0.0.8"].map(|v| ("x-forwarded-for", v)),
+            Some("10.0.0.1:1"),
+        );
+        assert_eq!(
+            ip.with_key(&req, str::to_owned).as_deref(),
+            Some("203.0.113.9")
+        );
+    }
+
+    #[test]
+    fn closures_lend_their_owned_key() {
+        let by_path = |r: &http::Request<()>| Some(r.uri().path().to_string());
+        let req = http::Request::builder().uri("/users/42").body(()).unwrap();
+        assert_eq!(agree(&by_path, &req).as_deref(), Some("/users/42"));
+        let too_long = |_: &http::Request<()>| Some("k".repeat(MAX_KEY_LEN + 1));
+        assert_eq!(agree(&too_long, &req), None);
     }
 }
