@@ -1,7 +1,9 @@
-//! A bounded keyed state store for governor: a hard cap on keys, and a sweep.
+//! The rate limiters' GCRA states: a bounded key table (a hard cap on keys, and a
+//! sweep) for a keyed limiter, and one atomic state for a global one, shared with
+//! governor.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
 use std::sync::atomic::{Ordering::Acquire, Ordering::Release};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,9 +25,15 @@ pub enum WhenKeysFull {
 /// One key's GCRA state: the theoretical arrival time, in clock nanoseconds (0: none).
 type Tat = u64;
 
+/// A part of the key table, under its lock.
+type Shard = Mutex<HashMap<Box<str>, Tat>>;
+
 /// Keys → GCRA state, sharded, with a hard cap on keys.
-pub(crate) struct BoundedStore<K> {
-    shards: Box<[Mutex<HashMap<K, Tat>>]>,
+///
+/// Looked up by a borrowed key (`&str`): a request whose key is known allocates
+/// nothing; a new key is copied in once.
+pub(crate) struct BoundedStore {
+    shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
     len: AtomicUsize,
     max_keys: usize,
@@ -33,7 +41,7 @@ pub(crate) struct BoundedStore<K> {
     pub(crate) evicted: std::sync::atomic::AtomicU64,
 }
 
-impl<K: Hash + Eq + Clone> BoundedStore<K> {
+impl BoundedStore {
     pub(crate) fn new(max_keys: usize, when_full: WhenKeysFull) -> Self {
         // One shard: a second hash per check (to choose the shard) cost more than the
         // lock contention it saves on a few cores. More shards would suit many cores.
@@ -48,7 +56,7 @@ impl<K: Hash + Eq + Clone> BoundedStore<K> {
         }
     }
 
-    fn shard(&self, key: &K) -> MutexGuard<'_, HashMap<K, Tat>> {
+    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<Box<str>, Tat>> {
         let i = if self.shards.len() == 1 {
             0
         } else {
@@ -70,7 +78,7 @@ impl<K: Hash + Eq + Clone> BoundedStore<K> {
     /// Makes room for `key` if it is new; false when the store is full and refuses.
     /// `now` is the clock reading (keys whose state is at or before it are
     /// replenished).
-    pub(crate) fn admit(&self, key: &K, now: impl FnOnce() -> u64) -> bool {
+    pub(crate) fn admit(&self, key: &str, now: impl FnOnce() -> u64) -> bool {
         // Room left: nothing to check (the insert itself re-checks the cap).
         if self.len.load(Relaxed) < self.max_keys {
             return true;
@@ -94,7 +102,7 @@ impl<K: Hash + Eq + Clone> BoundedStore<K> {
 
     /// Drops the eighth of `key`'s shard (at least one key) with the oldest state
     /// (amortized: one scan makes room for many new keys).
-    fn evict_oldest(&self, key: &K) {
+    fn evict_oldest(&self, key: &str) {
         let mut s = self.shard(key);
         if s.is_empty() {
             drop(s);
@@ -129,13 +137,6 @@ impl<K: Hash + Eq + Clone> BoundedStore<K> {
         self.evicted.fetch_add(gone as u64, Relaxed);
     }
 
-    /// Forgets `key`, whatever its state.
-    pub(crate) fn forget(&self, key: &K) {
-        if self.shard(key).remove(key).is_some() {
-            self.len.fetch_sub(1, AcqRel);
-        }
-    }
-
     /// Forgets every key whose quota has fully replenished by `now` (its state is in
     /// the past): they would be admitted as if new (governor's `retain_recent`).
     pub(crate) fn retain_recent(&self, now: u64) -> usize {
@@ -157,13 +158,14 @@ impl<K: Hash + Eq + Clone> BoundedStore<K> {
     }
 }
 
-impl<K: Hash + Eq + Clone> StateStore for BoundedStore<K> {
-    type Key = K;
-
-    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
+impl BoundedStore {
+    /// Governor's `StateStore::measure_and_replace` for `key`: `f` decides on the
+    /// key's state (`None`: none yet) and gives the next one, stored on success.
+    pub(crate) fn measure_and_replace<T, E>(
+        &self,
+        key: &str,
+        f: impl FnOnce(Option<Nanos>) -> Result<(T, Nanos), E>,
+    ) -> Result<T, E> {
         let mut s = self.shard(key);
         match s.get_mut(key) {
             Some(tat) => {
@@ -177,27 +179,13 @@ impl<K: Hash + Eq + Clone> StateStore for BoundedStore<K> {
                 // `admit` made room; a race with another new key may have taken it, in
                 // which case this cell passes untracked rather than break the cap.
                 if self.len.fetch_add(1, AcqRel) < self.max_keys {
-                    s.insert(key.clone(), next.as_u64().max(1));
+                    s.insert(key.into(), next.as_u64().max(1));
                 } else {
                     self.len.fetch_sub(1, AcqRel);
                 }
                 Ok(out)
             }
         }
-    }
-}
-
-/// The store, shared between governor's limiter and the layer (its cap and sweep).
-pub(crate) struct SharedStore<K>(pub(crate) std::sync::Arc<BoundedStore<K>>);
-
-impl<K: Hash + Eq + Clone> StateStore for SharedStore<K> {
-    type Key = K;
-
-    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        self.0.measure_and_replace(key, f)
     }
 }
 

@@ -1130,3 +1130,93 @@ async fn tokio_clock_follows_paused_time() {
     assert_eq!(clock.instant_of(t1), i0 + Duration::from_secs(1));
     assert_eq!(clock.instant_of(t0), i0);
 }
+
+// ---------------------------------------------------------------- governor's step, counts
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// A keyed limiter checks its own key table, looked up by the key the extractor
+    /// lends, with governor's GCRA step (governor's `check_key` would take an owned
+    /// key per request): for any rate, burst and schedule over a few keys, it admits
+    /// and refuses exactly as governor's keyed limiter on the same clock does, with the
+    /// same `retry_after`.
+    #[test]
+    fn keyed_admissions_are_governors_for_any_schedule(
+        per_second in 1u32..2_000,
+        burst in 1u32..20,
+        steps in proptest::collection::vec((0u64..20_000_000, 0usize..3), 1..150),
+    ) {
+        on_paused_runtime(async {
+            let quota = governor::Quota::per_second(per_second.try_into().unwrap())
+                .allow_burst(burst.try_into().unwrap());
+            let clock = TokioClock::new();
+            let governor = governor::RateLimiter::hashmap_with_clock(quota, clock);
+            let mut svc = keyed(Rate::per_second(per_second).burst(burst)).layer(Echo);
+            let start = Instant::now();
+            for (step, k) in steps {
+                advance(Duration::from_nanos(step)).await;
+                let key = ["alice", "bob", "carol"][k];
+                let ours = send(&mut svc, some(key))
+                    .await
+                    .map(drop)
+                    .map_err(|e| rate_limited(&e).retry_after);
+                let theirs = governor
+                    .check_key(&key.to_string())
+                    .map_err(|nu| nu.wait_time_from(clock.now()));
+                prop_assert_eq!(ours, theirs, "{} at {:?}", key, start.elapsed());
+            }
+            Ok(())
+        })?;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn admissions_count_exactly_through_long_lived_services_clones_and_drops() {
+    let plenty = || Rate::per_second(Rate::MAX_PER_SECOND);
+    // Global: a long-lived service (counting in a slot of its own after a few dozen
+    // admissions), a clone per request, another service; then they go.
+    let layer = RateLimitLayer::global(plenty());
+    let handle = layer.handle();
+    let mut long = layer.layer(Echo);
+    let mut other = long.clone();
+    for _ in 0..1000 {
+        send(&mut long, ()).await.unwrap();
+    }
+    for _ in 0..100 {
+        send(&mut long.clone(), ()).await.unwrap();
+    }
+    for _ in 0..10 {
+        send(&mut other, ()).await.unwrap();
+    }
+    assert_eq!(handle.stats().admitted, 1110);
+    drop(long);
+    assert_eq!(
+        handle.stats().admitted,
+        1110,
+        "a service gone keeps its count"
+    );
+    for _ in 0..100 {
+        send(&mut other, ()).await.unwrap();
+    }
+    assert_eq!(handle.stats().admitted, 1210);
+    let Echo = other.into_inner();
+    assert_eq!(handle.stats().admitted, 1210);
+    assert_eq!(handle.stats().rejected, 0);
+
+    // Keyed: the same, over a few keys, with refusals counted apart.
+    let layer = keyed(plenty());
+    let handle = layer.handle();
+    let mut long = layer.layer(Echo);
+    for i in 0..1000 {
+        send(&mut long, some(["a", "b", "c"][i % 3])).await.unwrap();
+    }
+    for _ in 0..100 {
+        send(&mut long.clone(), some("d")).await.unwrap();
+    }
+    assert!(send(&mut long, None).await.is_err());
+    let stats = handle.stats();
+    assert_eq!((stats.admitted, stats.rejected, stats.keys), (1100, 1, 4));
+    drop(long);
+    assert_eq!(handle.stats().admitted, 1100);
+}

@@ -12,14 +12,18 @@ use crate::store::WhenKeysFull;
 /// What happens to a request over the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnLimit {
-    /// Fail it at once with [`RateLimited`](crate::RateLimited).
+    /// Fail it at once with [`RateLimited`].
+    ///
+    /// [`RateLimited`]: crate::RateLimited
     #[default]
     Reject,
     /// Queue it: first come, first served. On arrival the request takes the next free
     /// cell, now or later (its place in line), and learns when it will be admitted; it
     /// waits for that time and no longer, with no re-check, so later arrivals never
     /// overtake it. If its place in line is more than `max` away it fails at once with
-    /// [`RateLimited`](crate::RateLimited) (its `retry_after` is that wait), taking no cell.
+    /// [`RateLimited`] (its `retry_after` is that wait), taking no cell.
+    ///
+    /// [`RateLimited`]: crate::RateLimited
     Wait {
         /// The longest delay. Any value: zero refuses every request that would have
         /// to wait, as `Reject` does; `Duration::MAX` waits however long the line is.
@@ -187,8 +191,10 @@ impl Rate {
 
 /// Settings of a keyed limiter's key table.
 ///
-/// Its fields can be set directly; [`RateLimitLayer::keyed_with`](crate::RateLimitLayer::keyed_with) checks them
+/// Its fields can be set directly; [`RateLimitLayer::keyed_with`] checks them
 /// ([`validate`](Self::validate)), as the setters do.
+///
+/// [`RateLimitLayer::keyed_with`]: crate::RateLimitLayer::keyed_with
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub struct KeyTable {

@@ -4,33 +4,33 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use governor::RateLimiter;
 use tower_layer::Layer;
 
 use super::config::{KeyTable, OnLimit, Rate};
 use super::handle::RateLimitHandle;
-use super::limiter::{Kind, Limiter, sweep, without_key_code};
-use super::service::{RateLimit, Ready};
-use crate::clock::TokioClock;
+use super::limiter::{Limiter, sweep, without_key_code};
+use super::service::RateLimit;
 use crate::invalid::{InvalidLimit, or_panic};
 use crate::keyless::WithoutKey;
-use crate::store::{BoundedStore, GlobalState, SharedStore};
 
 /// Limits the rate of requests, with governor's GCRA on tokio's clock.
 ///
 /// - [`global`](Self::global): one quota for every request through the layer's
 ///   services (clones share it). Over the limit, `Reject` fails the call with
-///   [`RateLimited`](crate::RateLimited); `Wait` holds `poll_ready` back (backpressure) until the
+///   [`RateLimited`]; `Wait` holds `poll_ready` back (backpressure) until the
 ///   service's reserved cell comes, up to its bound.
 /// - [`keyed`](Self::keyed): one quota per key (user, client IP: any
-///   [`KeyExtractor`](marina_core::KeyExtractor)). A request without a key is refused with [`MissingKey`](crate::MissingKey)
+///   [`KeyExtractor`]). A request without a key is refused with [`MissingKey`]
 ///   unless [`without_key`](Self::without_key) says otherwise ([`WithoutKey`]: let
 ///   through unlimited, or one quota for all of them). The key table is bounded
 ///   (`max_keys`, default 100,000: evict the least active keys, or refuse new ones
-///   with [`TooManyKeys`](crate::TooManyKeys)) and swept every `sweep_interval` (default 60 s) of keys
+///   with [`TooManyKeys`]) and swept every `sweep_interval` (default 60 s) of keys
 ///   whose quota has replenished (governor#171: rotating keys otherwise grow without
 ///   bound). `Wait` delays the request in its future: the service must be `Clone`
-///   (wrap others in `tower::buffer::Buffer`).
+///   (wrap others in `tower::buffer::Buffer`). The table is looked up by the key as
+///   the extractor lends it ([`KeyExtractor::with_key`]), compared in full (no two
+///   keys share a quota): a known key costs no allocation with [`HeaderKey`],
+///   [`CookieKey`] and [`ClientIp`]; a closure extractor's `String` costs one.
 ///
 /// In `Wait` mode the waiters of one quota (the global one, or one key's) are served
 /// first come, first served: a request that finds no free cell reserves the next one
@@ -57,6 +57,15 @@ use crate::store::{BoundedStore, GlobalState, SharedStore};
 /// assert_eq!(err.downcast_ref::<RateLimited>().unwrap().retry_after, Duration::from_millis(500));
 /// # }
 /// ```
+///
+/// [`RateLimited`]: crate::RateLimited
+/// [`KeyExtractor`]: marina_core::KeyExtractor
+/// [`KeyExtractor::with_key`]: marina_core::KeyExtractor::with_key
+/// [`HeaderKey`]: marina_core::HeaderKey
+/// [`CookieKey`]: marina_core::CookieKey
+/// [`ClientIp`]: marina_core::ClientIp
+/// [`MissingKey`]: crate::MissingKey
+/// [`TooManyKeys`]: crate::TooManyKeys
 pub struct RateLimitLayer<X = Global> {
     pub(crate) limiter: Arc<Limiter>,
     pub(crate) extractor: Arc<X>,
@@ -83,11 +92,8 @@ impl<X> fmt::Debug for RateLimitLayer<X> {
 impl RateLimitLayer<Global> {
     /// One quota for all requests; `Reject` over the limit.
     pub fn global(rate: Rate) -> Self {
-        let clock = TokioClock::new();
-        let state = GlobalState::default();
-        let kind = Kind::Global(RateLimiter::new(rate.quota, state.clone(), clock), state);
         RateLimitLayer {
-            limiter: Arc::new(Limiter::new(kind, clock, rate)),
+            limiter: Arc::new(Limiter::global(rate)),
             extractor: Arc::new(Global),
         }
     }
@@ -129,13 +135,7 @@ impl<X> RateLimitLayer<Keyed<X>> {
     }
 
     fn build_keyed(extractor: X, rate: Rate, table: KeyTable) -> Self {
-        let clock = TokioClock::new();
-        let store = Arc::new(BoundedStore::new(table.max_keys, table.when_full));
-        let kind = Kind::Keyed(
-            RateLimiter::new(rate.quota, SharedStore(store.clone()), clock),
-            store,
-        );
-        let limiter = Arc::new(Limiter::new(kind, clock, rate));
+        let limiter = Arc::new(Limiter::keyed(rate, table));
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(sweep(Arc::downgrade(&limiter), table.sweep_interval));
         }
@@ -146,12 +146,15 @@ impl<X> RateLimitLayer<Keyed<X>> {
     }
 
     /// What happens to a request whose key `extractor` finds none (default
-    /// [`WithoutKey::Refuse`]: it fails with [`MissingKey`](crate::MissingKey); see [`WithoutKey`] for
+    /// [`WithoutKey::Refuse`]: it fails with [`MissingKey`]; see [`WithoutKey`] for
     /// why). Applies to every service of the layer, from their next request.
     ///
     /// With [`WithoutKey::Shared`], all those requests share one quota at the
     /// layer's rate, apart from every key's (the empty key's included); over it they
-    /// fail with [`RateLimited`](crate::RateLimited) or wait, as [`on_limit`](Self::on_limit) says.
+    /// fail with [`RateLimited`] or wait, as [`on_limit`](Self::on_limit) says.
+    ///
+    /// [`MissingKey`]: crate::MissingKey
+    /// [`RateLimited`]: crate::RateLimited
     pub fn without_key(self, without_key: WithoutKey) -> Self {
         self.limiter
             .without_key
@@ -184,13 +187,6 @@ impl<S, X> Layer<S> for RateLimitLayer<X> {
     type Service = RateLimit<S, X>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RateLimit {
-            inner,
-            limiter: self.limiter.clone(),
-            extractor: self.extractor.clone(),
-            state: Ready::Idle,
-            reservation: None,
-            sleep: None,
-        }
+        RateLimit::new(inner, self.limiter.clone(), self.extractor.clone())
     }
 }

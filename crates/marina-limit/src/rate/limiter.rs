@@ -13,20 +13,21 @@ use governor::{NotUntil, Quota, RateLimiter};
 use marina_core::BoxError;
 use tokio::time::Instant;
 
-use super::config::{OnLimit, Rate};
-use super::error::RateLimited;
+use super::admissions::Admissions;
+use super::config::{KeyTable, OnLimit, Rate};
+use super::error::{RateLimited, TooManyKeys};
 use crate::clock::TokioClock;
 use crate::keyless::{MissingKey, WithoutKey};
-use crate::store::{BoundedStore, GlobalState, SharedStore};
+use crate::store::{BoundedStore, GlobalState};
 
 type Direct = RateLimiter<NotKeyed, GlobalState, TokioClock, NoOpMiddleware<Nanos>>;
-type KeyedLimiter = RateLimiter<String, SharedStore<String>, TokioClock, NoOpMiddleware<Nanos>>;
 
 /// The limiter shared by a layer's services.
 pub(crate) struct Limiter {
     pub(crate) kind: Kind,
     pub(crate) clock: TokioClock,
-    /// Governor's time origin, a `clock` reading: its states count nanoseconds from it.
+    /// The time origin of the states, a `clock` reading: they count nanoseconds from
+    /// it (governor's own origin, for a global limiter; 0 for a keyed one).
     pub(crate) start: u64,
     pub(crate) gcra: Gcra,
     pub(crate) rate: Rate,
@@ -36,7 +37,7 @@ pub(crate) struct Limiter {
     /// The state of the quota shared by requests without a key
     /// ([`WithoutKey::Shared`]), in the time of the keyed states (`start`).
     pub(crate) keyless: GlobalState,
-    pub(crate) admitted: AtomicU64,
+    pub(crate) admissions: Arc<Admissions>,
     pub(crate) rejected: AtomicU64,
     /// Requests refused for want of a key (also in `rejected`).
     pub(crate) missing_key: AtomicU64,
@@ -45,8 +46,22 @@ pub(crate) struct Limiter {
 }
 
 pub(crate) enum Kind {
+    /// Governor's direct limiter, over the state that reservations share.
     Global(Direct, GlobalState),
-    Keyed(KeyedLimiter, Arc<BoundedStore<String>>),
+    /// The key table. Its checks are governor's GCRA step ([`Gcra::reserve`] with no
+    /// wait) on the table, looked up by the borrowed key: governor's `check_key` takes
+    /// the key type itself, a `String` per request.
+    Keyed(BoundedStore),
+}
+
+/// What becomes of a keyed limiter's request.
+pub(crate) enum Admission {
+    /// Admitted now (not counted yet: the service counts it).
+    Now,
+    /// Admitted at the reservation's time (`Wait` mode).
+    Later(Reservation),
+    /// Refused (and counted).
+    Refused(BoxError),
 }
 
 /// The GCRA in governor's terms, for reservations: `t`, one cell's weight (the
@@ -80,9 +95,10 @@ impl Gcra {
     /// `tat` (the theoretical arrival time): the cell's time and the state after, or
     /// how long until the cell when that is beyond `max` (nothing reserved).
     ///
-    /// A free cell now is governor's check exactly. A later one is the cell that
-    /// check would grant at that time if nothing else came first: it reserves it, so
-    /// the next request's place is one period further on.
+    /// A free cell now is governor's check exactly (its `test_and_update`). A later one
+    /// is the cell that check would grant at that time if nothing else came first: it
+    /// reserves it, so the next request's place is one period further on.
+    #[inline]
     fn reserve(self, tat: Option<Nanos>, t0: u64, max: u64) -> Result<((Slot, u64), Nanos), u64> {
         let tat = tat.map_or(t0, Nanos::as_u64);
         let earliest = tat.saturating_sub(self.tau);
@@ -123,36 +139,34 @@ fn governor_start(
 }
 
 impl Limiter {
-    /// Governor's parts of a limiter over `kind`.
-    pub(crate) fn new(kind: Kind, clock: TokioClock, rate: Rate) -> Self {
+    /// A global limiter: governor's, on a state that reservations share.
+    pub(crate) fn global(rate: Rate) -> Self {
+        let clock = TokioClock::new();
         let gcra = Gcra::of(rate.quota);
-        let start = match &kind {
-            Kind::Global(l, state) => {
-                let start = governor_start(gcra, &clock, |tat| state.set(tat), || l.check());
-                state.set(0);
-                start
-            }
-            Kind::Keyed(l, store) => {
-                let probe = String::new();
-                let seed = |tat| {
-                    let _ =
-                        store.measure_and_replace(&probe, |_| Ok::<_, ()>(((), Nanos::from(tat))));
-                };
-                let start = governor_start(gcra, &clock, seed, || l.check_key(&probe));
-                store.forget(&probe);
-                start
-            }
-        };
+        let state = GlobalState::default();
+        let direct = RateLimiter::new(rate.quota, state.clone(), clock);
+        let start = governor_start(gcra, &clock, |tat| state.set(tat), || direct.check());
+        state.set(0);
+        Self::new(Kind::Global(direct, state), clock, start, rate)
+    }
+
+    /// A keyed limiter over `table`'s key table.
+    pub(crate) fn keyed(rate: Rate, table: KeyTable) -> Self {
+        let store = BoundedStore::new(table.max_keys, table.when_full);
+        Self::new(Kind::Keyed(store), TokioClock::new(), 0, rate)
+    }
+
+    fn new(kind: Kind, clock: TokioClock, start: u64, rate: Rate) -> Self {
         Limiter {
             kind,
             clock,
             start,
-            gcra,
+            gcra: Gcra::of(rate.quota),
             rate,
             on_limit: std::sync::Mutex::new(OnLimit::Reject),
             without_key: AtomicU8::new(without_key_code(WithoutKey::default())),
             keyless: GlobalState::default(),
-            admitted: AtomicU64::new(0),
+            admissions: Arc::default(),
             rejected: AtomicU64::new(0),
             missing_key: AtomicU64::new(0),
             last_reading: std::sync::Mutex::new((0, 0, 0)),
@@ -168,10 +182,6 @@ impl Limiter {
         self.clock.now().as_u64().saturating_sub(self.start)
     }
 
-    fn admit(&self) {
-        self.admitted.fetch_add(1, Relaxed);
-    }
-
     pub(crate) fn on_limit(&self) -> OnLimit {
         *self
             .on_limit
@@ -182,7 +192,7 @@ impl Limiter {
     /// Admissions per second since the previous reading at least a second ago.
     pub(crate) fn current_rate(&self) -> u64 {
         let now = self.now().as_u64();
-        let admitted = self.admitted.load(Relaxed);
+        let admitted = self.admissions.total();
         let mut last = self
             .last_reading
             .lock()
@@ -206,58 +216,83 @@ impl Limiter {
         }
     }
 
-    /// Takes a cell for `key` (or the global one): `Ok`, or how long until one.
-    pub(crate) fn check(&self, key: Option<&String>) -> Result<(), Check> {
-        let out = match (&self.kind, key) {
-            (Kind::Global(l, _), _) => l.check(),
-            (Kind::Keyed(l, store), Some(k)) => {
-                if !store.admit(k, || self.state_now()) {
-                    return Err(Check::Full(store.max_keys()));
-                }
-                l.check_key(k)
-            }
-            (Kind::Keyed(..), None) => return self.check_keyless(),
+    /// The global quota's check (governor's): `Ok` when a cell is taken, or when the
+    /// next one frees.
+    #[inline]
+    pub(crate) fn check_global(&self) -> Result<(), NotUntil<Nanos>> {
+        match &self.kind {
+            Kind::Global(direct, _) => direct.check(),
+            Kind::Keyed(_) => unreachable!("a keyed limiter has no global quota"),
+        }
+    }
+
+    /// How long until the cell `nu` says frees.
+    pub(crate) fn wait_of(&self, nu: &NotUntil<Nanos>) -> Duration {
+        nu.wait_time_from(self.now())
+    }
+
+    /// A keyed limiter's request with key `key`: a cell now; or, over the limit, a
+    /// refusal or a place in line, as `on_limit` says. A key already in the table
+    /// costs no allocation.
+    #[inline]
+    pub(crate) fn admit_key(self: &Arc<Self>, key: &str) -> Admission {
+        let Kind::Keyed(store) = &self.kind else {
+            unreachable!("a global limiter has no keys")
         };
-        match out {
-            Ok(()) => {
-                self.admit();
-                Ok(())
-            }
-            Err(nu) => Err(Check::Wait(self.wait_of(&nu))),
+        let (gcra, t0) = (self.gcra, self.state_now());
+        if !store.admit(key, || t0) {
+            return Admission::Refused(self.too_many_keys(store.max_keys()));
+        }
+        match store.measure_and_replace(key, |tat| gcra.reserve(tat, t0, 0)) {
+            Ok(_) => Admission::Now,
+            Err(wait) => self.over_limit(Some(key), Duration::from_nanos(wait)),
         }
     }
 
     /// A keyed limiter's request without a key, as [`WithoutKey`] says.
-    fn check_keyless(&self) -> Result<(), Check> {
+    pub(crate) fn admit_keyless(self: &Arc<Self>) -> Admission {
         match self.without_key() {
-            WithoutKey::Refuse => return Err(Check::Missing),
-            WithoutKey::Unlimited => {}
+            WithoutKey::Refuse => Admission::Refused(self.refuse_missing_key()),
+            WithoutKey::Unlimited => Admission::Now,
             WithoutKey::Shared => {
                 // Governor's check exactly: a reservation that may not wait.
                 let (gcra, t0) = (self.gcra, self.state_now());
-                self.keyless
+                match self
+                    .keyless
                     .measure_and_replace(&NotKeyed::NonKey, |tat| gcra.reserve(tat, t0, 0))
-                    .map_err(|wait| Check::Wait(Duration::from_nanos(wait)))?;
+                {
+                    Ok(_) => Admission::Now,
+                    Err(wait) => self.over_limit(None, Duration::from_nanos(wait)),
+                }
             }
         }
-        self.admit();
-        Ok(())
     }
 
-    fn wait_of(&self, nu: &NotUntil<Nanos>) -> Duration {
-        nu.wait_time_from(self.now())
+    /// A keyed limiter's request over its limit by `wait`: refused, or (`Wait` mode) a
+    /// place in the line of its key (`None`: of the requests without one).
+    #[cold]
+    fn over_limit(self: &Arc<Self>, key: Option<&str>, wait: Duration) -> Admission {
+        let OnLimit::Wait { max } = self.on_limit() else {
+            return Admission::Refused(self.reject(wait));
+        };
+        match self.reserve(key, max) {
+            Reserved::Now => Admission::Now,
+            Reserved::Later(reservation) => Admission::Later(reservation),
+            Reserved::Refused(wait) => Admission::Refused(self.reject(wait)),
+            Reserved::Full(max_keys) => Admission::Refused(self.too_many_keys(max_keys)),
+        }
     }
 
     /// Takes the next free cell for `key` (or the global one), now or within `max`
     /// (`Wait` mode): the request's place in line.
-    pub(crate) fn reserve(self: &Arc<Self>, key: Option<String>, max: Duration) -> Reserved {
+    pub(crate) fn reserve(self: &Arc<Self>, key: Option<&str>, max: Duration) -> Reserved {
         let max = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
         let t0 = self.state_now();
         let gcra = self.gcra;
         let reserve = |tat| gcra.reserve(tat, t0, max);
-        let out = match (&self.kind, &key) {
+        let out = match (&self.kind, key) {
             (Kind::Global(_, state), _) => state.measure_and_replace(&NotKeyed::NonKey, reserve),
-            (Kind::Keyed(_, store), Some(k)) => {
+            (Kind::Keyed(store), Some(k)) => {
                 if !store.admit(k, || t0) {
                     return Reserved::Full(store.max_keys());
                 }
@@ -267,16 +302,13 @@ impl Limiter {
             (Kind::Keyed(..), None) => self.keyless.measure_and_replace(&NotKeyed::NonKey, reserve),
         };
         match out {
-            Ok((Slot::Now, _)) => {
-                self.admit();
-                Reserved::Now
-            }
+            Ok((Slot::Now, _)) => Reserved::Now,
             Ok((Slot::At(at), tat)) => Reserved::Later(Reservation {
                 at: self
                     .clock
                     .instant_of(Nanos::from(self.start.saturating_add(at))),
                 limiter: self.clone(),
-                key,
+                key: key.map(str::to_owned),
                 tat: Some(tat),
             }),
             Err(wait) => Reserved::Refused(Duration::from_nanos(wait)),
@@ -287,7 +319,7 @@ impl Limiter {
     /// reserved for `key` (`None`: the global quota, or the one shared by requests
     /// without a key): the state goes back one period, as if it had never been taken.
     /// (Once a later cell is reserved, the line keeps its times.)
-    fn give_back(&self, key: Option<&String>, tat: u64) {
+    fn give_back(&self, key: Option<&str>, tat: u64) {
         let t = self.gcra.t;
         let back = |now: Option<Nanos>| match now {
             Some(now) if now.as_u64() == tat => Ok(((), Nanos::from(tat - t))),
@@ -295,7 +327,7 @@ impl Limiter {
         };
         let _ = match (&self.kind, key) {
             (Kind::Global(_, state), _) => state.measure_and_replace(&NotKeyed::NonKey, back),
-            (Kind::Keyed(_, store), Some(k)) => store.measure_and_replace(k, back),
+            (Kind::Keyed(store), Some(k)) => store.measure_and_replace(k, back),
             (Kind::Keyed(..), None) => self.keyless.measure_and_replace(&NotKeyed::NonKey, back),
         };
     }
@@ -305,10 +337,16 @@ impl Limiter {
         RateLimited { retry_after: wait }.into()
     }
 
-    pub(crate) fn refuse_missing_key(&self) -> BoxError {
+    fn refuse_missing_key(&self) -> BoxError {
         self.rejected.fetch_add(1, Relaxed);
         self.missing_key.fetch_add(1, Relaxed);
         MissingKey.into()
+    }
+
+    /// Refuses a new key the full table will not take.
+    fn too_many_keys(&self, max_keys: usize) -> BoxError {
+        self.rejected.fetch_add(1, Relaxed);
+        TooManyKeys { max_keys }.into()
     }
 }
 
@@ -319,13 +357,6 @@ pub(crate) fn without_key_code(w: WithoutKey) -> u8 {
         WithoutKey::Unlimited => 1,
         WithoutKey::Shared => 2,
     }
-}
-
-pub(crate) enum Check {
-    Wait(Duration),
-    Full(usize),
-    /// A keyed limiter's request without a key, refused ([`WithoutKey::Refuse`]).
-    Missing,
 }
 
 /// The outcome of a reservation.
@@ -357,14 +388,14 @@ impl Reservation {
     /// Its time has come: the request is admitted, the cell used.
     pub(crate) fn admit(mut self) {
         self.tat = None;
-        self.limiter.admit();
+        self.limiter.admissions.add_shared();
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(tat) = self.tat {
-            self.limiter.give_back(self.key.as_ref(), tat);
+            self.limiter.give_back(self.key.as_deref(), tat);
         }
     }
 }
@@ -382,7 +413,7 @@ pub(crate) async fn sweep(limiter: std::sync::Weak<Limiter>, every: Duration) {
         let Some(l) = limiter.upgrade() else {
             return;
         };
-        if let Kind::Keyed(_, store) = &l.kind {
+        if let Kind::Keyed(store) = &l.kind {
             let n = store.retain_recent(l.state_now());
             if n > 0 {
                 tracing::debug!(dropped = n, "rate limiter: replenished keys dropped");

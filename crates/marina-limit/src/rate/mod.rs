@@ -3,9 +3,10 @@
 //! One idea per file, as tower lays out a middleware: [`layer`] builds the limiter a
 //! layer's services share ([`limiter`]), [`service`] takes cells (in `poll_ready` for a
 //! global limiter, in `call` for a keyed one), [`future`] is what a call returns,
-//! [`handle`] reads the figures; [`config`] holds the settings and [`error`] the
-//! refusals.
+//! [`handle`] reads the figures ([`admissions`] counts); [`config`] holds the settings
+//! and [`error`] the refusals.
 
+mod admissions;
 mod config;
 mod error;
 mod future;

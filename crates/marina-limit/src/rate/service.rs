@@ -5,7 +5,6 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -13,15 +12,15 @@ use marina_core::{BoxError, KeyExtractor};
 use tokio::time::Sleep;
 use tower_service::Service;
 
+use super::admissions::Counter;
 use super::config::OnLimit;
-use super::error::TooManyKeys;
 use super::future::{KeyedFuture, KeyedState, ResponseFuture};
 use super::handle::RateLimitHandle;
 use super::layer::{Global, Keyed};
-use super::limiter::{Check, Limiter, Reservation, Reserved};
+use super::limiter::{Admission, Limiter, Reservation, Reserved};
 
 /// Readiness of a global limiter's service.
-pub(crate) enum Ready {
+enum Ready {
     /// No cell taken.
     Idle,
     /// A cell is reserved for later (`Wait` mode): waiting for its time.
@@ -32,12 +31,12 @@ pub(crate) enum Ready {
     Denied(Duration),
 }
 
-/// The service of a [`RateLimitLayer`](crate::RateLimitLayer).
+/// The service of a [`RateLimitLayer`].
 ///
 /// # Sharing
 ///
 /// `Clone` when the inner service is. The quota lives in the layer: every clone, and
-/// every service made by the same [`RateLimitLayer`](crate::RateLimitLayer) or a clone of it, draws on one
+/// every service made by the same [`RateLimitLayer`] or a clone of it, draws on one
 /// quota (for a keyed limiter, one key table) and counts in one [`RateLimitHandle`]; a
 /// layer built once per service gives each its own. Each clone calls its own clone of
 /// the inner service and starts with no cell taken. It is `Send + Sync` when the inner
@@ -50,27 +49,28 @@ pub(crate) enum Ready {
 /// pending. Dropped then, it gives the cell back if no later one has been reserved
 /// since (the next arrival takes it); otherwise that cell goes unused, and the
 /// requests behind it keep their places and times: nobody waits longer for it.
+///
+/// [`RateLimitLayer`]: crate::RateLimitLayer
 pub struct RateLimit<S, X = Global> {
-    pub(crate) inner: S,
-    pub(crate) limiter: Arc<Limiter>,
-    pub(crate) extractor: Arc<X>,
-    pub(crate) state: Ready,
+    inner: S,
+    limiter: Arc<Limiter>,
+    extractor: Arc<X>,
+    state: Ready,
+    /// This service's admissions (in the limiter's count).
+    counter: Counter,
     /// The cell reserved while `Waiting`.
-    pub(crate) reservation: Option<Reservation>,
+    reservation: Option<Reservation>,
     /// The reservation's timer, kept for the next one.
-    pub(crate) sleep: Option<Pin<Box<Sleep>>>,
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S: Clone, X> Clone for RateLimit<S, X> {
     fn clone(&self) -> Self {
-        RateLimit {
-            inner: self.inner.clone(),
-            limiter: self.limiter.clone(),
-            extractor: self.extractor.clone(),
-            state: Ready::Idle,
-            reservation: None,
-            sleep: None,
-        }
+        RateLimit::new(
+            self.inner.clone(),
+            self.limiter.clone(),
+            self.extractor.clone(),
+        )
     }
 }
 
@@ -84,6 +84,18 @@ impl<S: fmt::Debug, X> fmt::Debug for RateLimit<S, X> {
 }
 
 impl<S, X> RateLimit<S, X> {
+    pub(crate) fn new(inner: S, limiter: Arc<Limiter>, extractor: Arc<X>) -> Self {
+        RateLimit {
+            inner,
+            limiter,
+            extractor,
+            state: Ready::Idle,
+            counter: Counter::default(),
+            reservation: None,
+            sleep: None,
+        }
+    }
+
     /// The handle to the counters.
     pub fn handle(&self) -> RateLimitHandle {
         RateLimitHandle {
@@ -117,54 +129,80 @@ where
     type Error = BoxError;
     type Future = ResponseFuture<S::Future>;
 
+    #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        loop {
-            match self.state {
-                Ready::Permit => return self.inner.poll_ready(cx).map_err(Into::into),
-                Ready::Denied(_) => return Poll::Ready(Ok(())),
-                Ready::Waiting => {
-                    let sleep = self.sleep.as_mut().expect("a reservation's timer");
-                    ready!(sleep.as_mut().poll(cx));
-                    if let Some(r) = self.reservation.take() {
-                        r.admit();
-                    }
-                    self.state = Ready::Permit;
-                    continue;
-                }
-                Ready::Idle => {}
-            }
-            self.state = match self.limiter.check(None) {
-                Ok(()) => Ready::Permit,
-                Err(Check::Full(_) | Check::Missing) => {
-                    unreachable!("a global limiter has no keys")
-                }
-                Err(Check::Wait(wait)) => match self.limiter.on_limit() {
-                    OnLimit::Reject => Ready::Denied(wait),
-                    // Take a place in line; refused at once if it is too far back.
-                    OnLimit::Wait { max } => self.wait_for(max),
-                },
-            };
+        if !matches!(self.state, Ready::Permit) && !ready!(self.take_cell(cx)) {
+            // Over the limit: the call fails.
+            return Poll::Ready(Ok(()));
         }
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        match std::mem::replace(&mut self.state, Ready::Idle) {
-            Ready::Permit => ResponseFuture::call(self.inner.call(req)),
-            Ready::Denied(wait) => ResponseFuture::failed(self.limiter.reject(wait)),
-            state @ (Ready::Idle | Ready::Waiting) => {
-                // Not ready (a reservation keeps its place).
-                self.state = state;
-                ResponseFuture::failed("RateLimit called before poll_ready".into())
-            }
+        if let Ready::Permit = self.state {
+            self.state = Ready::Idle;
+            return ResponseFuture::call(self.inner.call(req));
         }
+        ResponseFuture::failed(self.refusal())
     }
 }
 
 impl<S> RateLimit<S, Global> {
+    /// Takes the cell for the next call: `Ready(true)` once taken, `Ready(false)` when
+    /// refused (the next call fails), `Pending` while waiting for a reserved one.
+    #[inline]
+    fn take_cell(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if let Ready::Idle = self.state {
+            // The hot path: one check of governor's, one count of this service's.
+            match self.limiter.check_global() {
+                Ok(()) => {
+                    self.counter.add(&self.limiter.admissions);
+                    self.state = Ready::Permit;
+                    return Poll::Ready(true);
+                }
+                Err(nu) => self.over_limit(self.limiter.wait_of(&nu)),
+            }
+        }
+        self.poll_cell(cx)
+    }
+
+    /// Over the limit by `wait`: refused, or (`Wait` mode) a place in line.
+    #[cold]
+    fn over_limit(&mut self, wait: Duration) {
+        self.state = match self.limiter.on_limit() {
+            OnLimit::Reject => Ready::Denied(wait),
+            // Take a place in line; refused at once if it is too far back.
+            OnLimit::Wait { max } => self.wait_for(max),
+        };
+    }
+
+    /// A cell denied, or reserved for later: waits for the reserved one.
+    #[cold]
+    fn poll_cell(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        match self.state {
+            Ready::Waiting => {
+                let sleep = self.sleep.as_mut().expect("a reservation's timer");
+                ready!(sleep.as_mut().poll(cx));
+                if let Some(r) = self.reservation.take() {
+                    r.admit();
+                }
+                self.state = Ready::Permit;
+                Poll::Ready(true)
+            }
+            Ready::Permit => Poll::Ready(true),
+            Ready::Denied(_) => Poll::Ready(false),
+            Ready::Idle => unreachable!("an idle service checks first"),
+        }
+    }
+
     /// Takes a place in line (`Wait` mode): the readiness it gives.
     fn wait_for(&mut self, max: Duration) -> Ready {
         match self.limiter.reserve(None, max) {
-            Reserved::Now => Ready::Permit,
+            Reserved::Now => {
+                self.counter.add(&self.limiter.admissions);
+                Ready::Permit
+            }
             Reserved::Later(r) => {
                 match self.sleep.as_mut() {
                     Some(sleep) => sleep.as_mut().reset(r.at),
@@ -175,6 +213,19 @@ impl<S> RateLimit<S, Global> {
             }
             Reserved::Refused(wait) => Ready::Denied(wait),
             Reserved::Full(_) => unreachable!("a global limiter has no key table"),
+        }
+    }
+
+    /// The error of a call without a cell: refused over the limit, or not ready (a
+    /// reservation keeps its place).
+    #[cold]
+    fn refusal(&mut self) -> BoxError {
+        match std::mem::replace(&mut self.state, Ready::Idle) {
+            Ready::Denied(wait) => self.limiter.reject(wait),
+            state => {
+                self.state = state;
+                "RateLimit called before poll_ready".into()
+            }
         }
     }
 }
@@ -190,70 +241,49 @@ where
     type Error = BoxError;
     type Future = KeyedFuture<S, Req>;
 
+    #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let key = self.extractor.0.extract(&req);
-        let wait = match self.limiter.check(key.as_ref()) {
-            Ok(()) => {
-                return KeyedState::Call {
+        // The key is lent, not copied: a known key allocates nothing.
+        let limiter = &self.limiter;
+        let admission = self
+            .extractor
+            .0
+            .with_key(&req, |key| limiter.admit_key(key))
+            .unwrap_or_else(|| limiter.admit_keyless());
+        match admission {
+            Admission::Now => {
+                self.counter.add(&self.limiter.admissions);
+                KeyedState::Call {
                     fut: self.inner.call(req),
-                }
-                .into();
-            }
-            Err(Check::Full(max_keys)) => return self.too_many_keys(max_keys),
-            Err(Check::Missing) => {
-                return KeyedState::Failed {
-                    error: Some(self.limiter.refuse_missing_key()),
-                }
-                .into();
-            }
-            Err(Check::Wait(wait)) => wait,
-        };
-        let OnLimit::Wait { max } = self.limiter.on_limit() else {
-            return KeyedState::Failed {
-                error: Some(self.limiter.reject(wait)),
-            }
-            .into();
-        };
-        // Take a place in the key's line; refused at once if it is too far back.
-        match self.limiter.reserve(key, max) {
-            Reserved::Now => KeyedState::Call {
-                fut: self.inner.call(req),
-            }
-            .into(),
-            Reserved::Later(reservation) => {
-                // Take the readied service into the future; keep a fresh clone.
-                let clone = self.inner.clone();
-                let svc = std::mem::replace(&mut self.inner, clone);
-                KeyedState::Waiting {
-                    sleep: Box::pin(tokio::time::sleep_until(reservation.at)),
-                    reservation: Some(reservation),
-                    svc: Some(svc),
-                    req: Some(req),
                 }
                 .into()
             }
-            Reserved::Refused(wait) => KeyedState::Failed {
-                error: Some(self.limiter.reject(wait)),
-            }
-            .into(),
-            Reserved::Full(max_keys) => self.too_many_keys(max_keys),
+            Admission::Later(reservation) => self.wait(reservation, req),
+            Admission::Refused(error) => KeyedState::Failed { error: Some(error) }.into(),
         }
     }
 }
 
 impl<S, X> RateLimit<S, Keyed<X>> {
-    /// Refuses a new key the full table will not take.
-    fn too_many_keys<Req>(&self, max_keys: usize) -> KeyedFuture<S, Req>
+    /// Waits in the future for the reserved cell, then calls.
+    #[cold]
+    fn wait<Req>(&mut self, reservation: Reservation, req: Req) -> KeyedFuture<S, Req>
     where
-        S: Service<Req>,
+        S: Service<Req> + Clone,
     {
-        self.limiter.rejected.fetch_add(1, Relaxed);
-        KeyedState::Failed {
-            error: Some(TooManyKeys { max_keys }.into()),
+        // Take the readied service into the future; keep a fresh clone.
+        let clone = self.inner.clone();
+        let svc = std::mem::replace(&mut self.inner, clone);
+        KeyedState::Waiting {
+            sleep: Box::pin(tokio::time::sleep_until(reservation.at)),
+            reservation: Some(reservation),
+            svc: Some(svc),
+            req: Some(req),
         }
         .into()
     }
