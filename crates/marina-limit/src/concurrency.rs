@@ -1,8 +1,10 @@
 //! `ConcurrencyPerKey`: at most N requests in flight per key (user, client IP).
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use marina_core::{BoxError, KeyExtractor};
 use pin_project_lite::pin_project;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -62,16 +64,49 @@ impl fmt::Display for TooManyActiveKeys {
 
 impl std::error::Error for TooManyActiveKeys {}
 
+/// A key with requests in flight or waiting, and its permits. Whoever holds a slot
+/// or waits for one holds the `Arc`; the table holds one more while the key is in use.
+struct Active {
+    key: Box<str>,
+    permits: Semaphore,
+}
+
+/// The table's entry for an [`Active`] key, found by the key itself (`&str`): a
+/// request whose key is in use allocates nothing.
+struct Entry(Arc<Active>);
+
+impl Borrow<str> for Entry {
+    fn borrow(&self) -> &str {
+        &self.0.key
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for Entry {}
+
+impl Hash for Entry {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `str` hashes, so that lookups by `&str` find it.
+        self.0.key.hash(state);
+    }
+}
+
 struct Table {
-    /// Keys with requests in flight (or waiting) → their permits. A randomly seeded
-    /// hasher (std's): keys come from clients.
-    keys: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Keys with requests in flight (or waiting). A randomly seeded hasher (std's):
+    /// keys come from clients.
+    keys: Mutex<HashSet<Entry>>,
     limit: usize,
     max_keys: usize,
     wait: Option<Duration>,
     without_key: WithoutKey,
-    /// The permits shared by requests without a key ([`WithoutKey::Shared`]).
-    keyless: Arc<Semaphore>,
+    /// The permits shared by requests without a key ([`WithoutKey::Shared`]), not in
+    /// `keys`.
+    keyless: Arc<Active>,
     admitted: AtomicU64,
     rejected: AtomicU64,
     /// Requests refused for want of a key (also in `rejected`).
@@ -79,25 +114,51 @@ struct Table {
 }
 
 impl Table {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Semaphore>>> {
+    fn lock(&self) -> MutexGuard<'_, HashSet<Entry>> {
         self.keys
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Forgets `key` if nothing holds or awaits its permits (the map only holds keys
-    /// in use). The permits of requests without a key (`None`) are not in the map.
-    fn release(&self, key: Option<&str>) {
-        let Some(key) = key else {
-            return;
-        };
+    /// `key`'s permits, its entry made if it has none: `None` when `max_keys` keys are
+    /// in use already (the request is refused, and counted).
+    fn enter(&self, key: &str) -> Option<Arc<Active>> {
         let mut keys = self.lock();
-        if let Some(sem) = keys.get(key)
-            && Arc::strong_count(sem) == 1
-            && sem.available_permits() == self.limit
-        {
-            keys.remove(key);
+        if let Some(entry) = keys.get(key) {
+            return Some(entry.0.clone());
         }
+        if keys.len() >= self.max_keys {
+            drop(keys);
+            self.rejected.fetch_add(1, Relaxed);
+            return None;
+        }
+        let active = Arc::new(Active {
+            key: key.into(),
+            permits: Semaphore::new(self.limit),
+        });
+        keys.insert(Entry(active.clone()));
+        Some(active)
+    }
+
+    /// Lets go of `active` (its permit, if any, given back first): forgets the key if
+    /// nothing else holds or awaits its permits (the table only holds keys in use).
+    fn release(&self, active: Arc<Active>) {
+        if Arc::ptr_eq(&active, &self.keyless) {
+            return;
+        }
+        let mut keys = self.lock();
+        // Only the table's reference and this one left. Checked and dropped under the
+        // lock, so of two releases at once the second sees the first's gone.
+        if Arc::strong_count(&active) == 2 && active.permits.available_permits() == self.limit {
+            keys.remove(&*active.key);
+        }
+        drop(active);
+        drop(keys);
+    }
+
+    /// The key of a refusal (`None` for the requests without one).
+    fn key_of(&self, active: &Arc<Active>) -> Option<String> {
+        (!Arc::ptr_eq(active, &self.keyless)).then(|| active.key.to_string())
     }
 }
 
@@ -117,6 +178,11 @@ impl Table {
 ///
 /// To cap *connections* rather than requests, put the layer in front of a service whose
 /// calls hold a connection for their duration (a `PoolService`, a session).
+///
+/// The key is looked up as the extractor lends it
+/// ([`KeyExtractor::with_key`](marina_core::KeyExtractor::with_key)): a request whose
+/// key already has requests in flight allocates nothing with `HeaderKey`, `CookieKey`
+/// or `ClientIp` (a closure extractor's `String` costs one).
 ///
 /// ```
 /// use marina_limit::{ConcurrencyPerKeyLayer, ConnectionLimit};
@@ -192,12 +258,15 @@ impl<X> ConcurrencyPerKeyLayer<X> {
         Ok(ConcurrencyPerKeyLayer {
             extractor: Arc::new(extractor),
             table: Arc::new(Table {
-                keys: Mutex::new(HashMap::new()),
+                keys: Mutex::new(HashSet::new()),
                 limit,
                 max_keys: 100_000,
                 wait: None,
                 without_key: WithoutKey::default(),
-                keyless: Arc::new(Semaphore::new(limit)),
+                keyless: Arc::new(Active {
+                    key: "".into(),
+                    permits: Semaphore::new(limit),
+                }),
                 admitted: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
                 missing_key: AtomicU64::new(0),
@@ -331,28 +400,29 @@ impl ConcurrencyHandle {
         // One pass under the lock, keeping only the top five (a scraper must not stall
         // requests while thousands of keys are in flight).
         let (mut active_keys, mut in_flight) = (0, 0);
-        let mut top: Vec<(usize, &String)> = Vec::with_capacity(6);
+        let mut top: Vec<(usize, &str)> = Vec::with_capacity(6);
         let keys = t.lock();
-        for (k, sem) in keys.iter() {
+        for entry in keys.iter() {
+            let (k, sem) = (&*entry.0.key, &entry.0.permits);
             let n = t.limit - sem.available_permits();
             if n == 0 {
                 continue;
             }
             active_keys += 1;
             in_flight += n;
-            let better = |&(m, key): &(usize, &String)| m > n || (m == n && key < k);
+            let better = |&(m, key): &(usize, &str)| m > n || (m == n && key < k);
             let pos = top.iter().take_while(|e| better(e)).count();
             if pos < 5 {
                 top.insert(pos, (n, k));
                 top.truncate(5);
             }
         }
-        let per: Vec<(String, usize)> = top.into_iter().map(|(n, k)| (k.clone(), n)).collect();
+        let per: Vec<(String, usize)> = top.into_iter().map(|(n, k)| (k.to_owned(), n)).collect();
         drop(keys);
         ConcurrencyStats {
             active_keys,
             in_flight,
-            keyless_in_flight: t.limit - t.keyless.available_permits(),
+            keyless_in_flight: t.limit - t.keyless.permits.available_permits(),
             top: per,
             limit: t.limit,
             admitted: t.admitted.load(Relaxed),
@@ -366,7 +436,7 @@ impl ConcurrencyHandle {
         self.table
             .lock()
             .get(key)
-            .map_or(0, |s| self.table.limit - s.available_permits())
+            .map_or(0, |e| self.table.limit - e.0.permits.available_permits())
     }
 }
 
@@ -407,33 +477,47 @@ impl<S: fmt::Debug, X> fmt::Debug for ConcurrencyPerKey<S, X> {
     }
 }
 
-/// A key waited on: forgets the key when dropped unused (a cancelled wait). `None`:
-/// the wait is over, or it was for the slots of requests without a key.
+/// A key waited on: lets go of it when dropped unused (a cancelled wait). `None`:
+/// the wait is over.
 struct KeyGuard {
-    key: Option<String>,
+    active: Option<Arc<Active>>,
     table: Arc<Table>,
 }
 
 impl Drop for KeyGuard {
     fn drop(&mut self) {
-        if let Some(k) = self.key.take() {
-            self.table.release(Some(&k));
+        if let Some(active) = self.active.take() {
+            self.table.release(active);
         }
     }
 }
 
-/// A slot: releases the key's permit and forgets the key when unused. `key` is
-/// `None` for a slot of the requests without a key.
+/// A slot: one of its key's permits (or of those of the requests without a key),
+/// given back when dropped, and the key forgotten when unused.
 struct Slot {
-    permit: Option<OwnedSemaphorePermit>,
-    key: Option<String>,
+    active: Option<Arc<Active>>,
     table: Arc<Table>,
+}
+
+impl Slot {
+    /// Takes one of `active`'s permits now, if one is free.
+    fn try_take(active: &Arc<Active>, table: &Arc<Table>) -> Option<Slot> {
+        let permit = active.permits.try_acquire().ok()?;
+        // Given back by hand, in `drop`: the slot holds the semaphore by its `Arc`.
+        permit.forget();
+        Some(Slot {
+            active: Some(active.clone()),
+            table: table.clone(),
+        })
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        drop(self.permit.take());
-        self.table.release(self.key.as_deref());
+        if let Some(active) = self.active.take() {
+            active.permits.add_permits(1);
+            self.table.release(active);
+        }
     }
 }
 
@@ -453,27 +537,16 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let t = &self.table;
-        let key = self.extractor.extract(&req);
-        let sem = match &key {
-            Some(key) => {
-                let mut keys = t.lock();
-                match keys.get(key) {
-                    Some(s) => s.clone(),
-                    None if keys.len() >= t.max_keys => {
-                        t.rejected.fetch_add(1, Relaxed);
-                        return ResponseFuture::failed(
-                            TooManyActiveKeys {
-                                max_keys: t.max_keys,
-                            }
-                            .into(),
-                        );
+        // The key is lent, not copied: a key in use allocates nothing.
+        let active = match self.extractor.with_key(&req, |key| t.enter(key)) {
+            Some(Some(active)) => active,
+            Some(None) => {
+                return ResponseFuture::failed(
+                    TooManyActiveKeys {
+                        max_keys: t.max_keys,
                     }
-                    None => {
-                        let s = Arc::new(Semaphore::new(t.limit));
-                        keys.insert(key.clone(), s.clone());
-                        s
-                    }
-                }
+                    .into(),
+                );
             }
             None => match t.without_key {
                 WithoutKey::Unlimited => {
@@ -488,64 +561,59 @@ where
                     t.missing_key.fetch_add(1, Relaxed);
                     return ResponseFuture::failed(MissingKey.into());
                 }
-                // One more key of their own, outside the map.
+                // One more key of their own, outside the table.
                 WithoutKey::Shared => t.keyless.clone(),
             },
         };
-        match sem.clone().try_acquire_owned() {
-            Ok(permit) => {
-                drop(sem);
-                t.admitted.fetch_add(1, Relaxed);
-                let slot = Slot {
-                    permit: Some(permit),
-                    key,
-                    table: t.clone(),
-                };
-                ResponseFuture::new(State::Call {
-                    fut: self.inner.call(req),
-                    slot: Some(slot),
+        if let Some(slot) = Slot::try_take(&active, t) {
+            drop(active);
+            t.admitted.fetch_add(1, Relaxed);
+            return ResponseFuture::new(State::Call {
+                fut: self.inner.call(req),
+                slot: Some(slot),
+            });
+        }
+        match t.wait {
+            Some(max) => {
+                // Take the readied service into the future; keep a fresh clone.
+                let clone = self.inner.clone();
+                let svc = std::mem::replace(&mut self.inner, clone);
+                let waited = active.clone();
+                let acquire: Pin<Box<dyn Future<Output = bool> + Send>> = Box::pin(async move {
+                    let permit = tokio::time::timeout(max, waited.permits.acquire()).await;
+                    // Given back by the slot made of it.
+                    let taken = permit
+                        .ok()
+                        .and_then(Result::ok)
+                        .map(SemaphorePermit::forget);
+                    // Gone before the future completes: the guard then finds the key
+                    // unused if it is.
+                    drop(waited);
+                    taken.is_some()
+                });
+                ResponseFuture::new(State::Waiting {
+                    acquire,
+                    svc: Some(svc),
+                    req: Some(req),
+                    guard: KeyGuard {
+                        active: Some(active),
+                        table: t.clone(),
+                    },
+                    limit: t.limit,
                 })
             }
-            Err(_) => match t.wait {
-                Some(max) => {
-                    // Take the readied service into the future; keep a fresh clone.
-                    let clone = self.inner.clone();
-                    let svc = std::mem::replace(&mut self.inner, clone);
-                    let table = t.clone();
-                    let limit = t.limit;
-                    let wait_key = key.clone();
-                    let acquire: Pin<
-                        Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>,
-                    > = Box::pin(async move {
-                        tokio::time::timeout(max, sem.acquire_owned())
-                            .await
-                            .ok()
-                            .and_then(Result::ok)
-                    });
-                    ResponseFuture::new(State::Waiting {
-                        acquire,
-                        svc: Some(svc),
-                        req: Some(req),
-                        guard: KeyGuard {
-                            key: wait_key,
-                            table,
-                        },
-                        limit,
-                    })
-                }
-                None => {
-                    drop(sem);
-                    t.rejected.fetch_add(1, Relaxed);
-                    t.release(key.as_deref());
-                    ResponseFuture::failed(
-                        ConnectionLimit {
-                            key,
-                            limit: t.limit,
-                        }
-                        .into(),
-                    )
-                }
-            },
+            None => {
+                t.rejected.fetch_add(1, Relaxed);
+                let key = t.key_of(&active);
+                t.release(active);
+                ResponseFuture::failed(
+                    ConnectionLimit {
+                        key,
+                        limit: t.limit,
+                    }
+                    .into(),
+                )
+            }
         }
     }
 }
@@ -575,9 +643,9 @@ pin_project! {
     {
         Call { #[pin] fut: S::Future, slot: Option<Slot> },
         Waiting {
-            // Dropped first (declaration order): its semaphore reference goes before
-            // the guard checks whether the key is still in use.
-            acquire: Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>,
+            // Dropped first (declaration order): its reference to the key goes before
+            // the guard checks whether the key is still in use. `true`: a permit taken.
+            acquire: Pin<Box<dyn Future<Output = bool> + Send>>,
             svc: Option<S>,
             req: Option<Req>,
             guard: KeyGuard,
@@ -631,29 +699,26 @@ where
                     guard,
                     limit,
                 } => {
-                    let permit = std::task::ready!(acquire.as_mut().poll(cx));
+                    let taken = std::task::ready!(acquire.as_mut().poll(cx));
                     let table = guard.table.clone();
-                    let key = guard.key.take();
-                    match permit {
-                        Some(permit) => {
-                            table.admitted.fetch_add(1, Relaxed);
-                            let mut svc = svc.take().expect("the readied service");
-                            let req = req.take().expect("the request");
-                            State::Call {
-                                fut: svc.call(req),
-                                slot: Some(Slot {
-                                    permit: Some(permit),
-                                    key,
-                                    table: table.clone(),
-                                }),
-                            }
+                    let active = guard.active.take().expect("the key waited on");
+                    if taken {
+                        table.admitted.fetch_add(1, Relaxed);
+                        let mut svc = svc.take().expect("the readied service");
+                        let req = req.take().expect("the request");
+                        State::Call {
+                            fut: svc.call(req),
+                            slot: Some(Slot {
+                                active: Some(active),
+                                table,
+                            }),
                         }
-                        None => {
-                            table.rejected.fetch_add(1, Relaxed);
-                            table.release(key.as_deref());
-                            State::Failed {
-                                error: Some(ConnectionLimit { key, limit: *limit }.into()),
-                            }
+                    } else {
+                        table.rejected.fetch_add(1, Relaxed);
+                        let key = table.key_of(&active);
+                        table.release(active);
+                        State::Failed {
+                            error: Some(ConnectionLimit { key, limit: *limit }.into()),
                         }
                     }
                 }
