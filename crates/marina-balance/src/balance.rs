@@ -43,6 +43,8 @@ impl std::error::Error for NoReadyEndpoints {}
 /// One endpoint's counters, shared with its response futures and the handle.
 #[derive(Debug)]
 pub(crate) struct EndpointStats {
+    /// The endpoint's id.
+    pub(crate) id: EndpointId,
     /// Requests dropped before they completed.
     cancelled: AtomicU64,
     errors: AtomicU64,
@@ -102,8 +104,9 @@ impl EndpointStats {
         self.flow.load(Relaxed) & IN_FLIGHT_MASK
     }
 
-    fn new() -> Self {
+    fn new(id: EndpointId) -> Self {
         EndpointStats {
+            id,
             cancelled: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             flow: AtomicU64::new(0),
@@ -590,6 +593,9 @@ pub(crate) struct FailoverShared<S, Req> {
     /// `clone_req` copies only the requests marked idempotent.
     pub(crate) copy_idempotent_only: bool,
     pub(crate) take_req: Option<fn(&BoxError) -> Option<Req>>,
+    /// The balancer's route hint reader, for a request taken back from its error (the
+    /// response future keeps no hint until then).
+    hint: Mutex<Option<HintFn<Req>>>,
     clone_svc: fn(&S) -> S,
     peers: Mutex<Vec<Peer<S>>>,
     pub(crate) totals: Arc<Totals>,
@@ -603,6 +609,18 @@ pub(crate) struct Peer<S> {
 }
 
 impl<S, Req> FailoverShared<S, Req> {
+    fn lock_hint(&self) -> std::sync::MutexGuard<'_, Option<HintFn<Req>>> {
+        self.hint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The route hint of a request taken back from its error.
+    pub(crate) fn hint_of(&self, req: &Req) -> Option<RouteHint> {
+        let hint = self.lock_hint().clone()?;
+        hint(req)
+    }
+
     fn peers(&self) -> std::sync::MutexGuard<'_, Vec<Peer<S>>> {
         self.peers
             .lock()
@@ -625,7 +643,7 @@ impl<S, Req> FailoverShared<S, Req> {
 }
 
 /// Reads a request's route hint (see [`Balance::route_hint`]).
-type HintFn<Req> = Box<dyn Fn(&Req) -> Option<RouteHint> + Send + Sync>;
+type HintFn<Req> = Arc<dyn Fn(&Req) -> Option<RouteHint> + Send + Sync>;
 
 /// Takes a request of type `Req` back from a `NotSent` error.
 fn take_unsent<Req: 'static>(error: &BoxError) -> Option<Req> {
@@ -775,7 +793,12 @@ impl<D: Discover, Req> Balance<D, Req> {
     /// Reads each request's [`RouteHint`] with `hint` (for example from its extensions,
     /// where marina-affinity puts it), passes it to the picker, and reports the chosen
     /// endpoint back through the hint. A hint naming an endpoint that is ready is
-    /// honoured whatever the picker.
+    /// honoured whatever the picker. With failover, the endpoint of the attempt that
+    /// answered is reported too; a request that fails over after its endpoint gave it
+    /// back ([`failover_unsent`](Self::failover_unsent),
+    /// [`failover_copy_idempotent`](Self::failover_copy_idempotent)) has its hint read
+    /// again from the request given back, so read the hint from the request itself
+    /// (its extensions, a field) rather than make a new one on each call.
     ///
     /// ```
     /// use marina_balance::{Balance, ConsistentHash};
@@ -798,7 +821,11 @@ impl<D: Discover, Req> Balance<D, Req> {
         mut self,
         hint: impl Fn(&Req) -> Option<RouteHint> + Send + Sync + 'static,
     ) -> Self {
-        self.hint = Some(Box::new(hint));
+        let hint: HintFn<Req> = Arc::new(hint);
+        if let Some(f) = &self.failover {
+            *f.lock_hint() = Some(hint.clone());
+        }
+        self.hint = Some(hint);
         self
     }
 
@@ -902,6 +929,7 @@ impl<D: Discover, Req> Balance<D, Req> {
             clone_req,
             copy_idempotent_only,
             take_req,
+            hint: Mutex::new(self.hint.clone()),
             clone_svc,
             peers: Mutex::new(Vec::new()),
             totals: self.handle.totals.clone(),
@@ -1000,7 +1028,8 @@ impl<D: Discover, Req> Balance<D, Req> {
     /// copy and no allocation: its failover state is built when an attempt fails with
     /// the request given back, not before. Idempotent requests cost what they cost with
     /// `failover`. The idempotent predicate is asked once per request (with
-    /// `max_attempts` above 1 and no strict route hint).
+    /// `max_attempts` above 1 and no strict route hint). A request given back has its
+    /// route hint read again from it (see [`route_hint`](Self::route_hint)).
     ///
     /// Needs `Req: Clone` (for the copies of idempotent requests) and `Clone` endpoint
     /// services (an attempt goes through a copy of the endpoint). Counts as
@@ -1228,7 +1257,7 @@ where
             self.remove_slot(old);
         }
         let id = EndpointId::of(&format!("{key:?}"));
-        let stats = Arc::new(EndpointStats::new());
+        let stats = Arc::new(EndpointStats::new(id));
         let weight = match (&self.weigh, &self.weigh_service) {
             (Some(f), _) => f(&key).max(1),
             (None, Some(f)) => f(&svc).max(1),
@@ -1765,7 +1794,7 @@ mod tests {
 
     #[test]
     fn ewma_follows_time_not_sample_count() {
-        let stats = EndpointStats::new();
+        let stats = EndpointStats::new(EndpointId(0));
         let t0 = stats.origin;
         let ms = Duration::from_millis;
         assert_eq!(stats.ewma(), None);
@@ -1783,13 +1812,13 @@ mod tests {
         assert!((ewma_ms(&stats) - want).abs() < 0.01, "{}", ewma_ms(&stats));
         assert!((340.0..380.0).contains(&ewma_ms(&stats)));
         // The same time in many small steps decays about as much as in one gap.
-        let stepped = EndpointStats::new();
+        let stepped = EndpointStats::new(EndpointId(0));
         let t0 = stepped.origin;
         stepped.sample(t0, ms(1000));
         for i in 1..=100 {
             stepped.sample(t0 + ms(100 * i), ms(10));
         }
-        let one_gap = EndpointStats::new();
+        let one_gap = EndpointStats::new(EndpointId(0));
         let t0 = one_gap.origin;
         one_gap.sample(t0, ms(1000));
         one_gap.sample(t0 + ms(10_000), ms(10));
@@ -1805,7 +1834,7 @@ mod tests {
 
     #[test]
     fn ewma_late_clock_readings_count_as_simultaneous() {
-        let stats = EndpointStats::new();
+        let stats = EndpointStats::new(EndpointId(0));
         let t0 = stats.origin;
         let ms = Duration::from_millis;
         stats.sample(t0 + ms(5000), ms(1000));
@@ -1826,7 +1855,7 @@ mod tests {
         // its own. A load-then-store update loses the other thread's peak when it
         // stores a smaller sample over it.
         const EACH: u32 = 200_000;
-        let stats = EndpointStats::new();
+        let stats = EndpointStats::new(EndpointId(0));
         let now = stats.origin + Duration::from_secs(1);
         let next = std::sync::atomic::AtomicU32::new(1);
         let value_us =

@@ -57,12 +57,10 @@ pub(crate) enum RetryState<S: Service<Req>, Req> {
     Off,
     /// Nothing kept up front (no copy, no deadline, no hedge): a failed attempt can
     /// only fail over when its endpoint gave the request back with the error, and the
-    /// full state is built then. No allocation for the requests that never fail.
-    Lazy {
-        shared: Arc<FailoverShared<S, Req>>,
-        hint: Option<RouteHint>,
-        first: EndpointId,
-    },
+    /// full state is built then, with the first attempt's endpoint (from its `Track`)
+    /// and the route hint read again from the request given back. No allocation for
+    /// the requests that never fail, and one word in the future.
+    Lazy(Arc<FailoverShared<S, Req>>),
     /// A copy of the request, a deadline or a hedge to keep, or a failover under way.
     On(Box<Retry<S, Req>>),
 }
@@ -200,11 +198,7 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
             // (No copy: not idempotent, so no hedge either.) Only a request given back
             // with its error can fail over: nothing to keep until one is.
             return if more_attempts && shared.take_req.is_some() {
-                RetryState::Lazy {
-                    shared: shared.clone(),
-                    hint: None,
-                    first,
-                }
+                RetryState::Lazy(shared.clone())
             } else {
                 RetryState::Off
             };
@@ -303,8 +297,12 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
         if given_back {
             // Taken out of the error only now that it is certain to be sent again.
             self.req = f.take_req.and_then(|take| take(error));
-            if self.req.is_none() {
+            let Some(req) = &self.req else {
                 return false;
+            };
+            if self.hint.is_none() {
+                // A lazy state kept no hint: the request's own, read again.
+                self.hint = f.hint_of(req);
             }
         }
         f.totals.retries.fetch_add(1, Relaxed);
@@ -525,13 +523,12 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
 }
 
 impl<S: Service<Req>, Req> RetryState<S, Req> {
-    /// Keeps the request's route hint, to tell it where a later attempt went.
+    /// Keeps the request's route hint, to tell it where a later attempt went (a lazy
+    /// state reads it again from the request given back, if it comes to that).
     #[inline]
     pub(crate) fn keep_hint(&mut self, route_hint: Option<RouteHint>) {
-        match self {
-            RetryState::Off => {}
-            RetryState::Lazy { hint, .. } => *hint = route_hint,
-            RetryState::On(retry) => retry.hint = route_hint,
+        if let RetryState::On(retry) = self {
+            retry.hint = route_hint;
         }
     }
 
@@ -543,25 +540,25 @@ impl<S: Service<Req>, Req> RetryState<S, Req> {
         }
     }
 
-    /// The failover state to handle an attempt's `error` with: a lazy one becomes the
-    /// full one when the endpoint gave the request back with the error (the only
-    /// failure it could fail over), and stays as it is otherwise.
-    fn for_error(&mut self, error: &BoxError) -> Option<&mut Retry<S, Req>> {
-        if let RetryState::Lazy { .. } = self {
+    /// The failover state to handle the `error` of an attempt sent to `first` with: a
+    /// lazy one becomes the full one when the endpoint gave the request back with the
+    /// error (the only failure it could fail over), and stays as it is otherwise.
+    fn for_error(
+        &mut self,
+        error: &BoxError,
+        first: Option<EndpointId>,
+    ) -> Option<&mut Retry<S, Req>> {
+        if let RetryState::Lazy(_) = self {
+            let first = first?;
             if !find::<NotSent>(&**error).is_some_and(NotSent::has_request) {
                 return None;
             }
-            let RetryState::Lazy {
-                shared,
-                hint,
-                first,
-            } = std::mem::replace(self, RetryState::Off)
-            else {
+            let RetryState::Lazy(shared) = std::mem::replace(self, RetryState::Off) else {
                 unreachable!("matched above");
             };
             *self = RetryState::On(Box::new(Retry {
                 shared,
-                hint,
+                hint: None,
                 req: None,
                 copying: false,
                 first,
@@ -650,6 +647,7 @@ where
             };
             if let Poll::Ready(out) = polled {
                 this.inner.set(State::Done);
+                let attempt_at = this.track.as_ref().map(|t| t.stats.id);
                 if let Some(track) = this.track.take() {
                     track.finish(out.is_err());
                 }
@@ -662,7 +660,7 @@ where
                     }
                     Err(e) => {
                         let e: BoxError = e.into();
-                        if let Some(retry) = this.retry.for_error(&e) {
+                        if let Some(retry) = this.retry.for_error(&e, attempt_at) {
                             if let Some(hedge) = retry.take_hedge() {
                                 // The hedge carries on alone; the request fails only
                                 // if it fails too.

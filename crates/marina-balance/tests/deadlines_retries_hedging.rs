@@ -893,6 +893,21 @@ async fn copy_idempotent_reports_the_failover_endpoint_and_keeps_the_deadline() 
     assert_eq!(send(&mut lb, req).await.0.unwrap(), 1);
     assert_eq!(hint.chosen(), Some(EndpointId::of("1")));
     assert_eq!(copies.load(SeqCst), 0);
+    // The same with the hint reader set before failover, and with `failover_unsent`.
+    for unsent in [false, true] {
+        let (svcs, _logs) = endpoints(&[Behaviour::GiveBack(MS), Behaviour::Answer(MS)]);
+        let lb = Balance::new(ServiceList::new(svcs), First).route_hints_from_extensions();
+        let mut lb = if unsent {
+            lb.failover_unsent(Failover::new())
+        } else {
+            lb.failover_copy_idempotent(Failover::new())
+        };
+        let hint = RouteHint::any();
+        let mut req = tally(1, &copies, false);
+        req.extensions_mut().insert(hint.clone());
+        assert_eq!(send(&mut lb, req).await.0.unwrap(), 1);
+        assert_eq!(hint.chosen(), Some(EndpointId::of("1")), "unsent: {unsent}");
+    }
 
     // Under a deadline: given back by endpoint 0 at 1 ms, sent to endpoint 1, which
     // never answers.
