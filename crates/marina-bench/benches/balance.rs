@@ -6,8 +6,12 @@
 //! over one endpoint, no balancer) is the balancer's overhead. tower's balancer gets
 //! `PendingRequests` load, as its docs use; marina's counts in-flight requests itself.
 //!
-//! Every picker is measured, plus round robin with failover on (a copy of each request
-//! kept, a retry-budget deposit) and consistent hash with a route hint per request. A
+//! Every picker is measured, plus round robin with failover on — `failover`, a copy of
+//! each request kept in a boxed failover state, and `failover_copy_idempotent` (meant
+//! for the marina stack), where requests not marked idempotent (all of them here) are
+//! not copied and nothing is kept until an attempt fails; both with a retry-budget
+//! deposit per request — and consistent hash with a route hint per request. The size of
+//! marina's response future is printed too (it is moved on every request). A
 //! second, shorter pass counts heap allocations per request with `allocation-counter`
 //! (its counting allocator is installed for the whole binary; when not counting it
 //! costs a thread-local check per allocation).
@@ -117,6 +121,10 @@ fn configs(n: usize) -> Vec<(&'static str, Marina)> {
             "RR + failover",
             marina(n, RoundRobin::new()).failover(Failover::new()),
         ),
+        (
+            "RR + failover (copy idem.)",
+            marina(n, RoundRobin::new()).failover_copy_idempotent(Failover::new()),
+        ),
     ]
 }
 
@@ -141,7 +149,11 @@ fn main() {
         .unwrap();
     let floor = measure(&rt, endpoint(), iters, reps);
     println!("balance bench: {iters} requests × {reps} reps (median), current-thread runtime");
-    println!("direct call (floor): {floor:.1} ns/request\n");
+    println!("direct call (floor): {floor:.1} ns/request");
+    println!(
+        "marina's response future: {} bytes\n",
+        std::mem::size_of::<marina_balance::ResponseFuture<Endpoint, u64>>()
+    );
     let names: Vec<&str> = configs(2).iter().map(|(name, _)| *name).collect();
     println!("ns of overhead per request (minus the floor):\n");
     println!(
