@@ -56,6 +56,7 @@ impl BoundedStore {
         }
     }
 
+    #[inline]
     fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<Box<str>, Tat>> {
         let i = if self.shards.len() == 1 {
             0
@@ -78,11 +79,15 @@ impl BoundedStore {
     /// Makes room for `key` if it is new; false when the store is full and refuses.
     /// `now` is the clock reading (keys whose state is at or before it are
     /// replenished).
+    #[inline]
     pub(crate) fn admit(&self, key: &str, now: impl FnOnce() -> u64) -> bool {
         // Room left: nothing to check (the insert itself re-checks the cap).
-        if self.len.load(Relaxed) < self.max_keys {
-            return true;
-        }
+        self.len.load(Relaxed) < self.max_keys || self.admit_when_full(key, now)
+    }
+
+    /// [`admit`](Self::admit) when the store is full.
+    #[cold]
+    fn admit_when_full(&self, key: &str, now: impl FnOnce() -> u64) -> bool {
         if self.shard(key).contains_key(key) {
             return true;
         }
