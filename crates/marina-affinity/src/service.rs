@@ -406,7 +406,7 @@ enum After {
     Nothing,
     /// Table mode: pin `key` to the chosen endpoint (new, or re-pin from `pinned`).
     Pin {
-        key: String,
+        key: Arc<str>,
         pinned: Option<EndpointId>,
         new: bool,
     },
@@ -436,8 +436,51 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut req: Req) -> Self::Future {
+    fn call(&mut self, req: Req) -> Self::Future {
         let l = &self.layer;
+        // Table mode looks the key up as the extractor lends it: a known session costs
+        // no copy of its key (the table's shared one is kept for the re-pin).
+        if let Mode::Table(table) = &l.mode {
+            let found = l.extractor.with_key(&req, |k| match table.get_shared(k) {
+                Some((ep, key)) => Ok((ep, key)),
+                None => Err(Arc::<str>::from(k)),
+            });
+            let (key, pinned, new) = match found {
+                Some(Ok((ep, key))) => (Some(key), Some(ep), false),
+                Some(Err(key)) => (Some(key), None, false),
+                None if l.new_sessions => (Some(Arc::from(new_session_id())), None, true),
+                None => (None, None, false),
+            };
+            let (hint, after) = match (key, pinned) {
+                (None, _) => (None, After::Nothing),
+                (Some(key), Some(ep)) => (
+                    Some(self.endpoint_hint(ep)),
+                    After::Pin {
+                        key,
+                        pinned: Some(ep),
+                        new,
+                    },
+                ),
+                (Some(key), None) if table.would_refuse(&key) => {
+                    l.counters.refused.fetch_add(1, Relaxed);
+                    return ResponseFuture::failed(
+                        SessionTableFull {
+                            max_sessions: table.capacity(),
+                        }
+                        .into(),
+                    );
+                }
+                (Some(key), None) => (
+                    Some(RouteHint::any()),
+                    After::Pin {
+                        key,
+                        pinned: None,
+                        new,
+                    },
+                ),
+            };
+            return self.send(req, hint, after);
+        }
         let key = l.extractor.extract(&req);
         let (hint, after) = match (&l.mode, key) {
             (Mode::Hash, Some(k)) => (Some(RouteHint::hash(stable_hash(&k))), After::Nothing),
@@ -449,43 +492,7 @@ where
                     After::NewSession(id),
                 )
             }
-            (Mode::Table(table), key) => {
-                let (key, new) = match key {
-                    Some(k) => (Some(k), false),
-                    None if l.new_sessions => (Some(new_session_id()), true),
-                    None => (None, false),
-                };
-                match key {
-                    None => (None, After::Nothing),
-                    Some(key) => match table.get(&key) {
-                        Some(ep) => (
-                            Some(self.endpoint_hint(ep)),
-                            After::Pin {
-                                key,
-                                pinned: Some(ep),
-                                new,
-                            },
-                        ),
-                        None if table.would_refuse(&key) => {
-                            l.counters.refused.fetch_add(1, Relaxed);
-                            return ResponseFuture::failed(
-                                SessionTableFull {
-                                    max_sessions: table.capacity(),
-                                }
-                                .into(),
-                            );
-                        }
-                        None => (
-                            Some(RouteHint::any()),
-                            After::Pin {
-                                key,
-                                pinned: None,
-                                new,
-                            },
-                        ),
-                    },
-                }
-            }
+            (Mode::Table(_), _) => unreachable!("handled above"),
             (Mode::Token(codec), token) => {
                 let valid = token.as_deref().and_then(|t| codec.check(t));
                 if token.is_some() && valid.is_none() {
@@ -511,6 +518,23 @@ where
             }
             (Mode::Hash, None) => (None, After::Nothing),
         };
+        self.send(req, hint, after)
+    }
+}
+
+impl<S, X> Affinity<S, X> {
+    /// Sends `req` with its hint, the session's bookkeeping in its future.
+    fn send<Req>(
+        &mut self,
+        mut req: Req,
+        hint: Option<RouteHint>,
+        after: After,
+    ) -> ResponseFuture<S::Future>
+    where
+        S: Service<Req>,
+        Req: HasExtensions,
+    {
+        let l = &self.layer;
         if let Some(h) = &hint {
             req.extensions_mut().insert(h.clone());
         }
@@ -622,7 +646,7 @@ where
                     if table.pin(&key, chosen) == Inserted::Refused {
                         tracing::debug!(session = %key, "session table full: not pinned");
                     } else if new {
-                        resp.extensions_mut().insert(NewSession(key));
+                        resp.extensions_mut().insert(NewSession(key.to_string()));
                     }
                 }
             }

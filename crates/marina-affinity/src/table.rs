@@ -313,6 +313,28 @@ impl Table {
         Some(endpoint)
     }
 
+    /// The session's endpoint and its key (shared, no copy), touching it; `None` if
+    /// absent or expired (removed).
+    pub(crate) fn get_shared(&self, key: &str) -> Option<(EndpointId, Arc<str>)> {
+        let now = self.now();
+        let mut s = self.shard(key);
+        let i = *s.map.get(key)?;
+        let n = &s.nodes[i as usize];
+        if now.saturating_sub(n.last) >= self.idle_ms() {
+            s.remove(i);
+            self.len.fetch_sub(1, AcqRel);
+            self.counters.expired.fetch_add(1, Relaxed);
+            return None;
+        }
+        let found = (n.endpoint, n.key.clone());
+        let n = &mut s.nodes[i as usize];
+        n.last = now;
+        n.requests = n.requests.saturating_add(1);
+        s.unlink(i);
+        s.push_front(i);
+        Some(found)
+    }
+
     /// Whether a new session would be refused now.
     pub(crate) fn would_refuse(&self, key: &str) -> bool {
         if self.config.when_full != WhenFull::Refuse {
