@@ -1,7 +1,6 @@
 //! `Balance`: a `Service` over discovered endpoints, choosing one per request with a
 //! [`Pick`].
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
@@ -22,7 +21,8 @@ use tower_service::Service;
 
 use crate::failover::Failover;
 use crate::future::{ResponseFuture, Retry, RetryState, Track};
-use crate::pick::{Endpoints, Pick};
+use crate::index::IdIndex;
+use crate::pick::{Endpoints, Pick, SetChange};
 use crate::slow_start::{SlowStart, SlowState};
 
 /// Nothing was ready within the fail-fast timeout.
@@ -59,9 +59,35 @@ pub(crate) struct EndpointStats {
     /// (low half), in one word so that one compare-exchange updates both; `NO_EWMA`
     /// before the first timed response.
     ewma: AtomicU64,
-    /// The zero of `ewma`'s clock.
-    origin: Instant,
+    /// What the balancer's endpoints share: the zero of `ewma`'s clock, the running
+    /// count of requests in flight.
+    common: Arc<Common>,
+    /// The endpoint's key, as text (for [`BalanceHandle::stats`]).
+    key: Box<str>,
+    weight: u32,
     ready: AtomicBool,
+    /// Its requests count in `common.in_flight` (for a picker that reads the total).
+    counts_total: bool,
+}
+
+/// What a balancer's endpoints share.
+#[derive(Debug)]
+pub(crate) struct Common {
+    /// The zero of every endpoint's EWMA clock.
+    origin: Instant,
+    /// Requests in flight over all endpoints, when a picker reads the total load.
+    in_flight: AtomicU64,
+    counts_total: bool,
+}
+
+impl Common {
+    fn new(counts_total: bool) -> Arc<Self> {
+        Arc::new(Common {
+            origin: Instant::now(),
+            in_flight: AtomicU64::new(0),
+            counts_total,
+        })
+    }
 }
 
 /// `EndpointStats::ewma` before the first sample (an `f32` NaN: never a value).
@@ -104,18 +130,31 @@ impl EndpointStats {
         self.flow.load(Relaxed) & IN_FLIGHT_MASK
     }
 
+    #[cfg(test)]
     fn new(id: EndpointId) -> Self {
+        Self::with(id, Box::from(""), 1, &Common::new(false))
+    }
+
+    fn with(id: EndpointId, key: Box<str>, weight: u32, common: &Arc<Common>) -> Self {
         EndpointStats {
             id,
+            key,
+            weight,
+            counts_total: common.counts_total,
+            common: common.clone(),
             cancelled: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             flow: AtomicU64::new(0),
             latency_total_us: AtomicU64::new(0),
             timed: AtomicU64::new(0),
             ewma: AtomicU64::new(NO_EWMA),
-            origin: Instant::now(),
             ready: AtomicBool::new(false),
         }
+    }
+
+    /// The zero of the EWMA's clock.
+    fn origin(&self) -> Instant {
+        self.common.origin
     }
 
     fn ewma(&self) -> Option<Duration> {
@@ -129,6 +168,9 @@ impl EndpointStats {
     /// A request was sent.
     pub(crate) fn started(&self) {
         self.flow.fetch_add(1, Relaxed);
+        if self.counts_total {
+            self.common.in_flight.fetch_add(1, Relaxed);
+        }
     }
 
     /// A request ended: completed, or `cancelled` (dropped first).
@@ -137,6 +179,9 @@ impl EndpointStats {
             self.cancelled.fetch_add(1, Relaxed);
         }
         self.flow.fetch_add(FINISH, Relaxed);
+        if self.counts_total {
+            self.common.in_flight.fetch_sub(1, Relaxed);
+        }
     }
 
     /// A request completed; `start` when it was one of the timed ones.
@@ -170,7 +215,7 @@ impl EndpointStats {
     fn sample(&self, now: Instant, rtt: Duration) {
         let us = rtt.as_secs_f64() * 1e6;
         // Milliseconds since `origin`, wrapping at 2^32.
-        let stamp = now.saturating_duration_since(self.origin).as_millis() as u32;
+        let stamp = now.saturating_duration_since(self.origin()).as_millis() as u32;
         let mut cur = self.ewma.load(Relaxed);
         loop {
             let (value, at) = if cur == NO_EWMA {
@@ -239,9 +284,6 @@ pub struct EndpointSnapshot {
     pub ready: bool,
 }
 
-/// One endpoint in the handle's registry: key text, id, weight, counters.
-type Registered = (String, EndpointId, u32, Arc<EndpointStats>);
-
 /// Balancer-wide counters.
 #[derive(Debug, Default)]
 pub(crate) struct Totals {
@@ -293,7 +335,8 @@ pub struct BalanceTotals {
 /// Per-endpoint statistics of a [`Balance`], readable from anywhere.
 #[derive(Clone, Default)]
 pub struct BalanceHandle {
-    endpoints: Arc<Mutex<Vec<Registered>>>,
+    /// Each endpoint's counters, by the balancer's slot number (`None`: a free slot).
+    endpoints: Arc<Mutex<Vec<Option<Arc<EndpointStats>>>>>,
     totals: Arc<Totals>,
 }
 
@@ -303,36 +346,53 @@ impl fmt::Debug for BalanceHandle {
     }
 }
 
+/// One endpoint's counters, read once.
+struct Figures {
+    requests: u64,
+    errors: u64,
+    completed: u64,
+    in_flight: u64,
+}
+
+impl EndpointStats {
+    fn figures(&self) -> Figures {
+        let flow = self.flow.load(Relaxed);
+        let in_flight = flow & IN_FLIGHT_MASK;
+        let finished = flow >> IN_FLIGHT_BITS;
+        let completed = finished.saturating_sub(self.cancelled.load(Relaxed));
+        Figures {
+            requests: finished + in_flight,
+            errors: self.errors.load(Relaxed).min(completed),
+            completed,
+            in_flight,
+        }
+    }
+}
+
 impl BalanceHandle {
     /// Every current endpoint's counters.
     pub fn stats(&self) -> Vec<EndpointSnapshot> {
-        let eps = self
-            .endpoints
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let eps = self.lock();
         eps.iter()
-            .map(|(key, id, weight, s)| {
-                let flow = s.flow.load(Relaxed);
-                let in_flight = flow & IN_FLIGHT_MASK;
-                let finished = flow >> IN_FLIGHT_BITS;
-                let completed = finished.saturating_sub(s.cancelled.load(Relaxed));
-                let errors = s.errors.load(Relaxed).min(completed);
+            .flatten()
+            .map(|s| {
+                let f = s.figures();
                 let timed = s.timed.load(Relaxed);
                 EndpointSnapshot {
-                    key: key.clone(),
-                    id: *id,
-                    requests: finished + in_flight,
-                    errors,
-                    error_rate: if completed == 0 {
+                    key: s.key.to_string(),
+                    id: s.id,
+                    requests: f.requests,
+                    errors: f.errors,
+                    error_rate: if f.completed == 0 {
                         0.0
                     } else {
-                        errors as f64 / completed as f64
+                        f.errors as f64 / f.completed as f64
                     },
-                    in_flight,
+                    in_flight: f.in_flight,
                     avg_latency: (timed > 0)
                         .then(|| Duration::from_micros(s.latency_total_us.load(Relaxed) / timed)),
                     ewma_latency: s.ewma(),
-                    weight: *weight,
+                    weight: s.weight,
                     ready: s.ready.load(Relaxed),
                 }
             })
@@ -340,17 +400,17 @@ impl BalanceHandle {
     }
 
     /// The balancer-wide figures: endpoint counts, request totals over the current
-    /// endpoints, failover and panic state.
+    /// endpoints, failover and panic state. One pass over the endpoints' counters, no
+    /// allocation.
     pub fn totals(&self) -> BalanceTotals {
-        let eps = self.stats();
         let t = &self.totals;
-        BalanceTotals {
-            endpoints: eps.len(),
-            ready: eps.iter().filter(|e| e.ready).count(),
-            pending: eps.iter().filter(|e| !e.ready).count(),
-            requests: eps.iter().map(|e| e.requests).sum(),
-            errors: eps.iter().map(|e| e.errors).sum(),
-            in_flight: eps.iter().map(|e| e.in_flight).sum(),
+        let mut totals = BalanceTotals {
+            endpoints: 0,
+            ready: 0,
+            pending: 0,
+            requests: 0,
+            errors: 0,
+            in_flight: 0,
             retries: t.retries.load(Relaxed),
             sent_retries: t.sent_retries.load(Relaxed),
             retries_refused: t.retries_refused.load(Relaxed),
@@ -358,36 +418,71 @@ impl BalanceHandle {
             hedges_won: t.hedges_won.load(Relaxed),
             deadlines_exceeded: t.deadlines_exceeded.load(Relaxed),
             panicking: t.panicking.load(Relaxed),
+        };
+        for s in self.lock().iter().flatten() {
+            let f = s.figures();
+            totals.endpoints += 1;
+            if s.ready.load(Relaxed) {
+                totals.ready += 1;
+            } else {
+                totals.pending += 1;
+            }
+            totals.requests += f.requests;
+            totals.errors += f.errors;
+            totals.in_flight += f.in_flight;
         }
+        totals
     }
 
-    fn insert(&self, key: String, id: EndpointId, weight: u32, stats: Arc<EndpointStats>) {
-        self.lock().push((key, id, weight, stats));
+    /// Registers (or, with `None`, forgets) the counters of the endpoint in `slot`.
+    fn set(&self, slot: usize, stats: Option<Arc<EndpointStats>>) {
+        let mut eps = self.lock();
+        if eps.len() <= slot {
+            eps.resize(slot + 1, None);
+        }
+        eps[slot] = stats;
     }
 
-    /// Forgets the endpoint whose counters are `stats` (not by id: two keys may share
-    /// one).
-    fn remove(&self, stats: &Arc<EndpointStats>) {
-        self.lock().retain(|(_, _, _, s)| !Arc::ptr_eq(s, stats));
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Registered>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<Arc<EndpointStats>>>> {
         self.endpoints
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
+/// One endpoint in its slot. Its id and weight live in its `stats`.
 struct Endpoint<K, S> {
     key: K,
-    id: EndpointId,
     svc: S,
     stats: Arc<EndpointStats>,
-    /// Position in `ready`, when ready.
-    ready_pos: Option<usize>,
+    /// Position in `ready` when ready, else `NOWHERE`.
+    ready_pos: u32,
+    /// Position in `pending` when pending, else `NOWHERE`.
+    pending_pos: u32,
     /// Requests sent to it (for the one-in-`TIME_EVERY` latency sampling).
-    calls: u64,
-    weight: u32,
+    calls: u32,
+}
+
+/// `Endpoint::ready_pos` or `pending_pos` when it is not in that list.
+const NOWHERE: u32 = u32::MAX;
+
+/// The id of the endpoint in `slot` (a free slot reads as id 0; the index never holds
+/// one).
+fn id_in<K, S>(slots: &[Option<Endpoint<K, S>>], slot: u32) -> EndpointId {
+    slots
+        .get(slot as usize)
+        .and_then(Option::as_ref)
+        .map_or(EndpointId(0), Endpoint::id)
+}
+
+impl<K, S> Endpoint<K, S> {
+    fn id(&self) -> EndpointId {
+        self.stats.id
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready_pos != NOWHERE
+    }
 }
 
 /// A `Service<Req>` that spreads requests over the endpoints a
@@ -422,11 +517,23 @@ struct Endpoint<K, S> {
 /// Route hints: see [`route_hint`](Self::route_hint).
 ///
 /// Needs a tokio runtime with timers (the fail-fast timer); without one, the first
-/// `poll_ready` with nothing ready panics, like any tokio timer. The ready set's
-/// generation changes whenever an endpoint becomes ready or unready (including the one
-/// just called going pending, behind a concurrency limit say): pickers with per-set
-/// state restart then ([`WeightedRoundRobin`](crate::WeightedRoundRobin) restarts its
-/// sequence, [`ConsistentHash`](crate::ConsistentHash) rebuilds its Maglev table).
+/// `poll_ready` with nothing ready panics, like any tokio timer.
+///
+/// **Many endpoints.** Nothing a request or a change costs grows with the number of
+/// endpoints (with the default pickers; the exact ones,
+/// [`LeastConnections::exact`](crate::LeastConnections::exact) and the like, scan on
+/// purpose). Each endpoint that becomes ready or unready (including the one just
+/// called going pending, behind a concurrency limit say), is ejected or readmitted,
+/// added or removed by discovery, is reported to the picker as one [`SetChange`]
+/// through [`Pick::update`], and the built-in pickers follow it in place: the
+/// consistent-hash ring in O(1), the weighted schedule in O(log N), the Maglev table on
+/// a thread of its own. The balancer's own bookkeeping per change is O(1) too: a
+/// removal touches the endpoint's own entries, and an ejection does not make the
+/// balancer poll its other endpoints (the ejected endpoint leaves the ready set the
+/// next time it is polled, at the latest before a request would be sent to it). Per
+/// endpoint the balancer keeps about 210 bytes, plus what the picker keeps (the
+/// consistent-hash ring about 190, the weighted schedule about 40, the Maglev table
+/// 80 to 160).
 ///
 /// Weights: see [`weights`](Self::weights).
 ///
@@ -535,14 +642,16 @@ where
 {
     discover: D,
     slots: Vec<Option<Endpoint<D::Key, D::Service>>>,
-    free: Vec<usize>,
-    by_key: HashMap<D::Key, usize>,
-    /// Slots by endpoint id, for route hints (the first of two keys sharing an id).
-    by_id: HashMap<EndpointId, usize>,
+    free: Vec<u32>,
+    /// Slots by endpoint id, for route hints and to find a key discovery names (an id
+    /// is hashed from its key; the first of two keys sharing an id).
+    by_id: IdIndex,
     /// Endpoints inserted whose id another one had already.
     id_clashes: usize,
-    ready: Vec<usize>,
-    unready: Vec<usize>,
+    /// The ready endpoints' slots: the picker's view, by index.
+    ready: Vec<u32>,
+    /// The pending endpoints' slots.
+    pending: Vec<u32>,
     /// A ready endpoint `poll_ready` checked with the caller's context for the next
     /// request: used without another poll if the picker chooses it, and the fallback
     /// when the picker's choices are not ready any more.
@@ -552,6 +661,9 @@ where
     /// Position in `ready` of the next endpoint `poll_ready` checks.
     sweep: usize,
     generation: u64,
+    /// What the endpoints share (the EWMA clock's zero, the count of requests in
+    /// flight over all of them for a picker that reads the total load).
+    common: Arc<Common>,
     picker: Box<dyn Pick>,
     failfast: Duration,
     failfast_sleep: Option<Pin<Box<Sleep>>>,
@@ -597,7 +709,8 @@ pub(crate) struct FailoverShared<S, Req> {
     /// response future keeps no hint until then).
     hint: Mutex<Option<HintFn<Req>>>,
     clone_svc: fn(&S) -> S,
-    peers: Mutex<Vec<Peer<S>>>,
+    /// By the balancer's slot number (`None`: a free slot).
+    peers: Mutex<Vec<Option<Peer<S>>>>,
     pub(crate) totals: Arc<Totals>,
 }
 
@@ -621,7 +734,7 @@ impl<S, Req> FailoverShared<S, Req> {
         hint(req)
     }
 
-    fn peers(&self) -> std::sync::MutexGuard<'_, Vec<Peer<S>>> {
+    fn peers(&self) -> std::sync::MutexGuard<'_, Vec<Option<Peer<S>>>> {
         self.peers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -632,6 +745,7 @@ impl<S, Req> FailoverShared<S, Req> {
         let peers = self.peers();
         let best = peers
             .iter()
+            .flatten()
             .filter(|p| p.stats.ready.load(Relaxed) && !tried.contains(&p.id))
             .min_by_key(|p| p.stats.in_flight())?;
         Some(Peer {
@@ -659,7 +773,7 @@ const TIME_EVERY: u64 = 8;
 impl<D: Discover, Req> fmt::Debug for Balance<D, Req> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Balance")
-            .field("endpoints", &self.by_key.len())
+            .field("endpoints", &(self.slots.len() - self.free.len()))
             .field("ready", &self.ready.len())
             .field("failing", &self.failing)
             .finish_non_exhaustive()
@@ -669,13 +783,15 @@ impl<D: Discover, Req> fmt::Debug for Balance<D, Req> {
 /// The picker's view: the ready endpoints, in the ready set's order.
 struct ReadyView<'a, K, S> {
     slots: &'a [Option<Endpoint<K, S>>],
-    ready: &'a [usize],
+    ready: &'a [u32],
     generation: u64,
+    /// The running count of requests in flight, when the picker reads it.
+    total: Option<&'a AtomicU64>,
 }
 
 impl<K, S> ReadyView<'_, K, S> {
     fn ep(&self, i: usize) -> &Endpoint<K, S> {
-        self.slots[self.ready[i]]
+        self.slots[self.ready[i] as usize]
             .as_ref()
             .expect("ready endpoints exist")
     }
@@ -686,16 +802,22 @@ impl<K, S> Endpoints for ReadyView<'_, K, S> {
         self.ready.len()
     }
     fn id(&self, i: usize) -> EndpointId {
-        self.ep(i).id
+        self.ep(i).id()
     }
     fn load(&self, i: usize) -> f64 {
         self.ep(i).stats.in_flight() as f64
+    }
+    fn total_load(&self) -> f64 {
+        match self.total {
+            Some(t) => t.load(Relaxed) as f64,
+            None => (0..self.len()).map(|i| self.load(i)).sum(),
+        }
     }
     fn latency(&self, i: usize) -> Option<Duration> {
         self.ep(i).stats.ewma()
     }
     fn weight(&self, i: usize) -> u32 {
-        self.ep(i).weight
+        self.ep(i).stats.weight
     }
     fn generation(&self) -> Option<u64> {
         Some(self.generation)
@@ -710,15 +832,15 @@ impl<D: Discover, Req> Balance<D, Req> {
             discover,
             slots: Vec::new(),
             free: Vec::new(),
-            by_key: HashMap::new(),
-            by_id: HashMap::new(),
+            by_id: IdIndex::default(),
             id_clashes: 0,
             ready: Vec::new(),
-            unready: Vec::new(),
+            pending: Vec::new(),
             candidate: None,
             just_called: None,
             sweep: 0,
             generation: 0,
+            common: Common::new(picker.reads_total_load()),
             picker: Box::new(picker),
             failfast: Duration::from_secs(10),
             failfast_sleep: None,
@@ -743,10 +865,13 @@ impl<D: Discover, Req> Balance<D, Req> {
 
     /// Links the balancer to its endpoints' health checks through `gate` (give the same
     /// gate to each endpoint's `marina_health::HealthLayer::ejection_gate`), enabling
-    /// the [panic threshold](Self::panic_threshold). It also makes an ejection the
-    /// balancer did not cause (an active probe's) take effect at once: when the gate
-    /// reports a change, every ready endpoint is polled again. Without a gate, an
-    /// endpoint ejected by a probe leaves the ready set after its next request.
+    /// the [panic threshold](Self::panic_threshold): a change of the gate wakes the
+    /// balancer, which compares the healthy share to the threshold (O(1)). An endpoint
+    /// ejected while in the ready set — by an active probe, not a request this balancer
+    /// sent — gets no request, gate or not: every endpoint is polled before it is sent
+    /// a request, and the ejected one leaves the ready set then (or sooner, when polled
+    /// in turn after a request). The balancer does not poll its other endpoints on an
+    /// ejection, so one costs the same with 8 endpoints or 4,096.
     pub fn ejection_gate(mut self, gate: EjectionGate) -> Self {
         self.gate = Some(gate);
         self
@@ -936,13 +1061,13 @@ impl<D: Discover, Req> Balance<D, Req> {
         };
         {
             let mut peers = shared.peers();
-            for ep in self.slots.iter().flatten() {
-                peers.push(Peer {
-                    id: ep.id,
+            peers.extend(self.slots.iter().map(|ep| {
+                ep.as_ref().map(|ep| Peer {
+                    id: ep.id(),
                     stats: ep.stats.clone(),
                     svc: clone_svc(&ep.svc),
-                });
-            }
+                })
+            }));
         }
         self.failover = Some(Arc::new(shared));
         self
@@ -1252,132 +1377,205 @@ where
     <D::Service as Service<Req>>::Error: Into<BoxError>,
     D::Error: Into<BoxError>,
 {
+    /// The slot of the endpoint with `key`, if any: found by its id (hashed from the
+    /// key), or by a scan when two keys share an id.
+    fn slot_of(&self, key: &D::Key, id: EndpointId) -> Option<usize> {
+        let is = |slot: usize| self.slots[slot].as_ref().is_some_and(|e| e.key == *key);
+        match self.by_id.get(id, |s| id_in(&self.slots, s)) {
+            Some(slot) if is(slot as usize) => Some(slot as usize),
+            _ if self.id_clashes > 0 => (0..self.slots.len()).find(|&slot| is(slot)),
+            _ => None,
+        }
+    }
+
     fn insert(&mut self, key: D::Key, svc: D::Service) {
-        if let Some(&old) = self.by_key.get(&key) {
+        let text = format!("{key:?}");
+        let id = EndpointId::of(&text);
+        if let Some(old) = self.slot_of(&key, id) {
             self.remove_slot(old);
         }
-        let id = EndpointId::of(&format!("{key:?}"));
-        let stats = Arc::new(EndpointStats::new(id));
         let weight = match (&self.weigh, &self.weigh_service) {
             (Some(f), _) => f(&key).max(1),
             (None, Some(f)) => f(&svc).max(1),
             (None, None) => 1,
         };
-        self.handle
-            .insert(format!("{key:?}"), id, weight, stats.clone());
+        let stats = Arc::new(EndpointStats::with(
+            id,
+            text.into_boxed_str(),
+            weight,
+            &self.common,
+        ));
+        let slot = match self.free.pop() {
+            Some(i) => i as usize,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        self.handle.set(slot, Some(stats.clone()));
         if let Some(f) = &self.failover {
             let peer = Peer {
                 id,
                 stats: stats.clone(),
                 svc: (f.clone_svc)(&svc),
             };
-            f.peers().push(peer);
+            let mut peers = f.peers();
+            if peers.len() <= slot {
+                peers.resize_with(slot + 1, || None);
+            }
+            peers[slot] = Some(peer);
         }
-        let ep = Endpoint {
-            key: key.clone(),
-            id,
+        self.slots[slot] = Some(Endpoint {
+            key,
             svc,
             stats,
-            ready_pos: None,
+            ready_pos: NOWHERE,
+            pending_pos: self.pending.len() as u32,
             calls: 0,
-            weight,
-        };
-        let slot = match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = Some(ep);
-                i
-            }
-            None => {
-                self.slots.push(Some(ep));
-                self.slots.len() - 1
-            }
-        };
+        });
+        self.pending.push(slot as u32);
         if self.slow_start.is_some() {
             if self.slow.len() <= slot {
                 self.slow.resize_with(slot + 1, SlowState::default);
             }
             self.slow[slot] = SlowState::new(self.started);
         }
-        self.by_key.insert(key, slot);
-        match self.by_id.entry(id) {
-            std::collections::hash_map::Entry::Occupied(_) => self.id_clashes += 1,
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(slot);
-            }
+        let slots = &self.slots;
+        match self.by_id.get(id, |s| id_in(slots, s)) {
+            Some(s) if s != slot as u32 => self.id_clashes += 1,
+            _ => self.by_id.insert(id, slot as u32, |s| id_in(slots, s)),
         }
-        self.unready.push(slot);
         tracing::debug!(endpoint = ?self.slots[slot].as_ref().map(|e| &e.key), "endpoint added");
     }
 
     fn remove_slot(&mut self, slot: usize) {
+        let Some(ep) = self.slots[slot].as_ref() else {
+            return;
+        };
+        if ep.is_ready() {
+            self.unready_at(ep.ready_pos as usize);
+        }
+        let id = self.slots[slot]
+            .as_ref()
+            .map_or(EndpointId(0), Endpoint::id);
+        let holder = self.by_id.get(id, |s| id_in(&self.slots, s)) == Some(slot as u32);
         let Some(ep) = self.slots[slot].take() else {
             return;
         };
-        self.by_key.remove(&ep.key);
-        if self.by_id.get(&ep.id) == Some(&slot) {
-            self.by_id.remove(&ep.id);
+        if holder {
+            let slots = &self.slots;
+            self.by_id.remove(id, slot as u32, |s| id_in(slots, s));
             // Another endpoint with the same id (two keys, one id) takes its place.
             if self.id_clashes > 0
-                && let Some(other) = self
-                    .slots
+                && let Some(other) = slots
                     .iter()
-                    .position(|e| e.as_ref().is_some_and(|e| e.id == ep.id))
+                    .position(|e| e.as_ref().is_some_and(|e| e.id() == id))
             {
-                self.by_id.insert(ep.id, other);
+                self.by_id.insert(id, other as u32, |s| id_in(slots, s));
+                self.id_clashes -= 1;
             }
+        } else {
+            self.id_clashes = self.id_clashes.saturating_sub(1);
         }
-        self.handle.remove(&ep.stats);
-        if let Some(f) = &self.failover {
-            f.peers().retain(|p| !Arc::ptr_eq(&p.stats, &ep.stats));
+        self.handle.set(slot, None);
+        if let Some(f) = &self.failover
+            && let Some(p) = f.peers().get_mut(slot)
+        {
+            *p = None;
         }
-        if let Some(pos) = ep.ready_pos {
-            self.unready_at(pos);
+        if ep.pending_pos != NOWHERE {
+            self.leave_pending(ep.pending_pos as usize);
         }
-        self.unready.retain(|&s| s != slot);
         if self.candidate == Some(slot) {
             self.candidate = None;
         }
         if self.just_called == Some(slot) {
             self.just_called = None;
         }
-        self.free.push(slot);
+        self.free.push(slot as u32);
         tracing::debug!(endpoint = ?ep.key, "endpoint removed (its requests in flight complete)");
         // Dropping `ep.svc` here: requests in flight own their futures and finish.
     }
 
-    /// Takes the endpoint at `pos` out of the ready set (swap-remove; the set changes).
-    fn unready_at(&mut self, pos: usize) {
-        let slot = self.ready.swap_remove(pos);
-        if let Some(moved) = self.ready.get(pos).copied()
-            && let Some(ep) = self.slots[moved].as_mut()
+    /// Takes the entry at `pos` out of the pending list (swap-remove).
+    fn leave_pending(&mut self, pos: usize) -> usize {
+        let slot = self.pending.swap_remove(pos) as usize;
+        if let Some(&moved) = self.pending.get(pos)
+            && let Some(ep) = self.slots[moved as usize].as_mut()
         {
-            ep.ready_pos = Some(pos);
+            ep.pending_pos = pos as u32;
         }
         if let Some(ep) = self.slots[slot].as_mut() {
-            ep.ready_pos = None;
-            ep.stats.ready.store(false, Relaxed);
+            ep.pending_pos = NOWHERE;
         }
+        slot
+    }
+
+    /// Takes the endpoint at `pos` out of the ready set (swap-remove; the set changes
+    /// and the picker follows) and into the pending list.
+    fn unready_at(&mut self, pos: usize) {
+        let slot = self.ready.swap_remove(pos) as usize;
+        if let Some(&moved) = self.ready.get(pos)
+            && let Some(ep) = self.slots[moved as usize].as_mut()
+        {
+            ep.ready_pos = pos as u32;
+        }
+        let Some(ep) = self.slots[slot].as_mut() else {
+            return;
+        };
+        ep.ready_pos = NOWHERE;
+        ep.stats.ready.store(false, Relaxed);
+        ep.pending_pos = self.pending.len() as u32;
+        let id = ep.id();
+        self.pending.push(slot as u32);
         self.generation += 1;
         if self.slow_start.is_some() {
             self.slow[slot].left();
         }
+        let view = ReadyView {
+            slots: &self.slots,
+            ready: &self.ready,
+            generation: self.generation,
+            total: self.common.counts_total.then_some(&self.common.in_flight),
+        };
+        self.picker
+            .update(&view, SetChange::Removed { index: pos, id });
     }
 
-    fn make_ready(&mut self, slot: usize) {
-        if let Some(ep) = self.slots[slot].as_mut() {
-            ep.ready_pos = Some(self.ready.len());
-            ep.stats.ready.store(true, Relaxed);
-            self.ready.push(slot);
-            self.generation += 1;
-            if let Some(config) = &self.slow_start {
-                self.slow[slot].joined(config);
-            }
+    /// Moves the pending endpoint at `pending_pos` into the ready set (the picker
+    /// follows).
+    fn make_ready(&mut self, pending_pos: usize) {
+        let slot = self.leave_pending(pending_pos);
+        let Some(ep) = self.slots[slot].as_mut() else {
+            return;
+        };
+        ep.ready_pos = self.ready.len() as u32;
+        ep.stats.ready.store(true, Relaxed);
+        self.ready.push(slot as u32);
+        self.generation += 1;
+        if let Some(config) = &self.slow_start {
+            self.slow[slot].joined(config);
         }
+        let view = ReadyView {
+            slots: &self.slots,
+            ready: &self.ready,
+            generation: self.generation,
+            total: self.common.counts_total.then_some(&self.common.in_flight),
+        };
+        self.picker.update(
+            &view,
+            SetChange::Added {
+                index: self.ready.len() - 1,
+            },
+        );
     }
 
     /// Enters or leaves panic mode as the share of ejected endpoints crosses the
-    /// threshold.
-    fn check_panic(&mut self, cx: &mut Context<'_>) {
+    /// threshold. O(1): an endpoint ejected while in the ready set leaves it when it is
+    /// next polled — the one each request is sent to, or the one polled in turn after
+    /// it — so it gets no request (issue #21: re-polling every ready endpoint whenever
+    /// the gate moved cost O(N) per ejection and readmission).
+    fn check_panic(&mut self) {
         let Some(gate) = &self.gate else {
             return;
         };
@@ -1402,23 +1600,8 @@ where
                 );
                 // The pending endpoints are polled next, and the gate lets ejected ones
                 // through.
-                return;
-            }
-            tracing::info!(healthy_share = share, "panic mode over");
-        } else if panic {
-            return;
-        }
-        // An endpoint was ejected that this balancer may still count as ready (an
-        // active probe's verdict, not a request it sent), or panic mode ended: look at
-        // every ready endpoint again, so ejected ones leave the ready set now.
-        let mut pos = 0;
-        while pos < self.ready.len() {
-            let slot = self.ready[pos];
-            if self.poll_endpoint(slot, cx) {
-                pos += 1;
-            } else if let Some(p) = self.slots[slot].as_ref().and_then(|e| e.ready_pos) {
-                self.unready_at(p);
-                self.unready.push(slot);
+            } else {
+                tracing::info!(healthy_share = share, "panic mode over");
             }
         }
     }
@@ -1449,7 +1632,8 @@ where
             match polled {
                 Poll::Ready(Some(Ok(Change::Insert(key, svc)))) => self.insert(key, svc),
                 Poll::Ready(Some(Ok(Change::Remove(key)))) => {
-                    if let Some(&slot) = self.by_key.get(&key) {
+                    let id = EndpointId::of(&format!("{key:?}"));
+                    if let Some(slot) = self.slot_of(&key, id) {
                         self.remove_slot(slot);
                     }
                 }
@@ -1498,22 +1682,17 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.poll_discover(cx)?;
-        self.check_panic(cx);
+        self.check_panic();
         // Pending endpoints are polled until they are ready (their wakers bring us back).
         let mut i = 0;
-        while i < self.unready.len() {
-            let slot = self.unready[i];
+        while i < self.pending.len() {
+            let slot = self.pending[i] as usize;
             if self.poll_endpoint(slot, cx) {
-                self.unready.swap_remove(i);
-                self.make_ready(slot);
-            } else if self.slots[slot].is_none() {
-                // Removed while polling.
-                if i < self.unready.len() && self.unready[i] == slot {
-                    self.unready.swap_remove(i);
-                }
-            } else {
+                self.make_ready(i);
+            } else if self.pending.get(i) == Some(&(slot as u32)) {
                 i += 1;
             }
+            // (Else it failed and was removed: another entry took position `i`.)
         }
         // A fallback for the next request, its readiness checked now with this task's
         // context: the ready endpoints are taken in turn, so one that failed or went
@@ -1529,7 +1708,7 @@ where
                 if self.sweep >= self.ready.len() {
                     self.sweep = 0;
                 }
-                let slot = self.ready[self.sweep];
+                let slot = self.ready[self.sweep] as usize;
                 self.sweep += 1;
                 if self.recheck(slot, cx) {
                     self.candidate = Some(slot);
@@ -1574,8 +1753,8 @@ where
         let mut chosen = match target {
             Some(HintTarget::Endpoint(id)) => self
                 .by_id
-                .get(&id)
-                .copied()
+                .get(id, |s| id_in(&self.slots, s))
+                .map(|slot| slot as usize)
                 .filter(|&slot| self.is_ready_slot(slot) && self.usable_now(slot)),
             _ => None,
         };
@@ -1608,7 +1787,7 @@ where
             chosen = self.candidate.filter(|&slot| self.is_ready_slot(slot));
         }
         while chosen.is_none() && !self.ready.is_empty() {
-            let slot = self.ready[0];
+            let slot = self.ready[0] as usize;
             if self.usable_now(slot) {
                 chosen = Some(slot);
             }
@@ -1631,17 +1810,17 @@ where
             None => {
                 let fut = ep.svc.call(req);
                 if let Some(h) = &hint {
-                    h.report_chosen(ep.id);
+                    h.report_chosen(ep.id());
                 }
                 (fut, RetryState::Off)
             }
             Some(f) => {
-                let mut retry = Retry::start(f, &req, strict, ep.id, |req| {
+                let mut retry = Retry::start(f, &req, strict, ep.id(), |req| {
                     idempotent.as_ref().is_some_and(|is| is(req))
                 });
                 let fut = ep.svc.call(req);
                 if let Some(h) = &hint {
-                    h.report_chosen(ep.id);
+                    h.report_chosen(ep.id());
                 }
                 // Moved, not copied: the failover state tells it where later attempts go.
                 retry.keep_hint(hint);
@@ -1651,7 +1830,7 @@ where
         // Time one request in `TIME_EVERY` (a clock read costs about as much as the rest
         // of a pick and call together): the latency EWMA and average come from those.
         // Counted per endpoint, so a picker's periodic pattern cannot hide one.
-        let timed = ep.calls.is_multiple_of(TIME_EVERY);
+        let timed = ep.calls.is_multiple_of(TIME_EVERY as u32);
         ep.calls = ep.calls.wrapping_add(1);
         let start = timed.then(Instant::now);
         ResponseFuture::sent(fut, Track::start(ep.stats.clone(), start), retry)
@@ -1676,9 +1855,10 @@ where
             slots: &self.slots,
             ready: &self.ready,
             generation: self.generation,
+            total: self.common.counts_total.then_some(&self.common.in_flight),
         };
         let i = self.picker.pick(&view, hint).min(self.ready.len() - 1);
-        self.ready[i]
+        self.ready[i] as usize
     }
 
     /// With slow start on: the picker's choice, where the ramps of the endpoints it
@@ -1714,7 +1894,7 @@ where
             let steady = self
                 .ready
                 .iter()
-                .copied()
+                .map(|&slot| slot as usize)
                 .filter(|&slot| !self.slow[slot].ramping())
                 .min_by_key(|&slot| self.slots[slot].as_ref().map_or(0, |e| e.stats.in_flight()));
             match steady {
@@ -1732,7 +1912,7 @@ where
         self.slots
             .get(slot)
             .and_then(Option::as_ref)
-            .is_some_and(|e| e.ready_pos.is_some())
+            .is_some_and(Endpoint::is_ready)
     }
 
     /// Polls a ready endpoint again; one that is not ready any more leaves the ready set
@@ -1742,9 +1922,10 @@ where
         if self.poll_endpoint(slot, cx) {
             return true;
         }
-        if let Some(pos) = self.slots[slot].as_ref().and_then(|e| e.ready_pos) {
-            self.unready_at(pos);
-            self.unready.push(slot);
+        if let Some(ep) = self.slots[slot].as_ref()
+            && ep.is_ready()
+        {
+            self.unready_at(ep.ready_pos as usize);
         }
         if self.candidate == Some(slot) {
             self.candidate = None;
@@ -1795,7 +1976,7 @@ mod tests {
     #[test]
     fn ewma_follows_time_not_sample_count() {
         let stats = EndpointStats::new(EndpointId(0));
-        let t0 = stats.origin;
+        let t0 = stats.origin();
         let ms = Duration::from_millis;
         assert_eq!(stats.ewma(), None);
         stats.sample(t0, ms(1000));
@@ -1813,13 +1994,13 @@ mod tests {
         assert!((340.0..380.0).contains(&ewma_ms(&stats)));
         // The same time in many small steps decays about as much as in one gap.
         let stepped = EndpointStats::new(EndpointId(0));
-        let t0 = stepped.origin;
+        let t0 = stepped.origin();
         stepped.sample(t0, ms(1000));
         for i in 1..=100 {
             stepped.sample(t0 + ms(100 * i), ms(10));
         }
         let one_gap = EndpointStats::new(EndpointId(0));
-        let t0 = one_gap.origin;
+        let t0 = one_gap.origin();
         one_gap.sample(t0, ms(1000));
         one_gap.sample(t0 + ms(10_000), ms(10));
         let (a, b) = (ewma_ms(&stepped), ewma_ms(&one_gap));
@@ -1835,7 +2016,7 @@ mod tests {
     #[test]
     fn ewma_late_clock_readings_count_as_simultaneous() {
         let stats = EndpointStats::new(EndpointId(0));
-        let t0 = stats.origin;
+        let t0 = stats.origin();
         let ms = Duration::from_millis;
         stats.sample(t0 + ms(5000), ms(1000));
         // Read before the estimate's last change (a thread that lost a race): no time
@@ -1856,7 +2037,7 @@ mod tests {
         // stores a smaller sample over it.
         const EACH: u32 = 200_000;
         let stats = EndpointStats::new(EndpointId(0));
-        let now = stats.origin + Duration::from_secs(1);
+        let now = stats.origin() + Duration::from_secs(1);
         let next = std::sync::atomic::AtomicU32::new(1);
         let value_us =
             |stats: &EndpointStats| f32::from_bits((stats.ewma.load(Relaxed) >> 32) as u32);

@@ -100,15 +100,23 @@
 //! | picker | chooses | cost per pick |
 //! |---|---|---|
 //! | [`RoundRobin`] | each endpoint in turn | O(1) |
-//! | [`WeightedRoundRobin`] | in proportion to weights, smoothly (nginx's algorithm: exact proportions over every window of Σweights picks) | O(N) |
-//! | [`LeastConnections`] | the least loaded (full scan, ties in turn) | O(N) |
-//! | [`LeastResponseTime`] | the lowest latency EWMA × (load + 1) (ties in turn) | O(N) |
+//! | [`WeightedRoundRobin`] | in proportion to weights: up to 16 endpoints smoothly (nginx's algorithm: exact proportions over every window of Σweights picks), above by earliest deadline first (Envoy's); [`smooth`](WeightedRoundRobin::smooth) or [`edf`](WeightedRoundRobin::edf) at any size | O(N) up to 16, O(log N) above |
+//! | [`LeastConnections`] | the least loaded: up to 16 endpoints by a full scan (ties in turn), above the least loaded of 2 random ones (Envoy's and gRPC's default; [`choice_count`](LeastConnections::choice_count)); [`exact`](LeastConnections::exact) scans at any size | O(1) above 16 |
+//! | [`LeastResponseTime`] | the lowest latency EWMA × (load + 1), chosen as least connections chooses | O(1) above 16 |
 //! | [`Random`] | uniformly at random | O(1) |
 //! | [`PowerOfTwoChoices`] | the less loaded of two distinct random endpoints | O(1) |
-//! | [`ConsistentHash`] | by the request's hash: rendezvous for small sets, a hash ring (or a Maglev table) for large ones, optionally bounded load | O(N) / O(log N) (O(1) Maglev) |
+//! | [`ConsistentHash`] | by the request's hash: rendezvous for small sets, a hash ring (or a Maglev table) for large ones, optionally bounded load | O(N) up to 64, O(1) above |
 //!
-//! Random pickers take a seed ([`Random::with_seed`], [`PowerOfTwoChoices::with_seed`])
-//! so simulations and tests are reproducible.
+//! Pickers with state about the set — the ring, the Maglev table, the weighted
+//! schedule — follow the balancer's ready set change by change ([`Pick::update`], with a
+//! [`SetChange`]): an endpoint that joins or leaves, is ejected or readmitted costs
+//! them O(1) to O(log N), never a rebuild under the balancer (the Maglev table, which
+//! must be rebuilt, is rebuilt on a thread of its own while requests go through the
+//! table in use).
+//!
+//! Random pickers take a seed ([`Random::with_seed`], [`PowerOfTwoChoices::with_seed`],
+//! [`LeastConnections::with_seed`], [`LeastResponseTime::with_seed`]) so simulations
+//! and tests are reproducible.
 //!
 //! Around the picker, [`Balance`] has
 //!
@@ -190,6 +198,7 @@
 mod balance;
 mod failover;
 mod future;
+mod index;
 mod layer;
 mod pick;
 mod shared;
@@ -206,5 +215,5 @@ pub use weighted::Weighted;
 
 pub use pick::{
     ConsistentHash, Endpoints, LeastConnections, LeastResponseTime, Pick, PowerOfTwoChoices,
-    Random, RoundRobin, WeightedRoundRobin,
+    Random, RoundRobin, SetChange, WeightedRoundRobin,
 };

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use marina_balance::{
     ConsistentHash, Endpoints, LeastConnections, LeastResponseTime, Pick, PowerOfTwoChoices,
-    Random, RoundRobin, WeightedRoundRobin,
+    Random, RoundRobin, SetChange, WeightedRoundRobin,
 };
 use marina_core::{EndpointId, RouteHint};
 use proptest::prelude::*;
@@ -1033,4 +1033,380 @@ fn consistent_hash_keys_spread_by_id_not_index() {
         same as u64 >= KEYS * 95 / 100,
         "{same} of {KEYS} keys kept their endpoint"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Many endpoints (issue #21): sampled least-load pickers, the EDF schedule, pickers
+//    that follow changes in place
+// ---------------------------------------------------------------------------------------
+
+/// A view that records which endpoints' loads (or latencies) a pick read: a sampling
+/// picker's candidates.
+struct Recording<'a> {
+    view: &'a View,
+    read: std::cell::RefCell<Vec<usize>>,
+}
+
+impl<'a> Recording<'a> {
+    fn new(view: &'a View) -> Self {
+        Recording {
+            view,
+            read: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The distinct endpoints read since the last call.
+    fn take(&self) -> Vec<usize> {
+        let mut read = std::mem::take(&mut *self.read.borrow_mut());
+        read.sort_unstable();
+        read.dedup();
+        read
+    }
+}
+
+impl Endpoints for Recording<'_> {
+    fn len(&self) -> usize {
+        self.view.len()
+    }
+
+    fn id(&self, i: usize) -> EndpointId {
+        self.view.id(i)
+    }
+
+    fn load(&self, i: usize) -> f64 {
+        self.read.borrow_mut().push(i);
+        self.view.load(i)
+    }
+
+    fn latency(&self, i: usize) -> Option<Duration> {
+        self.view.latency(i)
+    }
+}
+
+/// Least connections or least response time, sampling at every size.
+fn sampled(lrt: bool, seed: u64, choices: usize) -> Box<dyn Pick> {
+    if lrt {
+        Box::new(
+            LeastResponseTime::with_seed(seed)
+                .exact_up_to(0)
+                .choice_count(choices),
+        )
+    } else {
+        Box::new(
+            LeastConnections::with_seed(seed)
+                .exact_up_to(0)
+                .choice_count(choices),
+        )
+    }
+}
+
+proptest! {
+    #![proptest_config(config(64))]
+
+    /// Above the exact threshold a least-load picker reads `choice_count` distinct
+    /// endpoints and takes the cheapest of them: never the busier of its two
+    /// candidates (so never the strictly busiest endpoint of all).
+    #[test]
+    fn sampled_least_load_never_takes_a_busier_candidate(
+        seed in any::<u64>(),
+        eps in prop::collection::vec(lrt_endpoint(), 3..=40),
+        choices in 2usize..=4,
+        lrt in any::<bool>(),
+    ) {
+        let view = lrt_view(&eps);
+        let default = Duration::from_millis(1);
+        let cost = |i: usize| {
+            if lrt { lrt_cost(&view, i, default) } else { view.0[i].load }
+        };
+        let mut picker = sampled(lrt, seed, choices);
+        let rec = Recording::new(&view);
+        for _ in 0..200 {
+            let i = picker.pick(&rec, None);
+            let read = rec.take();
+            prop_assert!(read.contains(&i), "chose {} without reading it ({:?})", i, read);
+            prop_assert_eq!(read.len(), choices.min(eps.len()), "candidates {:?}", read);
+            for &j in &read {
+                prop_assert!(cost(i) <= cost(j), "chose {} over cheaper candidate {}", i, j);
+            }
+        }
+    }
+
+    /// Sampling spreads load: with every pick adding a request to the endpoint chosen
+    /// (none finishing), the busiest and idlest endpoints stay within a few requests of
+    /// each other, where uniform random choice drifts apart as sqrt(picks).
+    #[test]
+    fn sampled_least_load_spreads_load(
+        seed in any::<u64>(),
+        n in 17usize..=128,
+        lrt in any::<bool>(),
+    ) {
+        let mut view = View::numbered(n);
+        let mut picker = sampled(lrt, seed, 2);
+        for _ in 0..30 * n {
+            let i = picker.pick(&view, None);
+            view.0[i].load += 1.0;
+        }
+        let loads: Vec<f64> = view.0.iter().map(|e| e.load).collect();
+        let max = loads.iter().copied().fold(0.0, f64::max);
+        let min = loads.iter().copied().fold(f64::INFINITY, f64::min);
+        // Two choices: 2 to 9 in 3,000 seeded runs; uniform random choice: 10 to 43,
+        // median 25.
+        prop_assert!(max - min <= 12.0, "spread {} over {:?}", max - min, loads);
+    }
+
+    /// Up to 16 endpoints the default least-load pickers are the exact ones.
+    #[test]
+    fn least_load_is_exact_up_to_sixteen(
+        rounds in prop::collection::vec(prop::collection::vec(lrt_endpoint(), 1..=16), 1..20),
+        seed in any::<u64>(),
+    ) {
+        let (mut lc, mut lc_exact) = (LeastConnections::with_seed(seed), LeastConnections::exact());
+        let (mut lrt, mut lrt_exact) = (LeastResponseTime::with_seed(seed), LeastResponseTime::exact());
+        for eps in rounds {
+            let view = lrt_view(&eps);
+            for _ in 0..3 {
+                prop_assert_eq!(lc.pick(&view, None), lc_exact.pick(&view, None));
+                prop_assert_eq!(lrt.pick(&view, None), lrt_exact.pick(&view, None));
+            }
+        }
+    }
+}
+
+#[test]
+fn sampled_least_load_reaches_everyone_on_equal_loads() {
+    for lrt in [false, true] {
+        let view = View::numbered(40);
+        let mut picker = sampled(lrt, 3, 2);
+        let c = counts(&picks(&mut picker, &view, 40_000), 40);
+        assert!(c.iter().all(|&c| c > 600), "{c:?}");
+    }
+}
+
+/// Counts over `picks` consecutive picks of `wrr`.
+fn wrr_counts(wrr: &mut impl Pick, view: &dyn Endpoints, picks_n: usize) -> Vec<u64> {
+    counts(&picks(wrr, view, picks_n), view.len())
+}
+
+proptest! {
+    #![proptest_config(config(64))]
+
+    /// The earliest-deadline-first schedule: over every stretch of k × Σweights picks
+    /// from the start each endpoint is chosen k × weight times, give or take one, and
+    /// its picks are interleaved (a run never exceeds its weight by more than one).
+    #[test]
+    fn edf_proportions_match_weights(
+        weights in prop::collection::vec(1u32..=10, 1..=60),
+        k in 1usize..=20,
+    ) {
+        let view = View::with_weights(&weights);
+        let total: usize = weights.iter().map(|&w| w as usize).sum();
+        // The schedule at any size, and the default above 16 endpoints.
+        let mut pickers = vec![WeightedRoundRobin::edf()];
+        if weights.len() > 16 {
+            pickers.push(WeightedRoundRobin::new());
+        }
+        for mut wrr in pickers {
+            let seq = picks(&mut wrr, &view, k * total);
+            let c = counts(&seq, weights.len());
+            for (i, (&c, &w)) in c.iter().zip(&weights).enumerate() {
+                let want = (k as u64) * u64::from(w);
+                prop_assert!(c.abs_diff(want) <= 1, "endpoint {} (weight {}): {} picks, want {}", i, w, c, want);
+            }
+            if weights.len() > 1 {
+                for (i, (&run, &w)) in max_runs(&seq, weights.len()).iter().zip(&weights).enumerate() {
+                    prop_assert!(run <= w as usize + 1, "index {} ran {} with weight {}", i, run, w);
+                }
+            }
+        }
+    }
+
+    /// nginx's exact sequence stays available above 16 endpoints: every window of
+    /// Σweights picks is exact.
+    #[test]
+    fn explicit_smooth_wrr_windows_are_exact_at_any_size(
+        weights in prop::collection::vec(1u32..=6, 17..=40),
+    ) {
+        let view = View::with_weights(&weights);
+        let total: usize = weights.iter().map(|&w| w as usize).sum();
+        let mut wrr = WeightedRoundRobin::smooth();
+        let seq = picks(&mut wrr, &view, 3 * total);
+        let bad = first_inexact_window(&seq, &weights);
+        prop_assert!(bad.is_none(), "window (start, counts) {:?}", bad);
+    }
+
+    /// Up to 16 endpoints the default is the smooth one, pick for pick.
+    #[test]
+    fn wrr_is_smooth_up_to_sixteen(weights in prop::collection::vec(1u32..=10, 1..=16)) {
+        let view = View::with_weights(&weights);
+        let total: usize = weights.iter().map(|&w| w as usize).sum();
+        let a = picks(&mut WeightedRoundRobin::new(), &view, 2 * total);
+        let b = picks(&mut WeightedRoundRobin::smooth(), &view, 2 * total);
+        prop_assert_eq!(a, b);
+    }
+}
+
+/// A view that changes the way a balancer's ready set does (an endpoint joins at the
+/// end; one leaves and the last takes its place) and reports each change to the
+/// pickers given, with a new generation.
+struct Following {
+    view: View,
+    generation: u64,
+}
+
+impl Following {
+    fn new(view: View) -> Self {
+        Following {
+            view,
+            generation: 1,
+        }
+    }
+
+    fn v(&self) -> Versioned<'_> {
+        versioned(&self.view, true, self.generation)
+    }
+
+    fn add(&mut self, ep: Ep, pickers: &mut [&mut dyn Pick]) {
+        self.view.0.push(ep);
+        self.generation += 1;
+        let index = self.view.0.len() - 1;
+        for p in pickers {
+            p.update(&self.v(), SetChange::Added { index });
+        }
+    }
+
+    fn remove(&mut self, index: usize, pickers: &mut [&mut dyn Pick]) {
+        let id = self.view.0.swap_remove(index).id;
+        self.generation += 1;
+        for p in pickers {
+            p.update(&self.v(), SetChange::Removed { index, id });
+        }
+    }
+
+    /// Applies `c` (new endpoints numbered from `*next`, weights as given).
+    fn apply(&mut self, c: &Change, next: &mut u64, pickers: &mut [&mut dyn Pick]) {
+        let fresh = |weight: u32, next: &mut u64| {
+            *next += 1;
+            Ep {
+                weight,
+                ..Ep::new(*next)
+            }
+        };
+        let n = self.view.0.len();
+        match c {
+            Change::Add(_, w) => self.add(fresh(*w, next), pickers),
+            Change::Remove(at) if n > 1 => self.remove(at.index(n), pickers),
+            Change::Remove(_) => {}
+            Change::Replace(at, w) => {
+                self.remove(at.index(n), pickers);
+                self.add(fresh(*w, next), pickers);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config(32))]
+
+    /// A ring (or rendezvous) that followed the changes one at a time routes every key
+    /// as a ring built afresh over the resulting set does.
+    #[test]
+    fn ring_updated_in_place_routes_as_a_fresh_build(
+        n in 1usize..=90,
+        changes in prop::collection::vec(change(), 1..40),
+        table_above in prop::sample::select(vec![0usize, 8, 64]),
+        bounded in any::<bool>(),
+        keys in prop::collection::vec(any::<u64>(), 1..60),
+    ) {
+        let make = || {
+            let ch = ConsistentHash::new().table_above(table_above);
+            if bounded { ch.bounded_load(1.25) } else { ch }
+        };
+        let mut f = Following::new(View::numbered(n));
+        let mut long = make();
+        for &k in &keys {
+            let _ = hashed(&mut long, &f.v(), k);
+        }
+        let mut next = 1_000;
+        for c in &changes {
+            f.apply(c, &mut next, &mut [&mut long]);
+            let mut fresh = make();
+            for &k in &keys {
+                let a = f.view.0[hashed(&mut long, &f.v(), k)].id;
+                let b = f.view.0[hashed(&mut fresh, &f.v(), k)].id;
+                prop_assert_eq!(a, b, "key {} after {:?} (N = {})", k, c, f.view.len());
+            }
+        }
+    }
+
+    /// The schedule follows changes in place: after each, over k × Σweights picks each
+    /// endpoint is chosen k × weight times, give or take two.
+    #[test]
+    fn edf_follows_changes_in_place(
+        weights in prop::collection::vec(1u32..=10, 1..=30),
+        changes in prop::collection::vec((change(), 0usize..50), 1..12),
+        k in 4usize..=10,
+    ) {
+        let mut f = Following::new(View::with_weights(&weights));
+        let mut wrr = WeightedRoundRobin::edf();
+        let _ = picks(&mut wrr, &f.v(), 7);
+        let mut next = 1_000;
+        for (c, gap) in &changes {
+            f.apply(c, &mut next, &mut [&mut wrr]);
+            let _ = picks(&mut wrr, &f.v(), *gap);
+            let now: Vec<u32> = f.view.0.iter().map(|e| e.weight).collect();
+            let total: usize = now.iter().map(|&w| w as usize).sum();
+            let c = wrr_counts(&mut wrr, &f.v(), k * total);
+            for (i, (&c, &w)) in c.iter().zip(&now).enumerate() {
+                let want = (k as u64) * u64::from(w);
+                prop_assert!(c.abs_diff(want) <= 2, "endpoint {} (weight {}): {} picks, want {} (weights {:?})", i, w, c, want, now);
+            }
+        }
+    }
+}
+
+/// Maglev under a balancer's change reports: each change is followed at once (a key
+/// whose endpoint left goes on to one still there, every pick answers), the new table
+/// is built on the picker's worker thread, and once it is in, every key routes as a
+/// fresh table over the set does.
+#[tokio::test]
+async fn maglev_rebuilds_off_the_pick_path_and_settles_on_a_fresh_table() {
+    let mut f = Following::new(View::numbered(120));
+    let mut long = ConsistentHash::new().maglev();
+    // No change reports yet: the first pick builds the table.
+    for k in 0..50 {
+        let _ = hashed(&mut long, &f.v(), k);
+    }
+    // Changes reported one at a time, as a balancer does.
+    let mut next = 1_000;
+    let mut rng = fastrand::Rng::with_seed(9);
+    for round in 0..20 {
+        let gone = f.view.0[rng.usize(0..f.view.len())].id;
+        let at = f.view.0.iter().position(|e| e.id == gone).unwrap();
+        f.remove(at, &mut [&mut long]);
+        next += 1;
+        f.add(Ep::new(next), &mut [&mut long]);
+        // Picks go on at once, never to the endpoint that left.
+        for k in 0..500u64 {
+            let i = hashed(&mut long, &f.v(), k * 7 + round);
+            assert_ne!(
+                f.view.0[i].id, gone,
+                "round {round}: key routed to a removed endpoint"
+            );
+        }
+    }
+    // Settles: the table built on the worker from the last snapshot comes in.
+    let mut fresh = ConsistentHash::new().maglev();
+    let want: Vec<EndpointId> = (0..2_000)
+        .map(|k| f.view.0[hashed(&mut fresh, &f.v(), k)].id)
+        .collect();
+    for _ in 0..12_000 {
+        let got: Vec<EndpointId> = (0..2_000)
+            .map(|k| f.view.0[hashed(&mut long, &f.v(), k)].id)
+            .collect();
+        if got == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the worker's table never came in");
 }
