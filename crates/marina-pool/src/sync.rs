@@ -6,45 +6,24 @@ pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
 #[cfg(not(loom))]
 pub(crate) use std::sync::Arc;
 
-/// The lock around the slot state: a spin lock whose unlock is a plain store, so an
-/// uncontended lock/unlock pair costs one atomic instruction instead of two (a
-/// measured ~15% of a whole checkout+return). Critical sections are a few dozen
-/// instructions and never block; a contended locker spins briefly, then yields its
-/// thread so a preempted holder can finish.
+/// The lock around the slot state: std's mutex (a futex on Linux). Critical sections
+/// are a few dozen instructions and never block, so it is rarely contended; when it
+/// is, a locker spins a bounded moment (std: 100 iterations of a load) and then sleeps
+/// in the kernel until the holder unlocks and wakes it. So a worker whose lock holder
+/// was preempted neither spins on until the holder runs again nor calls
+/// `thread::yield_now` in a loop (the spin lock this replaced did both). An uncontended
+/// lock and unlock are an atomic compare-and-swap and an atomic swap.
 #[cfg(not(loom))]
-pub(crate) type Mutex<T> = spin::mutex::SpinMutex<T>;
+pub(crate) type Mutex<T> = std::sync::Mutex<T>;
 #[cfg(not(loom))]
-pub(crate) type MutexGuard<'a, T> = spin::mutex::SpinMutexGuard<'a, T>;
+pub(crate) type MutexGuard<'a, T> = std::sync::MutexGuard<'a, T>;
 
-/// Locks `m`.
+/// Locks `m`, ignoring poisoning (as the spin lock did): no critical section runs user
+/// code.
 #[cfg(not(loom))]
 #[inline]
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    if let Some(g) = m.try_lock() {
-        return g;
-    }
-    lock_contended(m)
-}
-
-#[cfg(not(loom))]
-#[cold]
-fn lock_contended<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    let mut spins = 0u32;
-    loop {
-        // Test, then test-and-set: spin on a plain load so waiting does not steal the
-        // line from the holder; try the atomic swap only when the lock looks free.
-        while m.is_locked() {
-            if spins < 100 {
-                spins += 1;
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
-        if let Some(g) = m.try_lock_weak() {
-            return g;
-        }
-    }
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Locks `m` (loom's mutex, so loom explores every interleaving).
