@@ -3,8 +3,12 @@
 
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};
+use std::ops::Deref;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst}};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, AtomicUsize,
+    Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst},
+};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -38,12 +42,16 @@ pub(crate) struct ConnMeta {
     /// Checkouts of it that ended (returned, closed or detached).
     pub(crate) releases: AtomicU64,
     pub(crate) errors: AtomicU64,
+    /// Checked out by a `PoolService` for its next call, and not in use yet: idle, as
+    /// far as `close()` is concerned. Written by its holder only.
+    pub(crate) reserved: AtomicBool,
 }
 
 impl ConnMeta {
     /// Counts one more checkout ending. Only the holder writes it: no read-modify-write.
     pub(crate) fn released(&self) {
-        self.releases.store(self.releases.load(Relaxed) + 1, Relaxed);
+        self.releases
+            .store(self.releases.load(Relaxed) + 1, Relaxed);
     }
 }
 
@@ -97,13 +105,16 @@ impl Clock {
         }
     }
 
+    #[inline]
     pub(crate) fn coarse_ms(&self) -> u64 {
         self.now_ms.load(Relaxed)
     }
 
     /// `at` in nanoseconds since the epoch (the unit of waiter deadlines).
     pub(crate) fn ns_at(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.epoch).as_nanos().min(NEVER as u128 - 1) as u64
+        at.saturating_duration_since(self.epoch)
+            .as_nanos()
+            .min(NEVER as u128 - 1) as u64
     }
 
     /// Reads tokio's clock and publishes it; returns it in milliseconds.
@@ -150,6 +161,8 @@ pub(crate) struct Core<X> {
     /// Notified once, when the pool closes (background tasks end on it).
     pub(crate) closing: Notify,
     pub(crate) connecting: AtomicUsize,
+    /// Free slots `PoolService`s hold for their next call ([`HeldSlot::reserve`]).
+    reserved_slots: AtomicUsize,
     pub(crate) probing: AtomicUsize,
     /// Wakes the deadline timer (see [`expire_waiters`]).
     timer: Notify,
@@ -185,6 +198,7 @@ impl<X> Core<X> {
             refilled: Notify::new(),
             closing: Notify::new(),
             connecting: AtomicUsize::new(0),
+            reserved_slots: AtomicUsize::new(0),
             probing: AtomicUsize::new(0),
             timer: Notify::new(),
             timer_running: AtomicBool::new(false),
@@ -201,6 +215,7 @@ fn as_ms(d: Option<Duration>) -> u64 {
 
 impl<X> Core<X> {
     /// Why `meta`'s connection must not be used any more at `now_ms`, if it must not.
+    #[inline]
     pub(crate) fn expired(&self, meta: &ConnMeta, now_ms: u64) -> Option<Reason> {
         if now_ms.saturating_sub(meta.created_ms) >= self.max_lifetime_ms {
             Some(Reason::Lifetime)
@@ -214,24 +229,36 @@ impl<X> Core<X> {
     /// Turns an idle entry just taken (its slot held) into a checked-out connection, or
     /// closes it when it expired or fails the liveness check.
     pub(crate) fn checkout(self: &Arc<Self>, e: Entry<X>) -> Option<Pooled<X>> {
-        Self::checkout_with(self.clone(), e, true)
+        Self::checkout_with(self.clone(), e, true, true)
     }
 
     /// Like [`checkout`](Self::checkout), but a connection that fails the checks keeps
-    /// its slot for the caller to connect in.
-    pub(crate) fn checkout_or_keep_slot(self: &Arc<Self>, e: Entry<X>) -> Option<Pooled<X>> {
-        Self::checkout_with(self.clone(), e, false)
+    /// its slot for the caller to connect in. Without `check`, the liveness check is
+    /// left to the caller (see [`checkout_with`](Self::checkout_with)).
+    pub(crate) fn checkout_or_keep_slot(
+        self: &Arc<Self>,
+        e: Entry<X>,
+        check: bool,
+    ) -> Option<Pooled<X>> {
+        Self::checkout_with(self.clone(), e, false, check)
     }
 
     /// [`checkout`](Self::checkout) with the guard's reference to the pool taken already
     /// (the fast path takes it under the slot lock, whose cache line it shares).
+    /// Without `check`, the liveness check is skipped: the caller runs it when it uses
+    /// the connection ([`Pooled::recheck`], for a `PoolService` reservation).
     #[inline]
-    pub(crate) fn checkout_with(this: Arc<Self>, mut e: Entry<X>, release_on_failure: bool) -> Option<Pooled<X>> {
+    pub(crate) fn checkout_with(
+        this: Arc<Self>,
+        mut e: Entry<X>,
+        release_on_failure: bool,
+        check: bool,
+    ) -> Option<Pooled<X>> {
         if let Some(reason) = this.expired(&e.meta, this.clock.coarse_ms()) {
             this.retire(e, reason, release_on_failure);
             return None;
         }
-        if let Some(check) = this.check.as_ref() {
+        if let Some(check) = this.check.as_ref().filter(|_| check) {
             // User code: if it panics, the connection is closed and its slot freed
             // before the panic goes on to the caller, so the pool stays whole.
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&mut e.conn))) {
@@ -251,6 +278,20 @@ impl<X> Core<X> {
         Some(Pooled::new(e, this))
     }
 
+    /// Why a connection held since an earlier checkout must not be used any more, if
+    /// it must not: the checks of a checkout again (expiry, the liveness check). The
+    /// check is user code: the caller makes sure a panic in it closes the connection.
+    #[inline]
+    pub(crate) fn unusable(&self, e: &mut Entry<X>) -> Option<Reason> {
+        if let Some(reason) = self.expired(&e.meta, self.clock.coarse_ms()) {
+            return Some(reason);
+        }
+        match self.check.as_ref() {
+            Some(check) if !check(&mut e.conn) => Some(Reason::Broken),
+            _ => None,
+        }
+    }
+
     /// Takes back a checked-out connection.
     pub(crate) fn give_back(&self, e: Entry<X>, broken: bool) {
         e.meta.released();
@@ -264,6 +305,7 @@ impl<X> Core<X> {
             return;
         }
         e.meta.returned_ms.store(now, Relaxed);
+        e.meta.reserved.store(false, Relaxed);
         if let Some(e) = self.slots.put(e) {
             self.retire(e, self.surplus_reason(), false);
         }
@@ -309,7 +351,8 @@ impl<X> Core<X> {
         crate::sync::lock_std(&self.registry).remove(&meta.id);
         let c = &self.counters;
         c.retired_uses.fetch_add(meta.uses.load(Relaxed), Relaxed);
-        c.retired_releases.fetch_add(meta.releases.load(Relaxed), Relaxed);
+        c.retired_releases
+            .fetch_add(meta.releases.load(Relaxed), Relaxed);
     }
 
     /// Records a connection just opened. The event (user code) comes first: if it
@@ -329,6 +372,7 @@ impl<X> Core<X> {
             uses: AtomicU64::new(0),
             releases: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            reserved: AtomicBool::new(false),
         });
         crate::sync::lock_std(&self.registry).insert(meta.id, meta.clone());
         self.counters.created.fetch_add(1, Relaxed);
@@ -349,10 +393,15 @@ impl<X> Core<X> {
 
     /// Why a connection the slots would not take back is closed.
     pub(crate) fn surplus_reason(&self) -> Reason {
-        if self.is_closed() { Reason::Closed } else { Reason::Shrunk }
+        if self.is_closed() {
+            Reason::Closed
+        } else {
+            Reason::Shrunk
+        }
     }
 
     /// True once the pool was closed (no lock taken).
+    #[inline]
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(SeqCst)
     }
@@ -381,16 +430,31 @@ impl<X> Core<X> {
     }
 
     /// Waits until every slot is free: no connection open, none connecting.
+    ///
+    /// Connections and slots a `PoolService` holds for its next call do not count: they
+    /// are in no one's use, and are closed when the service uses them (its call then
+    /// fails, the pool being closed) or is dropped.
     pub(crate) async fn drained(&self) {
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
-            if self.slots.snapshot().open == 0 {
+            let open = self.slots.snapshot().open;
+            if open == 0 || open <= self.held_for_later() {
                 return;
             }
             drained.await;
         }
+    }
+
+    /// Connections and slots `PoolService`s hold for their next call (see
+    /// [`drained`](Self::drained)). Scans the connections: for `close()` only.
+    fn held_for_later(&self) -> usize {
+        let conns = crate::sync::lock_std(&self.registry)
+            .values()
+            .filter(|m| m.reserved.load(Relaxed))
+            .count();
+        conns + self.reserved_slots.load(SeqCst)
     }
 
     /// Counts a checkout that gave up after `limit` and makes its error.
@@ -399,7 +463,8 @@ impl<X> Core<X> {
         self.counters.timed_out.fetch_add(1, Relaxed);
         tracing::debug!(pool = %self.name, ?limit, "checkout timed out");
         #[cfg(feature = "metrics")]
-        metrics::counter!("marina_pool_timeouts_total", "pool" => self.name.to_string()).increment(1);
+        metrics::counter!("marina_pool_timeouts_total", "pool" => self.name.to_string())
+            .increment(1);
         PoolError::Timeout(limit)
     }
 
@@ -538,13 +603,86 @@ impl<X> Drop for Connecting<'_, X> {
     }
 }
 
-/// A queued `get()`: withdraws itself from the queue when dropped.
-pub(crate) struct Wait<'a, X> {
-    pub(crate) core: &'a Core<X>,
+/// A slot held with no connection in it, for a connect to come: reserved by a
+/// `PoolService` in a pool with room, or kept when its connection was closed at use.
+/// Counted as connecting. Freed when dropped, unless given to a connect first.
+pub(crate) struct HeldSlot<X> {
+    core: Option<Arc<Core<X>>>,
+    /// Counted in [`Core::reserved_slots`].
+    reserved: bool,
+}
+
+impl<X> HeldSlot<X> {
+    pub(crate) fn new(core: Arc<Core<X>>) -> Self {
+        core.connecting.fetch_add(1, Relaxed);
+        HeldSlot {
+            core: Some(core),
+            reserved: false,
+        }
+    }
+
+    /// Marks it (un)reserved: held for a later use, and idle as far as `close()` is
+    /// concerned, or not.
+    pub(crate) fn set_reserved(&mut self, on: bool) {
+        if let Some(core) = &self.core
+            && self.reserved != on
+        {
+            self.reserved = on;
+            if on {
+                core.reserved_slots.fetch_add(1, SeqCst);
+            } else {
+                core.reserved_slots.fetch_sub(1, SeqCst);
+            }
+        }
+    }
+
+    /// The slot as a grant to connect in: from here on the connect's guard frees it.
+    pub(crate) fn into_grant(mut self) -> Grant<Entry<X>> {
+        self.set_reserved(false);
+        if let Some(core) = self.core.take() {
+            core.connecting.fetch_sub(1, Relaxed);
+        }
+        Grant::Create
+    }
+}
+
+impl<X> Drop for HeldSlot<X> {
+    fn drop(&mut self) {
+        self.set_reserved(false);
+        if let Some(core) = self.core.take() {
+            core.connecting.fetch_sub(1, Relaxed);
+            core.release_slot();
+        }
+    }
+}
+
+/// A queued `get()`: withdraws itself from the queue when dropped. `R` is how it holds
+/// the pool's core: borrowed by [`Pool::get`](crate::Pool::get)'s future, an `Arc` in
+/// [`PoolService`](crate::PoolService), whose checkouts outlive any borrow.
+pub(crate) struct Wait<X, R: Deref<Target = Core<X>>> {
+    pub(crate) core: R,
     pub(crate) waiter: Option<Arc<Waiter<Entry<X>>>>,
 }
 
-impl<X> Future for Wait<'_, X> {
+/// How a checkout holds the pool's core while it waits: `&Core` (borrowed for `'a`) or
+/// `Arc<Core>` (owned, cloned only when a checkout has to wait).
+pub(crate) trait CoreRef<'a, X>: Deref<Target = Core<X>> {
+    fn hold(core: &'a Arc<Core<X>>) -> Self;
+}
+
+impl<'a, X> CoreRef<'a, X> for &'a Core<X> {
+    fn hold(core: &'a Arc<Core<X>>) -> Self {
+        core
+    }
+}
+
+impl<X> CoreRef<'_, X> for Arc<Core<X>> {
+    fn hold(core: &Arc<Core<X>>) -> Self {
+        core.clone()
+    }
+}
+
+impl<X, R: Deref<Target = Core<X>> + Unpin> Future for Wait<X, R> {
     type Output = Result<Grant<Entry<X>>, WaitError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -555,7 +693,7 @@ impl<X> Future for Wait<'_, X> {
     }
 }
 
-impl<X> Drop for Wait<'_, X> {
+impl<X, R: Deref<Target = Core<X>>> Drop for Wait<X, R> {
     fn drop(&mut self) {
         if let Some(w) = self.waiter.take() {
             self.core.cancel_wait(&w);

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -14,7 +15,7 @@ use tower_service::Service;
 
 use crate::builder::Builder;
 use crate::config::{Config, ConnectRetry};
-use crate::core::{Connecting, Core, Entry, Reason, RunningFlag, Wait, first};
+use crate::core::{Connecting, Core, CoreRef, Entry, HeldSlot, Reason, RunningFlag, Wait, first};
 use crate::error::{ConnectTimeout, PoolError, RetriesExhausted};
 use crate::pooled::Pooled;
 use crate::slots::{Closed, Grant, NEVER, WaitError};
@@ -194,6 +195,12 @@ where
         self.handle.inner.core.shut();
     }
 
+    /// True once the pool was closed (an atomic load: no lock taken).
+    #[inline]
+    pub(crate) fn is_shut(&self) -> bool {
+        self.handle.inner.core.is_closed()
+    }
+
     /// True when a connection is checked out or being opened, someone waits, or another
     /// handle than this one exists (a `call` future not yet polled, a user's clone).
     pub(crate) fn in_use(&self) -> bool {
@@ -227,7 +234,11 @@ where
         Builder::from(config).build(connector, target)
     }
 
-    pub(crate) fn from_parts(builder: &Builder, connector: C, target: T) -> Result<Self, PoolError> {
+    pub(crate) fn from_parts(
+        builder: &Builder,
+        connector: C,
+        target: T,
+    ) -> Result<Self, PoolError> {
         let config = builder.config.clone();
         let report = config.validate();
         if !report.is_ok() {
@@ -286,42 +297,31 @@ where
     /// back to the idle queue), a connect in flight is dropped and its slot freed
     /// (counted in [`PoolStats::cancelled`]), and a connection being recycled is closed.
     pub fn get(&self) -> impl Future<Output = Result<Pooled<C::Response>, PoolError>> + Send + '_ {
-        self.checkout(self.handle.inner.config.connect_retry)
-    }
-
-    /// [`get`](Self::get), retrying connects as `retry` says.
-    pub(crate) fn checkout(
-        &self,
-        retry: ConnectRetry,
-    ) -> impl Future<Output = Result<Pooled<C::Response>, PoolError>> + Send + '_ {
-        Checkout {
+        Get {
             pool: self,
-            retry,
-            wait: None,
-            slow: None,
+            checkout: Checkout::new(self.handle.inner.config.connect_retry),
         }
     }
 
-    /// The fast path: an idle connection if one is ready.
+    /// The fast path: an idle connection if one is ready (its liveness checked unless
+    /// `check` is false: see [`Core::checkout_with`]).
     #[inline]
-    fn try_checkout(&self) -> FastPath<C::Response> {
+    fn try_checkout(&self, check: bool) -> FastPath<C::Response> {
         let core = &self.handle.inner.core;
         loop {
             match core.slots.try_acquire_with(|| core.clone()) {
                 (Err(Closed), _) => return FastPath::Closed,
-                (Ok(Some(Grant::Idle(e))), Some(handle)) => {
-                    if let Some(mut p) = Core::checkout_with(handle, e, true) {
+                (Ok(Some(Grant::Idle(e))), handle) => {
+                    // (The handle is always there with an idle connection.)
+                    let handle = handle.unwrap_or_else(|| core.clone());
+                    if let Some(mut p) = Core::checkout_with(handle, e, true, check) {
                         // A connection the connector wants to recycle first takes the
                         // slow path (the future is made again there).
-                        if core.hooks.as_ref().is_some_and(|h| h.recycle(&mut p).is_some()) {
-                            return FastPath::Recycle(p);
-                        }
-                        return FastPath::Ready(p);
-                    }
-                }
-                (Ok(Some(Grant::Idle(e))), None) => {
-                    if let Some(mut p) = core.checkout(e) {
-                        if core.hooks.as_ref().is_some_and(|h| h.recycle(&mut p).is_some()) {
+                        if core
+                            .hooks
+                            .as_ref()
+                            .is_some_and(|h| h.recycle(&mut p).is_some())
+                        {
                             return FastPath::Recycle(p);
                         }
                         return FastPath::Ready(p);
@@ -418,7 +418,7 @@ where
                             core.arm_timer(queued.wake_timer);
                         }
                         let waited = Wait {
-                            core,
+                            core: &**core,
                             waiter: Some(queued.waiter),
                         }
                         .await;
@@ -439,7 +439,7 @@ where
                 return Err(PoolError::Closed);
             }
             match g {
-                Grant::Idle(e) => match core.checkout_or_keep_slot(e) {
+                Grant::Idle(e) => match core.checkout_or_keep_slot(e, true) {
                     Some(p) => match self.recycled(p, deadline).await {
                         Recycled::Ready(p) => return Ok(p),
                         // Closed, its slot kept: connect in it.
@@ -458,7 +458,11 @@ where
     /// Runs the connector's [`recycle`](crate::Manage::recycle) on a connection just
     /// checked out, if it has one: the connection is handed out if it passes, closed
     /// (keeping its slot) if it fails or outlasts `health_check_timeout`.
-    async fn recycled(&self, mut p: Pooled<C::Response>, deadline: Option<Instant>) -> Recycled<C::Response> {
+    async fn recycled(
+        &self,
+        mut p: Pooled<C::Response>,
+        deadline: Option<Instant>,
+    ) -> Recycled<C::Response> {
         let inner = &self.handle.inner;
         let core = &inner.core;
         let Some(hooks) = &core.hooks else {
@@ -664,7 +668,10 @@ where
 
     /// Closes the pool: waiters fail with [`PoolError::Closed`], later `get`s too, idle
     /// connections are closed now; then waits until every checked-out connection has
-    /// been returned (and closed) and every connect in flight has ended.
+    /// been returned (and closed) and every connect in flight has ended. A client (or a
+    /// slot) a [`PoolService`](crate::PoolService) holds for its next call is not in use
+    /// and not waited for: it is closed when that service is next polled, called
+    /// (the call fails with [`PoolError::Closed`], not sent) or dropped.
     ///
     /// Do not await it while holding one of the pool's connections in the same task:
     /// it would wait for itself.
@@ -793,52 +800,183 @@ where
     }
 }
 
-type SlowCheckout<'a, X> = Pin<Box<dyn Future<Output = Result<Pooled<X>, PoolError>> + Send + 'a>>;
+type SlowCheckout<X> = Pin<Box<dyn Future<Output = Result<Pooled<X>, PoolError>> + Send>>;
 
-/// The future of [`Pool::get`]: the fast path and the wait in the queue run inline;
+/// A checkout in progress: the fast path and the wait in the queue run inline;
 /// connecting, recycling and waiting again after a stale connection run in a boxed
 /// future made only when needed, so the common cases (a connection ready, or handed
 /// over after a wait) stay small and allocate nothing but the waiter.
-struct Checkout<'a, C, T>
-where
-    C: Service<T>,
-{
-    pool: &'a Pool<C, T>,
+///
+/// It is polled with the pool it checks out of rather than borrowing it, so it can live
+/// beside its pool: [`Pool::get`]'s future borrows the pool and holds the core by
+/// reference while queued (`R = &Core`); [`PoolService`](crate::PoolService) owns its
+/// pool handle and keeps a checkout in itself from one `poll_ready` to the next
+/// (`R = Arc<Core>`, cloned only when it has to wait). Dropped at any point, it leaves
+/// nothing behind (see [`Pool::get`]'s cancel safety). Once it has returned `Ready` it
+/// must not be polled again.
+pub(crate) struct Checkout<X, R: Deref<Target = Core<X>>> {
     retry: ConnectRetry,
+    /// A reservation for a later use (see [`reserving`](Self::reserving)).
+    reserve: bool,
+    /// Whether it queues when nothing is free (else it ends [`Checked::Busy`]).
+    queue: bool,
     /// Queued for a connection, with the checkout's deadline.
-    wait: Option<(Wait<'a, C::Response>, Option<Instant>)>,
-    slow: Option<SlowCheckout<'a, C::Response>>,
+    wait: Option<(Wait<X, R>, Option<Instant>)>,
+    slow: Option<SlowCheckout<X>>,
 }
 
-impl<'a, C, T> Checkout<'a, C, T>
+impl<X, R> Checkout<X, R>
 where
-    C: Connector<T>,
-    T: Target,
+    X: Send + 'static,
+    R: Deref<Target = Core<X>> + Unpin,
 {
+    /// A checkout not started yet: its first poll takes the fast path.
+    pub(crate) fn new(retry: ConnectRetry) -> Self {
+        Checkout {
+            retry,
+            reserve: false,
+            queue: true,
+            wait: None,
+            slow: None,
+        }
+    }
+
+    /// A checkout that reserves, for a use to come, an idle connection or else a free
+    /// slot to connect in: it never connects itself, and leaves the liveness check of
+    /// an idle connection to the use ([`Pooled::recheck`]), so that it runs once, when
+    /// the connection is used. For a `PoolService`, which reserves in `poll_ready` what
+    /// its next call uses. Expiry and the connector's `recycle` still run here.
+    ///
+    /// With `queue` false, it does not queue when nothing is free: it ends at once with
+    /// [`Checked::Busy`].
+    pub(crate) fn reserving(retry: ConnectRetry, queue: bool) -> Self {
+        Checkout {
+            reserve: true,
+            queue,
+            ..Checkout::new(retry)
+        }
+    }
+
+    /// Polls the checkout, out of `pool` (always the same pool): a connection, or for a
+    /// [`reserving`](Self::reserving) checkout, maybe a slot to connect in.
+    pub(crate) fn poll<'a, C, T>(
+        &mut self,
+        pool: &'a Pool<C, T>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Checked<X>, PoolError>>
+    where
+        C: Connector<T> + Service<T, Response = X>,
+        T: Target,
+        R: CoreRef<'a, X>,
+    {
+        if let Some(slow) = self.slow.as_mut() {
+            return slow.as_mut().poll(cx).map_ok(Checked::Conn);
+        }
+        if let Some((wait, deadline)) = self.wait.as_mut() {
+            let got = std::task::ready!(Pin::new(wait).poll(cx));
+            let deadline = *deadline;
+            self.wait = None;
+            return self.granted(pool, got, deadline, cx);
+        }
+        // A relaxed load of a flag that rarely changes: restarts maintenance if its
+        // runtime went away, even for a pool that never reaches the slow path.
+        if !pool.handle.inner.maintenance_running.load(Relaxed) {
+            pool.start_maintenance();
+        }
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+        coop.made_progress();
+        match pool.try_checkout(!self.reserve) {
+            FastPath::Ready(p) => Poll::Ready(Ok(Checked::Conn(p))),
+            FastPath::Closed => Poll::Ready(Err(PoolError::Closed)),
+            FastPath::Recycle(p) => self.slow(pool, None, Some(p), pool.deadline(), cx),
+            FastPath::Slow(Some(_)) if self.reserve => Poll::Ready(Ok(Checked::Slot(
+                HeldSlot::new(pool.handle.inner.core.clone()),
+            ))),
+            FastPath::Slow(Some(g)) => self.slow(pool, Some(g), None, pool.deadline(), cx),
+            FastPath::Slow(None) if !self.queue => Poll::Ready(Ok(Checked::Busy)),
+            FastPath::Slow(None) => {
+                // Queue, inline: no boxed future for a plain wait.
+                let core = &pool.handle.inner.core;
+                let deadline = pool.deadline();
+                let deadline_ns = deadline.map_or(NEVER, |d| core.clock.ns_at(d));
+                match core.slots.acquire_or_wait(deadline_ns) {
+                    Err(Closed) => Poll::Ready(Err(PoolError::Closed)),
+                    Ok(Ok(g)) => self.granted(pool, Ok(g), deadline, cx),
+                    Ok(Err(queued)) => {
+                        if deadline.is_some() {
+                            core.arm_timer(queued.wake_timer);
+                        }
+                        let mut wait = Wait {
+                            core: R::hold(core),
+                            waiter: Some(queued.waiter),
+                        };
+                        match Pin::new(&mut wait).poll(cx) {
+                            Poll::Ready(got) => self.granted(pool, got, deadline, cx),
+                            Poll::Pending => {
+                                self.wait = Some((wait, deadline));
+                                Poll::Pending
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts this (fresh) checkout as a connect in `slot`, and polls it: the slot is
+    /// guarded by the connect from here on.
+    pub(crate) fn poll_connect_in_slot<C, T>(
+        &mut self,
+        pool: &Pool<C, T>,
+        slot: HeldSlot<X>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Checked<X>, PoolError>>
+    where
+        C: Connector<T> + Service<T, Response = X>,
+        T: Target,
+    {
+        debug_assert!(
+            self.wait.is_none() && self.slow.is_none(),
+            "a fresh checkout"
+        );
+        self.slow(pool, Some(slot.into_grant()), None, pool.deadline(), cx)
+    }
+
     /// Goes on in the boxed slow future, polled at once: a grant moved into it is
     /// guarded from its first poll on, with no await point between.
-    fn slow(
+    fn slow<C, T>(
         &mut self,
-        grant: Option<Grant<Entry<C::Response>>>,
-        recycle: Option<Pooled<C::Response>>,
+        pool: &Pool<C, T>,
+        grant: Option<Grant<Entry<X>>>,
+        recycle: Option<Pooled<X>>,
         deadline: Option<Instant>,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<Pooled<C::Response>, PoolError>> {
-        let (pool, retry) = (self.pool, self.retry);
-        let slow = self
-            .slow
-            .insert(Box::pin(pool.get_slow(grant, recycle, retry, deadline)));
-        slow.as_mut().poll(cx)
+    ) -> Poll<Result<Checked<X>, PoolError>>
+    where
+        C: Connector<T> + Service<T, Response = X>,
+        T: Target,
+    {
+        // A handle of its own, so the future outlives any borrow of the pool (the slow
+        // path connects or recycles: a reference count is nothing beside that).
+        let (pool, retry) = (pool.clone(), self.retry);
+        let slow = self.slow.insert(Box::pin(async move {
+            pool.get_slow(grant, recycle, retry, deadline).await
+        }));
+        slow.as_mut().poll(cx).map_ok(Checked::Conn)
     }
 
     /// What a queued checkout got.
-    fn granted(
+    fn granted<C, T>(
         &mut self,
-        got: Result<Grant<Entry<C::Response>>, WaitError>,
+        pool: &Pool<C, T>,
+        got: Result<Grant<Entry<X>>, WaitError>,
         deadline: Option<Instant>,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<Pooled<C::Response>, PoolError>> {
-        let pool = self.pool;
+    ) -> Poll<Result<Checked<X>, PoolError>>
+    where
+        C: Connector<T> + Service<T, Response = X>,
+        T: Target,
+    {
         let inner = &pool.handle.inner;
         let core = &inner.core;
         let g = match got {
@@ -856,25 +994,59 @@ where
             }
             return Poll::Ready(Err(PoolError::Closed));
         }
-        match g {
-            Grant::Idle(e) => match core.checkout_or_keep_slot(e) {
+        let create = match g {
+            Grant::Idle(e) => match core.checkout_or_keep_slot(e, !self.reserve) {
                 Some(mut p) => {
-                    if pool.wants_recycle(&mut p) {
-                        self.slow(None, Some(p), deadline, cx)
+                    return if pool.wants_recycle(&mut p) {
+                        self.slow(pool, None, Some(p), deadline, cx)
                     } else {
-                        Poll::Ready(Ok(p))
-                    }
+                        Poll::Ready(Ok(Checked::Conn(p)))
+                    };
                 }
                 // The connection was stale: connect in its slot rather than give the
                 // slot up and queue again behind later arrivals.
-                None => self.slow(Some(Grant::Create), None, deadline, cx),
+                None => Grant::Create,
             },
-            Grant::Create => self.slow(Some(Grant::Create), None, deadline, cx),
+            Grant::Create => Grant::Create,
+        };
+        if self.reserve {
+            return Poll::Ready(Ok(Checked::Slot(HeldSlot::new(core.clone()))));
+        }
+        self.slow(pool, Some(create), None, deadline, cx)
+    }
+}
+
+/// What a [`Checkout`] got: a connection, or (only a reserving checkout) a free slot
+/// to connect in.
+pub(crate) enum Checked<X> {
+    Conn(Pooled<X>),
+    Slot(HeldSlot<X>),
+    /// Nothing free, and the checkout was not to queue.
+    Busy,
+}
+
+impl<X> Checked<X> {
+    /// The connection of a checkout that connects ([`Checkout::poll_connect_in_slot`]).
+    pub(crate) fn into_conn(self) -> Pooled<X> {
+        match self {
+            Checked::Conn(p) => p,
+            Checked::Slot(_) | Checked::Busy => {
+                unreachable!("a connect hands out a connection")
+            }
         }
     }
 }
 
-impl<C, T> Future for Checkout<'_, C, T>
+/// The future of [`Pool::get`]: a [`Checkout`] that borrows its pool.
+struct Get<'a, C, T>
+where
+    C: Service<T>,
+{
+    pool: &'a Pool<C, T>,
+    checkout: Checkout<C::Response, &'a Core<C::Response>>,
+}
+
+impl<C, T> Future for Get<'_, C, T>
 where
     C: Connector<T>,
     T: Target,
@@ -883,54 +1055,15 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        if let Some(slow) = this.slow.as_mut() {
-            return slow.as_mut().poll(cx);
-        }
-        if let Some((wait, deadline)) = this.wait.as_mut() {
-            let got = std::task::ready!(Pin::new(wait).poll(cx));
-            let deadline = *deadline;
-            this.wait = None;
-            return this.granted(got, deadline, cx);
-        }
-        let pool = this.pool;
-        // A relaxed load of a flag that rarely changes: restarts maintenance if its
-        // runtime went away, even for a pool that never reaches the slow path.
-        if !pool.handle.inner.maintenance_running.load(Relaxed) {
-            pool.start_maintenance();
-        }
-        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
-        coop.made_progress();
-        match pool.try_checkout() {
-            FastPath::Ready(p) => Poll::Ready(Ok(p)),
-            FastPath::Closed => Poll::Ready(Err(PoolError::Closed)),
-            FastPath::Recycle(p) => this.slow(None, Some(p), pool.deadline(), cx),
-            FastPath::Slow(Some(g)) => this.slow(Some(g), None, pool.deadline(), cx),
-            FastPath::Slow(None) => {
-                // Queue, inline: no boxed future for a plain wait.
-                let core = &pool.handle.inner.core;
-                let deadline = pool.deadline();
-                let deadline_ns = deadline.map_or(NEVER, |d| core.clock.ns_at(d));
-                match core.slots.acquire_or_wait(deadline_ns) {
-                    Err(Closed) => Poll::Ready(Err(PoolError::Closed)),
-                    Ok(Ok(g)) => this.granted(Ok(g), deadline, cx),
-                    Ok(Err(queued)) => {
-                        if deadline.is_some() {
-                            core.arm_timer(queued.wake_timer);
-                        }
-                        let mut wait = Wait {
-                            core,
-                            waiter: Some(queued.waiter),
-                        };
-                        match Pin::new(&mut wait).poll(cx) {
-                            Poll::Ready(got) => this.granted(got, deadline, cx),
-                            Poll::Pending => {
-                                this.wait = Some((wait, deadline));
-                                Poll::Pending
-                            }
-                        }
-                    }
-                }
-            }
+        match std::task::ready!(this.checkout.poll(this.pool, cx)) {
+            Ok(Checked::Conn(p)) => Poll::Ready(Ok(p)),
+            // (Only a reserving checkout hands out slots, or ends busy.)
+            Ok(Checked::Busy) => unreachable!("a get queues"),
+            Ok(Checked::Slot(slot)) => this
+                .checkout
+                .poll_connect_in_slot(this.pool, slot, cx)
+                .map_ok(Checked::into_conn),
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
 }

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::core::{Core, Entry, Reason};
+use crate::core::{Core, Entry, HeldSlot, Reason};
 
 /// A checked-out connection. Dereferences to the connection; returns it to the pool
 /// when dropped, unless it was poisoned.
@@ -161,6 +161,45 @@ impl<X> Pooled<X> {
             .uses
             .store(e.meta.uses.load(Relaxed).saturating_sub(1), Relaxed);
         e
+    }
+
+    /// Runs a checkout's checks on a connection held since a checkout that left them to
+    /// its user (a [`PoolService`](crate::PoolService) reservation), as it is about to be
+    /// used: expiry, then the liveness check. `Some(reason)` when it fails them: the
+    /// caller then closes it with [`close_keeping_slot`](Self::close_keeping_slot).
+    #[inline]
+    pub(crate) fn recheck(&mut self) -> Option<Reason> {
+        // Closed on drop if the check (user code) panics.
+        let was_broken = std::mem::replace(&mut self.poisoned, true);
+        let core = &*self.core;
+        let reason = core.unusable(
+            self.entry
+                .as_mut()
+                .expect("Pooled used after being taken apart"),
+        );
+        self.poisoned = was_broken;
+        reason
+    }
+
+    /// Closes a connection that failed its [`recheck`](Self::recheck), undoing the
+    /// checkout that reserved it (it served nothing), and keeps its slot for the caller
+    /// to connect in.
+    #[cold]
+    pub(crate) fn close_keeping_slot(self, reason: Reason) -> HeldSlot<X> {
+        let core = self.core.clone();
+        // Held before the close (user code: a connection's `Drop`), so a panic there
+        // frees the slot.
+        let slot = HeldSlot::new(core.clone());
+        core.retire(self.take_unused(), reason, false);
+        slot
+    }
+
+    /// Marks it (un)reserved: checked out by a `PoolService` for its next call and not
+    /// in use yet, so idle as far as `close()` is concerned, or not. (Cleared when it
+    /// goes back to the pool, too.)
+    #[inline]
+    pub(crate) fn set_reserved(&self, on: bool) {
+        self.entry().meta.reserved.store(on, Relaxed);
     }
 
     /// The pool's id for this connection (as in [`ConnStats::id`](crate::ConnStats::id)).

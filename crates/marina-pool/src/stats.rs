@@ -20,7 +20,8 @@ pub struct PoolStats {
     pub idle: usize,
     /// Connections checked out.
     pub active: usize,
-    /// Connects in flight.
+    /// Connects in flight, and free slots reserved for a connect (by a
+    /// [`PoolService`](crate::PoolService) for its next call).
     pub connecting: usize,
     /// `get()` calls queued for a connection.
     pub waiting: usize,
