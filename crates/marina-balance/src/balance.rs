@@ -1586,6 +1586,9 @@ where
             return;
         }
         self.gate_changes = changes;
+        // An ejection or readmission somewhere: the endpoint checked for the next
+        // request is checked again before it is used (it may be the one ejected).
+        self.candidate = None;
         let share = gate.healthy_share();
         let panic = share < self.panic_threshold;
         if panic != self.panicking {
