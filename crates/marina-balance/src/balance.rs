@@ -6,9 +6,12 @@ use std::future::Future;
 use std::hash::Hash;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64,
+    Ordering::{AcqRel, Acquire, Relaxed, Release},
+};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use marina_core::{
@@ -463,6 +466,49 @@ struct Endpoint<K, S> {
     calls: u32,
 }
 
+/// Pending endpoints that woke, and the balancer's task to wake for them.
+#[derive(Default)]
+struct Wakes {
+    /// Slots of endpoints that woke since the last `poll_ready`.
+    woken: Mutex<Vec<u32>>,
+    /// Whether `woken` may hold any (read without its lock).
+    any: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The waker a pending endpoint is polled with: queues its slot (once) and wakes the
+/// balancer's task. A wake-up that comes after the slot was reused only makes the
+/// balancer poll that slot's endpoint once more.
+struct SlotWaker {
+    slot: u32,
+    queued: AtomicBool,
+    wakes: Arc<Wakes>,
+}
+
+impl std::task::Wake for SlotWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // Each waker queues its slot at most once: the balancer polls the endpoint
+        // with a new waker then, so the queue never holds more than one entry per poll.
+        if self.queued.swap(true, AcqRel) {
+            return;
+        }
+        lock(&self.wakes.woken).push(self.slot);
+        self.wakes.any.store(true, Release);
+        let task = lock(&self.wakes.task).clone();
+        if let Some(task) = task {
+            task.wake();
+        }
+    }
+}
+
 /// `Endpoint::ready_pos` or `pending_pos` when it is not in that list.
 const NOWHERE: u32 = u32::MAX;
 
@@ -500,9 +546,11 @@ impl<K, S> Endpoint<K, S> {
 ///   ready set. Each `poll_ready` after a call polls the endpoint called last (the
 ///   tower contract) and one more ready endpoint in turn, so an endpoint that dies
 ///   unpicked still leaves within one pass over the set: dead endpoints never pile
-///   up. Pending endpoints are polled until they are ready. The picker sees a stable,
-///   indexed view (with a generation that changes only when the set does), so
-///   stateful pickers keep their state.
+///   up. A pending endpoint is polled when it wakes, with a waker of its own (as
+///   tower's ready cache does), not on every `poll_ready`: a thousand ejected
+///   endpoints cost a request nothing. The picker sees a stable, indexed view (with a
+///   generation that changes only when the set does), so stateful pickers keep their
+///   state.
 /// - **Fail fast**: when no endpoint is ready for `failfast_timeout`, the balancer turns
 ///   ready and each call fails at once with [`NoReadyEndpoints`] (inside a `BoxError`),
 ///   until an endpoint is ready again — rather than leaving callers hanging.
@@ -685,6 +733,14 @@ where
     panicking: bool,
     /// The gate's change count at the last look.
     gate_changes: u64,
+    /// Pending endpoints' wake-ups.
+    wakes: Arc<Wakes>,
+    /// The task waker last given to `wakes` (compared without its lock).
+    task: Option<Waker>,
+    /// Pending endpoints to poll with a waker of their own at the next `poll_ready`:
+    /// new ones, ones that just went pending (polled with another waker, or none), and
+    /// the woken ones.
+    to_poll: Vec<u32>,
     _req: PhantomData<fn(Req)>,
 }
 
@@ -859,6 +915,9 @@ impl<D: Discover, Req> Balance<D, Req> {
             panic_threshold: 0.5,
             panicking: false,
             gate_changes: 0,
+            wakes: Arc::default(),
+            task: None,
+            to_poll: Vec::new(),
             _req: PhantomData,
         }
     }
@@ -1434,6 +1493,7 @@ where
             calls: 0,
         });
         self.pending.push(slot as u32);
+        self.to_poll.push(slot as u32);
         if self.slow_start.is_some() {
             if self.slow.len() <= slot {
                 self.slow.resize_with(slot + 1, SlowState::default);
@@ -1528,6 +1588,7 @@ where
         ep.pending_pos = self.pending.len() as u32;
         let id = ep.id();
         self.pending.push(slot as u32);
+        self.to_poll.push(slot as u32);
         self.generation += 1;
         if self.slow_start.is_some() {
             self.slow[slot].left();
@@ -1575,15 +1636,17 @@ where
     /// next polled — the one each request is sent to, or the one polled in turn after
     /// it — so it gets no request (issue #21: re-polling every ready endpoint whenever
     /// the gate moved cost O(N) per ejection and readmission).
-    fn check_panic(&mut self) {
+    /// Returns whether panic mode started (the ejected endpoints may be ready now,
+    /// though none of them woke).
+    fn check_panic(&mut self) -> bool {
         let Some(gate) = &self.gate else {
-            return;
+            return false;
         };
         // The share moves only when a member's ejection changes (or a member leaves),
         // which moves the count: nothing to compute on most polls.
         let changes = gate.changes();
         if changes == self.gate_changes {
-            return;
+            return false;
         }
         self.gate_changes = changes;
         // An ejection or readmission somewhere: the endpoint checked for the next
@@ -1603,10 +1666,11 @@ where
                 );
                 // The pending endpoints are polled next, and the gate lets ejected ones
                 // through.
-            } else {
-                tracing::info!(healthy_share = share, "panic mode over");
+                return true;
             }
+            tracing::info!(healthy_share = share, "panic mode over");
         }
+        false
     }
 
     fn poll_discover(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError> {
@@ -1652,6 +1716,49 @@ where
         }
     }
 
+    /// Polls the pending endpoints that woke (or are new to the pending list), each
+    /// with a waker of its own; the ready ones join the ready set. The others are not
+    /// polled: their wakers bring them back.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) {
+        if self.pending.is_empty() {
+            self.to_poll.clear();
+            return;
+        }
+        // The task to wake when a pending endpoint wakes: given to `wakes` only when it
+        // changed (a lock), before any endpoint is polled (so no wake-up is lost).
+        if !self.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+            let task = cx.waker().clone();
+            *lock(&self.wakes.task) = Some(task.clone());
+            self.task = Some(task);
+        }
+        if self.wakes.any.swap(false, Acquire) {
+            let mut woken = lock(&self.wakes.woken);
+            self.to_poll.append(&mut woken);
+        }
+        // In the order they came (endpoints discovered together join the ready set in
+        // discovery order).
+        let mut i = 0;
+        while let Some(&slot) = self.to_poll.get(i) {
+            i += 1;
+            let Some(pos) = self.slots[slot as usize]
+                .as_ref()
+                .map(|e| e.pending_pos)
+                .filter(|&p| p != NOWHERE)
+            else {
+                continue; // gone, or ready already
+            };
+            let waker = Waker::from(Arc::new(SlotWaker {
+                slot,
+                queued: AtomicBool::new(false),
+                wakes: self.wakes.clone(),
+            }));
+            if self.poll_endpoint(slot as usize, &mut Context::from_waker(&waker)) {
+                self.make_ready(pos as usize);
+            }
+        }
+        self.to_poll.clear();
+    }
+
     /// Polls one endpoint; `true` if it is ready. An endpoint whose `poll_ready` fails is
     /// removed (it cannot serve).
     fn poll_endpoint(&mut self, slot: usize, cx: &mut Context<'_>) -> bool {
@@ -1685,18 +1792,12 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.poll_discover(cx)?;
-        self.check_panic();
-        // Pending endpoints are polled until they are ready (their wakers bring us back).
-        let mut i = 0;
-        while i < self.pending.len() {
-            let slot = self.pending[i] as usize;
-            if self.poll_endpoint(slot, cx) {
-                self.make_ready(i);
-            } else if self.pending.get(i) == Some(&(slot as u32)) {
-                i += 1;
-            }
-            // (Else it failed and was removed: another entry took position `i`.)
+        if self.check_panic() {
+            // The gate opened: ejected endpoints let requests through now, without
+            // waking. Once per crossing of the threshold.
+            self.to_poll.extend_from_slice(&self.pending);
         }
+        self.poll_pending(cx);
         // A fallback for the next request, its readiness checked now with this task's
         // context: the ready endpoints are taken in turn, so one that failed or went
         // pending while ready and idle (a connection closed, an ejection) leaves the set

@@ -453,3 +453,77 @@ async fn bounded_load_holds_through_the_balancer() {
     let again = lb.ready().await.unwrap().call(hashed(42)).await.unwrap();
     assert_eq!(again, first);
 }
+
+// ---------------------------------------------------------------------------------------
+// 6. Pending endpoints are polled when they wake, not on every request
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn pending_endpoints_are_polled_when_they_wake_not_per_request() {
+    const N: u32 = 64;
+    let eps: Vec<Ep> = (0..N).map(|n| Ep::new(n, None)).collect();
+    // Half of them pending from the start (ejected, at their limit: closed readiness).
+    for ep in &eps[..N as usize / 2] {
+        ep.close(true);
+    }
+    let mut lb: Balance<_, Req> =
+        Balance::new(ServiceList::new::<Req>(eps.clone()), RoundRobin::new());
+    let handle = lb.handle();
+    let total = || eps.iter().map(Ep::polls).sum::<usize>();
+    for _ in 0..N {
+        let n = lb
+            .ready()
+            .await
+            .unwrap()
+            .call(Req::default())
+            .await
+            .unwrap();
+        assert!(n >= N / 2, "went to pending endpoint {n}");
+    }
+    let pending_polls = || eps[..N as usize / 2].iter().map(Ep::polls).sum::<usize>();
+    let before = (total(), pending_polls());
+    for _ in 0..4 * N {
+        lb.ready()
+            .await
+            .unwrap()
+            .call(Req::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        pending_polls(),
+        before.1,
+        "pending endpoints polled without waking"
+    );
+    assert!(
+        total() - before.0 <= 3 * 4 * N as usize,
+        "{} polls for {} requests",
+        total() - before.0,
+        4 * N
+    );
+    // One wakes: it is polled, joins, and takes requests; the others are still not
+    // polled.
+    let others = || {
+        eps[..N as usize / 2]
+            .iter()
+            .filter(|e| e.n != 3)
+            .map(Ep::polls)
+            .sum::<usize>()
+    };
+    let still = others();
+    eps[3].close(false);
+    let mut seen = HashSet::new();
+    for _ in 0..2 * N {
+        seen.insert(
+            lb.ready()
+                .await
+                .unwrap()
+                .call(Req::default())
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(seen.contains(&3), "the endpoint that woke got no request");
+    assert_eq!(handle.totals().ready, N as usize / 2 + 1);
+    assert_eq!(others(), still, "pending endpoints polled without waking");
+}
