@@ -18,7 +18,11 @@
 //!    ejected endpoint), and the same requests on an unchanged set are subtracted: the
 //!    cell is what one change costs the balancer, whenever it pays it. Victims rotate
 //!    over the set.
-//! 3. **Heap bytes per endpoint** in a balancer holding N endpoints after a few hundred
+//! 3. **Per request with part of the set pending**, N = 4096 (the largest size), round
+//!    robin and P2C: none, 1%, 10% or 50% of the endpoints with their readiness closed
+//!    (as an ejection closes it; no gate here, so no panic mode), the others answering
+//!    at once.
+//! 4. **Heap bytes per endpoint** in a balancer holding N endpoints after a few hundred
 //!    requests (so any picker table is built), counted with `allocation-counter`, beside
 //!    tower's p2c. The counter sees the thread it measures only, and a Maglev picker
 //!    under a balancer builds its tables on a thread of its own, so the Maglev row's
@@ -624,7 +628,40 @@ fn main() {
         println!("| {} | {d:.0} | {e:.0} |", row.name);
     }
 
-    // 3. Memory.
+    // 3. Per request with part of the set pending.
+    let shares = [0.0, 0.01, 0.1, 0.5];
+    println!("\nns of overhead per request at N = {big} with part of the set pending:\n");
+    println!(
+        "| row | {} |",
+        shares
+            .iter()
+            .map(|s| format!("{:.0}% pending", s * 100.0))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|{}", "---:|".repeat(shares.len()));
+    type MakePicker = fn() -> Box<dyn Pick>;
+    let pending_rows: [(&str, MakePicker); 2] = [
+        ("round robin", || Box::new(RoundRobin::new())),
+        ("P2C", || Box::new(PowerOfTwoChoices::with_seed(1))),
+    ];
+    for (name, make) in pending_rows {
+        let cells: Vec<String> = shares
+            .iter()
+            .map(|&share| {
+                let gate = EjectionGate::new();
+                let eps: Vec<Gated> = (0..big).map(|_| Gated::new(&gate)).collect();
+                for ep in &eps[..(share * big as f64) as usize] {
+                    ep.eject(true);
+                }
+                let lb: ListBalance<Gated> = Balance::new(ServiceList::new(eps), make());
+                format!("{:.1}", per_request(&rt, lb, budget) - floor)
+            })
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    }
+
+    // 4. Memory.
     println!("\nheap bytes per endpoint (allocation-counter, after 500 requests):\n");
     println!("| row | {} |", head.join(" | "));
     println!("|---|{}", "---:|".repeat(sizes.len()));
