@@ -58,6 +58,9 @@ pub struct Failover {
     pub(crate) retry_sent_if: Option<Classifier>,
     pub(crate) deadline: Option<Duration>,
     pub(crate) hedge: Option<Duration>,
+    /// `retry_if` replaced the never-sent rule: every request may be retried after it
+    /// was sent, so every request needs a copy.
+    pub(crate) widened: bool,
 }
 
 /// Decides something about an attempt's error.
@@ -85,6 +88,7 @@ impl Default for Failover {
             retry_sent_if: None,
             deadline: None,
             hedge: None,
+            widened: false,
         }
     }
 }
@@ -147,7 +151,16 @@ impl Failover {
         retryable: impl Fn(&BoxError) -> bool + Send + Sync + 'static,
     ) -> Self {
         self.retry_if = Arc::new(retryable);
+        self.widened = true;
         self
+    }
+
+    /// Whether [`retry_if`](Self::retry_if) set which errors are retried for every
+    /// request (not only never-sent ones): a balancer must then keep a copy of every
+    /// request ([`Balance::failover`](crate::Balance::failover)), since any of them may
+    /// be sent again after it was sent.
+    pub fn retries_sent_requests(&self) -> bool {
+        self.widened
     }
 
     /// Which errors of **idempotent** requests are retried on another endpoint even

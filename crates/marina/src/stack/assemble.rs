@@ -193,10 +193,14 @@ where
                 f = f.hedge(h);
             }
             // The pools give requests they could not send back: only requests marked
-            // idempotent are copied (to be sent again after they may have been sent).
-            balance = balance
-                .failover_copy_idempotent(f)
-                .idempotent_from_extensions();
+            // idempotent are copied (to be sent again after they may have been sent),
+            // unless the policy retries any request after sending (`retry_if`).
+            balance = if f.retries_sent_requests() {
+                balance.failover(f)
+            } else {
+                balance.failover_copy_idempotent(f)
+            }
+            .idempotent_from_extensions();
         }
         let balance_handle = balance.handle();
         let shared = Shared::new(balance);
