@@ -578,10 +578,10 @@ impl<K, S> Endpoint<K, S> {
 /// a thread of its own. The balancer's own bookkeeping per change is O(1) too: a
 /// removal touches the endpoint's own entries, and an ejection does not make the
 /// balancer poll its other endpoints (the ejected endpoint leaves the ready set the
-/// next time it is polled, at the latest before a request would be sent to it). Per
-/// endpoint the balancer keeps about 210 bytes, plus what the picker keeps (the
-/// consistent-hash ring about 190, the weighted schedule about 40, the Maglev table
-/// 80 to 160).
+/// next time it is polled, at the latest before a request would be sent to it), and a
+/// pending endpoint is polled when it wakes, not per request. Per endpoint the
+/// balancer keeps about 180 bytes, plus what the picker keeps (the consistent-hash
+/// ring about 190, the weighted schedule about 40; the Maglev table is 256 KiB in all).
 ///
 /// Weights: see [`weights`](Self::weights).
 ///
@@ -735,8 +735,9 @@ where
     gate_changes: u64,
     /// Pending endpoints' wake-ups.
     wakes: Arc<Wakes>,
-    /// The task waker last given to `wakes` (compared without its lock).
-    task: Option<Waker>,
+    /// The task waker last given to `wakes`, and the raw parts (data, vtable) of the
+    /// waker it was cloned from (compared without the lock).
+    task: Option<(Waker, (usize, usize))>,
     /// Pending endpoints to poll with a waker of their own at the next `poll_ready`:
     /// new ones, ones that just went pending (polled with another waker, or none), and
     /// the woken ones.
@@ -1718,20 +1719,30 @@ where
 
     /// Polls the pending endpoints that woke (or are new to the pending list), each
     /// with a waker of its own; the ready ones join the ready set. The others are not
-    /// polled: their wakers bring them back.
-    fn poll_pending(&mut self, cx: &mut Context<'_>) {
+    /// polled: their wakers bring them back, and wake the task.
+    fn poll_pending(&mut self, cx: &Context<'_>) {
         if self.pending.is_empty() {
             self.to_poll.clear();
             return;
         }
-        // The task to wake when a pending endpoint wakes: given to `wakes` only when it
-        // changed (a lock), before any endpoint is polled (so no wake-up is lost).
-        if !self.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+        // The task to wake when a pending endpoint wakes: handed over (a clone and a
+        // lock) only when it is not the one given last time, before any endpoint is
+        // polled (so no wake-up is lost). Recognised by the raw parts of the waker
+        // given, not by `will_wake` on the clone kept: a clone may carry a copy of the
+        // same vtable at another address, and `will_wake` would then say no on every
+        // request. (The clone keeps the waker's data alive, so those parts cannot come
+        // back for another waker.)
+        let given = (
+            cx.waker().data() as usize,
+            std::ptr::from_ref(cx.waker().vtable()) as usize,
+        );
+        if self.task.as_ref().is_none_or(|(_, last)| *last != given) {
             let task = cx.waker().clone();
             *lock(&self.wakes.task) = Some(task.clone());
-            self.task = Some(task);
+            self.task = Some((task, given));
         }
-        if self.wakes.any.swap(false, Acquire) {
+        // (A plain load first: no read-modify-write per request while nothing woke.)
+        if self.wakes.any.load(Acquire) && self.wakes.any.swap(false, Acquire) {
             let mut woken = lock(&self.wakes.woken);
             self.to_poll.append(&mut woken);
         }

@@ -115,7 +115,9 @@ pub trait Pick: Send + 'static {
     /// Whether the picker reads [`Endpoints::total_load`] (default false). A balancer
     /// asks once, when it is built, and for such a picker keeps a running total of its
     /// requests in flight, so that reading the total costs O(1) instead of a pass over
-    /// the set.
+    /// the set. That total counts every request in flight from the balancer, those on
+    /// endpoints that just left the ready set included (their requests still draw on
+    /// the fleet), where the default sum counts the ready endpoints' only.
     fn reads_total_load(&self) -> bool {
         false
     }
