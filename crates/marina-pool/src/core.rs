@@ -664,24 +664,6 @@ pub(crate) struct Wait<X, R: Deref<Target = Core<X>>> {
     pub(crate) waiter: Option<Arc<Waiter<Entry<X>>>>,
 }
 
-/// How a checkout holds the pool's core while it waits: `&Core` (borrowed for `'a`) or
-/// `Arc<Core>` (owned, cloned only when a checkout has to wait).
-pub(crate) trait CoreRef<'a, X>: Deref<Target = Core<X>> {
-    fn hold(core: &'a Arc<Core<X>>) -> Self;
-}
-
-impl<'a, X> CoreRef<'a, X> for &'a Core<X> {
-    fn hold(core: &'a Arc<Core<X>>) -> Self {
-        core
-    }
-}
-
-impl<X> CoreRef<'_, X> for Arc<Core<X>> {
-    fn hold(core: &Arc<Core<X>>) -> Self {
-        core.clone()
-    }
-}
-
 impl<X, R: Deref<Target = Core<X>> + Unpin> Future for Wait<X, R> {
     type Output = Result<Grant<Entry<X>>, WaitError>;
 

@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::future::Future;
-use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -15,7 +14,7 @@ use tower_service::Service;
 
 use crate::builder::Builder;
 use crate::config::{Config, ConnectRetry};
-use crate::core::{Connecting, Core, CoreRef, Entry, HeldSlot, Reason, RunningFlag, Wait, first};
+use crate::core::{Connecting, Core, Entry, HeldSlot, Reason, RunningFlag, Wait, first};
 use crate::error::{ConnectTimeout, PoolError, RetriesExhausted};
 use crate::pooled::Pooled;
 use crate::slots::{Closed, Grant, NEVER, WaitError};
@@ -297,10 +296,43 @@ where
     /// back to the idle queue), a connect in flight is dropped and its slot freed
     /// (counted in [`PoolStats::cancelled`]), and a connection being recycled is closed.
     pub fn get(&self) -> impl Future<Output = Result<Pooled<C::Response>, PoolError>> + Send + '_ {
-        Get {
+        self.checkout(self.handle.inner.config.connect_retry)
+    }
+
+    /// [`get`](Self::get), retrying connects as `retry` says.
+    pub(crate) fn checkout(
+        &self,
+        retry: ConnectRetry,
+    ) -> impl Future<Output = Result<Pooled<C::Response>, PoolError>> + Send + '_ {
+        Checkout {
             pool: self,
-            checkout: Checkout::new(self.handle.inner.config.connect_retry),
+            retry,
+            wait: None,
+            slow: None,
         }
+    }
+
+    /// A checkout (connects not retried) as a future of its own, holding a handle of
+    /// the pool: for a `PoolService` call that found nothing reserved.
+    pub(crate) fn checkout_owned(&self) -> SlowCheckout<'static, C::Response> {
+        let pool = self.clone();
+        Box::pin(async move { pool.checkout(ConnectRetry::Off).await })
+    }
+
+    /// A connect (not retried) in `slot`, as a future of its own holding a handle of the
+    /// pool: for a `PoolService` call that uses a reserved slot. The slot is freed if
+    /// the future is dropped before its first poll, and guarded by the connect after.
+    pub(crate) fn connect_in_slot_owned(
+        &self,
+        slot: HeldSlot<C::Response>,
+    ) -> SlowCheckout<'static, C::Response> {
+        let pool = self.clone();
+        Box::pin(async move {
+            let grant = slot.into_grant();
+            let deadline = pool.deadline();
+            pool.get_slow(Some(grant), None, ConnectRetry::Off, deadline)
+                .await
+        })
     }
 
     /// The fast path: an idle connection if one is ready (its liveness checked unless
@@ -311,12 +343,22 @@ where
         loop {
             match core.slots.try_acquire_with(|| core.clone()) {
                 (Err(Closed), _) => return FastPath::Closed,
-                (Ok(Some(Grant::Idle(e))), handle) => {
-                    // (The handle is always there with an idle connection.)
-                    let handle = handle.unwrap_or_else(|| core.clone());
+                (Ok(Some(Grant::Idle(e))), Some(handle)) => {
                     if let Some(mut p) = Core::checkout_with(handle, e, true, check) {
                         // A connection the connector wants to recycle first takes the
                         // slow path (the future is made again there).
+                        if core
+                            .hooks
+                            .as_ref()
+                            .is_some_and(|h| h.recycle(&mut p).is_some())
+                        {
+                            return FastPath::Recycle(p);
+                        }
+                        return FastPath::Ready(p);
+                    }
+                }
+                (Ok(Some(Grant::Idle(e))), None) => {
+                    if let Some(mut p) = Core::checkout_with(core.clone(), e, true, check) {
                         if core
                             .hooks
                             .as_ref()
@@ -800,84 +842,97 @@ where
     }
 }
 
-type SlowCheckout<X> = Pin<Box<dyn Future<Output = Result<Pooled<X>, PoolError>> + Send>>;
+pub(crate) type SlowCheckout<'a, X> =
+    Pin<Box<dyn Future<Output = Result<Pooled<X>, PoolError>> + Send + 'a>>;
 
-/// A checkout in progress: the fast path and the wait in the queue run inline;
+/// A [`Pool::get`] queued for a connection, with its deadline.
+type Queued<'a, X> = (Wait<X, &'a Core<X>>, Option<Instant>);
+
+/// The future of [`Pool::get`]: the fast path and the wait in the queue run inline;
 /// connecting, recycling and waiting again after a stale connection run in a boxed
 /// future made only when needed, so the common cases (a connection ready, or handed
 /// over after a wait) stay small and allocate nothing but the waiter.
-///
-/// It is polled with the pool it checks out of rather than borrowing it, so it can live
-/// beside its pool: [`Pool::get`]'s future borrows the pool and holds the core by
-/// reference while queued (`R = &Core`); [`PoolService`](crate::PoolService) owns its
-/// pool handle and keeps a checkout in itself from one `poll_ready` to the next
-/// (`R = Arc<Core>`, cloned only when it has to wait). Dropped at any point, it leaves
-/// nothing behind (see [`Pool::get`]'s cancel safety). Once it has returned `Ready` it
-/// must not be polled again.
-pub(crate) struct Checkout<X, R: Deref<Target = Core<X>>> {
+struct Checkout<'a, C, T>
+where
+    C: Service<T>,
+{
+    pool: &'a Pool<C, T>,
     retry: ConnectRetry,
-    /// A reservation for a later use (see [`reserving`](Self::reserving)).
-    reserve: bool,
-    /// Whether it queues when nothing is free (else it ends [`Checked::Busy`]).
-    queue: bool,
     /// Queued for a connection, with the checkout's deadline.
-    wait: Option<(Wait<X, R>, Option<Instant>)>,
-    slow: Option<SlowCheckout<X>>,
+    wait: Option<Queued<'a, C::Response>>,
+    slow: Option<SlowCheckout<'a, C::Response>>,
 }
 
-impl<X, R> Checkout<X, R>
+impl<'a, C, T> Checkout<'a, C, T>
 where
-    X: Send + 'static,
-    R: Deref<Target = Core<X>> + Unpin,
+    C: Connector<T>,
+    T: Target,
 {
-    /// A checkout not started yet: its first poll takes the fast path.
-    pub(crate) fn new(retry: ConnectRetry) -> Self {
-        Checkout {
-            retry,
-            reserve: false,
-            queue: true,
-            wait: None,
-            slow: None,
-        }
-    }
-
-    /// A checkout that reserves, for a use to come, an idle connection or else a free
-    /// slot to connect in: it never connects itself, and leaves the liveness check of
-    /// an idle connection to the use ([`Pooled::recheck`]), so that it runs once, when
-    /// the connection is used. For a `PoolService`, which reserves in `poll_ready` what
-    /// its next call uses. Expiry and the connector's `recycle` still run here.
-    ///
-    /// With `queue` false, it does not queue when nothing is free: it ends at once with
-    /// [`Checked::Busy`].
-    pub(crate) fn reserving(retry: ConnectRetry, queue: bool) -> Self {
-        Checkout {
-            reserve: true,
-            queue,
-            ..Checkout::new(retry)
-        }
-    }
-
-    /// Polls the checkout, out of `pool` (always the same pool): a connection, or for a
-    /// [`reserving`](Self::reserving) checkout, maybe a slot to connect in.
-    pub(crate) fn poll<'a, C, T>(
+    /// Goes on in the boxed slow future, polled at once: a grant moved into it is
+    /// guarded from its first poll on, with no await point between.
+    fn slow(
         &mut self,
-        pool: &'a Pool<C, T>,
+        grant: Option<Grant<Entry<C::Response>>>,
+        recycle: Option<Pooled<C::Response>>,
+        deadline: Option<Instant>,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<Checked<X>, PoolError>>
-    where
-        C: Connector<T> + Service<T, Response = X>,
-        T: Target,
-        R: CoreRef<'a, X>,
-    {
-        if let Some(slow) = self.slow.as_mut() {
-            return slow.as_mut().poll(cx).map_ok(Checked::Conn);
+    ) -> Poll<Result<Pooled<C::Response>, PoolError>> {
+        let (pool, retry) = (self.pool, self.retry);
+        let slow = self
+            .slow
+            .insert(Box::pin(pool.get_slow(grant, recycle, retry, deadline)));
+        slow.as_mut().poll(cx)
+    }
+
+    /// What a queued checkout got.
+    fn granted(
+        &mut self,
+        got: Result<Grant<Entry<C::Response>>, WaitError>,
+        deadline: Option<Instant>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Pooled<C::Response>, PoolError>> {
+        let pool = self.pool;
+        let g = match pool.granted(got) {
+            Ok(g) => g,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        match g {
+            Grant::Idle(e) => match pool.handle.inner.core.checkout_or_keep_slot(e, true) {
+                Some(mut p) => {
+                    if pool.wants_recycle(&mut p) {
+                        self.slow(None, Some(p), deadline, cx)
+                    } else {
+                        Poll::Ready(Ok(p))
+                    }
+                }
+                // The connection was stale: connect in its slot rather than give the
+                // slot up and queue again behind later arrivals.
+                None => self.slow(Some(Grant::Create), None, deadline, cx),
+            },
+            Grant::Create => self.slow(Some(Grant::Create), None, deadline, cx),
         }
-        if let Some((wait, deadline)) = self.wait.as_mut() {
+    }
+}
+
+impl<C, T> Future for Checkout<'_, C, T>
+where
+    C: Connector<T>,
+    T: Target,
+{
+    type Output = Result<Pooled<C::Response>, PoolError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Some(slow) = this.slow.as_mut() {
+            return slow.as_mut().poll(cx);
+        }
+        if let Some((wait, deadline)) = this.wait.as_mut() {
             let got = std::task::ready!(Pin::new(wait).poll(cx));
             let deadline = *deadline;
-            self.wait = None;
-            return self.granted(pool, got, deadline, cx);
+            this.wait = None;
+            return this.granted(got, deadline, cx);
         }
+        let pool = this.pool;
         // A relaxed load of a flag that rarely changes: restarts maintenance if its
         // runtime went away, even for a pool that never reaches the slow path.
         if !pool.handle.inner.maintenance_running.load(Relaxed) {
@@ -885,15 +940,11 @@ where
         }
         let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         coop.made_progress();
-        match pool.try_checkout(!self.reserve) {
-            FastPath::Ready(p) => Poll::Ready(Ok(Checked::Conn(p))),
+        match pool.try_checkout(true) {
+            FastPath::Ready(p) => Poll::Ready(Ok(p)),
             FastPath::Closed => Poll::Ready(Err(PoolError::Closed)),
-            FastPath::Recycle(p) => self.slow(pool, None, Some(p), pool.deadline(), cx),
-            FastPath::Slow(Some(_)) if self.reserve => Poll::Ready(Ok(Checked::Slot(
-                HeldSlot::new(pool.handle.inner.core.clone()),
-            ))),
-            FastPath::Slow(Some(g)) => self.slow(pool, Some(g), None, pool.deadline(), cx),
-            FastPath::Slow(None) if !self.queue => Poll::Ready(Ok(Checked::Busy)),
+            FastPath::Recycle(p) => this.slow(None, Some(p), pool.deadline(), cx),
+            FastPath::Slow(Some(g)) => this.slow(Some(g), None, pool.deadline(), cx),
             FastPath::Slow(None) => {
                 // Queue, inline: no boxed future for a plain wait.
                 let core = &pool.handle.inner.core;
@@ -901,19 +952,144 @@ where
                 let deadline_ns = deadline.map_or(NEVER, |d| core.clock.ns_at(d));
                 match core.slots.acquire_or_wait(deadline_ns) {
                     Err(Closed) => Poll::Ready(Err(PoolError::Closed)),
-                    Ok(Ok(g)) => self.granted(pool, Ok(g), deadline, cx),
+                    Ok(Ok(g)) => this.granted(Ok(g), deadline, cx),
                     Ok(Err(queued)) => {
                         if deadline.is_some() {
                             core.arm_timer(queued.wake_timer);
                         }
                         let mut wait = Wait {
-                            core: R::hold(core),
+                            core: &**core,
                             waiter: Some(queued.waiter),
                         };
                         match Pin::new(&mut wait).poll(cx) {
-                            Poll::Ready(got) => self.granted(pool, got, deadline, cx),
+                            Poll::Ready(got) => this.granted(got, deadline, cx),
                             Poll::Pending => {
-                                self.wait = Some((wait, deadline));
+                                this.wait = Some((wait, deadline));
+                                Poll::Pending
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<C, T> Pool<C, T>
+where
+    C: Connector<T>,
+    T: Target,
+{
+    /// The grant a queued checkout got, or why it got none. A grant handed over just
+    /// before `close()` does not outlive it.
+    fn granted(
+        &self,
+        got: Result<Grant<Entry<C::Response>>, WaitError>,
+    ) -> Result<Grant<Entry<C::Response>>, PoolError> {
+        let inner = &self.handle.inner;
+        let core = &inner.core;
+        let g = match got {
+            Ok(g) => g,
+            Err(WaitError::Closed) => return Err(PoolError::Closed),
+            Err(WaitError::TimedOut) => return Err(core.timed_out(inner.config.acquire_timeout)),
+        };
+        if core.is_closed() {
+            match g {
+                Grant::Idle(e) => core.retire(e, Reason::Closed, true),
+                Grant::Create => core.release_slot(),
+            }
+            return Err(PoolError::Closed);
+        }
+        Ok(g)
+    }
+}
+
+/// What a [`Reserve`] got: an idle connection, a free slot to connect in, or (for one
+/// that does not queue) nothing.
+pub(crate) enum Checked<X> {
+    Conn(Pooled<X>),
+    Slot(HeldSlot<X>),
+    /// Nothing free, and the reserve was not to queue.
+    Busy,
+}
+
+/// A checkout that reserves, for a use to come, an idle connection or else a free slot
+/// to connect in: for a [`PoolService`](crate::PoolService), which reserves in
+/// `poll_ready` what its next call uses. It never connects itself, and leaves the
+/// liveness check of an idle connection to the use ([`Pooled::recheck`]), so that it
+/// runs once, when the connection is used; expiry and the connector's `recycle` run
+/// here.
+///
+/// Unlike [`Pool::get`]'s future it does not borrow its pool: it is polled with it, so
+/// it can live beside its pool in the service from one `poll_ready` to the next, and it
+/// holds the pool's core by `Arc` while queued. Dropped at any point, it leaves nothing
+/// behind. Once it has returned `Ready` it must not be polled again.
+pub(crate) struct Reserve<X> {
+    /// Whether it queues when nothing is free (else it ends [`Checked::Busy`]).
+    queue: bool,
+    /// Queued for a connection.
+    wait: Option<Wait<X, Arc<Core<X>>>>,
+    /// The connector's `recycle` of the idle connection taken.
+    recycle: Option<SlowCheckout<'static, X>>,
+}
+
+impl<X: Send + 'static> Reserve<X> {
+    pub(crate) fn new(queue: bool) -> Self {
+        Reserve {
+            queue,
+            wait: None,
+            recycle: None,
+        }
+    }
+
+    /// Polls the reservation, out of `pool` (always the same pool).
+    pub(crate) fn poll<C, T>(
+        &mut self,
+        pool: &Pool<C, T>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Checked<X>, PoolError>>
+    where
+        C: Connector<T> + Service<T, Response = X>,
+        T: Target,
+    {
+        if let Some(recycle) = self.recycle.as_mut() {
+            return recycle.as_mut().poll(cx).map_ok(Checked::Conn);
+        }
+        let core = &pool.handle.inner.core;
+        if let Some(wait) = self.wait.as_mut() {
+            let got = std::task::ready!(Pin::new(wait).poll(cx));
+            self.wait = None;
+            return self.granted(pool, got, cx);
+        }
+        if !pool.handle.inner.maintenance_running.load(Relaxed) {
+            pool.start_maintenance();
+        }
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+        coop.made_progress();
+        match pool.try_checkout(false) {
+            FastPath::Ready(p) => Poll::Ready(Ok(Checked::Conn(p))),
+            FastPath::Closed => Poll::Ready(Err(PoolError::Closed)),
+            FastPath::Recycle(p) => self.recycle(pool, p, cx),
+            FastPath::Slow(Some(_)) => Poll::Ready(Ok(Checked::Slot(HeldSlot::new(core.clone())))),
+            FastPath::Slow(None) if !self.queue => Poll::Ready(Ok(Checked::Busy)),
+            FastPath::Slow(None) => {
+                let deadline = pool.deadline();
+                let deadline_ns = deadline.map_or(NEVER, |d| core.clock.ns_at(d));
+                match core.slots.acquire_or_wait(deadline_ns) {
+                    Err(Closed) => Poll::Ready(Err(PoolError::Closed)),
+                    Ok(Ok(g)) => self.granted(pool, Ok(g), cx),
+                    Ok(Err(queued)) => {
+                        if deadline.is_some() {
+                            core.arm_timer(queued.wake_timer);
+                        }
+                        let mut wait = Wait {
+                            core: core.clone(),
+                            waiter: Some(queued.waiter),
+                        };
+                        match Pin::new(&mut wait).poll(cx) {
+                            Poll::Ready(got) => self.granted(pool, got, cx),
+                            Poll::Pending => {
+                                self.wait = Some(wait);
                                 Poll::Pending
                             }
                         }
@@ -923,147 +1099,54 @@ where
         }
     }
 
-    /// Starts this (fresh) checkout as a connect in `slot`, and polls it: the slot is
-    /// guarded by the connect from here on.
-    pub(crate) fn poll_connect_in_slot<C, T>(
+    /// Runs the connector's `recycle` in a boxed future, polled at once (the
+    /// connection is guarded by it from here on).
+    fn recycle<C, T>(
         &mut self,
         pool: &Pool<C, T>,
-        slot: HeldSlot<X>,
+        p: Pooled<X>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Checked<X>, PoolError>>
     where
         C: Connector<T> + Service<T, Response = X>,
         T: Target,
     {
-        debug_assert!(
-            self.wait.is_none() && self.slow.is_none(),
-            "a fresh checkout"
-        );
-        self.slow(pool, Some(slot.into_grant()), None, pool.deadline(), cx)
-    }
-
-    /// Goes on in the boxed slow future, polled at once: a grant moved into it is
-    /// guarded from its first poll on, with no await point between.
-    fn slow<C, T>(
-        &mut self,
-        pool: &Pool<C, T>,
-        grant: Option<Grant<Entry<X>>>,
-        recycle: Option<Pooled<X>>,
-        deadline: Option<Instant>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Checked<X>, PoolError>>
-    where
-        C: Connector<T> + Service<T, Response = X>,
-        T: Target,
-    {
-        // A handle of its own, so the future outlives any borrow of the pool (the slow
-        // path connects or recycles: a reference count is nothing beside that).
-        let (pool, retry) = (pool.clone(), self.retry);
-        let slow = self.slow.insert(Box::pin(async move {
-            pool.get_slow(grant, recycle, retry, deadline).await
+        // A handle of its own, so the future outlives any borrow of the pool.
+        let pool = pool.clone();
+        let recycle = self.recycle.insert(Box::pin(async move {
+            let deadline = pool.deadline();
+            pool.get_slow(None, Some(p), ConnectRetry::Off, deadline)
+                .await
         }));
-        slow.as_mut().poll(cx).map_ok(Checked::Conn)
+        recycle.as_mut().poll(cx).map_ok(Checked::Conn)
     }
 
-    /// What a queued checkout got.
+    /// What a queued reservation got.
     fn granted<C, T>(
         &mut self,
         pool: &Pool<C, T>,
         got: Result<Grant<Entry<X>>, WaitError>,
-        deadline: Option<Instant>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Checked<X>, PoolError>>
     where
         C: Connector<T> + Service<T, Response = X>,
         T: Target,
     {
-        let inner = &pool.handle.inner;
-        let core = &inner.core;
-        let g = match got {
-            Ok(g) => g,
-            Err(WaitError::Closed) => return Poll::Ready(Err(PoolError::Closed)),
-            Err(WaitError::TimedOut) => {
-                return Poll::Ready(Err(core.timed_out(inner.config.acquire_timeout)));
-            }
-        };
-        // A grant handed over just before `close()` must not outlive it.
-        if core.is_closed() {
-            match g {
-                Grant::Idle(e) => core.retire(e, Reason::Closed, true),
-                Grant::Create => core.release_slot(),
-            }
-            return Poll::Ready(Err(PoolError::Closed));
-        }
-        let create = match g {
-            Grant::Idle(e) => match core.checkout_or_keep_slot(e, !self.reserve) {
+        let core = &pool.handle.inner.core;
+        match pool.granted(got) {
+            Err(e) => Poll::Ready(Err(e)),
+            Ok(Grant::Idle(e)) => match core.checkout_or_keep_slot(e, false) {
                 Some(mut p) => {
-                    return if pool.wants_recycle(&mut p) {
-                        self.slow(pool, None, Some(p), deadline, cx)
+                    if pool.wants_recycle(&mut p) {
+                        self.recycle(pool, p, cx)
                     } else {
                         Poll::Ready(Ok(Checked::Conn(p)))
-                    };
+                    }
                 }
-                // The connection was stale: connect in its slot rather than give the
-                // slot up and queue again behind later arrivals.
-                None => Grant::Create,
+                // Expired: its slot is the reservation's.
+                None => Poll::Ready(Ok(Checked::Slot(HeldSlot::new(core.clone())))),
             },
-            Grant::Create => Grant::Create,
-        };
-        if self.reserve {
-            return Poll::Ready(Ok(Checked::Slot(HeldSlot::new(core.clone()))));
-        }
-        self.slow(pool, Some(create), None, deadline, cx)
-    }
-}
-
-/// What a [`Checkout`] got: a connection, or (only a reserving checkout) a free slot
-/// to connect in.
-pub(crate) enum Checked<X> {
-    Conn(Pooled<X>),
-    Slot(HeldSlot<X>),
-    /// Nothing free, and the checkout was not to queue.
-    Busy,
-}
-
-impl<X> Checked<X> {
-    /// The connection of a checkout that connects ([`Checkout::poll_connect_in_slot`]).
-    pub(crate) fn into_conn(self) -> Pooled<X> {
-        match self {
-            Checked::Conn(p) => p,
-            Checked::Slot(_) | Checked::Busy => {
-                unreachable!("a connect hands out a connection")
-            }
-        }
-    }
-}
-
-/// The future of [`Pool::get`]: a [`Checkout`] that borrows its pool.
-struct Get<'a, C, T>
-where
-    C: Service<T>,
-{
-    pool: &'a Pool<C, T>,
-    checkout: Checkout<C::Response, &'a Core<C::Response>>,
-}
-
-impl<C, T> Future for Get<'_, C, T>
-where
-    C: Connector<T>,
-    T: Target,
-{
-    type Output = Result<Pooled<C::Response>, PoolError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        match std::task::ready!(this.checkout.poll(this.pool, cx)) {
-            Ok(Checked::Conn(p)) => Poll::Ready(Ok(p)),
-            // (Only a reserving checkout hands out slots, or ends busy.)
-            Ok(Checked::Busy) => unreachable!("a get queues"),
-            Ok(Checked::Slot(slot)) => this
-                .checkout
-                .poll_connect_in_slot(this.pool, slot, cx)
-                .map_ok(Checked::into_conn),
-            Err(e) => Poll::Ready(Err(e)),
+            Ok(Grant::Create) => Poll::Ready(Ok(Checked::Slot(HeldSlot::new(core.clone())))),
         }
     }
 }

@@ -12,10 +12,10 @@ use pin_project_lite::pin_project;
 use tower::load::Load;
 use tower_service::Service;
 
-use crate::core::{Core, HeldSlot};
-use crate::pool::{Checked, Checkout};
+use crate::core::HeldSlot;
+use crate::pool::{Checked, Reserve, SlowCheckout};
 use crate::sync::lock_std;
-use crate::{ConnectRetry, Connector, Pool, PoolError, Pooled, Target};
+use crate::{Connector, Pool, PoolError, Pooled, Target};
 
 /// A `Service<Req>` over a pool whose items are themselves `Service<Req>` (a line
 /// protocol client, a tower wrapper around hyper's `SendRequest`): `poll_ready` checks
@@ -181,7 +181,7 @@ enum Reserved<X> {
     /// Nothing: the next `poll_ready` starts a checkout.
     Nothing,
     /// A checkout waiting in the pool's queue (or for the connector's `recycle`).
-    Checkout(Checkout<X, Arc<Core<X>>>),
+    Checkout(Reserve<X>),
     /// A free slot: the call connects in it.
     Slot(HeldSlot<X>),
     /// Nothing was free (and `poll_ready` does not wait): the call waits for a client.
@@ -362,7 +362,7 @@ where
                     // happen at the call. When nothing is free, waits in the pool's
                     // queue, or leaves the wait to the call.
                     let queue = self.pending_when_saturated;
-                    let mut checkout = Checkout::reserving(ConnectRetry::Off, queue);
+                    let mut checkout = Reserve::new(queue);
                     match checkout.poll(pool, cx) {
                         Poll::Ready(got) => {
                             *reserved = Reserved::got(got);
@@ -404,8 +404,12 @@ where
             if let Some(reason) = conn.recheck() {
                 // It died while reserved: the future connects in its slot.
                 let slot = conn.close_keeping_slot(reason);
-                let slow = SlowCall::new(&self.pool, Checkout::new(ConnectRetry::Off));
-                return ResponseFuture::slow(slow.in_slot(slot), req, in_flight);
+                let fut = self.pool.connect_in_slot_owned(slot);
+                return ResponseFuture::slow(
+                    SlowCall::new(&self.pool).getting(fut),
+                    req,
+                    in_flight,
+                );
             }
             // Broken until proven otherwise: if the response future is dropped before
             // the response arrives, the client is closed, not reused mid-protocol.
@@ -443,7 +447,7 @@ where
             // Closed meanwhile: give it back (it is closed), and fail the call.
             *reserved = Reserved::Failed(PoolError::Closed.into());
         }
-        let new = || SlowCall::new(&self.pool, Checkout::new(ConnectRetry::Off));
+        let new = || SlowCall::new(&self.pool);
         let slow = match std::mem::replace(reserved, Reserved::Nothing) {
             // Not sent: the request goes back with the error, so a balancer can send
             // it elsewhere without having copied it.
@@ -456,21 +460,24 @@ where
             // over to another backend at once.
             Reserved::Slot(mut slot) => {
                 slot.set_reserved(false);
-                new().in_slot(slot)
+                new().getting(self.pool.connect_in_slot_owned(slot))
             }
             // Saturated: the call waits in the pool's queue.
-            Reserved::Busy => new(),
+            Reserved::Busy => new().getting(self.pool.checkout_owned()),
             // Called without a `Ready` from `poll_ready` first: the future gets the
             // client ready (checked, then its own `poll_ready`), or checks one out.
             Reserved::Client { mut conn, .. } => {
                 conn.set_reserved(false);
                 match conn.recheck() {
                     None => new().with_client(conn),
-                    Some(reason) => new().in_slot(conn.close_keeping_slot(reason)),
+                    Some(reason) => {
+                        let slot = conn.close_keeping_slot(reason);
+                        new().getting(self.pool.connect_in_slot_owned(slot))
+                    }
                 }
             }
-            Reserved::Checkout(checkout) => SlowCall::new(&self.pool, checkout),
-            Reserved::Nothing => new(),
+            Reserved::Checkout(reserve) => new().reserving(reserve),
+            Reserved::Nothing => new().getting(self.pool.checkout_owned()),
         };
         ResponseFuture::slow(slow, req, in_flight)
     }
@@ -564,35 +571,43 @@ type CallState<C, T, Req> = State<
     Req,
 >;
 
-/// A call that has to get its client ready first: check one out (in `slot` if one is
-/// held, its client closed), check it, wait for its `poll_ready`.
+/// A call that has to get its client ready first: get one (a reservation that was
+/// still waiting, a connect in a reserved slot, or a plain checkout), check it, wait for
+/// its `poll_ready`.
 struct SlowCall<X, P, Req> {
     pool: P,
-    checkout: Checkout<X, Arc<Core<X>>>,
-    slot: Option<HeldSlot<X>>,
+    /// A reservation still waiting.
+    reserve: Option<Reserve<X>>,
+    /// A connect or a checkout.
+    get: Option<SlowCheckout<'static, X>>,
     /// The client, once checked out and checked.
     conn: Option<Pooled<X>>,
     req: Option<Req>,
 }
 
 impl<X, P: Clone, Req> SlowCall<X, P, Req> {
-    fn new(pool: &P, checkout: Checkout<X, Arc<Core<X>>>) -> Self {
+    fn new(pool: &P) -> Self {
         SlowCall {
             pool: pool.clone(),
-            checkout,
-            slot: None,
+            reserve: None,
+            get: None,
             conn: None,
             req: None,
         }
     }
 
-    fn with_client(mut self, conn: Pooled<X>) -> Self {
-        self.conn = Some(conn);
+    fn reserving(mut self, reserve: Reserve<X>) -> Self {
+        self.reserve = Some(reserve);
         self
     }
 
-    fn in_slot(mut self, slot: HeldSlot<X>) -> Self {
-        self.slot = Some(slot);
+    fn getting(mut self, get: SlowCheckout<'static, X>) -> Self {
+        self.get = Some(get);
+        self
+    }
+
+    fn with_client(mut self, conn: Pooled<X>) -> Self {
+        self.conn = Some(conn);
         self
     }
 
@@ -717,11 +732,15 @@ where
             StateProj::Slow { slow } => {
                 let s = &mut **slow;
                 if s.conn.is_none() {
-                    let got = match s.slot.take() {
-                        Some(slot) => s.checkout.poll_connect_in_slot(&s.pool, slot, cx),
-                        None => s.checkout.poll(&s.pool, cx),
+                    let got = match (s.get.as_mut(), s.reserve.as_mut()) {
+                        (Some(get), _) => {
+                            std::task::ready!(get.as_mut().poll(cx)).map(Checked::Conn)
+                        }
+                        (None, Some(reserve)) => std::task::ready!(reserve.poll(&s.pool, cx)),
+                        (None, None) => unreachable!("a slow call gets a client"),
                     };
-                    let held = match std::task::ready!(got) {
+                    (s.get, s.reserve) = (None, None);
+                    let slot = match got {
                         // Checked now, before use (the checkout may have left it).
                         Ok(Checked::Conn(mut conn)) => match conn.recheck() {
                             None => {
@@ -730,17 +749,16 @@ where
                             }
                             Some(reason) => Some(conn.close_keeping_slot(reason)),
                         },
-                        Ok(Checked::Slot(held)) => Some(held),
-                        Ok(Checked::Busy) => unreachable!("this checkout queues"),
+                        Ok(Checked::Slot(slot)) => Some(slot),
+                        Ok(Checked::Busy) => unreachable!("a slow call's reservation queues"),
                         Err(e) => {
                             let req = s.req.take().expect(DONE);
                             return Poll::Ready(Err(NotSent::with_request(e, req).into()));
                         }
                     };
-                    if let Some(held) = held {
+                    if let Some(slot) = slot {
                         // Connect in the slot.
-                        s.checkout = Checkout::new(ConnectRetry::Off);
-                        s.slot = Some(held);
+                        s.get = Some(s.pool.connect_in_slot_owned(slot));
                         continue;
                     }
                 }
