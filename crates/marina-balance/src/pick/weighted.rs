@@ -21,12 +21,13 @@ const SMOOTH_UP_TO: usize = 16;
 /// - **Above**: an earliest-deadline-first schedule (Envoy's weighted round robin, gRPC's
 ///   A58 scheduler): each endpoint has a virtual deadline that advances by
 ///   `1 / weight` each time it is chosen, and the earliest deadline goes next, from a
-///   binary heap: O(log N) per pick. Over any stretch each endpoint's share is within
-///   one pick of `weight / Σweights` (on an unchanged set the sequence repeats every
-///   Σweights picks, each endpoint `weight` times). Set changes are followed in place
-///   (O(log N)): an endpoint that joins starts one step (`1 / weight`) after the
+///   4-ary heap: O(log N) per pick. On an unchanged set each run of k × Σweights picks
+///   from the start chooses each endpoint k × weight times, give or take one, and no
+///   endpoint runs more than its weight plus one in a row. Set changes are followed in
+///   place (O(log N)): an endpoint that joins starts one step (`1 / weight`) after the
 ///   schedule's current time, one that leaves takes its entry with it, and the others
-///   keep their place.
+///   keep their place (so over k × Σweights picks after a change, each endpoint's count
+///   is within two of k × weight).
 ///
 /// [`smooth`](Self::smooth) keeps nginx's exact sequence at any size, [`edf`](Self::edf)
 /// the schedule at any size. Weights come from the view ([`Balance::weights`] or
