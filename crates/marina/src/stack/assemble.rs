@@ -318,6 +318,20 @@ impl Pick for BoxedPick {
     ) -> usize {
         self.0.pick(endpoints, hint)
     }
+
+    // Forwarded, so pickers follow the ready set change by change (no rebuild on the
+    // pick path) and bounded load reads the running total.
+    fn update(
+        &mut self,
+        endpoints: &dyn marina_balance::Endpoints,
+        change: marina_balance::SetChange,
+    ) {
+        self.0.update(endpoints, change)
+    }
+
+    fn reads_total_load(&self) -> bool {
+        self.0.reads_total_load()
+    }
 }
 
 /// TCP (through the bandwidth limiter), then the protocol.
