@@ -229,36 +229,34 @@ impl<X> Core<X> {
     /// Turns an idle entry just taken (its slot held) into a checked-out connection, or
     /// closes it when it expired or fails the liveness check.
     pub(crate) fn checkout(self: &Arc<Self>, e: Entry<X>) -> Option<Pooled<X>> {
-        Self::checkout_with(self.clone(), e, true, true)
+        Self::checkout_with::<true>(self.clone(), e, true)
     }
 
     /// Like [`checkout`](Self::checkout), but a connection that fails the checks keeps
-    /// its slot for the caller to connect in. Without `check`, the liveness check is
+    /// its slot for the caller to connect in. Without `CHECK`, the liveness check is
     /// left to the caller (see [`checkout_with`](Self::checkout_with)).
-    pub(crate) fn checkout_or_keep_slot(
+    pub(crate) fn checkout_or_keep_slot<const CHECK: bool>(
         self: &Arc<Self>,
         e: Entry<X>,
-        check: bool,
     ) -> Option<Pooled<X>> {
-        Self::checkout_with(self.clone(), e, false, check)
+        Self::checkout_with::<CHECK>(self.clone(), e, false)
     }
 
     /// [`checkout`](Self::checkout) with the guard's reference to the pool taken already
     /// (the fast path takes it under the slot lock, whose cache line it shares).
-    /// Without `check`, the liveness check is skipped: the caller runs it when it uses
+    /// Without `CHECK`, the liveness check is skipped: the caller runs it when it uses
     /// the connection ([`Pooled::recheck`], for a `PoolService` reservation).
     #[inline]
-    pub(crate) fn checkout_with(
+    pub(crate) fn checkout_with<const CHECK: bool>(
         this: Arc<Self>,
         mut e: Entry<X>,
         release_on_failure: bool,
-        check: bool,
     ) -> Option<Pooled<X>> {
         if let Some(reason) = this.expired(&e.meta, this.clock.coarse_ms()) {
             this.retire(e, reason, release_on_failure);
             return None;
         }
-        if let Some(check) = this.check.as_ref().filter(|_| check) {
+        if let Some(check) = this.check.as_ref().filter(|_| CHECK) {
             // User code: if it panics, the connection is closed and its slot freed
             // before the panic goes on to the caller, so the pool stays whole.
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&mut e.conn))) {

@@ -336,15 +336,15 @@ where
     }
 
     /// The fast path: an idle connection if one is ready (its liveness checked unless
-    /// `check` is false: see [`Core::checkout_with`]).
+    /// `CHECK` is false: see [`Core::checkout_with`]).
     #[inline]
-    fn try_checkout(&self, check: bool) -> FastPath<C::Response> {
+    fn try_checkout<const CHECK: bool>(&self) -> FastPath<C::Response> {
         let core = &self.handle.inner.core;
         loop {
             match core.slots.try_acquire_with(|| core.clone()) {
                 (Err(Closed), _) => return FastPath::Closed,
                 (Ok(Some(Grant::Idle(e))), Some(handle)) => {
-                    if let Some(mut p) = Core::checkout_with(handle, e, true, check) {
+                    if let Some(mut p) = Core::checkout_with::<CHECK>(handle, e, true) {
                         // A connection the connector wants to recycle first takes the
                         // slow path (the future is made again there).
                         if core
@@ -358,7 +358,7 @@ where
                     }
                 }
                 (Ok(Some(Grant::Idle(e))), None) => {
-                    if let Some(mut p) = Core::checkout_with(core.clone(), e, true, check) {
+                    if let Some(mut p) = Core::checkout_with::<CHECK>(core.clone(), e, true) {
                         if core
                             .hooks
                             .as_ref()
@@ -481,7 +481,7 @@ where
                 return Err(PoolError::Closed);
             }
             match g {
-                Grant::Idle(e) => match core.checkout_or_keep_slot(e, true) {
+                Grant::Idle(e) => match core.checkout_or_keep_slot::<true>(e) {
                     Some(p) => match self.recycled(p, deadline).await {
                         Recycled::Ready(p) => return Ok(p),
                         // Closed, its slot kept: connect in it.
@@ -897,7 +897,7 @@ where
             Err(e) => return Poll::Ready(Err(e)),
         };
         match g {
-            Grant::Idle(e) => match pool.handle.inner.core.checkout_or_keep_slot(e, true) {
+            Grant::Idle(e) => match pool.handle.inner.core.checkout_or_keep_slot::<true>(e) {
                 Some(mut p) => {
                     if pool.wants_recycle(&mut p) {
                         self.slow(None, Some(p), deadline, cx)
@@ -940,7 +940,7 @@ where
         }
         let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         coop.made_progress();
-        match pool.try_checkout(true) {
+        match pool.try_checkout::<true>() {
             FastPath::Ready(p) => Poll::Ready(Ok(p)),
             FastPath::Closed => Poll::Ready(Err(PoolError::Closed)),
             FastPath::Recycle(p) => this.slow(None, Some(p), pool.deadline(), cx),
@@ -1066,7 +1066,7 @@ impl<X: Send + 'static> Reserve<X> {
         }
         let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         coop.made_progress();
-        match pool.try_checkout(false) {
+        match pool.try_checkout::<false>() {
             FastPath::Ready(p) => Poll::Ready(Ok(Checked::Conn(p))),
             FastPath::Closed => Poll::Ready(Err(PoolError::Closed)),
             FastPath::Recycle(p) => self.recycle(pool, p, cx),
@@ -1135,7 +1135,7 @@ impl<X: Send + 'static> Reserve<X> {
         let core = &pool.handle.inner.core;
         match pool.granted(got) {
             Err(e) => Poll::Ready(Err(e)),
-            Ok(Grant::Idle(e)) => match core.checkout_or_keep_slot(e, false) {
+            Ok(Grant::Idle(e)) => match core.checkout_or_keep_slot::<false>(e) {
                 Some(mut p) => {
                     if pool.wants_recycle(&mut p) {
                         self.recycle(pool, p, cx)
