@@ -229,7 +229,10 @@ impl Builder {
 
     /// Every hook a pool over `connector` runs; an error if one was written for another
     /// connection type.
-    pub(crate) fn pool_hooks<C, T>(&self, connector: &C) -> Result<PoolHooks<C::Response>, PoolError>
+    pub(crate) fn pool_hooks<C, T>(
+        &self,
+        connector: &C,
+    ) -> Result<PoolHooks<C::Response>, PoolError>
     where
         C: Connector<T>,
         T: Target,

@@ -297,12 +297,14 @@ impl Config {
             );
         }
         if let (Some(idle), Some(life)) = (self.idle_timeout, self.max_lifetime)
-            && !idle.is_zero() && idle >= life {
-                v.advise(
-                    "idle_timeout",
-                    format!("{idle:?} is not below max_lifetime {life:?}, so it never applies"),
-                );
-            }
+            && !idle.is_zero()
+            && idle >= life
+        {
+            v.advise(
+                "idle_timeout",
+                format!("{idle:?} is not below max_lifetime {life:?}, so it never applies"),
+            );
+        }
         v
     }
 }

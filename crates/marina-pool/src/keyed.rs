@@ -147,7 +147,10 @@ where
             return Err(PoolError::Invalid(report.errors));
         }
         builder.hooks::<C::Response>()?;
-        let idle = builder.config.idle_timeout.unwrap_or(Duration::from_secs(60));
+        let idle = builder
+            .config
+            .idle_timeout
+            .unwrap_or(Duration::from_secs(60));
         Ok(KeyedPool {
             inner: Arc::new(KeyedInner {
                 builder,

@@ -160,37 +160,56 @@ mod sync;
 #[cfg(all(test, loom))]
 mod loom_tests;
 
-macro_rules! not_loom {
-    ($($item:item)*) => { $( #[cfg(not(loom))] $item )* };
-}
+// Declared one by one (not through a macro) so that rustfmt sees every module.
+#[cfg(not(loom))]
+mod builder;
+#[cfg(not(loom))]
+mod check;
+#[cfg(not(loom))]
+mod config;
+#[cfg(not(loom))]
+mod core;
+#[cfg(not(loom))]
+mod error;
+#[cfg(not(loom))]
+mod keyed;
+#[cfg(not(loom))]
+mod maintain;
+#[cfg(not(loom))]
+mod manage;
+#[cfg(not(loom))]
+mod pool;
+#[cfg(not(loom))]
+mod pooled;
+#[cfg(not(loom))]
+mod service;
+#[cfg(not(loom))]
+mod stats;
+#[cfg(not(loom))]
+mod tcp;
 
-not_loom! {
-    mod builder;
-    mod check;
-    mod config;
-    mod core;
-    mod error;
-    mod keyed;
-    mod maintain;
-    mod manage;
-    mod pool;
-    mod pooled;
-    mod service;
-    mod stats;
-    mod tcp;
-
-    pub use check::socket_is_open;
-    pub use config::{Config, ConnectRetry, Problem, Reuse, Validation};
-    pub use error::{ConnectTimeout, PoolError, RetriesExhausted};
-    pub use manage::{Manage, Managed, ManagedFuture, is_transient};
-    pub use keyed::KeyedPool;
-    pub use builder::Builder;
-    pub use pool::{Connector, Pool, PoolFuture, Target, TcpPool};
-    pub use pooled::Pooled;
-    pub use service::{PoolService, ResponseFuture};
-    pub use stats::{ConnStats, PoolStats};
-    pub use tcp::{ConnectError, ConnectFuture, TcpConnector};
-}
+#[cfg(not(loom))]
+pub use builder::Builder;
+#[cfg(not(loom))]
+pub use check::socket_is_open;
+#[cfg(not(loom))]
+pub use config::{Config, ConnectRetry, Problem, Reuse, Validation};
+#[cfg(not(loom))]
+pub use error::{ConnectTimeout, PoolError, RetriesExhausted};
+#[cfg(not(loom))]
+pub use keyed::KeyedPool;
+#[cfg(not(loom))]
+pub use manage::{Manage, Managed, ManagedFuture, is_transient};
+#[cfg(not(loom))]
+pub use pool::{Connector, Pool, PoolFuture, Target, TcpPool};
+#[cfg(not(loom))]
+pub use pooled::Pooled;
+#[cfg(not(loom))]
+pub use service::{PoolService, ResponseFuture};
+#[cfg(not(loom))]
+pub use stats::{ConnStats, PoolStats};
+#[cfg(not(loom))]
+pub use tcp::{ConnectError, ConnectFuture, TcpConnector};
 
 #[cfg(all(feature = "postgres", not(loom)))]
 pub mod postgres;

@@ -2,8 +2,8 @@
 //! checks, and the maintenance task that schedules them.
 
 use std::future::poll_fn;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use marina_core::BoxError;
@@ -146,11 +146,13 @@ where
             let mut probing = Probing::new(core, e);
             let conn = &mut probing.entry_mut().conn;
             let mut ok = core.check.as_ref().is_none_or(|check| check(conn));
-            if ok
-                && let Some(probe) = &self.probe {
-                    let limit = self.config.health_check_timeout;
-                    ok = matches!(tokio::time::timeout(limit, probe.probe(conn)).await, Ok(Ok(_)));
-                }
+            if ok && let Some(probe) = &self.probe {
+                let limit = self.config.health_check_timeout;
+                ok = matches!(
+                    tokio::time::timeout(limit, probe.probe(conn)).await,
+                    Ok(Ok(_))
+                );
+            }
             let e = probing.finish();
             if ok {
                 if let Some(e) = core.slots.put(e) {
@@ -174,7 +176,10 @@ struct Probing<'a, X> {
 impl<'a, X> Probing<'a, X> {
     fn new(core: &'a Core<X>, e: Entry<X>) -> Self {
         core.probing.fetch_add(1, Relaxed);
-        Probing { core, entry: Some(e) }
+        Probing {
+            core,
+            entry: Some(e),
+        }
     }
 
     fn entry_mut(&mut self) -> &mut Entry<X> {
@@ -272,7 +277,11 @@ where
     T: Target,
 {
     /// One maintenance tick. False when the pool closed meanwhile.
-    async fn tick(self: &Arc<Self>, plan: &mut Plan, mut closing: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>) -> bool {
+    async fn tick(
+        self: &Arc<Self>,
+        plan: &mut Plan,
+        mut closing: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    ) -> bool {
         let core = &self.core;
         let c = &self.config;
         core.clock.refresh();
@@ -295,7 +304,12 @@ where
             // Backed off first, in case the refill panics; undone when it succeeds.
             plan.failed_refill();
             let mut result = None;
-            if !first(async { result = Some(self.refill().await) }, closing.as_mut()).await {
+            if !first(
+                async { result = Some(self.refill().await) },
+                closing.as_mut(),
+            )
+            .await
+            {
                 return false;
             }
             match result {

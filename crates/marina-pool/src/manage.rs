@@ -209,10 +209,7 @@ where
         self.0.is_broken(conn)
     }
 
-    fn recycle<'a>(
-        &'a self,
-        conn: &'a mut M::Conn,
-    ) -> Option<BoxFuture<'a, Result<(), BoxError>>> {
+    fn recycle<'a>(&'a self, conn: &'a mut M::Conn) -> Option<BoxFuture<'a, Result<(), BoxError>>> {
         let fut = self.0.recycle(conn)?;
         Some(Box::pin(async move { fut.await.map_err(BoxError::from) }))
     }
