@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll, ready};
 
-use marina_core::{BoxError, EndpointId, HasExtensions, KeyExtractor, RouteHint, stable_hash};
+use marina_core::{
+    BoxError, EndpointId, HasExtensions, KeyExtractor, PolledAfterCompletion, RouteHint,
+    stable_hash,
+};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -619,7 +622,7 @@ where
             return Poll::Ready(Err(this
                 .error
                 .take()
-                .unwrap_or_else(|| "polled after completion".into())));
+                .unwrap_or_else(|| PolledAfterCompletion.into())));
         };
         let out = ready!(inner.poll(cx));
         this.inner.set(None);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 
-use marina_core::{BoxError, EndpointId, NotSent, RouteHint, find};
+use marina_core::{BoxError, EndpointId, NotSent, PolledAfterCompletion, RouteHint, find};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -636,11 +636,11 @@ where
                 StateProj::Failed { error } => {
                     return Poll::Ready(Err(error
                         .take()
-                        .unwrap_or_else(|| "polled after completion".into())));
+                        .unwrap_or_else(|| PolledAfterCompletion.into())));
                 }
                 StateProj::Done => {
                     if !this.retry.get().is_some_and(|r| r.readying()) {
-                        return Poll::Ready(Err("polled after completion".into()));
+                        return Poll::Ready(Err(PolledAfterCompletion.into()));
                     }
                     Poll::Pending
                 }

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 
-use marina_core::BoxError;
+use marina_core::{BoxError, WaitThenCall};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
@@ -182,17 +182,17 @@ where
         let mut svc = lock(&self.inner);
         match poll_shared::<S, Req>(&mut svc, &self.fan_out, None) {
             Poll::Ready(Ok(())) => SharedFuture {
-                state: SharedState::Called { fut: svc.call(req) },
+                inner: WaitThenCall::calling(svc.call(req), ()),
             },
             Poll::Ready(Err(e)) => SharedFuture {
-                state: SharedState::Failed { error: Some(e) },
+                inner: WaitThenCall::failed(e),
             },
             Poll::Pending => SharedFuture {
-                state: SharedState::Waiting {
+                inner: WaitThenCall::waiting(ReadyWait {
                     inner: self.inner.clone(),
                     fan_out: self.fan_out.clone(),
                     req: Some(req),
-                },
+                }),
             },
         }
     }
@@ -211,29 +211,43 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        state: SharedState<S, Req>,
+        inner: WaitThenCall<ReadyWait<S, Req>, S::Future, ()>,
     }
 }
 
-pin_project! {
-    #[project = SharedProj]
-    enum SharedState<S, Req>
-    where
-        S: Service<Req>,
-    {
-        Called { #[pin] fut: S::Future },
-        Waiting {
-            inner: Arc<Mutex<S>>,
-            fan_out: Arc<FanOut>,
-            req: Option<Req>,
-        },
-        Failed { error: Option<BoxError> },
-    }
+/// A call that found the shared service not ready: waits for readiness, then calls
+/// under the lock.
+pub(crate) struct ReadyWait<S, Req> {
+    inner: Arc<Mutex<S>>,
+    fan_out: Arc<FanOut>,
+    req: Option<Req>,
 }
+
+// Nothing in it is pinned (the request is moved out, never pinned).
+impl<S, Req> Unpin for ReadyWait<S, Req> {}
 
 impl<S: Service<Req>, Req> fmt::Debug for SharedFuture<S, Req> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SharedFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, Req> Future for ReadyWait<S, Req>
+where
+    S: Service<Req, Error = BoxError>,
+{
+    type Output = Result<(S::Future, ()), BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let mut svc = lock(&this.inner);
+        std::task::ready!(poll_shared::<S, Req>(
+            &mut svc,
+            &this.fan_out,
+            Some(cx.waker())
+        ))?;
+        let req = this.req.take().expect("called once");
+        Poll::Ready(Ok((svc.call(req), ())))
     }
 }
 
@@ -243,33 +257,9 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
-        loop {
-            let next = match state.as_mut().project() {
-                SharedProj::Called { fut } => return fut.poll(cx),
-                SharedProj::Failed { error } => {
-                    return Poll::Ready(Err(error
-                        .take()
-                        .unwrap_or_else(|| "polled after completion".into())));
-                }
-                SharedProj::Waiting {
-                    inner,
-                    fan_out,
-                    req,
-                } => {
-                    let mut svc = lock(inner);
-                    match poll_shared::<S, Req>(&mut svc, fan_out, Some(cx.waker())) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Ready(Ok(())) => SharedState::Called {
-                            fut: svc.call(req.take().expect("called once")),
-                        },
-                    }
-                }
-            };
-            state.set(next);
-        }
+        self.project().inner.poll(cx)
     }
 }
 

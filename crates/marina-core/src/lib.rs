@@ -114,6 +114,7 @@
 
 mod error;
 mod ext;
+mod future;
 mod gate;
 mod idempotent;
 mod key;
@@ -122,6 +123,7 @@ mod route;
 
 pub use error::{NotSent, find, is_not_sent, take_unsent_request};
 pub use ext::{Extensions, HasExtensions, Request, Response};
+pub use future::{PolledAfterCompletion, WaitThenCall, after_completion};
 pub use gate::{EjectionGate, GateMember};
 pub use idempotent::Idempotent;
 pub use key::{

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use marina_core::{BoxError, KeyExtractor};
+use marina_core::{BoxError, KeyExtractor, WaitThenCall};
 use pin_project_lite::pin_project;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tower_layer::Layer;
@@ -551,10 +551,7 @@ where
             None => match t.without_key {
                 WithoutKey::Unlimited => {
                     t.admitted.fetch_add(1, Relaxed);
-                    return ResponseFuture::new(State::Call {
-                        fut: self.inner.call(req),
-                        slot: None,
-                    });
+                    return ResponseFuture::call(self.inner.call(req), None);
                 }
                 WithoutKey::Refuse => {
                     t.rejected.fetch_add(1, Relaxed);
@@ -568,10 +565,7 @@ where
         if let Some(slot) = Slot::try_take(&active, t) {
             drop(active);
             t.admitted.fetch_add(1, Relaxed);
-            return ResponseFuture::new(State::Call {
-                fut: self.inner.call(req),
-                slot: Some(slot),
-            });
+            return ResponseFuture::call(self.inner.call(req), Some(slot));
         }
         match t.wait {
             Some(max) => {
@@ -591,16 +585,18 @@ where
                     drop(waited);
                     taken.is_some()
                 });
-                ResponseFuture::new(State::Waiting {
-                    acquire,
-                    svc: Some(svc),
-                    req: Some(req),
-                    guard: KeyGuard {
-                        active: Some(active),
-                        table: t.clone(),
-                    },
-                    limit: t.limit,
-                })
+                ResponseFuture {
+                    inner: WaitThenCall::waiting(SlotWait {
+                        acquire,
+                        svc: Some(svc),
+                        req: Some(req),
+                        guard: KeyGuard {
+                            active: Some(active),
+                            table: t.clone(),
+                        },
+                        limit: t.limit,
+                    }),
+                }
             }
             None => {
                 t.rejected.fetch_add(1, Relaxed);
@@ -631,43 +627,75 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        state: State<S, Req>,
+        inner: WaitThenCall<SlotWait<S, Req>, S::Future, Option<Slot>>,
     }
 }
 
-pin_project! {
-    #[project = StateProj]
-    enum State<S, Req>
-    where
-        S: Service<Req>,
-    {
-        Call { #[pin] fut: S::Future, slot: Option<Slot> },
-        Waiting {
-            // Dropped first (declaration order): its reference to the key goes before
-            // the guard checks whether the key is still in use. `true`: a permit taken.
-            acquire: Pin<Box<dyn Future<Output = bool> + Send>>,
-            svc: Option<S>,
-            req: Option<Req>,
-            guard: KeyGuard,
-            limit: usize,
-        },
-        Failed { error: Option<BoxError> },
-    }
+/// A call waiting for one of its key's slots.
+struct SlotWait<S, Req> {
+    // Dropped first (declaration order): its reference to the key goes before the
+    // guard checks whether the key is still in use. `true`: a permit taken.
+    acquire: Pin<Box<dyn Future<Output = bool> + Send>>,
+    svc: Option<S>,
+    req: Option<Req>,
+    guard: KeyGuard,
+    limit: usize,
 }
+
+// Nothing in it is pinned structurally (the wait is boxed; the service and the
+// request are moved out, never pinned).
+impl<S, Req> Unpin for SlotWait<S, Req> {}
 
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
-    fn new(state: State<S, Req>) -> Self {
-        ResponseFuture { state }
+    fn call(fut: S::Future, slot: Option<Slot>) -> Self {
+        ResponseFuture {
+            inner: WaitThenCall::calling(fut, slot),
+        }
     }
 
     fn failed(error: BoxError) -> Self {
-        Self::new(State::Failed { error: Some(error) })
+        ResponseFuture {
+            inner: WaitThenCall::failed(error),
+        }
     }
 }
 
 impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, Req> Future for SlotWait<S, Req>
+where
+    S: Service<Req>,
+{
+    type Output = Result<(S::Future, Option<Slot>), BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let taken = std::task::ready!(self.acquire.as_mut().poll(cx));
+        let this = &mut *self;
+        let table = this.guard.table.clone();
+        let active = this.guard.active.take().expect("the key waited on");
+        if taken {
+            table.admitted.fetch_add(1, Relaxed);
+            let mut svc = this.svc.take().expect("the readied service");
+            let req = this.req.take().expect("the request");
+            let slot = Slot {
+                active: Some(active),
+                table,
+            };
+            Poll::Ready(Ok((svc.call(req), Some(slot))))
+        } else {
+            table.rejected.fetch_add(1, Relaxed);
+            let key = table.key_of(&active);
+            table.release(active);
+            Poll::Ready(Err(ConnectionLimit {
+                key,
+                limit: this.limit,
+            }
+            .into()))
+        }
     }
 }
 
@@ -678,52 +706,8 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
-        loop {
-            let next = match state.as_mut().project() {
-                StateProj::Call { fut, slot } => {
-                    let out = std::task::ready!(fut.poll(cx));
-                    drop(slot.take());
-                    return Poll::Ready(out.map_err(Into::into));
-                }
-                StateProj::Failed { error } => {
-                    return Poll::Ready(Err(error
-                        .take()
-                        .unwrap_or_else(|| "polled after completion".into())));
-                }
-                StateProj::Waiting {
-                    acquire,
-                    svc,
-                    req,
-                    guard,
-                    limit,
-                } => {
-                    let taken = std::task::ready!(acquire.as_mut().poll(cx));
-                    let table = guard.table.clone();
-                    let active = guard.active.take().expect("the key waited on");
-                    if taken {
-                        table.admitted.fetch_add(1, Relaxed);
-                        let mut svc = svc.take().expect("the readied service");
-                        let req = req.take().expect("the request");
-                        State::Call {
-                            fut: svc.call(req),
-                            slot: Some(Slot {
-                                active: Some(active),
-                                table,
-                            }),
-                        }
-                    } else {
-                        table.rejected.fetch_add(1, Relaxed);
-                        let key = table.key_of(&active);
-                        table.release(active);
-                        State::Failed {
-                            error: Some(ConnectionLimit { key, limit: *limit }.into()),
-                        }
-                    }
-                }
-            };
-            state.set(next);
-        }
+        self.project().inner.poll(cx)
     }
 }

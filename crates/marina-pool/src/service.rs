@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use marina_core::{BoxError, NotSent};
+use marina_core::{BoxError, NotSent, PolledAfterCompletion};
 use pin_project_lite::pin_project;
 use tower::load::Load;
 use tower_service::Service;
@@ -698,7 +698,9 @@ where
     E: Into<BoxError>,
 {
     let out = std::task::ready!(fut.poll(cx));
-    let mut conn = conn.take().expect("ResponseFuture polled after completion");
+    let Some(mut conn) = conn.take() else {
+        return Poll::Ready(Err(PolledAfterCompletion.into()));
+    };
     Poll::Ready(match out {
         Ok(resp) => {
             conn.mark_healthy();
@@ -722,12 +724,13 @@ where
     T: Target,
     Req: Send + 'static,
 {
-    const DONE: &str = "ResponseFuture polled after completion";
+    // A slow call's client and request are taken once, on the step that uses them.
+    const DONE: &str = "a slow call's client and request are used once";
     loop {
         match state.as_mut().project() {
             StateProj::Called { fut, conn } => return poll_called(fut, conn, cx),
             StateProj::Failed { error } => {
-                return Poll::Ready(Err(error.take().expect(DONE)));
+                return Poll::Ready(Err(marina_core::after_completion(error)));
             }
             StateProj::Slow { slow } => {
                 let s = &mut **slow;

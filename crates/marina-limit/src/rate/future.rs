@@ -1,11 +1,11 @@
 //! The response futures: a global service's pass-through, a keyed service's wait.
 
 use std::fmt;
-use std::future::Future;
+use std::future::{Future, Pending};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use marina_core::BoxError;
+use marina_core::{BoxError, WaitThenCall};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
@@ -20,23 +20,20 @@ pin_project! {
     /// Dropping it cancels the inner request; the rate-limit cell stays spent.
     pub struct ResponseFuture<F> {
         #[pin]
-        inner: Option<F>,
-        error: Option<BoxError>,
+        inner: WaitThenCall<Pending<Result<(F, ()), BoxError>>, F, ()>,
     }
 }
 
 impl<F> ResponseFuture<F> {
     pub(crate) fn call(inner: F) -> Self {
         ResponseFuture {
-            inner: Some(inner),
-            error: None,
+            inner: WaitThenCall::calling(inner, ()),
         }
     }
 
     pub(crate) fn failed(error: BoxError) -> Self {
         ResponseFuture {
-            inner: None,
-            error: Some(error),
+            inner: WaitThenCall::failed(error),
         }
     }
 }
@@ -54,15 +51,9 @@ where
 {
     type Output = Result<T, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        match this.inner.as_pin_mut() {
-            Some(f) => f.poll(cx).map_err(Into::into),
-            None => Poll::Ready(Err(this
-                .error
-                .take()
-                .unwrap_or_else(|| "polled after completion".into()))),
-        }
+        self.project().inner.poll(cx)
     }
 }
 
@@ -82,39 +73,68 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        state: KeyedState<S, Req>,
+        inner: WaitThenCall<CellWait<S, Req>, S::Future, ()>,
     }
 }
 
-pin_project! {
-    #[project = KeyedProj]
-    pub(crate) enum KeyedState<S, Req>
-    where
-        S: Service<Req>,
-    {
-        /// Admitted: the inner call.
-        Call { #[pin] fut: S::Future },
-        /// Over the limit, waiting for its reserved cell.
-        Waiting {
-            sleep: Pin<Box<Sleep>>,
-            reservation: Option<Reservation>,
-            svc: Option<S>,
-            req: Option<Req>,
-        },
-        /// Refused.
-        Failed { error: Option<BoxError> },
-    }
+/// A keyed call over the limit: sleeps until its reserved cell's time, then calls.
+pub(crate) struct CellWait<S, Req> {
+    sleep: Pin<Box<Sleep>>,
+    reservation: Option<Reservation>,
+    svc: Option<S>,
+    req: Option<Req>,
 }
 
-impl<S: Service<Req>, Req> From<KeyedState<S, Req>> for KeyedFuture<S, Req> {
-    fn from(state: KeyedState<S, Req>) -> Self {
-        KeyedFuture { state }
+// Nothing in it is pinned structurally (the sleep is boxed; the service and the
+// request are moved out, never pinned).
+impl<S, Req> Unpin for CellWait<S, Req> {}
+
+impl<S: Service<Req>, Req> KeyedFuture<S, Req> {
+    pub(crate) fn call(fut: S::Future) -> Self {
+        KeyedFuture {
+            inner: WaitThenCall::calling(fut, ()),
+        }
+    }
+
+    pub(crate) fn failed(error: BoxError) -> Self {
+        KeyedFuture {
+            inner: WaitThenCall::failed(error),
+        }
+    }
+
+    pub(crate) fn wait(reservation: Reservation, svc: S, req: Req) -> Self {
+        KeyedFuture {
+            inner: WaitThenCall::waiting(CellWait {
+                sleep: Box::pin(tokio::time::sleep_until(reservation.at)),
+                reservation: Some(reservation),
+                svc: Some(svc),
+                req: Some(req),
+            }),
+        }
     }
 }
 
 impl<S: Service<Req>, Req> fmt::Debug for KeyedFuture<S, Req> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, Req> Future for CellWait<S, Req>
+where
+    S: Service<Req>,
+{
+    type Output = Result<(S::Future, ()), BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The cell is reserved: at its time, no re-check.
+        ready!(self.sleep.as_mut().poll(cx));
+        if let Some(r) = self.reservation.take() {
+            r.admit();
+        }
+        let mut svc = self.svc.take().expect("the readied service");
+        let req = self.req.take().expect("the request");
+        Poll::Ready(Ok((svc.call(req), ())))
     }
 }
 
@@ -125,33 +145,8 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
-        loop {
-            let next = match state.as_mut().project() {
-                KeyedProj::Call { fut } => return fut.poll(cx).map_err(Into::into),
-                KeyedProj::Failed { error } => {
-                    return Poll::Ready(Err(error
-                        .take()
-                        .unwrap_or_else(|| "polled after completion".into())));
-                }
-                KeyedProj::Waiting {
-                    sleep,
-                    reservation,
-                    svc,
-                    req,
-                } => {
-                    // The cell is reserved: at its time, no re-check.
-                    ready!(sleep.as_mut().poll(cx));
-                    if let Some(r) = reservation.take() {
-                        r.admit();
-                    }
-                    let mut svc = svc.take().expect("the readied service");
-                    let req = req.take().expect("the request");
-                    KeyedState::Call { fut: svc.call(req) }
-                }
-            };
-            state.set(next);
-        }
+        self.project().inner.poll(cx)
     }
 }

@@ -14,7 +14,7 @@ use tower_service::Service;
 
 use super::admissions::Counter;
 use super::config::OnLimit;
-use super::future::{KeyedFuture, KeyedState, ResponseFuture};
+use super::future::{KeyedFuture, ResponseFuture};
 use super::handle::RateLimitHandle;
 use super::layer::{Global, Keyed};
 use super::limiter::{Admission, Limiter, Reservation, Reserved};
@@ -258,13 +258,10 @@ where
         match admission {
             Admission::Now => {
                 self.counter.add(&self.limiter.admissions);
-                KeyedState::Call {
-                    fut: self.inner.call(req),
-                }
-                .into()
+                KeyedFuture::call(self.inner.call(req))
             }
             Admission::Later(reservation) => self.wait(reservation, req),
-            Admission::Refused(error) => KeyedState::Failed { error: Some(error) }.into(),
+            Admission::Refused(error) => KeyedFuture::failed(error),
         }
     }
 }
@@ -279,12 +276,6 @@ impl<S, X> RateLimit<S, Keyed<X>> {
         // Take the readied service into the future; keep a fresh clone.
         let clone = self.inner.clone();
         let svc = std::mem::replace(&mut self.inner, clone);
-        KeyedState::Waiting {
-            sleep: Box::pin(tokio::time::sleep_until(reservation.at)),
-            reservation: Some(reservation),
-            svc: Some(svc),
-            req: Some(req),
-        }
-        .into()
+        KeyedFuture::wait(reservation, svc, req)
     }
 }

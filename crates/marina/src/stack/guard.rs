@@ -2,6 +2,7 @@
 //! ones once shutting down.
 
 use super::*;
+use marina_core::WaitThenCall;
 
 /// The stack refuses new requests: it is shutting down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,11 +72,7 @@ where
         // Counted before the check: a shutdown starting in between sees this request.
         self.state.in_flight.fetch_add(1, AcqRel);
         let guard = InFlight(self.state.clone());
-        let failed = |error: BoxError| GuardedFuture {
-            inner: None,
-            error: Some(error),
-            guard: None,
-        };
+        let failed = GuardedFuture::failed;
         if self.state.closed.load(Acquire) {
             return failed(ShuttingDown.into());
         }
@@ -84,44 +81,11 @@ where
         {
             return failed(e);
         }
-        GuardedFuture {
-            inner: Some(self.inner.call(req)),
-            error: None,
-            guard: Some(guard),
-        }
+        GuardedFuture::calling(self.inner.call(req), guard)
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A request through the shutdown guard: counted in flight until it completes or
-    /// is dropped.
-    pub(super) struct GuardedFuture<F> {
-        #[pin]
-        inner: Option<F>,
-        error: Option<BoxError>,
-        guard: Option<InFlight>,
-    }
-}
-
-impl<F, R> Future for GuardedFuture<F>
-where
-    F: Future<Output = Result<R, BoxError>>,
-{
-    type Output = Result<R, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        match this.inner.as_mut().as_pin_mut() {
-            Some(f) => {
-                let out = std::task::ready!(f.poll(cx));
-                this.inner.set(None);
-                drop(this.guard.take());
-                Poll::Ready(out)
-            }
-            None => Poll::Ready(Err(this
-                .error
-                .take()
-                .unwrap_or_else(|| "polled after completion".into()))),
-        }
-    }
-}
+/// A request through the shutdown guard: counted in flight until it completes or is
+/// dropped (it never waits: the guard only counts and refuses).
+pub(super) type GuardedFuture<F> =
+    WaitThenCall<std::future::Pending<Result<(F, InFlight), BoxError>>, F, InFlight>;
