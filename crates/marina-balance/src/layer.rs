@@ -87,13 +87,22 @@ where
 /// ```
 pub struct ChangeStream<K, S> {
     rx: mpsc::UnboundedReceiver<Change<K, S>>,
+    /// The waker the channel holds, when the last poll left one there (returned
+    /// `Pending` with budget to spare); cleared when a poll returns a change.
+    registered: Option<std::task::Waker>,
 }
 
 impl<K, S> ChangeStream<K, S> {
     /// A sender of changes and the stream to hand to a balancer.
     pub fn channel() -> (mpsc::UnboundedSender<Change<K, S>>, Self) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (tx, ChangeStream { rx })
+        (
+            tx,
+            ChangeStream {
+                rx,
+                registered: None,
+            },
+        )
     }
 }
 
@@ -107,7 +116,25 @@ impl<K, S> Stream for ChangeStream<K, S> {
     type Item = Result<Change<K, S>, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx).map(|c| c.map(Ok))
+        // A balancer polls its discovery on every request; almost always nothing came.
+        // While the channel still holds this task's waker (no change and no close since
+        // the last `Pending`), an empty open channel answers `Pending` without a receive:
+        // a change sent now wakes that waker.
+        if let Some(w) = &self.registered
+            && w.will_wake(cx.waker())
+            && self.rx.is_empty()
+            && !self.rx.is_closed()
+        {
+            return Poll::Pending;
+        }
+        // With the budget spent, the receive may answer `Pending` without registering.
+        let budget = tokio::task::coop::has_budget_remaining();
+        let polled = self.rx.poll_recv(cx);
+        self.registered = match polled {
+            Poll::Pending if budget => Some(cx.waker().clone()),
+            _ => None,
+        };
+        polled.map(|c| c.map(Ok))
     }
 }
 
@@ -148,5 +175,62 @@ where
     pub fn from_channel(picker: impl Pick) -> (mpsc::UnboundedSender<Change<K, S>>, Self) {
         let (tx, changes) = ChangeStream::channel();
         (tx, Balance::new(changes, picker))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::task::{Wake, Waker};
+
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+
+    fn poll(
+        s: &mut ChangeStream<u32, ()>,
+        w: &Waker,
+    ) -> Poll<Option<Result<Change<u32, ()>, Infallible>>> {
+        Pin::new(s).poll_next(&mut Context::from_waker(w))
+    }
+
+    #[tokio::test]
+    async fn a_change_after_pending_wakes_and_is_received() {
+        let (tx, mut s) = ChangeStream::<u32, ()>::channel();
+        let count = Arc::new(Count::default());
+        let w = Waker::from(count.clone());
+        assert!(poll(&mut s, &w).is_pending());
+        // The fast path: still pending, nothing lost.
+        assert!(poll(&mut s, &w).is_pending());
+        tx.send(Change::Insert(1, ())).unwrap();
+        assert_eq!(count.0.load(SeqCst), 1, "the registered waker is woken");
+        assert!(matches!(
+            poll(&mut s, &w),
+            Poll::Ready(Some(Ok(Change::Insert(1, ()))))
+        ));
+        assert!(poll(&mut s, &w).is_pending());
+        // A change sent between polls, without a wake-up in between being needed.
+        tx.send(Change::Remove(1)).unwrap();
+        assert!(matches!(
+            poll(&mut s, &w),
+            Poll::Ready(Some(Ok(Change::Remove(1))))
+        ));
+        // Another task's waker: registered afresh, and woken.
+        let other = Arc::new(Count::default());
+        let w2 = Waker::from(other.clone());
+        assert!(poll(&mut s, &w2).is_pending());
+        tx.send(Change::Insert(2, ())).unwrap();
+        assert_eq!(other.0.load(SeqCst), 1);
+        assert!(poll(&mut s, &w2).is_ready());
+        // Closed after a pending poll: the end is seen.
+        assert!(poll(&mut s, &w2).is_pending());
+        drop(tx);
+        assert!(matches!(poll(&mut s, &w2), Poll::Ready(None)));
     }
 }

@@ -11,10 +11,11 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tower_service::Service;
 
-/// A client of a line protocol (an echo server, a simple text protocol; `\r` is not stripped) on one
-/// connection: a `Service<String>` whose request is one line (without its `\n`) and
-/// whose response is the reply line (without its `\n`). One request at a time, as a
-/// pooled client is used.
+/// A client of a line protocol (an echo server, a simple text protocol; `\r` is not
+/// stripped) on one connection: a `Service<String>` whose request is one line (without
+/// its `\n`) and whose response is the reply line (without its `\n`). One request at a
+/// time, as a pooled client is used. [`BytesLineClient`] is the same over raw bytes,
+/// without the UTF-8 check.
 ///
 /// Errors are `io::Error`s: EOF before the whole reply is `UnexpectedEof`, a request
 /// holding `\n` is `InvalidInput` (refused before anything is sent), a reply that is not
@@ -91,15 +92,11 @@ impl Drop for BreakGuard {
     }
 }
 
-impl<IO> Service<String> for LineClient<IO>
+impl<IO> LineClient<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    type Response = String;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<String>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+    fn check_ready(&self) -> Poll<io::Result<()>> {
         if self.broken.load(SeqCst) {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -109,11 +106,13 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, line: String) -> Self::Future {
+    /// One exchange: writes `msg` (the request line, its `\n` appended here), reads
+    /// the reply line into the same buffer and returns it without its `\n`.
+    fn exchange(&self, mut msg: Vec<u8>) -> impl Future<Output = io::Result<Vec<u8>>> + use<IO> {
         let io = self.io.clone();
         let broken = self.broken.clone();
-        Box::pin(async move {
-            if line.contains('\n') {
+        async move {
+            if msg.contains(&b'\n') {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "a line request may not hold '\\n'",
@@ -121,7 +120,6 @@ where
             }
             let mut guard = BreakGuard(Some(broken));
             let mut io = io.lock_owned().await;
-            let mut msg = line.into_bytes();
             msg.push(b'\n');
             io.get_mut().write_all(&msg).await?;
             io.get_mut().flush().await?;
@@ -143,10 +141,105 @@ where
                     format!("connection closed after {} bytes of a reply", msg.len()),
                 ));
             }
-            let reply = String::from_utf8(msg)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             guard.0 = None;
-            Ok(reply)
+            Ok(msg)
+        }
+    }
+}
+
+impl<IO> Service<String> for LineClient<IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Response = String;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<String>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.check_ready()
+    }
+
+    fn call(&mut self, line: String) -> Self::Future {
+        let reply = self.exchange(line.into_bytes());
+        let broken = self.broken.clone();
+        Box::pin(async move {
+            String::from_utf8(reply.await?).map_err(|e| {
+                // A server that answers garbage is not trusted with the next request.
+                broken.store(true, SeqCst);
+                io::Error::new(io::ErrorKind::InvalidData, e)
+            })
         })
+    }
+}
+
+/// A [`LineClient`] whose requests and replies are raw bytes ([`Bytes`](bytes::Bytes)),
+/// never checked for UTF-8: for protocols whose lines are not text, and to skip the
+/// check's cost. The same rules otherwise: a request holding `\n` is refused unsent, a
+/// reply is at most [`MAX_LINE`] bytes, a failed or cancelled call breaks the client.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::io::Result<()> {
+/// use bytes::Bytes;
+/// use marina::line::BytesLineClient;
+/// use tower::{Service, ServiceExt};
+///
+/// let (client_io, mut server_io) = tokio::io::duplex(64);
+/// tokio::spawn(async move {
+///     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+///     let mut buf = [0u8; 64];
+///     let n = server_io.read(&mut buf).await.unwrap();
+///     server_io.write_all(&buf[..n]).await.unwrap(); // echo
+/// });
+/// let mut client = BytesLineClient::new(client_io);
+/// let reply = client.ready().await?.call(Bytes::from_static(b"\xffraw")).await?;
+/// assert_eq!(reply, Bytes::from_static(b"\xffraw"));
+/// # Ok(()) }
+/// ```
+pub struct BytesLineClient<IO>(LineClient<IO>);
+
+impl<IO> fmt::Debug for BytesLineClient<IO> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("BytesLineClient").field(&self.0).finish()
+    }
+}
+
+impl<IO: AsyncRead> BytesLineClient<IO> {
+    /// A client on `io`.
+    pub fn new(io: IO) -> Self {
+        BytesLineClient(LineClient::new(io))
+    }
+
+    /// False once a call failed or was cancelled mid-exchange.
+    pub fn is_usable(&self) -> bool {
+        self.0.is_usable()
+    }
+
+    /// As [`LineClient::is_open_with`].
+    pub fn is_open_with(&self, socket_open: impl FnOnce(&IO) -> bool) -> bool {
+        self.0.is_open_with(socket_open)
+    }
+
+    /// As [`LineClient::with_io`].
+    pub fn with_io<R>(&self, f: impl FnOnce(&IO) -> R) -> Option<R> {
+        self.0.with_io(f)
+    }
+}
+
+impl<IO> Service<bytes::Bytes> for BytesLineClient<IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Response = bytes::Bytes;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<bytes::Bytes>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.check_ready()
+    }
+
+    fn call(&mut self, line: bytes::Bytes) -> Self::Future {
+        let reply = self.0.exchange(Vec::from(line));
+        Box::pin(async move { reply.await.map(bytes::Bytes::from) })
     }
 }

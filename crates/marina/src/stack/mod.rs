@@ -612,19 +612,52 @@ impl<T> StackBuilder<T> {
                 let line: String = t.clone().into();
                 line.contains('\n')
             };
-            if bad {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "a line request may not hold '\\n'",
-                )
-                .into())
-            } else {
-                Ok(())
-            }
+            line_check(bad)
         }));
         mapped.build(
             |conn: Conn| Box::pin(async move { Ok(crate::line::LineClient::new(conn)) }),
-            Some(Arc::new(|c: &mut crate::line::LineClient<Conn>| {
+            Some(line_checkout()),
+        )
+    }
+
+    /// Builds the stack over the line protocol with raw bytes for requests and replies
+    /// ([`BytesLineClient`](crate::line::BytesLineClient)): as
+    /// [`build_line`](Self::build_line), without checking replies for UTF-8.
+    ///
+    /// Fails with [`InvalidConfig`](crate::InvalidConfig) (inside the `BoxError`) when
+    /// [`validate`](Self::validate) finds problems. Needs a tokio runtime.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> Result<(), marina::BoxError> {
+    /// use bytes::Bytes;
+    /// use marina::Stack;
+    /// use tower::{Service, ServiceExt};
+    ///
+    /// let (mut svc, _handle) = Stack::builder::<Bytes>()
+    ///     .endpoints(["127.0.0.1:7000".parse()?])
+    ///     .build_line_bytes()?;
+    /// let reply = svc.ready().await?.call(Bytes::from_static(b"ping").into()).await?;
+    /// println!("{:?}", reply.into_body());
+    /// # Ok(()) }
+    /// ```
+    pub fn build_line_bytes(self) -> Result<(StackService<T, bytes::Bytes>, StackHandle), BoxError>
+    where
+        T: StackRequest + Into<bytes::Bytes>,
+    {
+        let mut mapped = self.map_body(|t: T| t.into());
+        mapped.validate = Some(Arc::new(|t: &T| {
+            let any: &dyn std::any::Any = t;
+            let bad = if let Some(line) = any.downcast_ref::<bytes::Bytes>() {
+                line.contains(&b'\n')
+            } else {
+                let line: bytes::Bytes = t.clone().into();
+                line.contains(&b'\n')
+            };
+            line_check(bad)
+        }));
+        mapped.build(
+            |conn: Conn| Box::pin(async move { Ok(crate::line::BytesLineClient::new(conn)) }),
+            Some(Arc::new(|c: &mut crate::line::BytesLineClient<Conn>| {
                 c.is_open_with(|io| marina_pool::socket_is_open(io.get_ref()))
             }) as CheckFn<_>),
         )
@@ -747,4 +780,24 @@ impl<T> StackBuilder<T> {
             Some(Arc::new(check)),
         )
     }
+}
+
+/// The line builders' request check: a line may not hold `\n`.
+fn line_check(holds_newline: bool) -> Result<(), BoxError> {
+    if holds_newline {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a line request may not hold '\\n'",
+        )
+        .into())
+    } else {
+        Ok(())
+    }
+}
+
+/// The line builders' checkout check: the client is usable and its socket open.
+fn line_checkout() -> CheckFn<crate::line::LineClient<Conn>> {
+    Arc::new(|c: &mut crate::line::LineClient<Conn>| {
+        c.is_open_with(|io| marina_pool::socket_is_open(io.get_ref()))
+    })
 }
