@@ -129,6 +129,7 @@
 
 mod service;
 mod session;
+mod store;
 mod table;
 mod token;
 
@@ -139,5 +140,6 @@ pub use service::{
 pub use session::{
     SessionConn, SessionError, SessionPool, SessionSnapshot, TooManySessions, new_session_id,
 };
+pub use store::{Lookup, SessionStore, StoreFuture};
 pub use table::{SessionInfo, TableConfig, WhenFull};
 pub use token::{TOKEN_LEN, Token, TokenCodec, WeakKey};
