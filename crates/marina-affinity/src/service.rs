@@ -404,6 +404,12 @@ impl<S, X> Affinity<S, X> {
     }
 }
 
+/// Token mode's work when the response comes back.
+struct TokenAfter {
+    codec: TokenCodec,
+    valid: Option<crate::token::Token>,
+}
+
 /// What to do when the response comes back.
 enum After {
     Nothing,
@@ -414,11 +420,9 @@ enum After {
         new: bool,
     },
     /// Token mode: issue a token unless the chosen endpoint is `valid`'s and it is
-    /// fresh enough.
-    Token {
-        codec: TokenCodec,
-        valid: Option<crate::token::Token>,
-    },
+    /// fresh enough. Boxed: the codec and token are large, and every request future
+    /// of every mode carries the size of this enum.
+    Token(Box<TokenAfter>),
     /// A session was created for this key-less request (hash mode).
     NewSession(String),
 }
@@ -504,17 +508,17 @@ where
                 match valid {
                     Some(t) => (
                         Some(self.endpoint_hint(t.endpoint)),
-                        After::Token {
+                        After::Token(Box::new(TokenAfter {
                             codec: codec.clone(),
                             valid,
-                        },
+                        })),
                     ),
                     None if token.is_some() || l.new_sessions => (
                         Some(RouteHint::any()),
-                        After::Token {
+                        After::Token(Box::new(TokenAfter {
                             codec: codec.clone(),
                             valid: None,
-                        },
+                        })),
                     ),
                     None => (None, After::Nothing),
                 }
@@ -657,7 +661,8 @@ where
                 // The inner service reported no choice (no balancer reading hints):
                 // counted as unrouted above, nothing to pin.
             }
-            (After::Token { codec, valid }, chosen) => {
+            (After::Token(token), chosen) => {
+                let TokenAfter { codec, valid } = *token;
                 let Some(chosen) = chosen.or(valid.map(|t| t.endpoint)) else {
                     return Poll::Ready(Ok(resp));
                 };
