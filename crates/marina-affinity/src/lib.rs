@@ -124,6 +124,17 @@
 //! [`AffinityStats::unrouted`] counts the requests whose hint went unread. Seeing
 //! either means: add `.route_hints_from_extensions()` to the balancer. See
 //! [`AffinityLayer`]'s "Wiring".
+//!
+//! # Hashing
+//!
+//! Session keys come from clients (cookies, headers, user ids), so the sticky table's
+//! maps hash them with std's randomly seeded SipHash: a client that crafts colliding
+//! keys cannot turn lookups into linear scans (hash flooding). A faster hash without
+//! that protection (foldhash, ahash, FxHash) would save some tens of instructions a
+//! request; it is left out for that reason. The shard is chosen with a fixed-key hash
+//! ([`marina_core::stable_hash`]): at worst crafted keys share one shard's lock, which
+//! costs contention, never complexity. Endpoint ids are hashes of discovery keys,
+//! which clients do not choose.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

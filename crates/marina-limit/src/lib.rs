@@ -103,6 +103,14 @@
 //! let err = rate_limit(100, 0).unwrap_err();
 //! assert_eq!((err.field, err.message.as_str()), ("burst", "must be above 0, got 0"));
 //! ```
+//!
+//! # Hashing
+//!
+//! Keyed limits are keyed by what clients send (user ids, IPs, API keys), so their
+//! key tables hash with std's randomly seeded SipHash, which crafted colliding keys
+//! cannot degrade into linear scans; a keyed check costs 1.10× governor's own keyed
+//! limiter (docs/BENCHMARKS.md). A faster hash without that protection would save some
+//! tens of instructions a check.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
