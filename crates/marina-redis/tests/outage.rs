@@ -283,10 +283,16 @@ async fn an_instance_started_without_redis_serves_under_its_fallback() {
         .await
         .expect("bounded run");
     println!("without Redis: {t:?}; fleet {:?}", fleet.stats());
-    assert!(t.slowest < CALL_TIMEOUT + Duration::from_millis(100), "{t:?}");
+    assert!(
+        t.slowest < CALL_TIMEOUT + Duration::from_millis(100),
+        "{t:?}"
+    );
     // This instance's half of 50/s, burst 1, for a second.
     assert!((15..=35).contains(&t.ok) && t.limited > 100, "{t:?}");
-    assert_eq!(handle.stats().fallback, t.ok + t.limited - handle.stats().refused_locally);
+    assert_eq!(
+        handle.stats().fallback,
+        t.ok + t.limited - handle.stats().refused_locally
+    );
     let s = fleet.stats();
     assert!(!s.available && s.outages == 1, "{s:?}");
 }

@@ -20,7 +20,8 @@ pub struct RedisRateStats {
     pub missing_key: u64,
     /// Redis round trips this limiter made (a `NOSCRIPT` reload counts its two more).
     pub redis_calls: u64,
-    /// Admissions from leased cells, without a call.
+    /// Admissions without a call of their own: cells a lease took, or a call made
+    /// for the requests queued behind it.
     pub from_lease: u64,
     /// Refusals answered here while Redis was known to have no free cell, without a
     /// call.

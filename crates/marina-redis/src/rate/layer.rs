@@ -170,18 +170,25 @@ impl<X> RedisRateLimitLayer<Keyed<X>> {
     ///
     /// # Panics
     ///
-    /// If `max_keys` is 0 ([`InvalidConfig`] on `max_keys`), or the layer was already
-    /// cloned or used.
+    /// If `max_keys` is 0, with [`try_max_keys`](Self::try_max_keys)'s message; if the
+    /// layer was already cloned or used.
     #[track_caller]
-    pub fn max_keys(mut self, max_keys: usize) -> Self {
+    pub fn max_keys(self, max_keys: usize) -> Self {
+        or_panic(self.try_max_keys(max_keys))
+    }
+
+    /// The most keys whose local state this instance keeps, or [`InvalidConfig`] on
+    /// `max_keys` if it is 0.
+    ///
+    /// # Panics
+    ///
+    /// If the layer was already cloned or used.
+    pub fn try_max_keys(mut self, max_keys: usize) -> Result<Self, InvalidConfig> {
         if max_keys == 0 {
-            or_panic::<()>(Err(InvalidConfig::new(
-                "max_keys",
-                "must be above 0, got 0",
-            )));
+            return Err(InvalidConfig::new("max_keys", "must be above 0, got 0"));
         }
         self.limiter_mut().max_keys = max_keys;
-        self
+        Ok(self)
     }
 }
 

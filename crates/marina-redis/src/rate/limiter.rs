@@ -333,7 +333,10 @@ impl Limiter {
         // a contended quota (an answer that takes the only free cell tells everyone
         // waiting for it when the next frees). Waiting for it counts against the
         // same deadline.
-        let _refill = if self.lease_size > 1 || st.lock().contended {
+        //
+        // A reservation (`Wait`, no free cell known) is one cell per waiting request,
+        // nothing to share: those never queue here.
+        let _refill = if self.shares_calls(&st) {
             let waiting = Waiting::new(&st.waiting);
             let locked = tokio::time::timeout_at(deadline, st.refill.lock()).await;
             drop(waiting);
@@ -343,8 +346,8 @@ impl Limiter {
             if let Some(d) = self.try_local(&st, Instant::now()) {
                 return d;
             }
-            // Free cells and no lease: nothing to share, no reason to queue.
-            (self.lease_size > 1 || st.lock().contended).then_some(guard)
+            // Free cells and no lease (or a reservation): no reason to queue.
+            self.shares_calls(&st).then_some(guard)
         } else {
             None
         };
@@ -371,6 +374,16 @@ impl Limiter {
             Ok((granted, wait, next)) => self.apply(&st, granted, wait, next),
             Err(e) => self.fall_back(&st, e),
         }
+    }
+
+    /// Whether requests of `st` that find no cell here should share one call: with a
+    /// lease, or when the quota is contended; not for a reservation (`Wait` mode and
+    /// Redis known to have no free cell now).
+    fn shares_calls(&self, st: &KeyState) -> bool {
+        let l = st.lock();
+        let reserving = matches!(self.on_limit, OnLimit::Wait { .. })
+            && l.fleet_next.is_some_and(|t| t > Instant::now());
+        !reserving && (self.lease_size > 1 || l.contended)
     }
 
     /// Redis's answer: `granted` cells, the first after `wait` µs, the next free one
@@ -568,5 +581,70 @@ impl LocalGcra {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|_, t| *t > now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_s_units_are_the_rate_s_exactly() {
+        let g = Gcra::of(&Rate::per_second(200).burst(5));
+        assert_eq!((g.period_us, g.tau_us), (5000.0, 20000.0));
+        let g = Gcra::of(&Rate::per_second(3));
+        assert_eq!(g.period_us, 333_333.333);
+        let g = Gcra::of(&Rate::every(Duration::from_secs(10)));
+        assert_eq!((g.period_us, g.tau_us), (10_000_000.0, 0.0));
+        assert!(check_rate(&Rate::per_second(1_000_000)).is_ok());
+        let err = check_rate(&Rate::per_second(1_000_001)).unwrap_err();
+        assert_eq!(err.field, "rate_per_second");
+    }
+
+    #[test]
+    fn an_instance_s_share_divides_the_rate_and_the_burst() {
+        let g = Gcra::of(&Rate::per_second(100).burst(10));
+        let s = LocalShare::of(g, 10, 4);
+        // 25/s: a cell every 40 ms, bursts of 2.
+        assert_eq!((s.period, s.tau), (40_000_000, 40_000_000));
+        // Never below one cell of burst.
+        let s = LocalShare::of(g, 10, 20);
+        assert_eq!(s.tau, 0);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn the_local_fallback_admits_the_share_and_reserves_in_line() {
+        let local = LocalGcra::default();
+        let share = LocalShare::of(Gcra::of(&Rate::per_second(100).burst(4)), 4, 2);
+        // 50/s, bursts of 2.
+        assert_eq!(local.reserve("k", share, Duration::ZERO, 10), Ok(None));
+        assert_eq!(local.reserve("k", share, Duration::ZERO, 10), Ok(None));
+        assert_eq!(
+            local.reserve("k", share, Duration::ZERO, 10),
+            Err(Duration::from_millis(20))
+        );
+        // Waiting: the next two cells, 20 ms apart.
+        let now = Instant::now();
+        let max = Duration::from_millis(50);
+        assert_eq!(
+            local.reserve("k", share, max, 10),
+            Ok(Some(now + Duration::from_millis(20)))
+        );
+        assert_eq!(
+            local.reserve("k", share, max, 10),
+            Ok(Some(now + Duration::from_millis(40)))
+        );
+        assert_eq!(
+            local.reserve("k", share, max, 10),
+            Err(Duration::from_millis(60))
+        );
+        // Another key has its own share; a full table admits new keys untracked.
+        assert_eq!(local.reserve("j", share, Duration::ZERO, 2), Ok(None));
+        assert_eq!(local.reserve("i", share, Duration::ZERO, 2), Ok(None));
+        assert_eq!(local.reserve("i", share, Duration::ZERO, 2), Ok(None));
+        assert_eq!(local.reserve("i", share, Duration::ZERO, 2), Ok(None));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        local.sweep(Instant::now());
+        assert!(local.tats.lock().unwrap().is_empty());
     }
 }
