@@ -148,3 +148,37 @@ pub use session::{
     RedisSessionStore, SessionConfig, SessionFuture, SessionStoreStats, SharedSession,
     SharedSessionLayer, SharedSessionStats,
 };
+
+#[cfg(test)]
+mod tests {
+    use marina_core::BoxError;
+    use marina_limit::{Global, Keyed};
+    use tower::util::BoxCloneSyncService;
+
+    type Inner = BoxCloneSyncService<u8, u8, BoxError>;
+    type Extract = fn(&u8) -> Option<String>;
+
+    fn send_sync_clone<T: Send + Sync + Clone>() {}
+    fn send<T: Send>() {}
+
+    /// The services fit where marina's stack puts them (`BoxCloneSyncService`), and
+    /// their futures are `Send`.
+    #[test]
+    fn services_are_send_sync_and_clone_and_futures_send() {
+        send_sync_clone::<crate::RedisRateLimit<Inner, Global>>();
+        send_sync_clone::<crate::RedisRateLimit<Inner, Keyed<Extract>>>();
+        send_sync_clone::<crate::RedisConcurrency<Inner, Extract>>();
+        send_sync_clone::<crate::RedisRateLimitLayer<Keyed<Extract>>>();
+        send_sync_clone::<crate::RedisConcurrencyLayer<Extract>>();
+        send_sync_clone::<crate::RedisFleet>();
+        send::<crate::ResponseFuture<<Inner as tower::Service<u8>>::Future>>();
+        send::<crate::KeyedFuture<Inner, u8>>();
+        send::<crate::ConcurrencyFuture<Inner, u8>>();
+        #[cfg(feature = "sessions")]
+        {
+            send_sync_clone::<crate::RedisSessionStore>();
+            send_sync_clone::<crate::SharedSessionLayer<Extract>>();
+            send_sync_clone::<crate::SharedSession<Inner, Extract>>();
+        }
+    }
+}

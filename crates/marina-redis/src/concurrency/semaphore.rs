@@ -167,10 +167,12 @@ impl Semaphore {
                 self.seq.fetch_add(1, Relaxed)
             )
             .into();
-            // Registered first: a permit Redis grants is renewed from the start.
-            self.register(&key.redis, &member);
             let mut cmd = ACQUIRE.cmd(&key.redis);
             cmd.arg(self.limit).arg(lease_us).arg(&*member);
+            // Registered first, so that a permit Redis grants is renewed from the start;
+            // dropped unanswered (the call failed, or this future was dropped), it is
+            // released in the background, in case Redis granted it.
+            let held = Held::register(self.clone(), key.redis.clone(), member);
             let deadline = Instant::now() + self.fleet.config().call_timeout;
             let out = self
                 .fleet
@@ -179,14 +181,10 @@ impl Semaphore {
             match out {
                 Ok((1, _)) => {
                     self.counters.admitted.fetch_add(1, Relaxed);
-                    return Ok(Permit::Held(Held {
-                        sem: self.clone(),
-                        key: key.redis,
-                        member,
-                    }));
+                    return Ok(Permit::Held(held));
                 }
                 Ok((_, first_ends_in)) => {
-                    self.unregister(&key.redis, &member);
+                    held.refused();
                     let now = Instant::now();
                     match give_up {
                         Some(until) if now < until => {
@@ -210,10 +208,9 @@ impl Semaphore {
                     }
                 }
                 Err(e) => {
-                    // Redis may have granted it before the answer was lost: give it
-                    // back in the background, or it ends with its lease.
-                    self.unregister(&key.redis, &member);
-                    self.release_in_background(key.redis.clone(), member);
+                    // Redis may have granted it before the answer was lost: given back
+                    // in the background, or it ends with its lease.
+                    drop(held);
                     return self.fall_back(key, e);
                 }
             }
@@ -395,18 +392,40 @@ pub(crate) enum Permit {
     Open,
 }
 
+/// A permit in Redis (or one asked for: see [`Semaphore::acquire`]): renewed while it
+/// lives, released when dropped.
 pub(crate) struct Held {
     sem: Arc<Semaphore>,
     key: Arc<str>,
-    member: Box<str>,
+    /// `None`: refused by Redis, nothing to release.
+    member: Option<Box<str>>,
+}
+
+impl Held {
+    fn register(sem: Arc<Semaphore>, key: Arc<str>, member: Box<str>) -> Self {
+        sem.register(&key, &member);
+        Held {
+            sem,
+            key,
+            member: Some(member),
+        }
+    }
+
+    /// Redis refused it: forgets it, releasing nothing.
+    fn refused(mut self) {
+        if let Some(member) = self.member.take() {
+            self.sem.unregister(&self.key, &member);
+        }
+    }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.sem.unregister(&self.key, &self.member);
-        let member = std::mem::take(&mut self.member);
-        self.sem.release_in_background(self.key.clone(), member);
-        self.sem.released.notify_waiters();
+        if let Some(member) = self.member.take() {
+            self.sem.unregister(&self.key, &member);
+            self.sem.release_in_background(self.key.clone(), member);
+            self.sem.released.notify_waiters();
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 
 use marina_core::{BoxError, KeyExtractor};
@@ -22,8 +22,10 @@ type Ask = Pin<Box<dyn Future<Output = Decision> + Send>>;
 enum Ready {
     /// No cell taken.
     Idle,
-    /// Asking Redis.
-    Asking(Ask),
+    /// Asking Redis. In a mutex only so that the service is `Sync` (the future is
+    /// `Send` only): it is only ever reached through `&mut self`, with `get_mut`,
+    /// never locked.
+    Asking(Mutex<Ask>),
     /// A cell reserved for later (`Wait`): waiting for its time.
     Waiting(Pin<Box<Sleep>>),
     /// A cell taken for the next call.
@@ -42,8 +44,8 @@ enum Ready {
 /// cell taken. A global limiter takes its cell in `poll_ready`, so a clone made ready
 /// and not called has spent one.
 ///
-/// A service in the middle of a Redis call holds its future, which is `Send` but not
-/// `Sync`: clone the service into each task rather than share it by reference.
+/// It is `Send + Sync` when the inner service and the key extractor are (so it fits
+/// in a `BoxCloneSyncService`): clone it into each task.
 ///
 /// # Cancel safety
 ///
@@ -135,9 +137,14 @@ where
             self.state = match &mut self.state {
                 Ready::Idle => match self.limiter.check_shared() {
                     Check::Now(d) => Ready::of(d),
-                    Check::Ask(st) => Ready::Asking(Box::pin(self.limiter.clone().ask(st))),
+                    Check::Ask(st) => {
+                        Ready::Asking(Mutex::new(Box::pin(self.limiter.clone().ask(st))))
+                    }
                 },
-                Ready::Asking(ask) => Ready::of(ready!(ask.as_mut().poll(cx))),
+                Ready::Asking(ask) => {
+                    let ask = ask.get_mut().unwrap_or_else(PoisonError::into_inner);
+                    Ready::of(ready!(ask.as_mut().poll(cx)))
+                }
                 Ready::Waiting(sleep) => {
                     ready!(sleep.as_mut().poll(cx));
                     Ready::Permit
