@@ -51,6 +51,12 @@ impl fmt::Debug for Lookup {
 /// A session's idle expiry is the store's: each lookup that reaches the backend
 /// refreshes it.
 ///
+/// # Cancel safety
+///
+/// A [`Lookup::Fetch`] future is dropped whenever its request is (a client gone, a
+/// deadline): it must leave nothing half-done that a later lookup would trip on. A
+/// read is safe to drop at any point.
+///
 /// # Examples
 ///
 /// A store in one process's memory (what the sticky table already does, so only a
