@@ -104,6 +104,10 @@ async fn drive(addrs: Vec<SocketAddr>) -> Report {
             ..Config::high_throughput()
         })
         .failfast_timeout(Duration::from_secs(60))
+        // Generous like the others: a request's time in the pool's queue counts
+        // towards it, and 10,000 clients queue for 192 connections (a loaded CI machine
+        // running a debug build can keep the last of them waiting for seconds).
+        .request_timeout(Duration::from_secs(60))
         .affinity(AffinityMode::Sticky(
             session.clone(),
             TableConfig::with_capacity(2 * CLIENTS),

@@ -4,6 +4,8 @@ use super::*;
 
 use tower::util::Either;
 
+use super::transport::TransportConnector;
+
 /// A builder whose requests are converted before they reach a client.
 pub(super) struct MappedBuilder<T, T2> {
     pub(super) inner: StackBuilder<T>,
@@ -37,8 +39,11 @@ where
             return Err(crate::InvalidConfig(problems).into());
         }
         let proto: ProtoFn<C> = Arc::new(protocol);
-        let mut tcp =
-            BandwidthLimit::new(TcpConnector::new().connect_timeout(Some(b.connect_timeout)));
+        let mut tcp = BandwidthLimit::new(TransportConnector::new(
+            TcpConnector::new().connect_timeout(Some(b.connect_timeout)),
+            #[cfg(feature = "tls")]
+            b.tls.clone(),
+        ));
         if let Some((rate, burst)) = b.bandwidth {
             tcp = tcp.shared_write(rate, burst);
         }
@@ -98,26 +103,34 @@ where
                     request_timeout,
                 );
                 // Concrete types all the way down (no boxed future per request below
-                // the balancer), except under the user's own endpoint layers.
-                let endpoint = if endpoint_layers.is_empty() {
-                    Either::Left(endpoint)
-                } else {
-                    Either::Right(with_endpoint_layers(endpoint, &endpoint_layers))
-                };
+                // the balancer), except under the user's own endpoint layers. The default
+                // (health checks, no endpoint layers) is the first `Either` arm: one
+                // match per call and poll on the request path.
                 let mut health = None;
-                let endpoint = match &health_config {
-                    Some(cfg) => {
-                        let mut layer = HealthLayer::new(cfg.clone())
-                            .name(addr.to_string())
-                            .ejection_gate(gate.clone());
-                        if let Some(probe) = &probe {
-                            layer = probe(layer, addr);
-                        }
+                let health_layer = health_config.as_ref().map(|cfg| {
+                    let mut layer = HealthLayer::new(cfg.clone())
+                        .name(addr.to_string())
+                        .ejection_gate(gate.clone());
+                    if let Some(probe) = &probe {
+                        layer = probe(layer, addr);
+                    }
+                    layer
+                });
+                let endpoint = match (health_layer, endpoint_layers.is_empty()) {
+                    (Some(layer), true) => {
                         let h = layer.layer(endpoint);
                         health = Some(h.handle());
                         Either::Left(h)
                     }
-                    None => Either::Right(endpoint),
+                    (None, true) => Either::Right(Either::Left(endpoint)),
+                    (Some(layer), false) => {
+                        let h = layer.layer(with_endpoint_layers(endpoint, &endpoint_layers));
+                        health = Some(h.handle());
+                        Either::Right(Either::Right(Either::Left(h)))
+                    }
+                    (None, false) => Either::Right(Either::Right(Either::Right(
+                        with_endpoint_layers(endpoint, &endpoint_layers),
+                    ))),
                 };
                 changes
                     .send(Change::Insert(addr, endpoint))
@@ -217,35 +230,49 @@ where
         if let Some(layer) = &affinity_layer {
             affinity = Some(layer.handle());
         }
-        let svc = either_layer(affinity_layer, shared);
-        // Per-key concurrency limits: any number of them (boxed when there are some).
-        let mut concurrency = Vec::new();
-        let svc = if b.concurrency.is_empty() {
-            Either::Right(svc)
-        } else {
-            let mut boxed: StackService<T, U> = BoxCloneSyncService::new(svc);
-            for (key, limit) in &b.concurrency {
-                let layer =
-                    ConcurrencyPerKeyLayer::new(key.extractor(), *limit).without_key(b.without_key);
-                concurrency.push(layer.handle());
-                boxed = BoxCloneSyncService::new(layer.layer(boxed));
-            }
-            Either::Left(boxed)
-        };
         let keyed = b
             .rate_per_key
             .as_ref()
             .map(|(key, r)| RateLimitLayer::keyed(key.extractor(), *r).without_key(b.without_key));
         let rate_per_key = keyed.as_ref().map(RateLimitLayer::handle);
-        let svc = either_layer(keyed, svc);
         let global = b.rate.map(RateLimitLayer::global);
         let rate = global.as_ref().map(RateLimitLayer::handle);
-        let svc = either_layer(global, svc);
-        let svc = BoxCloneSyncService::new(Guarded {
-            inner: svc,
-            state: state.clone(),
-            validate: self.validate.clone(),
-        });
+        let mut concurrency = Vec::new();
+        let svc: StackService<T, U> = if affinity_layer.is_none()
+            && b.concurrency.is_empty()
+            && keyed.is_none()
+            && global.is_none()
+        {
+            // No layer above the balancer (the default stack): the guard right over it,
+            // without the four `Either`s that would each pass every call and poll on.
+            BoxCloneSyncService::new(Guarded {
+                inner: shared,
+                state: state.clone(),
+                validate: self.validate.clone(),
+            })
+        } else {
+            let svc = either_layer(affinity_layer, shared);
+            // Per-key concurrency limits: any number of them (boxed when there are some).
+            let svc = if b.concurrency.is_empty() {
+                Either::Right(svc)
+            } else {
+                let mut boxed: StackService<T, U> = BoxCloneSyncService::new(svc);
+                for (key, limit) in &b.concurrency {
+                    let layer = ConcurrencyPerKeyLayer::new(key.extractor(), *limit)
+                        .without_key(b.without_key);
+                    concurrency.push(layer.handle());
+                    boxed = BoxCloneSyncService::new(layer.layer(boxed));
+                }
+                Either::Left(boxed)
+            };
+            let svc = either_layer(keyed, svc);
+            let svc = either_layer(global, svc);
+            BoxCloneSyncService::new(Guarded {
+                inner: svc,
+                state: state.clone(),
+                validate: self.validate.clone(),
+            })
+        };
         let handle = StackHandle {
             inner: Arc::new(HandleInner {
                 registry,
@@ -334,9 +361,9 @@ impl Pick for BoxedPick {
     }
 }
 
-/// TCP (through the bandwidth limiter), then the protocol.
+/// TCP or TLS (through the bandwidth limiter), then the protocol.
 pub(super) struct ProtocolConnector<C, T, T2> {
-    pub(super) tcp: BandwidthLimit<TcpConnector>,
+    pub(super) tcp: BandwidthLimit<TransportConnector>,
     pub(super) proto: ProtoFn<C>,
     pub(super) body: Arc<dyn Fn(T) -> T2 + Send + Sync>,
 }
