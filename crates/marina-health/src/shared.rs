@@ -1,6 +1,7 @@
 //! The state every clone of a `Health<S>` shares: detectors, ejection, probe history.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
@@ -19,6 +20,9 @@ pub(crate) struct Shared {
     pub(crate) key: Arc<str>,
     pub(crate) config: HealthConfig,
     state: Mutex<State>,
+    /// Serving and not probed out: `gate` answers `Open` without the lock. Written
+    /// at every unlock of `state` (see [`StateGuard`]), so it never lags a change.
+    serving: AtomicBool,
     status: watch::Sender<Status>,
     /// Membership in a balancer's ejection gate (panic threshold), if any.
     member: std::sync::OnceLock<GateMember>,
@@ -64,6 +68,35 @@ struct State {
     /// The status last published (saves the watch channel's lock when unchanged).
     published: Status,
     wakers: Vec<Waker>,
+}
+
+/// The locked state; at unlock, publishes whether `gate` may answer without the lock.
+struct StateGuard<'a> {
+    state: MutexGuard<'a, State>,
+    serving: &'a AtomicBool,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        let serving = self.state.mode == Mode::Serving && !self.state.probed_out;
+        // Still under the lock: an unlock orders it before the next locker's changes.
+        if self.serving.load(Relaxed) != serving {
+            self.serving.store(serving, Release);
+        }
+    }
 }
 
 /// Failure counts in 10 buckets over the window.
@@ -133,6 +166,7 @@ impl Shared {
         Arc::new_cyclic(|this| Shared {
             this: this.clone(),
             key,
+            serving: AtomicBool::new(true),
             state: Mutex::new(State {
                 mode: Mode::Serving,
                 seen_outcome: false,
@@ -169,10 +203,14 @@ impl Shared {
         self.member.get().is_some_and(GateMember::gate_open)
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> StateGuard<'_> {
+        StateGuard {
+            state: self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            serving: &self.serving,
+        }
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<Status> {
@@ -185,6 +223,12 @@ impl Shared {
 
     /// Readiness. `holds_trial` is the caller's claim on the half-open trial.
     pub(crate) fn gate(&self, waker: &Waker, holds_trial: &mut Option<u64>) -> Gate {
+        if self.serving.load(Acquire) {
+            // Serving (the common case): open, no lock. A claim from a half-open period
+            // is stale then.
+            *holds_trial = None;
+            return Gate::Open;
+        }
         if self.gate_open() {
             // Panic mode: the balancer routes over every endpoint, ejected or not.
             return Gate::Open;
