@@ -4,8 +4,6 @@ use super::*;
 
 use tower::util::Either;
 
-use super::transport::TransportConnector;
-
 /// A builder whose requests are converted before they reach a client.
 pub(super) struct MappedBuilder<T, T2> {
     pub(super) inner: StackBuilder<T>,
@@ -39,11 +37,8 @@ where
             return Err(crate::InvalidConfig(problems).into());
         }
         let proto: ProtoFn<C> = Arc::new(protocol);
-        let mut tcp = BandwidthLimit::new(TransportConnector::new(
-            TcpConnector::new().connect_timeout(Some(b.connect_timeout)),
-            #[cfg(feature = "tls")]
-            b.tls.clone(),
-        ));
+        let mut tcp =
+            BandwidthLimit::new(TcpConnector::new().connect_timeout(Some(b.connect_timeout)));
         if let Some((rate, burst)) = b.bandwidth {
             tcp = tcp.shared_write(rate, burst);
         }
