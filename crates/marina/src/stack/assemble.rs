@@ -356,9 +356,9 @@ impl Pick for BoxedPick {
     }
 }
 
-/// TCP or TLS (through the bandwidth limiter), then the protocol.
+/// TCP (through the bandwidth limiter), then the protocol.
 pub(super) struct ProtocolConnector<C, T, T2> {
-    pub(super) tcp: BandwidthLimit<TransportConnector>,
+    pub(super) tcp: BandwidthLimit<TcpConnector>,
     pub(super) proto: ProtoFn<C>,
     pub(super) body: Arc<dyn Fn(T) -> T2 + Send + Sync>,
 }
