@@ -37,6 +37,9 @@ use crate::{PoolError, PoolStats};
 /// Under hyper-util's legacy `Client`, hyper keeps each connection it gets for as long
 /// as it lives (it pools them itself): this pool's idle timeout, lifetime and health
 /// checks then never see them, and only `max_size` bounds connections per target.
+/// Compiled examples of it as the connector of hyper-util's legacy `Client` and of
+/// tonic's `Endpoint::connect_with_connector` are in the `http` module's docs
+/// (`marina_pool::http`, feature `http`).
 ///
 /// # Sharing
 ///

@@ -59,6 +59,7 @@
 //! | feature | enables |
 //! |---|---|
 //! | `hyper` | hyper's `rt::Read`/`rt::Write` and hyper-util's `Connection` for [`Pooled`] (when the pooled stream has them), so a pool fits hyper-util's legacy `Client` as its connector |
+//! | `http` | [`marina_pool::http`](http): [`HttpClient`](http::HttpClient), a hyper client service over pooled HTTP/1 connections and shared HTTP/2 ones, with streaming bodies (implies `hyper`) |
 //! | `postgres` | `marina_pool::postgres`: a [`Manage`] connector for `tokio-postgres` clients, and the `PgPool` type |
 //! | `redis` | `marina_pool::redis`: a [`Manage`] connector for redis-rs multiplexed connections, and the `RedisPool` type |
 //! | `metrics` | counters and gauges through the `metrics` facade, labelled by pool name (listed below) |
@@ -211,6 +212,8 @@ pub use stats::{ConnStats, PoolStats};
 #[cfg(not(loom))]
 pub use tcp::{ConnectError, ConnectFuture, TcpConnector};
 
+#[cfg(all(feature = "http", not(loom)))]
+pub mod http;
 #[cfg(all(feature = "postgres", not(loom)))]
 pub mod postgres;
 #[cfg(all(feature = "redis", not(loom)))]
