@@ -85,6 +85,10 @@ pub struct StackConfig {
     /// Rate and bandwidth limits.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// The limits and sticky sessions shared by a fleet of instances through Redis
+    /// (the `redis` feature); absent: each instance has its own. See [`RedisSection`].
+    #[cfg(feature = "redis")]
+    pub redis: Option<RedisSection>,
 }
 
 /// `[pool]`: starts from a preset, then overrides.
@@ -146,6 +150,201 @@ pub struct LimitsSection {
     /// The bandwidth burst, bytes (default 64 KiB).
     pub bandwidth_burst: Option<u64>,
 }
+
+/// `[redis]`: the stack's limits and sticky sessions shared by every instance of a
+/// fleet through Redis (the `redis` feature; see
+/// [`StackBuilder::redis`](crate::StackBuilder::redis) for what changes). Only `url` is
+/// needed; problems are reported under `redis.*` paths.
+///
+/// ```
+/// use marina::{Stack, StackConfig};
+///
+/// let config = StackConfig::from_toml(r#"
+///     endpoints = ["127.0.0.1:7001", "127.0.0.1:7002"]
+///
+///     [limits]
+///     rate_per_second = 200       # for the whole fleet, not per instance
+///
+///     [redis]
+///     url = "redis://127.0.0.1:6379"
+///     key_prefix = "shop"         # every key under shop:… (default "marina")
+///     name = "checkout"           # stacks with the same name share their state (default "stack")
+///     call_timeout_ms = 3         # the longest a request waits on Redis (default 5)
+///     fallback = "local"          # Redis down or slow: "open" (default), "closed", "local"
+///     expected_instances = 3      # "local": each enforces a third; lease = "auto": sized for 3
+///     lease = "auto"              # "off" (default), "auto", or cells per Redis call
+///     sessions = true             # sticky sessions in Redis (default true)
+/// "#).unwrap();
+/// assert!(config.validate().is_empty());
+/// # drop(Stack::from_config::<String>(&config).unwrap());
+///
+/// let bad = StackConfig::from_toml(r#"
+///     endpoints = ["127.0.0.1:7001"]
+///     [redis]
+///     url = "http://127.0.0.1"
+///     fallback = "local"
+///     lease = "sometimes"
+/// "#).unwrap();
+/// let paths: Vec<_> = bad.validate().into_iter().map(|p| p.path).collect();
+/// assert_eq!(paths, ["redis.url", "redis.expected_instances", "redis.lease"]);
+/// ```
+#[cfg(feature = "redis")]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSection {
+    /// The Redis server, `redis://[user:password@]host[:port][/db]`. Needed.
+    pub url: Option<String>,
+    /// Prepended to every key (default `marina`): 1 to 64 bytes, no whitespace.
+    pub key_prefix: Option<String>,
+    /// The name of this stack's state in Redis (default `stack`; 1 to 48 bytes, no
+    /// whitespace): stacks with the same name and prefix share quotas and sessions.
+    pub name: Option<String>,
+    /// The longest one Redis decision may take, ms (default 5; at most 10,000): past
+    /// it, the fallback decides.
+    pub call_timeout_ms: Option<u64>,
+    /// What happens while Redis is down or slow: `open` (default: admit), `closed`
+    /// (refuse), `local` (each instance enforces its share, the limits ÷
+    /// `expected_instances`). See [`Fallback`](marina_redis::Fallback).
+    pub fallback: Option<String>,
+    /// How many instances share the limits: needed by `fallback = "local"` and
+    /// `lease = "auto"`, and only there. At least 1.
+    pub expected_instances: Option<u32>,
+    /// Cells of a rate quota taken per Redis call: `"off"` (default: a call per
+    /// admission), `"auto"` (sized to keep the fleet within ±5% of its quota), or a
+    /// number from 1 to the burst. See [`Lease`](marina_redis::Lease).
+    pub lease: Option<RedisLease>,
+    /// Sticky sessions (set in code with `AffinityMode::Sticky`) kept in Redis
+    /// (default `true`); `false`: in each instance's table.
+    pub sessions: Option<bool>,
+}
+
+/// `lease` under `[redis]`: a word or a number of cells.
+#[cfg(feature = "redis")]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum RedisLease {
+    /// `"off"` or `"auto"`.
+    Mode(String),
+    /// Cells per Redis call.
+    Cells(u32),
+}
+
+#[cfg(feature = "redis")]
+impl RedisSection {
+    const FALLBACKS: &[&str] = &["open", "closed", "local"];
+
+    /// The problems of the section; `rate` is `[limits]`'s rate, if any.
+    fn validate(&self, rate: Option<Rate>, bad: &mut impl FnMut(String, String)) {
+        let report = |bad: &mut dyn FnMut(String, String), e: &marina_redis::InvalidConfig| {
+            let p = crate::stack::redis_problem(e);
+            bad(p.path, p.message);
+        };
+        if self.url.is_none() {
+            bad(
+                "redis.url".into(),
+                "is needed: the Redis server, redis://host:port".into(),
+            );
+        }
+        if let Err(e) = self.fleet_config().validate()
+            && (self.url.is_some() || e.field != "redis_url")
+        {
+            report(bad, &e);
+        }
+        let fallback = self.fallback.as_deref().unwrap_or("open");
+        let auto = self.lease == Some(RedisLease::Mode("auto".into()));
+        if !Self::FALLBACKS.contains(&fallback) {
+            bad(
+                "redis.fallback".into(),
+                format!(
+                    "unknown fallback {fallback:?}; one of {:?}",
+                    Self::FALLBACKS
+                ),
+            );
+        }
+        match self.expected_instances {
+            None if fallback == "local" || auto => bad(
+                "redis.expected_instances".into(),
+                "is needed by fallback = \"local\" and lease = \"auto\" (how many instances share the limits)"
+                    .into(),
+            ),
+            Some(_) if fallback != "local" && !auto => bad(
+                "redis.expected_instances".into(),
+                "applies to fallback = \"local\" and lease = \"auto\" only".into(),
+            ),
+            Some(0) => bad(
+                "redis.expected_instances".into(),
+                "must be above 0, got 0".into(),
+            ),
+            _ => {}
+        }
+        match &self.lease {
+            Some(RedisLease::Mode(m)) if m != "off" && m != "auto" => bad(
+                "redis.lease".into(),
+                format!("unknown lease {m:?}; \"off\", \"auto\" or a number of cells"),
+            ),
+            Some(RedisLease::Cells(0)) => {
+                bad("redis.lease".into(), "must be at least 1, got 0".into())
+            }
+            Some(RedisLease::Cells(_)) => {
+                if let Some(rate) = rate
+                    && let Err(e) = self.lease_setting().validate(&rate)
+                {
+                    report(bad, &e);
+                }
+            }
+            _ => {}
+        }
+        if let Some(name) = &self.name
+            && (name.is_empty() || name.len() > 48 || name.contains(char::is_whitespace))
+        {
+            bad(
+                "redis.name".into(),
+                format!("must be 1 to 48 bytes without whitespace, got {name:?}"),
+            );
+        }
+    }
+
+    /// The fleet's settings (the section validated: its fallback and lease known).
+    fn fleet_config(&self) -> marina_redis::FleetConfig {
+        let mut c = marina_redis::FleetConfig::new(self.url.clone().unwrap_or_default());
+        if let Some(p) = &self.key_prefix {
+            c = c.key_prefix(p.clone());
+        }
+        if let Some(ms) = self.call_timeout_ms {
+            c = c.call_timeout(Duration::from_millis(ms));
+        }
+        c.fallback(match self.fallback.as_deref() {
+            Some("closed") => marina_redis::Fallback::FailClosed,
+            Some("local") => marina_redis::Fallback::Local {
+                expected_instances: self.expected_instances.unwrap_or(1).max(1),
+            },
+            _ => marina_redis::Fallback::FailOpen,
+        })
+    }
+
+    fn lease_setting(&self) -> marina_redis::Lease {
+        match &self.lease {
+            Some(RedisLease::Cells(n)) => marina_redis::Lease::Tokens(*n),
+            Some(RedisLease::Mode(m)) if m == "auto" => marina_redis::Lease::Auto {
+                expected_instances: self.expected_instances.unwrap_or(1).max(1),
+            },
+            _ => marina_redis::Lease::Off,
+        }
+    }
+
+    /// `b` on this fleet (opened at build).
+    fn apply<T>(&self, mut b: StackBuilder<T>) -> StackBuilder<T> {
+        b = b
+            .redis_config(self.fleet_config())
+            .redis_lease(self.lease_setting())
+            .redis_sessions(self.sessions.unwrap_or(true));
+        if let Some(name) = &self.name {
+            b = b.redis_name(name);
+        }
+        b
+    }
+}
+
 
 /// A file that is not valid TOML for a [`StackConfig`] (its message names the key and
 /// line).
@@ -294,6 +493,14 @@ impl StackConfig {
                 "must be above 0, got 0".into(),
             );
         }
+        #[cfg(feature = "redis")]
+        if let Some(r) = &self.redis {
+            let rate = self.limits.rate_per_second.map(|r| {
+                let rate = Rate::per_second(r);
+                self.limits.burst.map_or(rate, |b| rate.burst(b))
+            });
+            r.validate(rate, &mut bad);
+        }
         let mut seen = std::collections::HashMap::new();
         for (i, e) in self.endpoints.iter().enumerate() {
             if let Ok(addr) = e.parse::<SocketAddr>()
@@ -422,6 +629,10 @@ impl StackConfig {
         }
         if let Some(bw) = l.bandwidth_bytes_per_sec {
             b = b.bandwidth(bw, l.bandwidth_burst.unwrap_or(64 * 1024));
+        }
+        #[cfg(feature = "redis")]
+        if let Some(r) = &self.redis {
+            b = r.apply(b);
         }
         Ok(b)
     }

@@ -21,6 +21,7 @@
 //! | [`balance`] | [marina-balance](https://docs.rs/marina-balance) | load balancing with pluggable pickers, failover, panic threshold |
 //! | [`affinity`] | [marina-affinity](https://docs.rs/marina-affinity) | session affinity: sticky table, signed tokens, consistent hash |
 //! | [`limit`] | [marina-limit](https://docs.rs/marina-limit) | rate limits (governor), per-key concurrency, bandwidth |
+//! | `redis` | [marina-redis](https://docs.rs/marina-redis) | the limits and sticky sessions for a fleet of instances, on Redis (the `redis` feature) |
 //! | [`core`] | [marina-core](https://docs.rs/marina-core) | the shared vocabulary: `RouteHint`, `NotSent`, `KeyExtractor`, … |
 //!
 //! # Add it
@@ -53,6 +54,8 @@
 //! | `affinity` | [`affinity`] (marina-affinity) |
 //! | `limit` | [`limit`] (marina-limit) |
 //! | `serde` | [`StackConfig`] and [`Stack::from_config`]: the stack from a TOML file; turns on `full` |
+//! | `redis` | `marina::redis` (marina-redis) and [`StackBuilder::redis`]: the stack's rate limits, per-key concurrency and sticky sessions shared by a fleet of instances through Redis (`[redis]` in a `StackConfig`); turns on `limit` and `affinity` |
+//! | `http` | marina-pool's `http`: `marina::pool::http::HttpClient`, a hyper client service (`Service<http::Request<B>>`) over pooled HTTP/1 and shared HTTP/2 connections, with streaming bodies; turns on `pool` |
 //!
 //! The crates' own features (marina-balance's `hyper-util`, `tonic` and `buffer`;
 //! marina-health's `http` and `grpc`) are not forwarded. To turn one on, also depend on
@@ -130,6 +133,9 @@ pub use marina_health as health;
 pub use marina_limit as limit;
 #[cfg(feature = "pool")]
 pub use marina_pool as pool;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use marina_redis as redis;
 
 pub mod line;
 
@@ -148,6 +154,8 @@ mod timeout;
 pub use config::{
     ConfigSyntax, FailoverSection, HealthSection, LimitsSection, PoolSection, StackConfig,
 };
+#[cfg(all(feature = "serde", feature = "redis"))]
+pub use config::{RedisLease, RedisSection};
 #[cfg(feature = "full")]
 pub use ext::ServiceBuilderExt;
 #[cfg(feature = "full")]
@@ -163,6 +171,8 @@ pub use stack::{
     EndpointService, KeyFnBox, Reply, ShuttingDown, Stack, StackBuilder, StackHandle, StackRequest,
     StackService, StackStats,
 };
+#[cfg(all(feature = "full", feature = "redis"))]
+pub use stack::{DEFAULT_REDIS_NAME, RedisStackStats};
 
 /// The names most programs use.
 pub mod prelude {

@@ -61,6 +61,9 @@ where
         let rt = tokio::runtime::Handle::try_current().map_err(
             |_| "building a stack needs a tokio runtime (its pools and health checks run tasks)",
         )?;
+        // With a fleet (Redis): its layers, made before any backend (fleet.rs).
+        #[cfg(feature = "redis")]
+        let fleet = b.fleet_layers()?;
         let add: AddFn = {
             let rt = rt.clone();
             // One connect timeout: the builder's (the pool's own would cap it).
@@ -212,6 +215,32 @@ where
         }
         let balance_handle = balance.handle();
         let shared = Shared::new(balance);
+        // With a fleet, its layers stand above the balancer in place of the local ones.
+        #[cfg(feature = "redis")]
+        if let Some(fleet) = fleet {
+            let (inner, redis) = fleet.layer(shared);
+            let svc = BoxCloneSyncService::new(Guarded {
+                inner,
+                state: state.clone(),
+                validate: self.validate.clone(),
+            });
+            let handle = StackHandle {
+                inner: Arc::new(HandleInner {
+                    registry,
+                    add,
+                    remove,
+                    balance: balance_handle,
+                    affinity: redis.affinity.clone(),
+                    rate: None,
+                    rate_per_key: None,
+                    concurrency: Vec::new(),
+                    bandwidth,
+                    state,
+                    redis: Some(redis),
+                }),
+            };
+            return Ok((svc, handle));
+        }
         // The layers above the balancer, each there or not: composed statically (one
         // boxed future for the whole stack, at its edge), not boxed per layer.
         let mut affinity = None;
@@ -280,6 +309,8 @@ where
                 concurrency,
                 bandwidth,
                 state,
+                #[cfg(feature = "redis")]
+                redis: None,
             }),
         };
         Ok((svc, handle))

@@ -40,6 +40,10 @@ pub(super) struct HandleInner {
     pub(super) concurrency: Vec<ConcurrencyHandle>,
     pub(super) bandwidth: Option<Arc<Bucket>>,
     pub(super) state: Arc<ShutdownState>,
+    /// The fleet and its layers' handles, with a fleet (then the local limits above
+    /// are `None`).
+    #[cfg(feature = "redis")]
+    pub(super) redis: Option<super::fleet::RedisParts>,
 }
 
 /// The stack's stats and shutdown, readable from anywhere.
@@ -88,6 +92,10 @@ pub struct StackStats {
     pub bandwidth: Option<(u64, u64, f64)>,
     /// Requests in flight through the stack.
     pub in_flight: usize,
+    /// The fleet (Redis) and its limits and sessions, with
+    /// [`StackBuilder::redis`](crate::StackBuilder::redis) (the `redis` feature).
+    #[cfg(feature = "redis")]
+    pub redis: Option<super::fleet::RedisStackStats>,
 }
 
 impl StackHandle {
@@ -128,6 +136,8 @@ impl StackHandle {
                 .as_ref()
                 .map(|b| (b.bytes(), b.current_rate(), b.limit())),
             in_flight: i.state.in_flight.load(Acquire),
+            #[cfg(feature = "redis")]
+            redis: i.redis.as_ref().map(super::fleet::RedisParts::stats),
         }
     }
 
@@ -325,6 +335,10 @@ impl fmt::Display for StackStats {
                 "bandwidth: {bytes} bytes written, {now} B/s now, limit {limit:.0} B/s ({:.0}% used)",
                 100.0 * now as f64 / limit
             )?;
+        }
+        #[cfg(feature = "redis")]
+        if let Some(r) = &self.redis {
+            write!(f, "{r}")?;
         }
         Ok(())
     }

@@ -20,6 +20,8 @@ use marina_core::{BoxError, BoxFuture, EjectionGate, Request, Response};
 use crate::timeout::RequestTimeoutService;
 
 mod assemble;
+#[cfg(feature = "redis")]
+mod fleet;
 mod guard;
 mod handle;
 
@@ -27,6 +29,10 @@ use assemble::*;
 pub use guard::ShuttingDown;
 use guard::*;
 use handle::*;
+#[cfg(feature = "redis")]
+pub(crate) use fleet::problem as redis_problem;
+#[cfg(feature = "redis")]
+pub use fleet::{DEFAULT_REDIS_NAME, RedisStackStats};
 pub use handle::{BackendStats, StackHandle, StackStats};
 use marina_health::{ActiveConfig, HealthConfig, HealthHandle, HealthLayer, Status};
 use marina_limit::{
@@ -174,6 +180,9 @@ pub struct StackBuilder<T> {
     hedge: Option<Duration>,
     slow_start: Option<Duration>,
     warm_budget: usize,
+    /// The fleet (Redis) the limits and sticky sessions are shared through (fleet.rs).
+    #[cfg(feature = "redis")]
+    redis: fleet::RedisSettings,
 }
 
 impl<T> fmt::Debug for StackBuilder<T> {
@@ -232,6 +241,8 @@ impl Stack {
             hedge: None,
             slow_start: None,
             warm_budget: DEFAULT_WARM_BUDGET,
+            #[cfg(feature = "redis")]
+            redis: fleet::RedisSettings::default(),
         }
     }
 }
@@ -584,6 +595,8 @@ impl<T> StackBuilder<T> {
                 );
             }
         }
+        #[cfg(feature = "redis")]
+        self.validate_redis(&mut bad);
         out
     }
 
