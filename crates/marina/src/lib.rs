@@ -54,6 +54,7 @@
 //! | `affinity` | [`affinity`] (marina-affinity) |
 //! | `limit` | [`limit`] (marina-limit) |
 //! | `serde` | [`StackConfig`] and [`Stack::from_config`]: the stack from a TOML file; turns on `full` |
+//! | `http` | marina-pool's `http`: `marina::pool::http::HttpClient`, a hyper client service (`Service<http::Request<B>>`) over pooled HTTP/1 and shared HTTP/2 connections, with streaming bodies; turns on `pool` |
 //! | `redis` | `marina::redis` (marina-redis) and [`StackBuilder::redis`]: the stack's rate limits, per-key concurrency and sticky sessions shared by a fleet of instances through Redis (`[redis]` in a `StackConfig`); turns on `limit` and `affinity` |
 //! | `http` | marina-pool's `http`: `marina::pool::http::HttpClient`, a hyper client service (`Service<http::Request<B>>`) over pooled HTTP/1 and shared HTTP/2 connections, with streaming bodies; turns on `pool` |
 //!
@@ -118,6 +119,32 @@
 //! assert_eq!(handle.shutdown(std::time::Duration::from_secs(1)).await, 0);
 //! # Ok(()) }
 //! ```
+//!
+//! # Under hyper and tonic
+//!
+//! With the `http` feature, each backend is a `marina::pool::http::HttpClient` — a
+//! hyper client service over a pool of connections (streaming bodies both ways; the
+//! connection follows the response body; HTTP/2 connections shared up to the server's
+//! stream limit) — and the layers stack on it like on any endpoint service:
+//!
+//! ```ignore
+//! use marina::pool::{Pool, http::HttpClient};
+//!
+//! let endpoints = addrs.iter().map(|&addr| {
+//!     let client = HttpClient::builder().pool(Pool::builder().max_size(8)).build(addr)?;
+//!     Ok(HealthLayer::new(HealthConfig::default()).classify(Http5xx).layer(client))
+//! }).collect::<Result<Vec<_>, marina::pool::PoolError>>()?;
+//! let svc = ServiceBuilder::new()
+//!     .layer(RateLimitLayer::keyed(HeaderKey::new("x-user"), Rate::per_second(20)))
+//!     .service(Balance::from_services(endpoints, RoundRobin::new()).failover_unsent(Failover::new()).shared());
+//! let resp = svc.oneshot(http::Request::get("/").body(Full::new(Bytes::new()))?).await?;
+//! let body = resp.into_body().collect().await?; // streamed; the connection goes back here
+//! ```
+//!
+//! Under tonic, a `marina::pool::KeyedPool` is the connector of
+//! `Endpoint::connect_with_connector`, and marina's balancer and health checks sit
+//! over the `Channel`s. Both are whole programs in the repository's `examples/`
+//! (`hyper_client.rs`, `tonic_client.rs`), tested as they run.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use hyper::body::Body;
 use hyper::client::conn::{http1, http2};
-use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use marina_core::BoxError;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -31,9 +30,49 @@ pub enum Protocol {
     /// server's `SETTINGS_MAX_CONCURRENT_STREAMS` requests at once.
     Http2,
     /// What the I/O connector negotiated (ALPN): HTTP/2 when its stream says `h2`
-    /// (hyper-util's [`Connected::is_negotiated_h2`](hyper_util::client::legacy::connect::Connected::is_negotiated_h2)),
-    /// else HTTP/1.1.
+    /// ([`Negotiated::negotiated_h2`]), else HTTP/1.1.
     Negotiated,
+}
+
+/// What an I/O stream negotiated with its server: the HTTP version an [`HttpClient`]
+/// speaks on it under [`Protocol::Negotiated`].
+///
+/// Implemented for the plain streams (`TcpStream`, `UnixStream`: never HTTP/2 by
+/// negotiation), for a [`Pooled`](crate::Pooled) stream and a `Box` (what the stream
+/// inside says), and, with the `tls` feature, for the TLS streams of
+/// `marina_pool::tls` (ALPN `h2`). Implement it for a stream type of your own to use it
+/// under an [`HttpClient`](super::HttpClient): one line, `false`, if it never
+/// negotiates.
+///
+/// [`HttpClient`]: super::HttpClient
+pub trait Negotiated {
+    /// True when the stream's handshake chose HTTP/2 (ALPN `h2`).
+    fn negotiated_h2(&self) -> bool;
+}
+
+impl Negotiated for tokio::net::TcpStream {
+    fn negotiated_h2(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(unix)]
+impl Negotiated for tokio::net::UnixStream {
+    fn negotiated_h2(&self) -> bool {
+        false
+    }
+}
+
+impl<X: Negotiated> Negotiated for crate::Pooled<X> {
+    fn negotiated_h2(&self) -> bool {
+        (**self).negotiated_h2()
+    }
+}
+
+impl<X: Negotiated + ?Sized> Negotiated for Box<X> {
+    fn negotiated_h2(&self) -> bool {
+        (**self).negotiated_h2()
+    }
 }
 
 /// HTTP/2 settings of the connections a client opens.
@@ -139,7 +178,7 @@ pub(crate) struct HttpManager<C, B> {
 impl<C, B, T> Manage<T> for HttpManager<C, B>
 where
     C: Service<T> + Clone + Send + Sync + 'static,
-    C::Response: AsyncRead + AsyncWrite + Connection + Unpin + Send + 'static,
+    C::Response: AsyncRead + AsyncWrite + Negotiated + Unpin + Send + 'static,
     C::Error: Into<BoxError>,
     C::Future: Send,
     T: Clone + Send + Sync + 'static,
@@ -163,7 +202,7 @@ where
         let h2 = match self.protocol {
             Protocol::Http1 => false,
             Protocol::Http2 => true,
-            Protocol::Negotiated => io.connected().is_negotiated_h2(),
+            Protocol::Negotiated => io.negotiated_h2(),
         };
         let handshake = |e: hyper::Error| HttpConnectError {
             stage: "handshake",

@@ -65,9 +65,8 @@
 //! ```
 //!
 //! HTTP/2 with prior knowledge (`h2c`): `.http2()` on the builder. Under a TLS connector,
-//! [`Protocol::Negotiated`] picks HTTP/2 when the handshake negotiated `h2` (the TLS
-//! stream says so through hyper-util's
-//! [`Connection`]).
+//! [`Protocol::Negotiated`] picks HTTP/2 when the handshake negotiated `h2` (the stream
+//! says so through [`Negotiated`]).
 //!
 //! # The shared (HTTP/2) mode
 //!
@@ -173,14 +172,13 @@ use http::uri::{Authority, Scheme, Uri};
 use http::{HeaderValue, Request, Response};
 use http_body_util::Full;
 use hyper::body::{Body as HttpBody, Bytes};
-use hyper_util::client::legacy::connect::Connection;
 use marina_core::{BoxError, NotSent};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::load::Load;
 use tower_service::Service;
 
 pub use body::Body;
-pub use conn::{HttpConn, HttpConnectError, Protocol};
+pub use conn::{HttpConn, HttpConnectError, Negotiated, Protocol};
 
 use body::{Finish, ReqBody};
 use conn::{H2Settings, HttpManager, Kind};
@@ -314,16 +312,14 @@ impl HttpClientBuilder {
     }
 
     /// A client over the streams `connector` opens to `target`: a TLS connector, a
-    /// bandwidth-limited one. Its streams must be tokio I/O and say what was
-    /// negotiated through hyper-util's
-    /// [`Connection`] (`TcpStream`
-    /// does; for [`Protocol::Negotiated`], a TLS stream reports ALPN `h2` there).
+    /// connector of your own. Its streams are tokio I/O that say what they
+    /// negotiated ([`Negotiated`]: `TcpStream` and the TLS streams do).
     ///
     /// Fails with [`PoolError::Invalid`] when the pool's settings are invalid.
     pub fn build_with<C, T, B>(self, connector: C, target: T) -> Result<HttpClient<B, T>, PoolError>
     where
         C: Service<T> + Clone + Send + Sync + 'static,
-        C::Response: AsyncRead + AsyncWrite + Connection + Unpin + Send + 'static,
+        C::Response: AsyncRead + AsyncWrite + Negotiated + Unpin + Send + 'static,
         C::Error: Into<BoxError>,
         C::Future: Send,
         T: Clone + fmt::Debug + fmt::Display + Send + Sync + 'static,
