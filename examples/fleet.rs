@@ -1,12 +1,13 @@
 //! A fleet of three marina stacks sharing one quota through Redis.
 //!
-//! Starts three line echo servers on 127.0.0.1, builds three independent client stacks
-//! over them (as three replicas of a service would, each with its own Redis
-//! connection), and puts one fleet-wide rate limit in front of each: marina-redis's
-//! `RedisRateLimitLayer`, all three on the same quota. Clients hammer every instance
+//! Starts three line echo servers on 127.0.0.1 and builds three independent client
+//! stacks over them (as three replicas of a service would, each with its own Redis
+//! connection), each with the same rate limit on the same fleet (`StackBuilder::redis`,
+//! marina's `redis` feature): one quota for the three. Clients hammer every instance
 //! (a refused client waits the `retry_after` it is told); each second a line shows
 //! every instance's admitted rate and the fleet's, which stays at the quota however
-//! the load is spread. Then a summary: admissions, Redis calls per request, fallbacks.
+//! the load is spread. Then a summary: admissions, Redis calls per request, fallbacks,
+//! and one instance's stats table.
 //!
 //! Needs a Redis server (`MARINA_REDIS_URL`, default `redis://127.0.0.1:6379`).
 //!
@@ -21,13 +22,13 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use marina::Stack;
-use marina::core::{BoxError, Request};
+use marina::core::{BoxError, Request, find};
 use marina::limit::{Rate, RateLimited};
-use marina_redis::{Fallback, FleetConfig, Lease, RedisFleet, RedisRateLimitLayer};
+use marina::redis::{Fallback, FleetConfig, Lease, RedisFleet};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Service, ServiceExt};
 
 const HELP: &str = "\
 fleet: three marina stacks sharing one quota through Redis
@@ -161,21 +162,29 @@ async fn main() -> Result<(), BoxError> {
             );
             std::process::exit(1);
         }
-        let (stack, _handle) = Stack::builder::<String>()
+        // The same stack on each instance; with the fleet, its rate limit is the
+        // fleet's (named "echo" in Redis).
+        let (svc, handle) = Stack::builder::<String>()
             .endpoints(backends.clone())
+            .rate_limit(rate)
+            .redis(fleet)
+            .redis_lease(args.lease)
+            .redis_name("echo")
             .build_line()?;
-        let limit = RedisRateLimitLayer::global(&fleet, "echo", rate).try_lease(args.lease)?;
-        let handle = limit.handle();
-        let svc = ServiceBuilder::new().layer(limit).service(stack);
-        instances.push((fleet, handle, svc));
+        instances.push((handle, svc));
     }
+    let limit = |h: &marina::StackHandle| {
+        h.redis()
+            .and_then(|r| r.rate)
+            .expect("a fleet rate limit")
+    };
     println!(
         "3 instances × {} clients, one fleet quota of {}/s (burst {}), lease {:?} ({} cells a call), {:?}\n",
         args.clients,
         args.rate,
         rate.burst_size(),
         args.lease,
-        instances[0].1.stats().lease_size,
+        limit(&instances[0].0).lease_size,
         args.duration
     );
 
@@ -183,7 +192,7 @@ async fn main() -> Result<(), BoxError> {
     let end = start + args.duration;
     let admitted: Arc<Vec<AtomicU64>> = Arc::new((0..3).map(|_| AtomicU64::new(0)).collect());
     let mut clients = tokio::task::JoinSet::new();
-    for (i, (_, _, svc)) in instances.iter().enumerate() {
+    for (i, (_, svc)) in instances.iter().enumerate() {
         for c in 0..args.clients {
             let mut svc = svc.clone();
             let admitted = admitted.clone();
@@ -196,7 +205,7 @@ async fn main() -> Result<(), BoxError> {
                         Ok(_) => {
                             admitted[i].fetch_add(1, Relaxed);
                         }
-                        Err(e) => match e.downcast_ref::<RateLimited>() {
+                        Err(e) => match find::<RateLimited>(&*e) {
                             Some(limited) => {
                                 let wait = limited.retry_after.max(Duration::from_micros(200));
                                 tokio::time::sleep(wait.min(end - Instant::now().min(end))).await;
@@ -233,8 +242,9 @@ async fn main() -> Result<(), BoxError> {
 
     println!();
     let mut total = 0;
-    for (name, (fleet, handle, _)) in ["A", "B", "C"].iter().zip(&instances) {
-        let s = handle.stats();
+    for (name, (handle, _)) in ["A", "B", "C"].iter().zip(&instances) {
+        let s = limit(handle);
+        let fleet = handle.redis().expect("a fleet").fleet;
         total += s.admitted;
         println!(
             "{name}: admitted {} ({} from leased cells), refused {} ({} without a Redis call), \
@@ -247,8 +257,8 @@ async fn main() -> Result<(), BoxError> {
             s.redis_calls,
             s.calls_per_request(),
             s.fallback,
-            fleet.stats().timeouts,
-            fleet.stats().outages,
+            fleet.timeouts,
+            fleet.outages,
         );
     }
     let secs = args.duration.as_secs_f64();
@@ -258,5 +268,9 @@ async fn main() -> Result<(), BoxError> {
         args.rate,
         rate.burst_size()
     );
+    println!("\nA's stack:\n{}", instances[0].0.stats());
+    for (handle, _) in &instances {
+        handle.shutdown(Duration::from_secs(1)).await;
+    }
     Ok(())
 }
