@@ -173,11 +173,8 @@ async fn main() -> Result<(), BoxError> {
             .build_line()?;
         instances.push((handle, svc));
     }
-    let limit = |h: &marina::StackHandle| {
-        h.redis()
-            .and_then(|r| r.rate)
-            .expect("a fleet rate limit")
-    };
+    let limit =
+        |h: &marina::StackHandle| h.redis().and_then(|r| r.rate).expect("a fleet rate limit");
     println!(
         "3 instances × {} clients, one fleet quota of {}/s (burst {}), lease {:?} ({} cells a call), {:?}\n",
         args.clients,

@@ -345,7 +345,6 @@ impl RedisSection {
     }
 }
 
-
 /// A file that is not valid TOML for a [`StackConfig`] (its message names the key and
 /// line).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -218,12 +218,7 @@ where
         // With a fleet, its layers stand above the balancer in place of the local ones.
         #[cfg(feature = "redis")]
         if let Some(fleet) = fleet {
-            let (inner, redis) = fleet.layer(shared);
-            let svc = BoxCloneSyncService::new(Guarded {
-                inner,
-                state: state.clone(),
-                validate: self.validate.clone(),
-            });
+            let (svc, redis) = fleet.layer(shared, state.clone(), self.validate.clone());
             let handle = StackHandle {
                 inner: Arc::new(HandleInner {
                     registry,

@@ -364,9 +364,15 @@ pub(super) struct FleetLayers<T> {
 }
 
 impl<T: Clone + Send + Sync + 'static> FleetLayers<T> {
-    /// The layers over `balancer`, in the stack's order (rate, per-key rate, per-key
-    /// concurrency, affinity), and their handles.
-    pub(super) fn layer<U, S>(self, balancer: S) -> (StackService<T, U>, RedisParts)
+    /// The stack: the layers over `balancer`, in the stack's order (rate, per-key rate,
+    /// per-key concurrency, affinity) under the shutdown guard (boxed once, there), and
+    /// their handles.
+    pub(super) fn layer<U, S>(
+        self,
+        balancer: S,
+        state: Arc<ShutdownState>,
+        validate: Option<ValidateFn<T>>,
+    ) -> (StackService<T, U>, RedisParts)
     where
         U: Send + 'static,
         S: Service<Request<T>, Response = Response<U>, Error = BoxError>
@@ -411,7 +417,12 @@ impl<T: Clone + Send + Sync + 'static> FleetLayers<T> {
             store: self.store,
             affinity,
         };
-        (BoxCloneSyncService::new(svc), parts)
+        let guarded = Guarded {
+            inner: svc,
+            state,
+            validate,
+        };
+        (BoxCloneSyncService::new(guarded), parts)
     }
 }
 

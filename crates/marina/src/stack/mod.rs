@@ -26,13 +26,13 @@ mod guard;
 mod handle;
 
 use assemble::*;
-pub use guard::ShuttingDown;
-use guard::*;
-use handle::*;
 #[cfg(feature = "redis")]
 pub(crate) use fleet::problem as redis_problem;
 #[cfg(feature = "redis")]
 pub use fleet::{DEFAULT_REDIS_NAME, RedisStackStats};
+pub use guard::ShuttingDown;
+use guard::*;
+use handle::*;
 pub use handle::{BackendStats, StackHandle, StackStats};
 use marina_health::{ActiveConfig, HealthConfig, HealthHandle, HealthLayer, Status};
 use marina_limit::{
