@@ -12,6 +12,9 @@
 //!   key's next request through B.
 //! - `[redis]` in a `StackConfig` builds a stack on the fleet; bad values, in the file
 //!   or the builder, fail with typed problems at their `redis.*` paths.
+//! - With no Redis answering (a refused address; no server needed), the fleet's
+//!   fallback decides each request at once: fail closed refuses with
+//!   `RedisUnavailable`, fail open admits, `local` enforces the instance's share.
 //!
 //! Without a Redis the tests print why and pass, except in CI (`CI` set), where they
 //! fail. Each test uses a key prefix of its own. Every wait is bounded.
@@ -20,11 +23,11 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use integration_tests::{LIMIT, LineServer, split_tag, within};
+use integration_tests::{LIMIT, LineServer, refused_addr, split_tag, within};
 use marina::affinity::TableConfig;
 use marina::core::{BoxError, Request, find};
 use marina::limit::{ConnectionLimit, Rate, RateLimited};
-use marina::redis::{FleetConfig, Lease, RedisFleet};
+use marina::redis::{Fallback, FleetConfig, Lease, RedisFleet, RedisUnavailable};
 use marina::{
     AffinityMode, InvalidConfig, KeyFnBox, Stack, StackBuilder, StackConfig, StackHandle,
     StackService,
@@ -507,4 +510,62 @@ async fn the_redis_section_builds_a_stack_and_bad_values_are_typed_problems() {
         .unwrap();
     assert!(!keys.is_empty(), "no quota under {prefix}:rate:cfg:rate");
     within(LIMIT, "shutdown", handle.shutdown(Duration::from_secs(2))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_the_fleets_fallback_decides_at_once() {
+    // Nothing listens there: every call fails at once (connection refused).
+    let (_hold, nowhere) = refused_addr();
+    let backends = servers(1).await;
+    for fallback in [
+        Fallback::FailClosed,
+        Fallback::FailOpen,
+        Fallback::Local {
+            expected_instances: 2,
+        },
+    ] {
+        let fleet = RedisFleet::with_config(
+            FleetConfig::new(format!("redis://{nowhere}"))
+                .key_prefix(prefix("outage"))
+                .call_timeout(Duration::from_millis(100))
+                .fallback(fallback),
+        )
+        .unwrap();
+        // A quota of 4 at once: 2 for this instance on its own with `Local`.
+        let (mut svc, handle) = Stack::builder::<String>()
+            .endpoints(addrs(&backends))
+            .rate_limit(Rate::per_second(1).burst(4))
+            .redis(fleet)
+            .build_line()
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        let mut outcomes = Vec::new();
+        for i in 0..6 {
+            outcomes.push(match send(&mut svc, &format!("req-{i}")).await {
+                Ok(_) => "admitted",
+                Err(e) if find::<RedisUnavailable>(&*e).is_some() => "unavailable",
+                Err(e) if find::<RateLimited>(&*e).is_some() => "limited",
+                Err(e) => panic!("{fallback:?}: {e}"),
+            });
+        }
+        // Each request waited at most a call timeout (or none, once Redis is down).
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{fallback:?}: {:?}",
+            start.elapsed()
+        );
+        let admitted = outcomes.iter().filter(|o| **o == "admitted").count();
+        match fallback {
+            Fallback::FailClosed => assert_eq!(admitted, 0, "{outcomes:?}"),
+            Fallback::FailOpen => assert_eq!(admitted, 6, "{outcomes:?}"),
+            Fallback::Local { .. } => {
+                assert_eq!(admitted, 2, "{outcomes:?}");
+                assert!(outcomes.contains(&"limited"), "{outcomes:?}");
+            }
+        }
+        let r = handle.redis().unwrap();
+        assert_eq!(r.rate.unwrap().fallback, 6, "{fallback:?}: {r:?}");
+        assert!(r.fleet.errors + r.fleet.timeouts > 0, "{:?}", r.fleet);
+        within(LIMIT, "shutdown", handle.shutdown(Duration::from_secs(1))).await;
+    }
 }

@@ -111,7 +111,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! `examples/fleet.rs` runs three instances in one process sharing a quota and prints
+//! With marina's whole stack, no wiring is needed: `StackBuilder::redis` (marina's
+//! `redis` feature, or `[redis]` in a `StackConfig`) puts these layers in place of the
+//! stack's local rate limits, per-key concurrency limits and sticky table.
+//! `examples/fleet.rs` runs three such stacks in one process sharing a quota and prints
 //! each one's admitted rate and the fleet's.
 //!
 //! # Tests
