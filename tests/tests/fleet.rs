@@ -8,8 +8,9 @@
 //! - A session pinned through stack A is routed to the same backend through stack B,
 //!   an instance with a connection and a cache of its own; and through a stack built
 //!   after A is gone.
-//! - Per-key concurrency is fleet-wide: a key's permit held through A refuses the
-//!   key's next request through B.
+//! - Per-key concurrency is fleet-wide: with a limit of 2, a key's permits held through
+//!   A and B (two stacks on one fleet connection) refuse its third request through
+//!   either.
 //! - `[redis]` in a `StackConfig` builds a stack on the fleet; bad values, in the file
 //!   or the builder, fail with typed problems at their `redis.*` paths.
 //! - With no Redis answering (a refused address; no server needed), the fleet's
@@ -309,49 +310,61 @@ async fn per_key_concurrency_holds_across_stacks() {
         ..Default::default()
     })
     .await;
+    // Two stacks on one fleet connection (one instance id): their permits must still
+    // be told apart in Redis.
     let fleet = fleet(&url, &prefix);
     let stack = || {
         Stack::builder::<String>()
             .endpoints([backend.addr()])
-            .concurrency_per_key(session_key(), 1)
+            .concurrency_per_key(session_key(), 2)
             .redis(fleet.clone())
             .build_line()
             .expect("a stack")
     };
     let (a, a_handle) = stack();
-    let (mut b, b_handle) = stack();
-    // alice's first request holds her one permit, in flight through A.
-    let held = tokio::spawn({
-        let mut a = a.clone();
-        async move { send(&mut a, "alice one").await }
-    });
-    within(LIMIT, "alice's first request in flight", async {
-        while a_handle.redis().unwrap().concurrency[0].in_flight == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    // Through B: alice is refused (the fleet's one permit is held through A); bob is
-    // not.
-    let refused = send(&mut b, "alice two")
-        .await
-        .expect_err("over alice's limit");
-    assert!(find::<ConnectionLimit>(&*refused).is_some(), "{refused}");
-    let bob = tokio::spawn({
+    let (b, b_handle) = stack();
+    let in_flight = |h: &StackHandle| h.redis().unwrap().concurrency[0].in_flight;
+    // alice's two permits: one held through A, one through B.
+    let mut held = Vec::new();
+    for (svc, handle, line) in [(&a, &a_handle, "alice one"), (&b, &b_handle, "alice two")] {
+        let mut svc = svc.clone();
+        held.push(tokio::spawn(async move { send(&mut svc, line).await }));
+        within(LIMIT, "alice's request in flight", async {
+            while in_flight(handle) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
+    // A third is refused through either stack; bob is not.
+    for (svc, line) in [(&a, "alice three"), (&b, "alice four")] {
+        let refused = send(&mut svc.clone(), line)
+            .await
+            .expect_err("over alice's limit");
+        assert!(find::<ConnectionLimit>(&*refused).is_some(), "{refused}");
+    }
+    held.push(tokio::spawn({
         let mut b = b.clone();
         async move { send(&mut b, "bob one").await }
-    });
+    }));
     within(LIMIT, "bob's request in flight", async {
-        while b_handle.redis().unwrap().concurrency[0].admitted == 0 {
+        while in_flight(&b_handle) < 2 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await;
     backend.release();
-    held.await.unwrap().expect("alice's first request");
-    bob.await.unwrap().expect("bob's request");
-    let b_conc = b_handle.redis().unwrap().concurrency[0];
-    assert_eq!((b_conc.admitted, b_conc.rejected), (1, 1), "{b_conc:?}");
+    for h in held {
+        h.await.unwrap().expect("an admitted request");
+    }
+    for (handle, admitted) in [(&a_handle, 1), (&b_handle, 2)] {
+        let c = handle.redis().unwrap().concurrency[0];
+        assert_eq!(
+            (c.admitted, c.rejected, c.in_flight),
+            (admitted, 1, 0),
+            "{c:?}"
+        );
+    }
     for h in [a_handle, b_handle] {
         within(LIMIT, "shutdown", h.shutdown(Duration::from_secs(2))).await;
     }

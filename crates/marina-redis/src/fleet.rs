@@ -72,6 +72,9 @@ pub(crate) struct Inner {
     down: AtomicBool,
     failures: AtomicU32,
     counters: Counters,
+    /// Numbers this instance's semaphore permits: with the instance id, a member no
+    /// other permit of the fleet has, whatever layer (or stack) of this fleet took it.
+    permits: AtomicU64,
 }
 
 #[derive(Default)]
@@ -187,6 +190,7 @@ impl RedisFleet {
                 down: AtomicBool::new(false),
                 failures: AtomicU32::new(0),
                 counters: Counters::default(),
+                permits: AtomicU64::new(0),
             }),
         };
         let weak = Arc::downgrade(&fleet.inner);
@@ -255,6 +259,11 @@ impl RedisFleet {
             Ok(Err(e)) => Err(CallError::Failed(e).unavailable()),
             Err(_) => Err(CallError::TimedOut(budget).unavailable()),
         }
+    }
+
+    /// A number for a new semaphore permit, unique on this fleet connection.
+    pub(crate) fn next_permit(&self) -> u64 {
+        self.inner.permits.fetch_add(1, Relaxed)
     }
 
     /// The key of `kind` named `name`, for layers: `{prefix}:{kind}:{name}`.

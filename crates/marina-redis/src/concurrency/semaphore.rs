@@ -58,7 +58,6 @@ pub(crate) struct Semaphore {
     pub(crate) wait: Option<Duration>,
     pub(crate) fallback: Fallback,
     pub(crate) without_key: WithoutKey,
-    seq: AtomicU64,
     /// This instance's permits, by set: what the renewal renews.
     held: Mutex<HashMap<Arc<str>, HashSet<Box<str>>, RandomState>>,
     /// Permits taken by [`Fallback::Local`], by set.
@@ -87,7 +86,6 @@ impl Semaphore {
             wait: None,
             fallback: fleet.config().fallback,
             without_key: WithoutKey::default(),
-            seq: AtomicU64::new(0),
             held: Mutex::default(),
             local: Mutex::default(),
             released: Notify::new(),
@@ -161,12 +159,8 @@ impl Semaphore {
                 let down = self.fleet.skip();
                 return self.fall_back(key, down);
             }
-            let member: Box<str> = format!(
-                "{}:{}",
-                self.fleet.instance_id(),
-                self.seq.fetch_add(1, Relaxed)
-            )
-            .into();
+            let member: Box<str> =
+                format!("{}:{}", self.fleet.instance_id(), self.fleet.next_permit()).into();
             let mut cmd = ACQUIRE.cmd(&key.redis);
             cmd.arg(self.limit).arg(lease_us).arg(&*member);
             // Registered first, so that a permit Redis grants is renewed from the start;
