@@ -510,3 +510,40 @@ async fn tonic_over_a_keyed_pool_with_connect_with_connector() {
     assert_eq!(uri.port_u16(), Some(addr.port()));
     assert_eq!((stats.created, stats.acquired, stats.active), (1, 1, 1));
 }
+
+#[tokio::test]
+async fn http2_at_max_size_a_request_waits_for_a_stream_within_the_acquire_timeout() {
+    // One connection, one stream: a second request waits for the first body to end.
+    let (addr, counts, _) = h2_server(1, Duration::ZERO).await;
+    let client = HttpClient::builder()
+        .pool(
+            Pool::builder()
+                .max_size(1)
+                .acquire_timeout(Duration::from_millis(300)),
+        )
+        .http2()
+        .build::<Full<Bytes>>(addr)
+        .unwrap();
+    let first = client.clone().oneshot(get("/1")).await.unwrap();
+    assert_eq!(
+        client.stats().streams,
+        1,
+        "the unread body holds its stream"
+    );
+    let err = client.clone().oneshot(get("/2")).await.unwrap_err();
+    assert!(is_not_sent(&*err), "{err}");
+    let back: Request<Full<Bytes>> = marina_core::take_unsent_request(&*err).unwrap();
+    assert_eq!(back.uri().path(), "/2");
+    // A waiter gets the stream as soon as the body ends.
+    let waiter = tokio::spawn(client.clone().oneshot(get("/3")));
+    tokio::task::yield_now().await;
+    first.into_body().collect().await.unwrap();
+    let resp = tokio::time::timeout(LIMIT, waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(counts.accepts.load(Ordering::Relaxed), 1);
+    assert_eq!(counts.requests.load(Ordering::Relaxed), 2);
+}
