@@ -56,7 +56,6 @@
 //! | `serde` | [`StackConfig`] and [`Stack::from_config`]: the stack from a TOML file; turns on `full` |
 //! | `http` | marina-pool's `http`: `marina::pool::http::HttpClient`, a hyper client service (`Service<http::Request<B>>`) over pooled HTTP/1 and shared HTTP/2 connections, with streaming bodies; turns on `pool` |
 //! | `redis` | `marina::redis` (marina-redis) and `StackBuilder::redis`: the stack's rate limits, per-key concurrency and sticky sessions shared by a fleet of instances through Redis (`[redis]` in a `StackConfig`); turns on `limit` and `affinity` |
-//! | `http` | marina-pool's `http`: `marina::pool::http::HttpClient`, a hyper client service (`Service<http::Request<B>>`) over pooled HTTP/1 and shared HTTP/2 connections, with streaming bodies; turns on `pool` |
 //!
 //! The crates' own features (marina-balance's `hyper-util`, `tonic` and `buffer`;
 //! marina-health's `http` and `grpc`) are not forwarded. To turn one on, also depend on
