@@ -510,3 +510,98 @@ async fn tonic_over_a_keyed_pool_with_connect_with_connector() {
     assert_eq!(uri.port_u16(), Some(addr.port()));
     assert_eq!((stats.created, stats.acquired, stats.active), (1, 1, 1));
 }
+
+#[tokio::test]
+async fn http2_at_max_size_a_request_waits_for_a_stream_within_the_acquire_timeout() {
+    // One connection, one stream: a second request waits for the first body to end.
+    let (addr, counts, _) = h2_server(1, Duration::ZERO).await;
+    let client = HttpClient::builder()
+        .pool(
+            Pool::builder()
+                .max_size(1)
+                .acquire_timeout(Duration::from_millis(300)),
+        )
+        .http2()
+        .build::<Full<Bytes>>(addr)
+        .unwrap();
+    let first = client.clone().oneshot(get("/1")).await.unwrap();
+    assert_eq!(
+        client.stats().streams,
+        1,
+        "the unread body holds its stream"
+    );
+    let err = client.clone().oneshot(get("/2")).await.unwrap_err();
+    assert!(is_not_sent(&*err), "{err}");
+    let back: Request<Full<Bytes>> = marina_core::take_unsent_request(&*err).unwrap();
+    assert_eq!(back.uri().path(), "/2");
+    // A waiter gets the stream as soon as the body ends.
+    let waiter = tokio::spawn(client.clone().oneshot(get("/3")));
+    tokio::task::yield_now().await;
+    first.into_body().collect().await.unwrap();
+    let resp = tokio::time::timeout(LIMIT, waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(counts.accepts.load(Ordering::Relaxed), 1);
+    assert_eq!(counts.requests.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn a_cancelled_call_closes_its_http1_connection_and_frees_its_http2_stream() {
+    // HTTP/1: the server answers after 200 ms; the call is dropped after 20 ms.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"late"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let h1 = HttpClient::builder()
+        .pool(Pool::builder().max_size(1))
+        .build::<Full<Bytes>>(addr)
+        .unwrap();
+    let warm = h1.clone().oneshot(get("/")).await.unwrap(); // connected before the race
+    warm.into_body().collect().await.unwrap();
+    let cancelled = tokio::time::timeout(Duration::from_millis(20), h1.clone().oneshot(get("/")));
+    assert!(cancelled.await.is_err());
+    let s = h1.pool().stats();
+    assert_eq!(
+        (s.active, s.idle, s.destroyed),
+        (0, 0, 1),
+        "closed mid-exchange, not reused"
+    );
+    assert_eq!(h1.in_flight(), 0);
+
+    // HTTP/2: the stream is reset and its slot freed; the connection stays.
+    let (addr, counts, _) = h2_server(10, Duration::from_millis(200)).await;
+    let h2 = HttpClient::builder()
+        .http2()
+        .build::<Full<Bytes>>(addr)
+        .unwrap();
+    let warm = h2.clone().oneshot(get("/")).await.unwrap(); // connected before the race
+    warm.into_body().collect().await.unwrap();
+    let cancelled = tokio::time::timeout(Duration::from_millis(20), h2.clone().oneshot(get("/")));
+    assert!(cancelled.await.is_err());
+    let s = h2.stats();
+    assert_eq!((s.in_flight, s.streams), (0, 0));
+    let resp = h2.clone().oneshot(get("/")).await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(
+        counts.accepts.load(Ordering::Relaxed),
+        1,
+        "the connection was kept"
+    );
+}
