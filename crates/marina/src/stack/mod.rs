@@ -641,7 +641,7 @@ impl<T> StackBuilder<T> {
     /// [`validate`](Self::validate) finds problems. Needs a tokio runtime.
     ///
     /// ```no_run
-    /// # #[tokio::main] async fn main() -> Result<(), marina::BoxError> {
+    /// # #[tokio::main] async fn main() -> Result<(), marina::core::BoxError> {
     /// use bytes::Bytes;
     /// use marina::Stack;
     /// use tower::{Service, ServiceExt};
@@ -649,7 +649,8 @@ impl<T> StackBuilder<T> {
     /// let (mut svc, _handle) = Stack::builder::<Bytes>()
     ///     .endpoints(["127.0.0.1:7000".parse()?])
     ///     .build_line_bytes()?;
-    /// let reply = svc.ready().await?.call(Bytes::from_static(b"ping").into()).await?;
+    /// let ping = marina::core::Request::new(Bytes::from_static(b"ping"));
+    /// let reply = svc.ready().await?.call(ping).await?;
     /// println!("{:?}", reply.into_body());
     /// # Ok(()) }
     /// ```
