@@ -8,7 +8,9 @@
 //! `--tasks` tokio tasks (default 32), released together, each loop *send a `GET` →
 //! read the response body to its end* until a stop flag is set after `--secs` of wall
 //! clock, after `--warmup` seconds (default 0.3) of the same. A row reports requests/s
-//! (requests ÷ wall time from the start signal to the last task's end) and the
+//! (requests ÷ wall time from the start signal to the last task's end), the CPU time
+//! per request of the whole process (client and server threads, from
+//! `/proc/self/task/*/schedstat`: steadier than the rate on a shared machine) and the
 //! connections the server accepted. Rows run interleaved, one at a time, `--reps` times
 //! (default 5); the table shows each row's median rep, its min–max, and marina's ratio to
 //! hyper-util's median for the same protocol.
@@ -191,13 +193,13 @@ fn peer(row: &Row) -> usize {
     if row.h2 { 4 } else { 1 }
 }
 
-/// `tasks` tasks sending until `secs` pass; requests per second.
+/// `tasks` tasks sending until `secs` pass: requests per second, and requests.
 async fn drive(
     sender: &Sender,
     uri: &hyper::Uri,
     tasks: usize,
     secs: f64,
-) -> Result<f64, BoxError> {
+) -> Result<(f64, u64), BoxError> {
     let stop = Arc::new(AtomicBool::new(false));
     let start = Arc::new(tokio::sync::Barrier::new(tasks + 1));
     let mut set = tokio::task::JoinSet::new();
@@ -224,7 +226,19 @@ async fn drive(
     {
         total += r??;
     }
-    Ok(total as f64 / t0.elapsed().as_secs_f64())
+    Ok((total as f64 / t0.elapsed().as_secs_f64(), total))
+}
+
+/// CPU time of every thread of this process (client and server), from
+/// `/proc/self/task/*/schedstat` (nanoseconds on CPU; Linux): less disturbed by other
+/// work on the machine than wall-clock rates. `None` elsewhere.
+fn cpu_ns() -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -259,6 +273,7 @@ fn main() -> ExitCode {
         .unwrap();
     let result: Result<(), BoxError> = rt.block_on(async {
         let mut results: Vec<Vec<f64>> = vec![Vec::new(); ROWS.len()];
+        let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); ROWS.len()];
         let mut conns = vec![0usize; ROWS.len()];
         for _ in 0..a.reps {
             for (i, row) in ROWS.iter().enumerate() {
@@ -281,7 +296,12 @@ fn main() -> ExitCode {
                 if a.warmup > 0.0 {
                     drive(&sender, &uri, a.tasks, a.warmup).await?;
                 }
-                results[i].push(drive(&sender, &uri, a.tasks, a.secs).await?);
+                let cpu0 = cpu_ns();
+                let (rate, n) = drive(&sender, &uri, a.tasks, a.secs).await?;
+                if let (Some(c0), Some(c1)) = (cpu0, cpu_ns()) {
+                    cpu[i].push((c1 - c0) as f64 / 1e3 / n.max(1) as f64);
+                }
+                results[i].push(rate);
                 conns[i] = counter.load(Relaxed) - before;
                 drop(sender);
                 tokio::time::sleep(Duration::from_millis(50)).await; // connections close
@@ -291,24 +311,32 @@ fn main() -> ExitCode {
             "HTTP requests/s, {} tasks, {} s × {} reps interleaved, client workers {}, server workers {}",
             a.tasks, a.secs, a.reps, a.workers, a.server_workers
         );
-        println!("| client | requests/s (median) | min–max | marina ÷ hyper-util | connections |");
-        println!("|---|---:|---:|---:|---:|");
+        println!(
+            "| client | requests/s (median) | min–max | marina ÷ hyper-util | CPU µs/request (client + server) | ÷ hyper-util | connections |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|");
         let medians: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
+        let cpu: Vec<f64> = cpu
+            .iter_mut()
+            .map(|c| if c.is_empty() { f64::NAN } else { median(c) })
+            .collect();
         for (i, row) in ROWS.iter().enumerate() {
             let r = &results[i];
-            let peer = medians[peer(row)];
+            let base = medians[peer(row)];
             let ratio = if row.marina {
-                format!("{:.2}", medians[i] / peer)
+                format!("{:.2}", medians[i] / base)
             } else {
                 "1.00".into()
             };
             println!(
-                "| {} | {:.0} | {:.0}–{:.0} | {} | {} |",
+                "| {} | {:.0} | {:.0}–{:.0} | {} | {:.1} | {:.2} | {} |",
                 row.name,
                 medians[i],
                 r.first().copied().unwrap_or(0.0),
                 r.last().copied().unwrap_or(0.0),
                 ratio,
+                cpu[i],
+                cpu[i] / cpu[peer(row)],
                 conns[i]
             );
         }

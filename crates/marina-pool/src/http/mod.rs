@@ -78,9 +78,10 @@
 //! frame says (the connect waits for it), read from the frames as hyper reads them;
 //! a request takes a stream on the first leased connection with room, waits for a
 //! connection being opened if that one's expected streams are not all spoken for, or
-//! opens one. At `max_size` it waits for a stream to end (bounded by nothing but the
-//! caller's own timeout: wrap the client in one). A stream is held until its response
-//! body ends or is dropped (hyper then resets it).
+//! opens one. At `max_size` it waits for a stream to end, within the pool's
+//! `acquire_timeout` ([`PoolError::Timeout`], given back as [`NotSent`] with the
+//! request). A stream is held until its response body ends or is dropped (hyper then
+//! resets it).
 //!
 //! # `KeyedPool` as the connector of hyper-util's and tonic's clients
 //!
@@ -502,7 +503,14 @@ where
         let checkout = if inner.protocol == Protocol::Http1 {
             inner.pool.get().await.map(Checkout::Own)
         } else {
-            inner.shared.acquire(|| inner.pool.get()).await
+            // The pool bounds its own checkouts; the wait for a stream, the same way.
+            let acquire = inner.shared.acquire(|| inner.pool.get());
+            match inner.pool.config().acquire_timeout {
+                Some(limit) => tokio::time::timeout(limit, acquire)
+                    .await
+                    .unwrap_or(Err(PoolError::Timeout(limit))),
+                None => acquire.await,
+            }
         };
         let checkout = match checkout {
             Ok(c) => c,
