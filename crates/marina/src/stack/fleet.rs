@@ -93,12 +93,12 @@ impl<T> StackBuilder<T> {
     /// (the `redis` feature): a service running as N instances keeps one quota, not N.
     /// The layers above the balancer become marina-redis's:
     ///
-    /// | set with | alone (default) | with a fleet | Redis key, under the fleet's `key_prefix` |
+    /// | set with | alone (default) | with a fleet | its Redis keys, under the fleet's `key_prefix` |
     /// |---|---|---|---|
-    /// | [`rate_limit`](Self::rate_limit) | this instance's GCRA | one quota for the fleet ([`RedisRateLimitLayer::global`]) | `rate:{name}:rate` |
-    /// | [`rate_limit_per_key`](Self::rate_limit_per_key) | this instance's, per key | one quota per key for the fleet ([`RedisRateLimitLayer::keyed`]) | `rate:{name}:rate-per-key:{key}` |
-    /// | [`concurrency_per_key`](Self::concurrency_per_key) (the `i`th) | in flight here | in flight in the fleet, permits leased so a crashed instance's come back ([`RedisConcurrencyLayer`]) | `conc:{name}:conc{i}:{key}` |
-    /// | [`AffinityMode::Sticky`] | this instance's table | pins in Redis, any instance routes a session alike ([`SharedSessionLayer`] over a [`RedisSessionStore`]; [`redis_sessions`](Self::redis_sessions)) | `session:{name}:{key}` |
+    /// | [`rate_limit`](Self::rate_limit) | this instance's GCRA | one quota for the fleet ([`RedisRateLimitLayer::global`]) | `rate:{name}:rate:…` |
+    /// | [`rate_limit_per_key`](Self::rate_limit_per_key) | this instance's, per key | one quota per key for the fleet ([`RedisRateLimitLayer::keyed`]) | `rate:{name}:rate-per-key:…` (one per key) |
+    /// | [`concurrency_per_key`](Self::concurrency_per_key) (the `i`th) | in flight here | in flight in the fleet, permits leased so a crashed instance's come back ([`RedisConcurrencyLayer`]) | `conc:{name}:conc{i}:…` (one per key) |
+    /// | [`AffinityMode::Sticky`] | this instance's table | pins in Redis, any instance routes a session alike ([`SharedSessionLayer`] over a [`RedisSessionStore`]; [`redis_sessions`](Self::redis_sessions)) | `session:{name}:{session key}` |
     ///
     /// `{name}` is [`redis_name`](Self::redis_name) (default
     /// [`DEFAULT_REDIS_NAME`], `"stack"`): stacks with the same name on the same fleet
