@@ -42,8 +42,9 @@ fn peek_open(sock: socket2::SockRef<'_>) -> bool {
 }
 
 /// The check a pool uses unless [`Builder::check`](crate::Builder::check) replaces it:
-/// a socket-state check for the socket types it knows, `None` (nothing to run) for
-/// other connection types.
+/// a socket-state check for the socket types it knows (`TcpStream`, `UnixStream`, TLS
+/// over TCP with the `tls` feature, and these in hyper-util's `TokioIo` with the
+/// `hyper` feature), `None` (nothing to run) for other connection types.
 pub(crate) fn default_check<X: 'static>() -> Option<CheckFn<X>> {
     use std::any::TypeId;
     let id = TypeId::of::<X>();
@@ -61,6 +62,15 @@ pub(crate) fn default_check<X: 'static>() -> Option<CheckFn<X>> {
             known |= id == TypeId::of::<TokioIo<tokio::net::UnixStream>>();
         }
     }
+    #[cfg(feature = "tls")]
+    {
+        known |= id == TypeId::of::<crate::tls::TlsStream<TcpStream>>();
+        #[cfg(feature = "hyper")]
+        {
+            known |=
+                id == TypeId::of::<hyper_util::rt::TokioIo<crate::tls::TlsStream<TcpStream>>>();
+        }
+    }
     known.then(|| Arc::new(socket_check::<X>) as CheckFn<X>)
 }
 
@@ -68,6 +78,18 @@ pub(crate) fn socket_check<X: 'static>(conn: &mut X) -> bool {
     let any: &mut dyn Any = conn;
     if let Some(s) = any.downcast_ref::<TcpStream>() {
         return socket_is_open(s);
+    }
+    #[cfg(feature = "tls")]
+    {
+        if let Some(s) = any.downcast_mut::<crate::tls::TlsStream<TcpStream>>() {
+            return crate::tls::is_open(s);
+        }
+        #[cfg(feature = "hyper")]
+        if let Some(s) =
+            any.downcast_mut::<hyper_util::rt::TokioIo<crate::tls::TlsStream<TcpStream>>>()
+        {
+            return crate::tls::is_open(s.inner_mut());
+        }
     }
     #[cfg(unix)]
     if let Some(s) = any.downcast_ref::<tokio::net::UnixStream>() {

@@ -62,6 +62,8 @@
 //! | `http` | [`marina_pool::http`](http): [`HttpClient`](http::HttpClient), a hyper client service over pooled HTTP/1 connections and shared HTTP/2 ones, with streaming bodies (implies `hyper`) |
 //! | `postgres` | `marina_pool::postgres`: a [`Manage`] connector for `tokio-postgres` clients, and the `PgPool` type |
 //! | `redis` | `marina_pool::redis`: a [`Manage`] connector for redis-rs multiplexed connections, and the `RedisPool` type |
+//! | `tls` | `marina_pool::tls`: `TlsConnector`, TLS (rustls with the *ring* provider) over any connector, with a stale-connection check that sees through TLS |
+//! | `tls-native-roots` | `tls`, and `TlsConfig::native_roots()`: the operating system's trusted roots |
 //! | `metrics` | counters and gauges through the `metrics` facade, labelled by pool name (listed below) |
 //!
 //! The `metrics` feature records `marina_pool_connections_created_total`,
@@ -218,6 +220,8 @@ pub mod http;
 pub mod postgres;
 #[cfg(all(feature = "redis", not(loom)))]
 pub mod redis;
+#[cfg(all(feature = "tls", not(loom)))]
+pub mod tls;
 
 #[cfg(all(test, not(loom)))]
 mod tests;
