@@ -10,6 +10,8 @@
 //!   leaked.
 //! - Small helpers: [`echo_round`], [`refused_addr`], [`within`], [`eventually`],
 //!   [`yield_until`], [`check_invariants`].
+//! - [`tls::TestPki`]: a test CA (rcgen) that issues server certificates, for TLS
+//!   echo servers ([`EchoServer::start_tls`]) and the clients that trust it.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -51,6 +53,9 @@ pub struct EchoServer {
     accepts: Arc<AtomicUsize>,
     open: Arc<AtomicUsize>,
     running: Mutex<Option<Running>>,
+    /// Set: every connection is TLS ([`start_tls`](Self::start_tls)).
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handshakes: Arc<AtomicUsize>,
 }
 
 struct Running {
@@ -65,6 +70,7 @@ impl fmt::Debug for EchoServer {
             .field("accepts", &self.accepts())
             .field("open", &self.open_connections())
             .field("running", &self.is_running())
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -81,6 +87,17 @@ impl Drop for CountGuard {
 impl EchoServer {
     /// Starts a server on `127.0.0.1:0` (a free port).
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Starts a TLS echo server on `127.0.0.1:0`: each connection's TLS handshake with
+    /// `acceptor` (see [`tls::TestPki::acceptor`]), then echo inside TLS. Connections
+    /// whose handshake fails are closed.
+    pub async fn start_tls(acceptor: tokio_rustls::TlsAcceptor) -> Self {
+        Self::start_with(Some(acceptor)).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind an echo server on 127.0.0.1:0");
@@ -90,15 +107,26 @@ impl EchoServer {
             accepts: Arc::new(AtomicUsize::new(0)),
             open: Arc::new(AtomicUsize::new(0)),
             running: Mutex::new(None),
+            tls,
+            handshakes: Arc::new(AtomicUsize::new(0)),
         };
         server.serve(listener);
         server
+    }
+
+    /// TLS handshakes completed (TLS servers only; restarts included). Once one is
+    /// counted, what the server sends after its handshake (TLS 1.3 session tickets) is
+    /// on the wire.
+    pub fn handshakes(&self) -> usize {
+        self.handshakes.load(SeqCst)
     }
 
     fn serve(&self, listener: TcpListener) {
         let conns = Arc::new(Mutex::new(JoinSet::new()));
         let accepts = self.accepts.clone();
         let open = self.open.clone();
+        let tls = self.tls.clone();
+        let handshakes = self.handshakes.clone();
         let set = conns.clone();
         let accept = tokio::spawn(async move {
             loop {
@@ -113,9 +141,19 @@ impl EchoServer {
                 let mut set = lock(&set);
                 // Reap finished connection tasks so the set does not grow for ever.
                 while set.try_join_next().is_some() {}
+                let tls = tls.clone();
+                let handshakes = handshakes.clone();
                 set.spawn(async move {
                     let _guard = guard;
-                    echo(stream).await;
+                    match tls {
+                        None => echo(stream).await,
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                handshakes.fetch_add(1, SeqCst);
+                                echo(stream).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -187,7 +225,7 @@ impl Drop for EchoServer {
     }
 }
 
-async fn echo(mut stream: TcpStream) {
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match stream.read(&mut buf).await {
@@ -1021,4 +1059,89 @@ async fn serve_lines(
 pub fn split_tag(reply: &str) -> Option<(u16, &str)> {
     let (port, line) = reply.split_once(' ')?;
     Some((port.parse().ok()?, line))
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------------------
+
+/// Certificates made in the test (rcgen), and the rustls configurations around them.
+pub mod tls {
+    use std::sync::Arc;
+
+    use marina_pool::tls::TlsConfig;
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    use rustls::RootCertStore;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    /// A test certificate authority: issues server certificates for any names, and
+    /// gives the client settings that trust it.
+    pub struct TestPki {
+        ca: CertifiedIssuer<'static, KeyPair>,
+    }
+
+    impl std::fmt::Debug for TestPki {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("TestPki").finish_non_exhaustive()
+        }
+    }
+
+    impl TestPki {
+        /// A new CA named `name` (its own key pair: two `TestPki`s do not trust each
+        /// other's certificates).
+        pub fn new(name: &str) -> Self {
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            let key = KeyPair::generate().expect("CA key");
+            TestPki {
+                ca: CertifiedIssuer::self_signed(params, key).expect("self-signed CA"),
+            }
+        }
+
+        /// The CA certificate, PEM.
+        pub fn ca_pem(&self) -> String {
+            self.ca.pem()
+        }
+
+        /// A root store holding this CA.
+        pub fn roots(&self) -> RootCertStore {
+            let mut roots = RootCertStore::empty();
+            roots.add(self.ca.der().clone()).expect("add the test CA");
+            roots
+        }
+
+        /// Client settings that trust this CA (and nothing else).
+        pub fn client(&self) -> TlsConfig {
+            TlsConfig::with_roots(self.roots())
+        }
+
+        /// A server configuration with a certificate for `names` (DNS names or IP
+        /// addresses) issued by this CA, offering `alpn`.
+        pub fn server_config(&self, names: &[&str], alpn: &[&str]) -> rustls::ServerConfig {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let key = KeyPair::generate().expect("server key");
+            let cert = CertificateParams::new(names)
+                .expect("server params")
+                .signed_by(&key, &self.ca)
+                .expect("sign the server certificate");
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+            #[allow(deprecated)] // ring's provider: see marina_pool::tls ("Why ring").
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.der().clone()], key)
+                .expect("server certificate and key");
+            config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+            config
+        }
+
+        /// A TLS acceptor with a certificate for `names`, for
+        /// [`EchoServer::start_tls`](crate::EchoServer::start_tls).
+        pub fn acceptor(&self, names: &[&str]) -> tokio_rustls::TlsAcceptor {
+            tokio_rustls::TlsAcceptor::from(Arc::new(self.server_config(names, &[])))
+        }
+    }
 }

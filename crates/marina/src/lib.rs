@@ -56,6 +56,8 @@
 //! | `serde` | [`StackConfig`] and [`Stack::from_config`]: the stack from a TOML file; turns on `full` |
 //! | `http` | marina-pool's `http`: `marina::pool::http::HttpClient`, a hyper client service (`Service<http::Request<B>>`) over pooled HTTP/1 and shared HTTP/2 connections, with streaming bodies; turns on `pool` |
 //! | `redis` | `marina::redis` (marina-redis) and `StackBuilder::redis`: the stack's rate limits, per-key concurrency and sticky sessions shared by a fleet of instances through Redis (`[redis]` in a `StackConfig`); turns on `limit` and `affinity` |
+//! | `tls` | marina-pool's `tls` (`marina::pool::tls`: `TlsConnector`, `TlsConfig`) and [`StackBuilder::tls`]: the stack's connections over TLS (rustls, *ring*); turns on `pool` |
+//! | `tls-native-roots` | `tls`, and `TlsConfig::native_roots()`: the system's trusted roots |
 //!
 //! The crates' own features (marina-balance's `hyper-util`, `tonic` and `buffer`;
 //! marina-health's `http` and `grpc`) are not forwarded. To turn one on, also depend on
@@ -195,7 +197,7 @@ pub use timeout::{
 pub use stack::{
     AffinityMode, BackendStats, Conn, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WARM_BUDGET,
     EndpointService, KeyFnBox, Reply, ShuttingDown, Stack, StackBuilder, StackHandle, StackRequest,
-    StackService, StackStats,
+    StackService, StackStats, Transport,
 };
 #[cfg(all(feature = "full", feature = "redis"))]
 pub use stack::{DEFAULT_REDIS_NAME, RedisStackStats};

@@ -70,11 +70,26 @@ impl<IO: AsyncRead> LineClient<IO> {
     /// checks such as [`marina_pool::socket_is_open`]. Unread bytes in the buffer count
     /// as a broken exchange.
     pub fn with_io<R>(&self, f: impl FnOnce(&IO) -> R) -> Option<R> {
-        let io = self.io.try_lock().ok()?;
+        self.with_io_mut(|io| f(io))
+    }
+
+    /// As [`is_open_with`](Self::is_open_with), for a check that needs the connection
+    /// mutably: over TLS, records that arrived while the connection was idle are read
+    /// to tell a session ticket from a reply nobody asked for (marina's
+    /// `Transport::is_open`).
+    pub fn is_open_with_mut(&self, socket_open: impl FnOnce(&mut IO) -> bool) -> bool {
+        let open = self.with_io_mut(socket_open).unwrap_or(true);
+        open && self.is_usable()
+    }
+
+    /// As [`with_io`](Self::with_io), with the connection mutably. Bytes `f` reads
+    /// directly from the connection bypass the client's buffer: use it for checks.
+    pub fn with_io_mut<R>(&self, f: impl FnOnce(&mut IO) -> R) -> Option<R> {
+        let mut io = self.io.try_lock().ok()?;
         if !io.buffer().is_empty() {
             self.broken.store(true, SeqCst);
         }
-        Some(f(io.get_ref()))
+        Some(f(io.get_mut()))
     }
 }
 
@@ -223,6 +238,16 @@ impl<IO: AsyncRead> BytesLineClient<IO> {
     /// As [`LineClient::with_io`].
     pub fn with_io<R>(&self, f: impl FnOnce(&IO) -> R) -> Option<R> {
         self.0.with_io(f)
+    }
+
+    /// As [`LineClient::is_open_with_mut`].
+    pub fn is_open_with_mut(&self, socket_open: impl FnOnce(&mut IO) -> bool) -> bool {
+        self.0.is_open_with_mut(socket_open)
+    }
+
+    /// As [`LineClient::with_io_mut`].
+    pub fn with_io_mut<R>(&self, f: impl FnOnce(&mut IO) -> R) -> Option<R> {
+        self.0.with_io_mut(f)
     }
 }
 

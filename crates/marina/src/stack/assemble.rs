@@ -4,6 +4,8 @@ use super::*;
 
 use tower::util::Either;
 
+use super::transport::TransportConnector;
+
 /// A builder whose requests are converted before they reach a client.
 pub(super) struct MappedBuilder<T, T2> {
     pub(super) inner: StackBuilder<T>,
@@ -37,8 +39,11 @@ where
             return Err(crate::InvalidConfig(problems).into());
         }
         let proto: ProtoFn<C> = Arc::new(protocol);
-        let mut tcp =
-            BandwidthLimit::new(TcpConnector::new().connect_timeout(Some(b.connect_timeout)));
+        let mut tcp = BandwidthLimit::new(TransportConnector::new(
+            TcpConnector::new().connect_timeout(Some(b.connect_timeout)),
+            #[cfg(feature = "tls")]
+            b.tls.clone(),
+        ));
         if let Some((rate, burst)) = b.bandwidth {
             tcp = tcp.shared_write(rate, burst);
         }
@@ -382,9 +387,9 @@ impl Pick for BoxedPick {
     }
 }
 
-/// TCP (through the bandwidth limiter), then the protocol.
+/// TCP or TLS (through the bandwidth limiter), then the protocol.
 pub(super) struct ProtocolConnector<C, T, T2> {
-    pub(super) tcp: BandwidthLimit<TcpConnector>,
+    pub(super) tcp: BandwidthLimit<TransportConnector>,
     pub(super) proto: ProtoFn<C>,
     pub(super) body: Arc<dyn Fn(T) -> T2 + Send + Sync>,
 }

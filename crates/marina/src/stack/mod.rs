@@ -24,6 +24,7 @@ mod assemble;
 mod fleet;
 mod guard;
 mod handle;
+mod transport;
 
 use assemble::*;
 #[cfg(feature = "redis")]
@@ -40,16 +41,17 @@ use marina_limit::{
     RateLimitHandle, RateLimitLayer, RateStats, Throttled, WithoutKey,
 };
 use marina_pool::{Config, Pool, PoolService, PoolStats, TcpConnector};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tower::discover::Change;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 use tower_service::Service;
+pub use transport::Transport;
 
-/// The connection every pool holds before the protocol: TCP through the bandwidth
-/// limiter.
-pub type Conn = Throttled<TcpStream>;
+/// The connection every pool holds before the protocol: TCP, or TLS over TCP with
+/// [`StackBuilder::tls`], through the bandwidth limiter. `conn.get_mut().is_open()`
+/// ([`Transport::is_open`]) is the socket check for a protocol's `check`.
+pub type Conn = Throttled<Transport>;
 
 /// The stack as one service: requests and responses carry extensions (route hints,
 /// new sessions).
@@ -180,6 +182,8 @@ pub struct StackBuilder<T> {
     hedge: Option<Duration>,
     slow_start: Option<Duration>,
     warm_budget: usize,
+    #[cfg(feature = "tls")]
+    tls: Option<marina_pool::tls::TlsConfig>,
     /// The fleet (Redis) the limits and sticky sessions are shared through (fleet.rs).
     #[cfg(feature = "redis")]
     redis: fleet::RedisSettings,
@@ -241,6 +245,8 @@ impl Stack {
             hedge: None,
             slow_start: None,
             warm_budget: DEFAULT_WARM_BUDGET,
+            #[cfg(feature = "tls")]
+            tls: None,
             #[cfg(feature = "redis")]
             redis: fleet::RedisSettings::default(),
         }
@@ -334,9 +340,42 @@ impl<T> StackBuilder<T> {
         self
     }
 
-    /// The TCP connect timeout (default 5 s; above 0).
+    /// The connect timeout (default 5 s; above 0): the TCP connect and, with
+    /// [`tls`](Self::tls), the TLS handshake together.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// Connects to every backend over TLS with `tls` (the `tls` feature): roots, ALPN,
+    /// and the server name to verify. Backends are addressed by IP, so their
+    /// certificates must list that IP address, or set the name they carry with
+    /// [`TlsConfig::server_name`](marina_pool::tls::TlsConfig::server_name).
+    ///
+    /// The handshake counts in [`connect_timeout`](Self::connect_timeout). A failed one
+    /// (an untrusted certificate, a name mismatch) is a connect error, a
+    /// [`TlsError`](marina_pool::tls::TlsError) inside the request's error: the request
+    /// was never sent, so failover sends it to another backend, and the backend's
+    /// health checks count the failure. Pooled connections are checked at checkout
+    /// through TLS ([`Transport::is_open`]).
+    ///
+    /// ```no_run
+    /// use marina::Stack;
+    /// use marina::pool::tls::TlsConfig;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina::core::BoxError> {
+    /// let tls = TlsConfig::from_ca_file("ca.pem")?.server_name("echo.internal")?;
+    /// let (svc, handle) = Stack::builder::<String>()
+    ///     .endpoints(["10.0.0.1:7443".parse()?, "10.0.0.2:7443".parse()?])
+    ///     .tls(tls)
+    ///     .build_line()?;
+    /// # drop((svc, handle));
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: marina_pool::tls::TlsConfig) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -672,7 +711,7 @@ impl<T> StackBuilder<T> {
         mapped.build(
             |conn: Conn| Box::pin(async move { Ok(crate::line::BytesLineClient::new(conn)) }),
             Some(Arc::new(|c: &mut crate::line::BytesLineClient<Conn>| {
-                c.is_open_with(|io| marina_pool::socket_is_open(io.get_ref()))
+                c.is_open_with_mut(|io| io.get_mut().is_open())
             }) as CheckFn<_>),
         )
     }
@@ -812,6 +851,6 @@ fn line_check(holds_newline: bool) -> Result<(), BoxError> {
 /// The line builders' checkout check: the client is usable and its socket open.
 fn line_checkout() -> CheckFn<crate::line::LineClient<Conn>> {
     Arc::new(|c: &mut crate::line::LineClient<Conn>| {
-        c.is_open_with(|io| marina_pool::socket_is_open(io.get_ref()))
+        c.is_open_with_mut(|io| io.get_mut().is_open())
     })
 }
