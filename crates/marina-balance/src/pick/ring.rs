@@ -353,10 +353,10 @@ impl Ring {
         true
     }
 
-    /// The slot of the first point at or after position `h`, around the ring.
+    /// The slot of the first point at or after position `h`, around the ring, where
+    /// `s` is the first slot of `h`'s home ([`start`](Self::start)).
     #[inline]
-    fn successor(&self, h: u32) -> usize {
-        let s = self.start(self.home(h));
+    fn successor_at(&self, s: usize, h: u32) -> usize {
         // Nearly always within the first four slots from the start of `h`'s home:
         // looked at without branches (a key's probes land anywhere, so a branch per
         // slot would be mispredicted about once per probe).
@@ -400,13 +400,25 @@ impl Ring {
 
     /// The slot of the point `key` goes to: the nearest after any of its probes.
     pub(super) fn lookup(&self, key: u64) -> usize {
+        // In three passes over the probes, each pass's reads independent of one
+        // another: every probe's place, then every home's start (a read of `skip`), then
+        // every successor (a read of `slots`). The reads of a large ring miss the cache,
+        // and so they are in flight together instead of one probe after another.
+        let mut h = [0u32; PROBES];
+        let mut start = [0usize; PROBES];
+        for p in 0..PROBES {
+            h[p] = probe(key, p);
+            start[p] = self.home(h[p]);
+        }
+        for s in &mut start {
+            *s = self.start(*s);
+        }
         // Distance, then probe number (the earlier probe wins a tie), in one word.
         let mut best = u64::MAX;
         let mut found = [0usize; PROBES];
-        for (p, slot) in found.iter_mut().enumerate() {
-            let h = probe(key, p);
-            *slot = self.successor(h);
-            let d = u64::from(pos(self.slots[*slot]).wrapping_sub(h));
+        for p in 0..PROBES {
+            found[p] = self.successor_at(start[p], h[p]);
+            let d = u64::from(pos(self.slots[found[p]]).wrapping_sub(h[p]));
             best = best.min((d << 8) | p as u64);
         }
         found[(best & 0xff) as usize]
@@ -494,6 +506,71 @@ mod tests {
             assert!(ring.valid(), "step {step}");
             check(&ring);
             assert!(ring.in_sync(&Ids(ids.clone())));
+        }
+    }
+
+    /// A key's endpoint the long way: for each probe, the first point at or after it in
+    /// ring order (around the end), then the nearest of those (the earlier probe on a
+    /// tie).
+    fn lookup_by_scan(ring: &Ring, key: u64) -> usize {
+        let points: Vec<u64> = ring.slots.iter().copied().filter(|&e| e != EMPTY).collect();
+        let mut best = (u64::MAX, 0);
+        for p in 0..PROBES {
+            let h = probe(key, p);
+            let e = points
+                .iter()
+                .copied()
+                .find(|&e| pos(e) >= h)
+                .unwrap_or(points[0]);
+            let d = (u64::from(pos(e).wrapping_sub(h)) << 8) | p as u64;
+            if d < best.0 {
+                best = (d, member(e));
+            }
+        }
+        ring.index[best.1] as usize
+    }
+
+    #[test]
+    fn lookups_find_the_nearest_point_after_a_probe() {
+        let mut rng = fastrand::Rng::with_seed(21);
+        let mut ids: Vec<u64> = (0..300).map(|i| mix(i + 7)).collect();
+        let mut ring = Ring::build(&Ids(ids.clone()));
+        for step in 0..12u64 {
+            for _ in 0..300 {
+                let key = rng.u64(..);
+                assert_eq!(
+                    ring.index_at(ring.lookup(key)),
+                    lookup_by_scan(&ring, key),
+                    "step {step}, key {key}"
+                );
+            }
+            // Keys near the top of the ring, where lookups wrap around.
+            for key in [0, 1, u64::MAX, u64::MAX - 1] {
+                assert_eq!(ring.index_at(ring.lookup(key)), lookup_by_scan(&ring, key));
+            }
+            // A point at the very top: it must not pass for a free slot.
+            ring.insert(entry(u32::MAX, 0));
+            for h in [u32::MAX - 1, u32::MAX] {
+                let at = ring.successor_at(ring.start(ring.home(h)), h);
+                assert_eq!(ring.slots[at], entry(u32::MAX, 0));
+            }
+            for _ in 0..200 {
+                let key = rng.u64(..);
+                assert_eq!(ring.index_at(ring.lookup(key)), lookup_by_scan(&ring, key));
+            }
+            assert!(ring.remove(entry(u32::MAX, 0)));
+            // The set changes: the lookups follow.
+            let i = rng.usize(0..ids.len());
+            let id = EndpointId(ids.swap_remove(i));
+            ring.update(&Ids(ids.clone()), SetChange::Removed { index: i, id });
+            ids.push(mix(step + 1_000));
+            ring.update(
+                &Ids(ids.clone()),
+                SetChange::Added {
+                    index: ids.len() - 1,
+                },
+            );
+            check(&ring);
         }
     }
 
