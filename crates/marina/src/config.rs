@@ -49,6 +49,50 @@ use crate::{ConfigProblem, InvalidConfig, StackBuilder};
 /// let typo = StackConfig::from_toml("endpoints = [\"127.0.0.1:1\"]\n[pool]\nmax_szie = 2\n");
 /// assert!(typo.unwrap_err().to_string().contains("max_szie"));
 /// ```
+///
+/// # Many backends
+///
+/// Least connections and least response time scan every backend for each request up
+/// to 16 backends, and above compare two random ones (power of two choices, O(1) per
+/// request, as Envoy does); weighted round robin is nginx's smooth sequence up to 16
+/// backends and an earliest-deadline-first schedule (O(log N)) above. The `picker_*`
+/// keys move the thresholds or pin one mode; each applies to its pickers only (set for
+/// another picker, it is a problem at its key). Idle connections are opened ahead of
+/// traffic within `warm_connections` across all backends.
+///
+/// ```
+/// use marina::StackConfig;
+///
+/// let config = StackConfig::from_toml(r#"
+///     endpoints = ["127.0.0.1:7001", "127.0.0.1:7002"]
+///     picker = "least_connections"
+///     picker_exact_up_to = 64    # full scan up to 64 backends (default 16)
+///     picker_choice_count = 3    # then the least loaded of 3 random ones (default 2)
+///     warm_connections = 128     # idle connections ahead of traffic, all backends
+/// "#).unwrap();
+/// assert!(config.validate().is_empty());
+///
+/// // The exact choice at any size (O(N) per request), or nginx's exact sequence.
+/// let exact = StackConfig::from_toml(r#"
+///     endpoints = ["127.0.0.1:7001"]
+///     picker = "least_response_time"
+///     picker_exact = true
+/// "#).unwrap();
+/// assert!(exact.validate().is_empty());
+/// let smooth = StackConfig::from_toml(r#"
+///     endpoints = ["127.0.0.1:7001"]
+///     picker = "weighted_round_robin"
+///     picker_smooth = true       # or picker_smooth_up_to = 100
+/// "#).unwrap();
+/// assert!(smooth.validate().is_empty());
+///
+/// let wrong = StackConfig::from_toml(r#"
+///     endpoints = ["127.0.0.1:7001"]
+///     picker = "round_robin"
+///     picker_choice_count = 3
+/// "#).unwrap();
+/// assert_eq!(wrong.validate()[0].path, "picker_choice_count");
+/// ```
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StackConfig {
@@ -57,6 +101,31 @@ pub struct StackConfig {
     /// `round_robin` (default), `weighted_round_robin`, `least_connections`,
     /// `least_response_time`, `random`, `p2c`, `consistent_hash`.
     pub picker: Option<String>,
+    /// `least_connections` and `least_response_time` only: `true` scans every backend
+    /// for each request whatever their number (the exact least loaded; O(N) per
+    /// request), `false` always compares [`picker_choice_count`](Self::picker_choice_count)
+    /// random ones (O(1)). Unset: [`picker_exact_up_to`](Self::picker_exact_up_to)
+    /// decides. See [`LeastConnections::exact`].
+    pub picker_exact: Option<bool>,
+    /// `least_connections` and `least_response_time` only: scan every backend while
+    /// there are at most this many, and above compare `picker_choice_count` random
+    /// ones, Envoy's power of two choices (default 16; 0: always sample). See
+    /// [`LeastConnections::exact_up_to`].
+    pub picker_exact_up_to: Option<usize>,
+    /// `least_connections` and `least_response_time` only: how many random backends a
+    /// request compares when it does not scan them all (Envoy's `choice_count`; default
+    /// 2, at most 16). See [`LeastConnections::choice_count`].
+    pub picker_choice_count: Option<usize>,
+    /// `weighted_round_robin` only: `true` keeps nginx's smooth sequence (exact over
+    /// every window of Σweights requests; O(N) per request) whatever the number of
+    /// backends, `false` always uses the earliest-deadline-first schedule (O(log N)).
+    /// Unset: [`picker_smooth_up_to`](Self::picker_smooth_up_to) decides. See
+    /// [`WeightedRoundRobin::smooth`].
+    pub picker_smooth: Option<bool>,
+    /// `weighted_round_robin` only: the smooth sequence while there are at most this
+    /// many backends, the earliest-deadline-first schedule above (default 16; 0: always
+    /// the schedule). See [`WeightedRoundRobin::smooth_up_to`].
+    pub picker_smooth_up_to: Option<usize>,
     /// TCP connect timeout, ms (default 5000).
     pub connect_timeout_ms: Option<u64>,
     /// Each attempt's timeout, ms (default 15,000: see
@@ -68,8 +137,13 @@ pub struct StackConfig {
     pub hedge_ms: Option<u64>,
     /// Slow start window for backends that come back or are added, ms (default off).
     pub slow_start_ms: Option<u64>,
-    /// Idle connections kept open ahead of traffic across all backends (default 64;
-    /// see [`StackBuilder::warm_connections`]).
+    /// Idle connections kept open ahead of traffic across all backends together
+    /// (default [`DEFAULT_WARM_BUDGET`](crate::DEFAULT_WARM_BUDGET), 64): each
+    /// backend's pool keeps `min(pool.min_idle, warm_connections / backends)` open, so
+    /// a large set opens its connections on first use instead of `backends ×
+    /// min_idle` at start-up. 0: none ahead of traffic; at least `backends ×
+    /// pool.min_idle`: `min_idle` on every backend. See
+    /// [`StackBuilder::warm_connections`].
     pub warm_connections: Option<usize>,
     /// Fail fast after nothing is ready for this long, ms (default 10000).
     pub failfast_timeout_ms: Option<u64>,
@@ -368,6 +442,12 @@ const PICKERS: &[&str] = &[
     "consistent_hash",
 ];
 
+/// The pickers `picker_exact`, `picker_exact_up_to` and `picker_choice_count` apply to.
+const LEAST_PICKERS: &[&str] = &["least_connections", "least_response_time"];
+
+/// The picker `picker_smooth` and `picker_smooth_up_to` apply to.
+const WEIGHTED_PICKERS: &[&str] = &["weighted_round_robin"];
+
 const PRESETS: &[&str] = &[
     "balanced",
     "high_throughput",
@@ -408,6 +488,7 @@ impl StackConfig {
                 format!("unknown picker {p:?}; one of {PICKERS:?}"),
             );
         }
+        self.validate_picker_options(&mut bad);
         if self.connect_timeout_ms == Some(0) {
             bad("connect_timeout_ms".into(), "must be above 0".into());
         }
@@ -514,6 +595,90 @@ impl StackConfig {
         out
     }
 
+    /// The problems of the picker's options: each set for the picker it applies to,
+    /// within range, and not set twice over.
+    fn validate_picker_options(&self, bad: &mut impl FnMut(String, String)) {
+        let picker = self.picker.as_deref().unwrap_or("round_robin");
+        let keys = [
+            ("picker_exact", self.picker_exact.is_some(), LEAST_PICKERS),
+            (
+                "picker_exact_up_to",
+                self.picker_exact_up_to.is_some(),
+                LEAST_PICKERS,
+            ),
+            (
+                "picker_choice_count",
+                self.picker_choice_count.is_some(),
+                LEAST_PICKERS,
+            ),
+            (
+                "picker_smooth",
+                self.picker_smooth.is_some(),
+                WEIGHTED_PICKERS,
+            ),
+            (
+                "picker_smooth_up_to",
+                self.picker_smooth_up_to.is_some(),
+                WEIGHTED_PICKERS,
+            ),
+        ];
+        for (key, set, pickers) in keys {
+            // An unknown picker is reported as such; its options are not judged.
+            if set && PICKERS.contains(&picker) && !pickers.contains(&picker) {
+                bad(
+                    key.into(),
+                    format!("applies to picker {pickers:?} only, not {picker:?}"),
+                );
+            }
+        }
+        let max = LeastConnections::MAX_CHOICE_COUNT;
+        if let Some(c) = self.picker_choice_count
+            && !(2..=max).contains(&c)
+        {
+            bad(
+                "picker_choice_count".into(),
+                format!("must be within 2..={max} (random backends compared per request), got {c}"),
+            );
+        }
+        if self.picker_exact.is_some() && self.picker_exact_up_to.is_some() {
+            bad(
+                "picker_exact_up_to".into(),
+                "set with picker_exact: give one (picker_exact = true scans at any size, false never)"
+                    .into(),
+            );
+        }
+        if self.picker_exact == Some(true) && self.picker_choice_count.is_some() {
+            bad(
+                "picker_choice_count".into(),
+                "has no effect with picker_exact = true (every request scans all backends)".into(),
+            );
+        }
+        if self.picker_smooth.is_some() && self.picker_smooth_up_to.is_some() {
+            bad(
+                "picker_smooth_up_to".into(),
+                "set with picker_smooth: give one (picker_smooth = true is smooth at any size, false never)"
+                    .into(),
+            );
+        }
+    }
+
+    /// The picker's options as the file sets them.
+    fn picker_options(&self) -> PickerOptions {
+        PickerOptions {
+            exact_up_to: match self.picker_exact {
+                Some(true) => Some(usize::MAX),
+                Some(false) => Some(0),
+                None => self.picker_exact_up_to,
+            },
+            choice_count: self.picker_choice_count,
+            smooth_up_to: match self.picker_smooth {
+                Some(true) => Some(usize::MAX),
+                Some(false) => Some(0),
+                None => self.picker_smooth_up_to,
+            },
+        }
+    }
+
     /// The passive health checks the file sets (`None`: turned off).
     fn health_config(&self) -> Option<HealthConfig> {
         let h = &self.health;
@@ -594,10 +759,11 @@ impl StackConfig {
             .hedge(self.hedge_ms.map(Duration::from_millis))
             .slow_start(self.slow_start_ms.map(Duration::from_millis))
             .warm_connections(self.warm_connections.unwrap_or(crate::DEFAULT_WARM_BUDGET));
+        let options = self.picker_options();
         b = match self.picker.as_deref().unwrap_or("round_robin") {
-            "weighted_round_robin" => b.picker(WeightedRoundRobin::new),
-            "least_connections" => b.picker(LeastConnections::new),
-            "least_response_time" => b.picker(LeastResponseTime::new),
+            "weighted_round_robin" => b.picker(move || options.weighted_round_robin()),
+            "least_connections" => b.picker(move || options.least_connections()),
+            "least_response_time" => b.picker(move || options.least_response_time()),
             "random" => b.picker(Random::new),
             "p2c" => b.picker(PowerOfTwoChoices::new),
             "consistent_hash" => b.picker(ConsistentHash::new),
@@ -634,5 +800,171 @@ impl StackConfig {
             b = r.apply(b);
         }
         Ok(b)
+    }
+}
+
+/// The options of the file's picker (`None`: the picker's default).
+#[derive(Debug, Clone, Copy)]
+struct PickerOptions {
+    /// Least-load pickers scan every endpoint up to this many.
+    exact_up_to: Option<usize>,
+    /// Least-load pickers compare this many random endpoints above.
+    choice_count: Option<usize>,
+    /// Weighted round robin is smooth up to this many endpoints.
+    smooth_up_to: Option<usize>,
+}
+
+impl PickerOptions {
+    fn least_connections(self) -> LeastConnections {
+        let mut p = LeastConnections::new();
+        if let Some(n) = self.exact_up_to {
+            p = p.exact_up_to(n);
+        }
+        if let Some(n) = self.choice_count {
+            p = p.choice_count(n);
+        }
+        p
+    }
+
+    fn least_response_time(self) -> LeastResponseTime {
+        let mut p = LeastResponseTime::new();
+        if let Some(n) = self.exact_up_to {
+            p = p.exact_up_to(n);
+        }
+        if let Some(n) = self.choice_count {
+            p = p.choice_count(n);
+        }
+        p
+    }
+
+    fn weighted_round_robin(self) -> WeightedRoundRobin {
+        let p = WeightedRoundRobin::new();
+        match self.smooth_up_to {
+            Some(n) => p.smooth_up_to(n),
+            None => p,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> StackConfig {
+        let text = format!("endpoints = [\"127.0.0.1:7001\"]\n{text}");
+        StackConfig::from_toml(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"))
+    }
+
+    fn paths(c: &StackConfig) -> Vec<String> {
+        c.validate().into_iter().map(|p| p.path).collect()
+    }
+
+    #[test]
+    fn picker_options_make_the_picker_they_name() {
+        let least = |text: &str| {
+            let c = config(text);
+            assert_eq!(paths(&c), Vec::<String>::new(), "{text}");
+            let o = c.picker_options();
+            let (lc, lrt) = (o.least_connections(), o.least_response_time());
+            (format!("{lc:?}"), format!("{lrt:?}"))
+        };
+        let (lc, lrt) = least("picker = \"least_connections\"");
+        assert_eq!(lc, "LeastConnections { exact_up_to: 16, choice_count: 2 }");
+        assert!(lrt.ends_with("exact_up_to: 16, choice_count: 2 }"), "{lrt}");
+        let (lc, _) = least("picker = \"least_connections\"\npicker_exact = true");
+        assert_eq!(lc, "LeastConnections { exact: true }");
+        let (_, lrt) = least("picker = \"least_response_time\"\npicker_exact = true");
+        assert!(lrt.ends_with("exact: true }"), "{lrt}");
+        let (lc, _) = least("picker = \"least_connections\"\npicker_exact = false");
+        assert_eq!(lc, "LeastConnections { exact_up_to: 0, choice_count: 2 }");
+        let (lc, lrt) = least(
+            "picker = \"least_response_time\"\npicker_exact_up_to = 64\npicker_choice_count = 3",
+        );
+        assert_eq!(lc, "LeastConnections { exact_up_to: 64, choice_count: 3 }");
+        assert!(lrt.ends_with("exact_up_to: 64, choice_count: 3 }"), "{lrt}");
+        let (lc, _) = least("picker = \"least_connections\"\npicker_choice_count = 16");
+        assert_eq!(lc, "LeastConnections { exact_up_to: 16, choice_count: 16 }");
+
+        let wrr = |text: &str| {
+            let c = config(&format!("picker = \"weighted_round_robin\"\n{text}"));
+            assert_eq!(paths(&c), Vec::<String>::new(), "{text}");
+            let p = c.picker_options().weighted_round_robin();
+            format!("{p:?}")
+        };
+        assert!(wrr("").contains("smooth_up_to: 16,"), "{}", wrr(""));
+        let always = format!("smooth_up_to: {},", usize::MAX);
+        assert!(wrr("picker_smooth = true").contains(&always));
+        assert!(wrr("picker_smooth = false").contains("smooth_up_to: 0,"));
+        assert!(wrr("picker_smooth_up_to = 100").contains("smooth_up_to: 100,"));
+    }
+
+    #[test]
+    fn picker_options_are_checked_with_their_keys() {
+        let cases: &[(&str, &[&str])] = &[
+            ("picker_exact = true", &["picker_exact"]),
+            (
+                "picker = \"p2c\"\npicker_exact_up_to = 4",
+                &["picker_exact_up_to"],
+            ),
+            (
+                "picker = \"weighted_round_robin\"\npicker_choice_count = 3",
+                &["picker_choice_count"],
+            ),
+            (
+                "picker = \"least_connections\"\npicker_smooth = true",
+                &["picker_smooth"],
+            ),
+            (
+                "picker = \"least_response_time\"\npicker_smooth_up_to = 8",
+                &["picker_smooth_up_to"],
+            ),
+            (
+                "picker = \"least_connections\"\npicker_choice_count = 1",
+                &["picker_choice_count"],
+            ),
+            (
+                "picker = \"least_connections\"\npicker_choice_count = 17",
+                &["picker_choice_count"],
+            ),
+            (
+                "picker = \"least_connections\"\npicker_exact = true\npicker_exact_up_to = 4",
+                &["picker_exact_up_to"],
+            ),
+            (
+                "picker = \"least_connections\"\npicker_exact = true\npicker_choice_count = 3",
+                &["picker_choice_count"],
+            ),
+            (
+                "picker = \"weighted_round_robin\"\npicker_smooth = false\npicker_smooth_up_to = 4",
+                &["picker_smooth_up_to"],
+            ),
+            // An unknown picker is the problem, not its options.
+            ("picker = \"fastest\"\npicker_exact = true", &["picker"]),
+        ];
+        for (text, want) in cases {
+            let c = config(text);
+            assert_eq!(paths(&c), *want, "{text}");
+            let err = c.builder::<String>().map(drop).expect_err(text);
+            assert_eq!(
+                err.0.iter().map(|p| p.path.as_str()).collect::<Vec<_>>(),
+                *want,
+                "{text}"
+            );
+            assert!(err.to_string().contains(&format!("{}: ", want[0])), "{err}");
+        }
+        // A negative count is not a number of backends: the file does not parse.
+        let e = StackConfig::from_toml("endpoints = [\"127.0.0.1:1\"]\npicker_exact_up_to = -1\n")
+            .expect_err("negative");
+        assert!(e.to_string().contains("picker_exact_up_to"), "{e}");
+    }
+
+    #[test]
+    fn warm_connections_is_read() {
+        assert_eq!(config("").warm_connections, None);
+        assert_eq!(config("warm_connections = 0").warm_connections, Some(0));
+        let c = config("warm_connections = 100000");
+        assert_eq!(c.warm_connections, Some(100_000));
+        assert!(c.validate().is_empty());
+        assert!(c.builder::<String>().is_ok());
     }
 }

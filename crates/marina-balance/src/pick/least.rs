@@ -95,6 +95,10 @@ pub struct LeastConnections {
 }
 
 impl LeastConnections {
+    /// The most candidates [`choice_count`](Self::choice_count) takes (gRPC clamps its
+    /// `choice_count` to 10); the fewest is 2.
+    pub const MAX_CHOICE_COUNT: usize = MAX_CHOICES;
+
     /// Exact up to 16 endpoints, the best of 2 random ones above; seeded from the OS.
     pub fn new() -> Self {
         LeastConnections {
@@ -123,8 +127,9 @@ impl LeastConnections {
     }
 
     /// How many random candidates a pick compares above the exact threshold (Envoy's
-    /// and gRPC's `choice_count`; default 2, clamped to 2..=16). More candidates come
-    /// closer to the exact choice, at a load read each.
+    /// and gRPC's `choice_count`; default 2, clamped to
+    /// 2..=[`MAX_CHOICE_COUNT`](Self::MAX_CHOICE_COUNT), 16). More candidates come closer
+    /// to the exact choice, at a load read each.
     pub fn choice_count(mut self, n: usize) -> Self {
         self.least.choices = n.clamp(2, MAX_CHOICES);
         self
@@ -202,7 +207,7 @@ impl LeastResponseTime {
     }
 
     /// How many random candidates a pick compares above the exact threshold (default
-    /// 2, clamped to 2..=16).
+    /// 2, clamped to 2..=[`LeastConnections::MAX_CHOICE_COUNT`], 16).
     pub fn choice_count(mut self, n: usize) -> Self {
         self.least.choices = n.clamp(2, MAX_CHOICES);
         self
