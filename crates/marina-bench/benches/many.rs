@@ -7,8 +7,9 @@
 //!    the direct-call floor, for tower's p2c (endpoints in `PendingRequests`) and
 //!    marina's `Balance` with every picker and picker mode (weights 1–4 for the weighted
 //!    ones; a consistent-hash key per request, hints made up front, for the hashed
-//!    ones). Then each row's cost at N = 4096 over its own N = 8 cost, and over tower's
-//!    at N = 4096.
+//!    ones). Reps are interleaved: each rep times every row at every size once, in
+//!    turn, so the machine's other work falls on all of them alike. Then each row's
+//!    cost at N = 4096 over its own N = 8 cost, and over tower's at N = 4096.
 //! 2. **Per change**, N = 4096, each picker: a discovery `Remove` then `Insert` of one
 //!    endpoint (through a `ChangeStream`), and an ejection then readmission of one
 //!    endpoint through an `EjectionGate` (the endpoint's readiness closes and opens, as
@@ -30,26 +31,38 @@
 //!    picks only): it then builds its table at the first pick, on the measured thread,
 //!    the same table.
 //!
+//! 5. **The whole `Stack`** (marina's umbrella) over N loopback line-echo backends
+//!    (servers in a child process, on one worker thread; the stack and 16 client tasks
+//!    on the bench's current-thread runtime), with round robin, least connections
+//!    and least connections exact: requests per second after every backend has been
+//!    reached, the client's CPU time per request (user + system, from
+//!    `/proc/self/stat`: the stack and its side of the sockets; the servers run in a
+//!    child process), `StackHandle::stats()` (median of 5 calls, after the traffic),
+//!    the caller's time for `remove_endpoint` + `add_endpoint` of one backend (the
+//!    next request applies the changes: table 2 measures that part), and the
+//!    connections the pools hold after the traffic.
+//!
 //! Request counts adapt to each row's speed (`--ms` per rep, default 60; the median of
 //! `--reps`, default 5); `--sizes 8,64,512,4096` picks the set sizes, `--rows a,b`
-//! the marina rows whose names contain one of the words.
+//! the marina rows whose names contain one of the words, `--tables 1,5` the tables.
 //!
 //! ```text
-//! cargo bench -p marina-bench --bench many -- [--ms MS] [--reps R] [--sizes A,B,..] [--rows A,B,..]
+//! cargo bench -p marina-bench --bench many -- [--ms MS] [--reps R] [--sizes A,B,..] [--rows A,B,..] [--tables 1,2,3,4,5]
 //! ```
 //!
-//! Without `--bench` (as under `cargo test --benches`) it runs every table briefly and
-//! fails on a wrong answer.
+//! Without `--bench` (as under `cargo test --benches`) it runs every table briefly (the
+//! Stack's over at most 64 backends) and fails on a wrong answer.
 
 // A benchmark measures real wall time, so it uses std's clock on purpose.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
 use std::convert::Infallible;
 use std::future::{Ready, ready};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use marina_balance::{
     Balance, ChangeStream, ConsistentHash, LeastConnections, LeastResponseTime, Pick,
@@ -60,6 +73,10 @@ use tower::discover::{Change, ServiceList};
 use tower::load::{CompleteOnResponse, PendingRequests};
 use tower::util::ServiceFn;
 use tower::{Service, ServiceExt, service_fn};
+
+// The line echo servers, shared with the stack bench.
+#[path = "common/rows.rs"]
+mod rows;
 
 type Endpoint = ServiceFn<fn(u64) -> Ready<Result<u64, Infallible>>>;
 
@@ -325,6 +342,51 @@ where
     })
 }
 
+/// A service under measurement, its type erased: sends `count` requests, returns ns per
+/// request.
+type Timed = Box<dyn FnMut(&tokio::runtime::Runtime, u64) -> f64>;
+
+fn timed<S>(mut svc: S) -> Timed
+where
+    S: Service<u64, Response = u64> + 'static,
+    S::Error: std::fmt::Debug,
+{
+    Box::new(move |rt, count| {
+        rt.block_on(async {
+            let start = Instant::now();
+            drive(&mut svc, 0, count).await;
+            start.elapsed().as_nanos() as f64 / count as f64
+        })
+    })
+}
+
+/// ns per request through each of `cells`, reps interleaved: each rep times every cell
+/// once, in turn (after a few requests to warm its caches), so that whatever else the
+/// machine does meanwhile falls on every cell alike. The median of the reps per cell.
+fn per_request_interleaved(
+    rt: &tokio::runtime::Runtime,
+    cells: &mut [Timed],
+    budget: Budget,
+) -> Vec<f64> {
+    let probe = if budget.smoke { 200 } else { 2000 };
+    let counts: Vec<u64> = cells
+        .iter_mut()
+        .map(|cell| {
+            cell(rt, 1000);
+            let ns = cell(rt, probe);
+            budget.count(probe, ns * probe as f64 / 1e9)
+        })
+        .collect();
+    let mut runs = vec![Vec::with_capacity(budget.reps); cells.len()];
+    for _ in 0..budget.reps {
+        for ((cell, &count), runs) in cells.iter_mut().zip(&counts).zip(&mut runs) {
+            cell(rt, count.min(1000));
+            runs.push(cell(rt, count));
+        }
+    }
+    runs.into_iter().map(median).collect()
+}
+
 fn median(mut runs: Vec<f64>) -> f64 {
     runs.sort_by(f64::total_cmp);
     runs[runs.len() / 2]
@@ -530,7 +592,267 @@ where
     info.bytes_current as f64 / n as f64
 }
 
-fn parse_args() -> (Budget, Vec<usize>, Vec<String>) {
+/// This process's CPU time (user + system, all threads), from `/proc/self/stat`
+/// (Linux; clock ticks taken as the usual 100 per second), opened once: at N = 4096 the
+/// sockets take most of the process's file descriptors.
+struct ProcessCpu(Option<std::fs::File>);
+
+impl ProcessCpu {
+    fn new() -> Self {
+        ProcessCpu(std::fs::File::open("/proc/self/stat").ok())
+    }
+
+    fn now(&mut self) -> Option<Duration> {
+        use std::io::{Read, Seek};
+        let file = self.0.as_mut()?;
+        file.rewind().ok()?;
+        let mut stat = String::new();
+        file.read_to_string(&mut stat).ok()?;
+        // Fields after the command name (in parentheses, may hold spaces): utime is
+        // field 14, stime field 15.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(Duration::from_millis(ticks * 10))
+    }
+}
+
+/// Waits (up to 5 s) until the process holds at most `max` file descriptors: the
+/// servers' ends of the last row's connections close after the row.
+fn settle_fds(max: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let open = std::fs::read_dir("/proc/self/fd").map(Iterator::count);
+        if open.is_ok_and(|n| n > max) {
+            std::thread::sleep(Duration::from_millis(20));
+        } else {
+            return;
+        }
+    }
+}
+
+/// Table 5's echo servers, in a child process (this bench run with `--echo-servers N`):
+/// the client's CPU time is then the process's, and the sockets of 4096 backends (a
+/// listener and the server's end of each connection) do not count against the client's
+/// limit of open files.
+struct EchoServers {
+    child: std::process::Child,
+    addrs: Vec<SocketAddr>,
+}
+
+impl EchoServers {
+    fn start(n: usize) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--echo-servers", &n.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the echo server process");
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let addrs: Vec<SocketAddr> = out
+            .lines()
+            .take(n)
+            .map(|l| l.expect("an address").parse().expect("an address"))
+            .collect();
+        assert_eq!(
+            addrs.len(),
+            n,
+            "the echo server process started {}",
+            addrs.len()
+        );
+        EchoServers { child, addrs }
+    }
+
+    /// The child's side: `n` echo servers on a one-worker runtime, their addresses
+    /// printed a line each, until stdin closes (the parent is gone).
+    fn serve(n: usize) {
+        use std::io::{Read, Write};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut out = std::io::stdout().lock();
+        rt.block_on(async {
+            for _ in 0..n {
+                let addr = rows::echo_server().await.expect("an echo server");
+                writeln!(out, "{addr}").unwrap();
+            }
+        });
+        out.flush().unwrap();
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    }
+}
+
+impl Drop for EchoServers {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Concurrent client tasks in table 5.
+const STACK_CLIENTS: usize = 16;
+
+/// Sends `count` echo requests through `svc` from `STACK_CLIENTS` tasks; the wall time.
+async fn stack_drive(svc: &marina::StackService<String, String>, count: u64) -> Duration {
+    let sent = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..STACK_CLIENTS)
+        .map(|_| {
+            let (mut svc, sent) = (svc.clone(), sent.clone());
+            tokio::spawn(async move {
+                while sent.fetch_add(1, Relaxed) < count {
+                    let line = "many backends".to_string();
+                    let reply = svc
+                        .ready()
+                        .await
+                        .expect("ready")
+                        .call(marina::core::Request::new(line))
+                        .await
+                        .expect("an echo");
+                    assert_eq!(reply.body, "many backends", "wrong answer");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("a client task");
+    }
+    start.elapsed()
+}
+
+/// One row of table 5 at one size.
+struct StackCell {
+    per_sec: f64,
+    cpu_us: Option<f64>,
+    stats_ms: f64,
+    change_us: f64,
+    /// Connections open after the traffic, and connects that failed, over all pools.
+    open: usize,
+    failed: u64,
+}
+
+/// Table 5's measures for a stack over `addrs` choosing with `make`.
+fn stack_cell(addrs: &[SocketAddr], make: fn() -> Box<dyn Pick>, budget: Budget) -> StackCell {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let n = addrs.len();
+    rt.block_on(async {
+        let (svc, handle) = marina::Stack::builder::<String>()
+            .endpoints(addrs.iter().copied())
+            .picker(make)
+            .build_line()
+            .expect("a stack");
+        // Every backend reached (and its pool's first connection open) before measuring.
+        stack_drive(&svc, 2 * n as u64 + 1000).await;
+        let probe = if budget.smoke { 200 } else { 2000 };
+        let took = stack_drive(&svc, probe).await;
+        // Requests take tens of µs here: reps 5× longer than the in-memory tables'.
+        let count = Budget {
+            secs: budget.secs * 5.0,
+            ..budget
+        }
+        .count(probe, took.as_secs_f64());
+        let mut rates = Vec::new();
+        let mut cpus = Vec::new();
+        let mut clock = ProcessCpu::new();
+        for _ in 0..budget.reps {
+            let cpu = clock.now();
+            let wall = stack_drive(&svc, count).await;
+            rates.push(count as f64 / wall.as_secs_f64());
+            if let (Some(a), Some(b)) = (cpu, clock.now()) {
+                cpus.push((b - a).as_secs_f64() * 1e6 / count as f64);
+            }
+        }
+        let mut stats = Vec::new();
+        let (mut open, mut failed) = (0, 0);
+        for _ in 0..5 {
+            let start = Instant::now();
+            let s = handle.stats();
+            stats.push(start.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(s.backends.len(), n, "stats lists every backend");
+            open = s.backends.iter().map(|b| b.pool.total).sum();
+            failed = s.backends.iter().map(|b| b.pool.failed).sum();
+        }
+        let cycles = if budget.smoke { 4 } else { 200 };
+        let mut changes = Vec::new();
+        for c in 0..cycles {
+            let addr = addrs[victim(c, n)];
+            let start = Instant::now();
+            assert!(handle.remove_endpoint(addr));
+            handle.add_endpoint(addr).expect("added again");
+            changes.push(start.elapsed().as_secs_f64() * 1e6);
+            // The balancer applies both, and the removed pool's close runs.
+            stack_drive(&svc, 1).await;
+            tokio::task::yield_now().await;
+        }
+        handle.shutdown(Duration::from_secs(5)).await;
+        StackCell {
+            per_sec: median(rates),
+            cpu_us: (!cpus.is_empty()).then(|| median(cpus)),
+            stats_ms: median(stats),
+            change_us: median(changes),
+            open,
+            failed,
+        }
+    })
+}
+
+/// Table 5: the whole stack.
+fn stack_table(sizes: &[usize], wanted: &[String], budget: Budget) {
+    // A smoke run checks the answers over a few dozen backends, not thousands (a debug
+    // build takes most of a minute to serve 4096).
+    let small: Vec<usize> = sizes.iter().copied().filter(|&n| n <= 64).collect();
+    let sizes = if budget.smoke && !small.is_empty() {
+        &small[..]
+    } else {
+        sizes
+    };
+    type MakePicker = fn() -> Box<dyn Pick>;
+    let rows: [(&str, MakePicker); 3] = [
+        ("round robin", || Box::new(RoundRobin::new())),
+        ("least conn.", || Box::new(LeastConnections::new())),
+        ("least conn., exact", || Box::new(LeastConnections::exact())),
+    ];
+    let big = *sizes.iter().max().unwrap();
+    let servers = EchoServers::start(big);
+    let addrs = &servers.addrs;
+    println!(
+        "\nthe Stack over N loopback echo backends ({STACK_CLIENTS} client tasks; servers in another process):\n"
+    );
+    println!(
+        "| picker | N | requests/s | ÷ its smallest N | client CPU µs/request | stats() ms | remove + add µs (caller) | connections open (connects failed) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (name, make) in rows {
+        if !(wanted.is_empty() || wanted.iter().any(|w| name.contains(w.as_str()))) {
+            continue;
+        }
+        let mut first = None;
+        for &n in sizes {
+            settle_fds(256);
+            let cell = stack_cell(&addrs[..n], make, budget);
+            let base = *first.get_or_insert(cell.per_sec);
+            println!(
+                "| {name} | {n} | {:.0} | {:.2} | {} | {:.2} | {:.1} | {} ({}) |",
+                cell.per_sec,
+                cell.per_sec / base,
+                cell.cpu_us.map_or("-".into(), |c| format!("{c:.1}")),
+                cell.stats_ms,
+                cell.change_us,
+                cell.open,
+                cell.failed
+            );
+        }
+    }
+}
+
+fn parse_args() -> (Budget, Vec<usize>, Vec<String>, Vec<u32>) {
     let args: Vec<String> = std::env::args().collect();
     let value = |flag: &str| {
         args.iter()
@@ -557,11 +879,18 @@ fn parse_args() -> (Budget, Vec<usize>, Vec<String>) {
     let rows = value("--rows")
         .map(|s| s.split(',').map(|w| w.trim().to_string()).collect())
         .unwrap_or_default();
-    (budget, sizes, rows)
+    let tables = value("--tables")
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 3, 4, 5]);
+    (budget, sizes, rows, tables)
 }
 
 fn main() {
-    let (budget, sizes, wanted) = parse_args();
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--echo-servers") {
+        return EchoServers::serve(args[i + 1].parse().expect("--echo-servers N"));
+    }
+    let (budget, sizes, wanted, tables) = parse_args();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -572,32 +901,68 @@ fn main() {
         .filter(|r| wanted.is_empty() || wanted.iter().any(|w| r.name.contains(w.as_str())))
         .collect();
     let big = *sizes.iter().max().unwrap();
-    let small = *sizes.iter().min().unwrap();
     println!(
         "many bench: ~{:.0} ms × {} reps (median), current-thread runtime; direct call (floor): {floor:.1} ns/request\n",
         budget.secs * 1e3,
         budget.reps
     );
 
-    // 1. Per request.
-    println!("ns of overhead per request (minus the floor):\n");
+    if tables.contains(&1) {
+        per_request_table(&rt, &sizes, &rows, floor, budget);
+    }
+    if tables.contains(&2) {
+        per_change_table(&rt, big, &rows, budget);
+    }
+    if tables.contains(&3) {
+        pending_table(&rt, big, floor, budget);
+    }
+    if tables.contains(&4) {
+        memory_table(&rt, &sizes, &rows);
+    }
+    if tables.contains(&5) {
+        stack_table(&sizes, &wanted, budget);
+    }
+}
+
+/// Table 1: per request.
+fn per_request_table(
+    rt: &tokio::runtime::Runtime,
+    sizes: &[usize],
+    rows: &[Row],
+    floor: f64,
+    budget: Budget,
+) {
+    let big = *sizes.iter().max().unwrap();
+    let small = *sizes.iter().min().unwrap();
     let head: Vec<String> = sizes.iter().map(|n| format!("N = {n}")).collect();
+    println!("ns of overhead per request (minus the floor):\n");
     println!("| row | {} |", head.join(" | "));
     println!("|---|{}", "---:|".repeat(sizes.len()));
-    let tower: Vec<f64> = sizes
-        .iter()
-        .map(|&n| per_request(&rt, tower_p2c(n), budget) - floor)
-        .collect();
+    // Every cell built first, then timed rep by rep in turn: the direct call (the
+    // floor), tower at each size, each row at each size.
+    let mut timers: Vec<Timed> = vec![timed(endpoint())];
+    timers.extend(sizes.iter().map(|&n| timed(tower_p2c(n))));
+    for row in rows {
+        timers.extend(
+            sizes
+                .iter()
+                .map(|&n| timed(marina(n, row, &HintTable::new(n)))),
+        );
+    }
+    let all = per_request_interleaved(rt, &mut timers, budget);
+    drop(timers);
+    // The lower of this table's floor and the one measured at the start: a floor is a
+    // lower bound.
+    let floor = all[0].min(floor);
+    let mut by_row = all[1..]
+        .chunks(sizes.len())
+        .map(|v| v.iter().map(|c| c - floor).collect::<Vec<f64>>());
+    let tower = by_row.next().unwrap();
+    let costs: Vec<Vec<f64>> = by_row.collect();
     let cells = |v: &[f64]| v.iter().map(|c| format!("{c:.1}")).collect::<Vec<_>>();
     println!("| tower p2c | {} |", cells(&tower).join(" | "));
-    let mut costs = Vec::new();
-    for row in &rows {
-        let v: Vec<f64> = sizes
-            .iter()
-            .map(|&n| per_request(&rt, marina(n, row, &HintTable::new(n)), budget) - floor)
-            .collect();
-        println!("| {} | {} |", row.name, cells(&v).join(" | "));
-        costs.push(v);
+    for (row, v) in rows.iter().zip(&costs) {
+        println!("| {} | {} |", row.name, cells(v).join(" | "));
     }
     let at = |v: &[f64], n: usize| v[sizes.iter().position(|&s| s == n).unwrap()];
     println!(
@@ -617,18 +982,22 @@ fn main() {
             at(v, big) / at(&tower, big)
         );
     }
+}
 
-    // 2. Per change.
+/// Table 2: per change.
+fn per_change_table(rt: &tokio::runtime::Runtime, big: usize, rows: &[Row], budget: Budget) {
     println!("\nns per change at N = {big} (the change and what the next request pays for it):\n");
     println!("| row | discovery remove / insert | ejection / readmission (gate) |");
     println!("|---|---:|---:|");
-    for row in &rows {
-        let d = discovery_change(&rt, big, row, budget);
-        let e = ejection_change(&rt, big, row, budget);
+    for row in rows {
+        let d = discovery_change(rt, big, row, budget);
+        let e = ejection_change(rt, big, row, budget);
         println!("| {} | {d:.0} | {e:.0} |", row.name);
     }
+}
 
-    // 3. Per request with part of the set pending.
+/// Table 3: per request with part of the set pending.
+fn pending_table(rt: &tokio::runtime::Runtime, big: usize, floor: f64, budget: Budget) {
     let shares = [0.0, 0.01, 0.1, 0.5];
     println!("\nns of overhead per request at N = {big} with part of the set pending:\n");
     println!(
@@ -655,22 +1024,25 @@ fn main() {
                     ep.eject(true);
                 }
                 let lb: ListBalance<Gated> = Balance::new(ServiceList::new(eps), make());
-                format!("{:.1}", per_request(&rt, lb, budget) - floor)
+                format!("{:.1}", per_request(rt, lb, budget) - floor)
             })
             .collect();
         println!("| {name} | {} |", cells.join(" | "));
     }
+}
 
-    // 4. Memory.
+/// Table 4: memory.
+fn memory_table(rt: &tokio::runtime::Runtime, sizes: &[usize], rows: &[Row]) {
+    let head: Vec<String> = sizes.iter().map(|n| format!("N = {n}")).collect();
     println!("\nheap bytes per endpoint (allocation-counter, after 500 requests):\n");
     println!("| row | {} |", head.join(" | "));
     println!("|---|{}", "---:|".repeat(sizes.len()));
     let t: Vec<String> = sizes
         .iter()
-        .map(|&n| format!("{:.0}", heap_per_endpoint(&rt, n, || tower_p2c(n), 500)))
+        .map(|&n| format!("{:.0}", heap_per_endpoint(rt, n, || tower_p2c(n), 500)))
         .collect();
     println!("| tower p2c | {} |", t.join(" | "));
-    for row in &rows {
+    for row in rows {
         let v: Vec<String> = sizes
             .iter()
             .map(|&n| {
@@ -683,7 +1055,7 @@ fn main() {
                     let lb = Balance::new(ServiceList::new(eps), PicksOnly((row.make)()));
                     hinted(lb, row.hints, table.clone())
                 };
-                format!("{:.0}", heap_per_endpoint(&rt, n, make, 500))
+                format!("{:.0}", heap_per_endpoint(rt, n, make, 500))
             })
             .collect();
         println!("| {} | {} |", row.name, v.join(" | "));
