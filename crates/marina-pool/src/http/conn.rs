@@ -75,6 +75,15 @@ impl<X: Negotiated + ?Sized> Negotiated for Box<X> {
     }
 }
 
+/// ALPN `h2`: what [`Protocol::Negotiated`] reads from a connection of
+/// `marina_pool::tls::TlsConnector`.
+#[cfg(feature = "tls")]
+impl<IO> Negotiated for tokio_rustls::client::TlsStream<IO> {
+    fn negotiated_h2(&self) -> bool {
+        self.get_ref().1.alpn_protocol() == Some(b"h2")
+    }
+}
+
 /// HTTP/2 settings of the connections a client opens.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct H2Settings {
