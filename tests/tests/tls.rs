@@ -424,3 +424,65 @@ fn tls_config_reads_ca_files_and_refuses_bad_input() {
     assert!(e.to_string().contains("invalid server name"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_config_tls_section() {
+    use marina::StackConfig;
+
+    let pki = TestPki::new("marina test CA");
+    let a = tls_echo(&pki, &[NAME]).await;
+    let b = tls_echo(&pki, &[NAME]).await;
+    let dir = std::env::temp_dir().join(format!("marina-tls-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+
+    let text = format!(
+        "endpoints = [\"{}\", \"{}\"]\n[tls]\nserver_name = \"{NAME}\"\nca_file = {:?}\nalpn = [\"http/1.1\"]\n",
+        a.addr(),
+        b.addr(),
+        ca.display().to_string(),
+    );
+    let config = StackConfig::from_toml(&text).unwrap();
+    assert_eq!(config.validate(), vec![]);
+    let (mut svc, handle) = Stack::from_config::<String>(&config)
+        .unwrap()
+        .build_line()
+        .unwrap();
+    for i in 0..10 {
+        let text = format!("from a file {i}");
+        assert_eq!(line(&mut svc, &text).await.unwrap(), text);
+    }
+    assert!(a.handshakes() + b.handshakes() > 0, "TLS was used");
+    handle.shutdown(Duration::from_secs(1)).await;
+
+    // Each bad setting is a problem at its path, all reported together.
+    let bad = format!(
+        "endpoints = [\"{}\"]\n[tls]\nserver_name = \"not a name\"\nca_file = {:?}\nalpn = [\"h2\", \"\"]\n",
+        a.addr(),
+        dir.join("missing.pem").display().to_string(),
+    );
+    let config = StackConfig::from_toml(&bad).unwrap();
+    let paths: Vec<String> = config.validate().into_iter().map(|p| p.path).collect();
+    assert_eq!(paths, ["tls.ca_file", "tls.server_name", "tls.alpn[1]"]);
+    let err = Stack::from_config::<String>(&config).map(drop).unwrap_err();
+    assert_eq!(err.0.len(), 3, "{err}");
+    assert!(err.to_string().contains("missing.pem"), "{err}");
+
+    // Without a CA file, the system's roots are needed (a feature of their own).
+    let no_ca = format!("endpoints = [\"{}\"]\n[tls]\n", a.addr());
+    let problems = StackConfig::from_toml(&no_ca).unwrap().validate();
+    assert!(
+        problems.iter().all(|p| p.path == "tls.ca_file"),
+        "{problems:?}"
+    );
+
+    // A typo in the table is refused.
+    let typo = format!(
+        "endpoints = [\"{}\"]\n[tls]\nservername = \"x\"\n",
+        a.addr()
+    );
+    let e = StackConfig::from_toml(&typo).unwrap_err();
+    assert!(e.to_string().contains("servername"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

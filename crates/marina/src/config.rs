@@ -159,6 +159,9 @@ pub struct StackConfig {
     /// Rate and bandwidth limits.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// TLS to every backend (marina's `tls` feature); absent: plain TCP. See
+    /// [`TlsSection`].
+    pub tls: Option<TlsSection>,
     /// The limits and sticky sessions shared by a fleet of instances through Redis
     /// (the `redis` feature); absent: each instance has its own. See [`RedisSection`].
     #[cfg(feature = "redis")]
@@ -223,6 +226,111 @@ pub struct LimitsSection {
     pub bandwidth_bytes_per_sec: Option<f64>,
     /// The bandwidth burst, bytes (default 64 KiB).
     pub bandwidth_burst: Option<u64>,
+}
+
+/// `[tls]`: connect to every backend over TLS (marina's `tls` feature). The table's
+/// presence turns TLS on, even empty; problems are reported under `tls.*` paths.
+///
+/// ```toml
+/// [tls]
+/// server_name = "echo.internal"  # what the backends' certificates name (default: their IP)
+/// ca_file = "/etc/marina/ca.pem" # the CAs to trust (default: the system's roots)
+/// alpn = ["h2", "http/1.1"]      # protocols offered (default: none)
+/// ```
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The name every backend's certificate must carry, a DNS name or an IP address
+    /// (default: each backend's IP address, which its certificate must then list).
+    pub server_name: Option<String>,
+    /// A PEM file of the CA certificates to trust. Unset: the system's roots, with
+    /// marina's `tls-native-roots` feature (without it, `ca_file` is required).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Protocols offered by ALPN, most preferred first (each 1 to 255 bytes; default
+    /// none).
+    pub alpn: Option<Vec<String>>,
+}
+
+impl TlsSection {
+    /// Every problem with these settings (the CA file is read).
+    fn validate(&self, bad: &mut impl FnMut(String, String)) {
+        #[cfg(not(feature = "tls"))]
+        bad(
+            "tls".into(),
+            "this build has no TLS: turn on marina's `tls` feature".into(),
+        );
+        #[cfg(feature = "tls")]
+        {
+            if let Err(p) = self.roots() {
+                bad(p.path, p.message);
+            }
+            if let Some(name) = &self.server_name
+                && marina_pool::tls::rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+            {
+                bad(
+                    "tls.server_name".into(),
+                    format!("{name:?} is neither a DNS name nor an IP address"),
+                );
+            }
+        }
+        for (i, p) in self.alpn.iter().flatten().enumerate() {
+            if p.is_empty() || p.len() > 255 {
+                bad(
+                    format!("tls.alpn[{i}]"),
+                    format!("a protocol name is 1 to 255 bytes, got {}", p.len()),
+                );
+            }
+        }
+    }
+
+    /// The trusted roots: the CA file's, or the system's.
+    #[cfg(feature = "tls")]
+    fn roots(&self) -> Result<marina_pool::tls::TlsConfig, ConfigProblem> {
+        let problem = |message: String| ConfigProblem {
+            path: "tls.ca_file".into(),
+            message,
+        };
+        match &self.ca_file {
+            Some(path) => {
+                marina_pool::tls::TlsConfig::from_ca_file(path).map_err(|e| problem(e.to_string()))
+            }
+            #[cfg(feature = "tls-native-roots")]
+            None => marina_pool::tls::TlsConfig::native_roots().map_err(|e| {
+                problem(format!(
+                    "not set, and the system's roots cannot be used: {e}"
+                ))
+            }),
+            #[cfg(not(feature = "tls-native-roots"))]
+            None => Err(problem(
+                "required: this build has no system roots (marina's `tls-native-roots` feature)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// The settings for [`StackBuilder::tls`](crate::StackBuilder::tls).
+    #[cfg(feature = "tls")]
+    fn tls_config(&self) -> Result<marina_pool::tls::TlsConfig, InvalidConfig> {
+        let mut problems = Vec::new();
+        self.validate(&mut |path, message| problems.push(ConfigProblem { path, message }));
+        if !problems.is_empty() {
+            return Err(InvalidConfig(problems));
+        }
+        let invalid = |p: ConfigProblem| InvalidConfig(vec![p]);
+        let mut tls = self.roots().map_err(invalid)?;
+        if let Some(name) = &self.server_name {
+            tls = tls.server_name(name).map_err(|e| {
+                invalid(ConfigProblem {
+                    path: "tls.server_name".into(),
+                    message: e.to_string(),
+                })
+            })?;
+        }
+        if let Some(alpn) = &self.alpn {
+            tls = tls.alpn(alpn);
+        }
+        Ok(tls)
+    }
 }
 
 /// `[redis]`: the stack's limits and sticky sessions shared by every instance of a
@@ -581,6 +689,9 @@ impl StackConfig {
             });
             r.validate(rate, &mut bad);
         }
+        if let Some(t) = &self.tls {
+            t.validate(&mut bad);
+        }
         let mut seen = std::collections::HashMap::new();
         for (i, e) in self.endpoints.iter().enumerate() {
             if let Ok(addr) = e.parse::<SocketAddr>()
@@ -798,6 +909,10 @@ impl StackConfig {
         #[cfg(feature = "redis")]
         if let Some(r) = &self.redis {
             b = r.apply(b);
+        }
+        #[cfg(feature = "tls")]
+        if let Some(t) = &self.tls {
+            b = b.tls(t.tls_config()?);
         }
         Ok(b)
     }

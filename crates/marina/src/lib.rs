@@ -56,8 +56,8 @@
 //! | `serde` | [`StackConfig`] and [`Stack::from_config`]: the stack from a TOML file; turns on `full` |
 //! | `http` | marina-pool's `http`: `marina::pool::http::HttpClient`, a hyper client service (`Service<http::Request<B>>`) over pooled HTTP/1 and shared HTTP/2 connections, with streaming bodies; turns on `pool` |
 //! | `redis` | `marina::redis` (marina-redis) and `StackBuilder::redis`: the stack's rate limits, per-key concurrency and sticky sessions shared by a fleet of instances through Redis (`[redis]` in a `StackConfig`); turns on `limit` and `affinity` |
-//! | `tls` | marina-pool's `tls` (`marina::pool::tls`: `TlsConnector`, `TlsConfig`) and [`StackBuilder::tls`]: the stack's connections over TLS (rustls, *ring*); turns on `pool` |
-//! | `tls-native-roots` | `tls`, and `TlsConfig::native_roots()`: the system's trusted roots |
+//! | `tls` | marina-pool's `tls` (`marina::pool::tls`: `TlsConnector`, `TlsConfig`), [`StackBuilder::tls`] and a [`StackConfig`]'s `[tls]` table: the stack's connections over TLS (rustls, *ring*); turns on `pool` |
+//! | `tls-native-roots` | `tls`, and `TlsConfig::native_roots()`: the system's trusted roots (what a `[tls]` table without `ca_file` uses) |
 //!
 //! The crates' own features (marina-balance's `hyper-util`, `tonic` and `buffer`;
 //! marina-health's `http` and `grpc`) are not forwarded. To turn one on, also depend on
@@ -184,6 +184,8 @@ pub use config::{
 };
 #[cfg(all(feature = "serde", feature = "redis"))]
 pub use config::{RedisLease, RedisSection};
+#[cfg(feature = "serde")]
+pub use config::TlsSection;
 #[cfg(feature = "full")]
 pub use ext::ServiceBuilderExt;
 #[cfg(feature = "full")]
