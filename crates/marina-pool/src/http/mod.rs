@@ -66,7 +66,19 @@
 //!
 //! HTTP/2 with prior knowledge (`h2c`): `.http2()` on the builder. Under a TLS connector,
 //! [`Protocol::Negotiated`] picks HTTP/2 when the handshake negotiated `h2` (the stream
-//! says so through [`Negotiated`]).
+//! says so through [`Negotiated`]), HTTP/1.1 otherwise. With the `tls` feature:
+//!
+//! ```ignore
+//! use marina_pool::tls::{TlsConfig, TlsConnector};
+//!
+//! let tls = TlsConfig::from_ca_file("ca.pem")?.alpn(["h2", "http/1.1"]);
+//! let client = HttpClient::builder()
+//!     .protocol(Protocol::Negotiated)
+//!     .build_with::<_, _, Full<Bytes>>(TlsConnector::new(TcpConnector::new(), tls), addr)?;
+//! ```
+//!
+//! (Run in `tests/tests/http_tls.rs` against rustls servers offering `h2` or only
+//! `http/1.1`.)
 //!
 //! # The shared (HTTP/2) mode
 //!
@@ -144,6 +156,24 @@
 //! # drop(channel);
 //! # Ok(()) }
 //! ```
+//!
+//! Over TLS (the `tls` feature), key the pools by `"host:port"` over a
+//! `marina_pool::tls::TlsConnector`, and adapt them to what tonic hands and takes — a
+//! `Uri` in, hyper I/O out — with two tower combinators:
+//!
+//! ```ignore
+//! let pools: KeyedPool<_, String> =
+//!     KeyedPool::new(Pool::builder(), TlsConnector::new(TcpConnector::new(), tls.alpn(["h2"])))?;
+//! let connector = tower::ServiceBuilder::new()
+//!     .map_request(|uri: tonic::transport::Uri| uri.authority().unwrap().to_string())
+//!     .map_response(hyper_util::rt::TokioIo::new)
+//!     .service(pools.clone());
+//! let channel = Endpoint::from_static("https://backend.internal:443")
+//!     .connect_with_connector(connector)
+//!     .await?;
+//! ```
+//!
+//! (Run in `tests/tests/http_tls.rs`.)
 //!
 //! # Cancel safety
 //!
