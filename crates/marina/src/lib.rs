@@ -179,13 +179,13 @@ mod stack;
 mod timeout;
 
 #[cfg(feature = "serde")]
+pub use config::TlsSection;
+#[cfg(feature = "serde")]
 pub use config::{
     ConfigSyntax, FailoverSection, HealthSection, LimitsSection, PoolSection, StackConfig,
 };
 #[cfg(all(feature = "serde", feature = "redis"))]
 pub use config::{RedisLease, RedisSection};
-#[cfg(feature = "serde")]
-pub use config::TlsSection;
 #[cfg(feature = "full")]
 pub use ext::ServiceBuilderExt;
 #[cfg(feature = "full")]
