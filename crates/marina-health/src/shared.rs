@@ -541,6 +541,12 @@ impl Shared {
             return;
         }
         st.published = new;
+        // The lock-free flag `gate` reads first, before anyone hears of the change (the
+        // balancer through its gate, watchers through the channel): else a request right
+        // after an ejection could still find it `true` (the guard writes it at unlock,
+        // after this) and be let through.
+        self.serving
+            .store(st.mode == Mode::Serving && !st.probed_out, Release);
         if let Some(m) = self.member.get() {
             m.set_ejected(matches!(new, Status::Ejected { .. }));
         }
