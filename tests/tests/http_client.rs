@@ -605,3 +605,40 @@ async fn a_cancelled_call_closes_its_http1_connection_and_frees_its_http2_stream
         "the connection was kept"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn http2_a_busy_connection_past_max_lifetime_takes_no_new_streams() {
+    let (addr, counts, _) = h2_server(100, Duration::ZERO).await;
+    let client = HttpClient::builder()
+        .pool(
+            Pool::builder()
+                .max_size(4)
+                .max_lifetime(Duration::from_secs(60)),
+        )
+        .keep_alive(None)
+        .http2()
+        .build::<Full<Bytes>>(addr)
+        .unwrap();
+    // A body left unread keeps connection 0 leased (busy) past its lifetime.
+    let held = client.clone().oneshot(get("/held")).await.unwrap();
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let mut served = Vec::new();
+    for _ in 0..70 {
+        let resp = client.clone().oneshot(get("/")).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        served.push(
+            std::str::from_utf8(&body)
+                .unwrap()
+                .parse::<usize>()
+                .unwrap(),
+        );
+    }
+    // Within 64 streams it is seen expired: new requests go to a new connection, and
+    // the old one closes once its last stream ends.
+    assert!(served.iter().rev().take(5).all(|&c| c != 0), "{served:?}");
+    assert_eq!(counts.accepts.load(Ordering::Relaxed), 2);
+    drop(held);
+    tokio::task::yield_now().await;
+    let p = client.pool().stats();
+    assert_eq!(p.total, 1, "{p:?}");
+}
