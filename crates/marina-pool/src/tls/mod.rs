@@ -44,7 +44,9 @@
 //! of the time, and covers every cipher suite and key exchange a TLS 1.2/1.3 backend
 //! negotiates today. The provider is named explicitly
 //! (`ClientConfig::builder_with_provider`), so a program that also links aws-lc-rs
-//! through another crate does not panic on an ambiguous process-wide default.
+//! through another crate does not panic on an ambiguous process-wide default, and its
+//! key exchanges are offered X25519 first (ring's own list starts with P-384, which
+//! ring computes about 4 times slower: docs/BENCHMARKS.md, "TLS connects").
 //!
 //! What ring lacks is post-quantum key exchange (X25519MLKEM768) and FIPS validation;
 //! rustls 0.23.48 marks `rustls::crypto::ring::default_provider` deprecated for the
