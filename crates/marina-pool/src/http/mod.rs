@@ -22,7 +22,13 @@
 //! - **Nothing lost when a connection was stale**: a request hyper did not send (the
 //!   connection closed while idle) is sent again on another one, twice at most; one
 //!   that was never sent comes back as a [`NotSent`] error carrying the request, so a
-//!   balancer can fail it over.
+//!   balancer can fail it over. HTTP/2: a bodiless request whose stream the server
+//!   refused unprocessed (`REFUSED_STREAM`, or above a graceful `GOAWAY`'s last stream
+//!   id) is sent again on another connection from a copy of its head; since hyper
+//!   reports a stream it opened just as a `GOAWAY` arrived the same way as one refused,
+//!   that second case is re-sent only for idempotent methods (or requests marked
+//!   [`Idempotent`](marina_core::Idempotent)). A request with a body cannot be re-sent
+//!   (it was streamed); its error says so only when the server proved it unprocessed.
 //! - [`tower::load::Load`]: the requests in flight (until their bodies end), for
 //!   balancers.
 //!
