@@ -215,3 +215,36 @@ impl std::error::Error for TlsConfigError {
             .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offers_x25519_first_and_keeps_alpn_per_clone() {
+        let tls = TlsConfig::with_roots(RootCertStore::empty());
+        let groups: Vec<_> = tls
+            .client_config()
+            .crypto_provider()
+            .kx_groups
+            .iter()
+            .map(|g| g.name())
+            .collect();
+        assert_eq!(groups[0], rustls::NamedGroup::X25519, "{groups:?}");
+        let h2 = tls.clone().alpn(["h2"]);
+        assert_eq!(h2.client_config().alpn_protocols, [b"h2".to_vec()]);
+        assert!(
+            tls.client_config().alpn_protocols.is_empty(),
+            "the clone alone"
+        );
+    }
+
+    /// Runs with the `tls-native-roots` feature, on a machine with a CA store.
+    #[cfg(feature = "tls-native-roots")]
+    #[test]
+    fn native_roots_load_where_the_system_has_some() {
+        if std::path::Path::new("/etc/ssl/certs").exists() {
+            TlsConfig::native_roots().expect("the system's roots");
+        }
+    }
+}
