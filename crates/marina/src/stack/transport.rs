@@ -75,6 +75,25 @@ impl Transport {
     }
 }
 
+/// The TCP socket under it, as [`tcp`](Transport::tcp): code written when a
+/// [`Conn`](crate::Conn)'s stream was a bare `TcpStream` keeps compiling, for example a
+/// `check` of `|c| marina::pool::socket_is_open(c.get_ref())` (over TLS, prefer
+/// [`Transport::is_open`], which reads TLS records that arrived while idle).
+///
+/// ```
+/// # async fn f(conn: marina::Conn) {
+/// let open = marina::pool::socket_is_open(conn.get_ref());
+/// let peer = conn.get_ref().peer_addr();
+/// # let _ = (open, peer); }
+/// ```
+impl std::ops::Deref for Transport {
+    type Target = TcpStream;
+
+    fn deref(&self) -> &TcpStream {
+        self.tcp()
+    }
+}
+
 impl From<TcpStream> for Transport {
     fn from(s: TcpStream) -> Self {
         Transport::Tcp(s)
