@@ -124,6 +124,16 @@ impl<B> Shared<B> {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Pooled<HttpConn<B>>, PoolError>>,
     {
+        // The common case first: a leased connection has room. No waiter registered
+        // (that takes `Notify`'s own lock, twice).
+        {
+            let mut done = Vec::new();
+            let found = self.find(&mut lock_std(&self.state), &mut done);
+            drop(done);
+            if let Some(lease) = found {
+                return Ok(Checkout::Stream(lease));
+            }
+        }
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
