@@ -499,10 +499,11 @@ impl<X> Core<X> {
         let total = snap.open.saturating_sub(connecting);
         let idle = (snap.idle + probing).min(total);
         let active = total - idle;
-        let mut idle_ids = std::collections::HashSet::with_capacity(snap.idle);
-        self.slots.for_each_idle(|e| {
-            idle_ids.insert(e.meta.id);
-        });
+        // Sorted, searched by halves: no hashing, one allocation (none when nothing is
+        // idle); stats of thousands of pools are read in one go.
+        let mut idle_ids = Vec::with_capacity(snap.idle);
+        self.slots.for_each_idle(|e| idle_ids.push(e.meta.id));
+        idle_ids.sort_unstable();
         let now = Instant::now();
         let now_ms = self.clock.refresh();
         let registry = crate::sync::lock_std(&self.registry);
@@ -517,7 +518,7 @@ impl<X> Core<X> {
                 ConnStats {
                     id: m.id,
                     age: now.saturating_duration_since(m.created_at),
-                    idle_for: idle_ids.contains(&m.id).then(|| {
+                    idle_for: idle_ids.binary_search(&m.id).is_ok().then(|| {
                         Duration::from_millis(now_ms.saturating_sub(m.returned_ms.load(Relaxed)))
                     }),
                     uses,

@@ -103,12 +103,14 @@ impl StackHandle {
     pub fn stats(&self) -> StackStats {
         let i = &self.inner;
         // O(N): the balancer's figures indexed once by key.
+        // The key moves into the map and back into its snapshot when found: no copy.
         let mut eps: std::collections::HashMap<String, EndpointSnapshot> = i
             .balance
             .stats()
             .into_iter()
-            .map(|e| (e.key.clone(), e))
+            .map(|mut e| (std::mem::take(&mut e.key), e))
             .collect();
+        let mut key = String::new();
         let backends = i
             .registry
             .lock()
@@ -118,7 +120,13 @@ impl StackHandle {
                 pool: (p.stats)(),
                 health: p.health.as_ref().map(HealthHandle::status),
                 balance: if p.active {
-                    eps.remove(&format!("{:?}", p.addr))
+                    use std::fmt::Write as _;
+                    key.clear();
+                    let _ = write!(key, "{:?}", p.addr);
+                    eps.remove_entry(key.as_str()).map(|(k, mut e)| {
+                        e.key = k;
+                        e
+                    })
                 } else {
                     None
                 },
