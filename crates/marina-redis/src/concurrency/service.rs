@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll, ready};
 
-use marina_core::{BoxError, KeyExtractor, after_completion};
+use marina_core::{BoxError, KeyExtractor, PolledAfterCompletion, WaitThenCall};
 use marina_limit::{MissingKey, WithoutKey};
 use pin_project_lite::pin_project;
 use tower_service::Service;
@@ -120,11 +120,11 @@ where
         let clone = self.inner.clone();
         let svc = std::mem::replace(&mut self.inner, clone);
         ConcurrencyFuture {
-            state: State::Acquiring {
+            inner: WaitThenCall::waiting(PermitWait {
                 acquire,
                 svc: Some(svc),
                 req: Some(req),
-            },
+            }),
         }
     }
 }
@@ -144,35 +144,44 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        state: State<S, Req>,
+        inner: WaitThenCall<PermitWait<S, Req>, S::Future, Permit>,
     }
 }
 
-pin_project! {
-    #[project = StateProj]
-    enum State<S, Req>
-    where
-        S: Service<Req>,
-    {
-        Acquiring { acquire: Acquire, svc: Option<S>, req: Option<Req> },
-        Call { #[pin] fut: S::Future, permit: Option<Permit> },
-        Failed { error: Option<BoxError> },
+/// A call waiting for its key's permit; calls the inner service once granted.
+pub(crate) struct PermitWait<S, Req> {
+    acquire: Acquire,
+    svc: Option<S>,
+    req: Option<Req>,
+}
+
+// Nothing in it is pinned structurally (the acquire future is boxed; the service and
+// the request are moved out, never pinned).
+impl<S, Req> Unpin for PermitWait<S, Req> {}
+
+impl<S: Service<Req>, Req> Future for PermitWait<S, Req> {
+    type Output = Result<(S::Future, Permit), BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let permit = ready!(self.acquire.as_mut().poll(cx))?;
+        let this = &mut *self;
+        match (this.svc.take(), this.req.take()) {
+            (Some(mut svc), Some(req)) => Poll::Ready(Ok((svc.call(req), permit))),
+            _ => Poll::Ready(Err(PolledAfterCompletion.into())),
+        }
     }
 }
 
 impl<S: Service<Req>, Req> ConcurrencyFuture<S, Req> {
     fn failed(error: BoxError) -> Self {
         ConcurrencyFuture {
-            state: State::Failed { error: Some(error) },
+            inner: WaitThenCall::failed(error),
         }
     }
 
     fn calling(fut: S::Future, permit: Permit) -> Self {
         ConcurrencyFuture {
-            state: State::Call {
-                fut,
-                permit: Some(permit),
-            },
+            inner: WaitThenCall::calling(fut, permit),
         }
     }
 }
@@ -191,32 +200,6 @@ where
     type Output = Result<S::Response, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
-        loop {
-            let next = match state.as_mut().project() {
-                StateProj::Call { fut, permit } => {
-                    let out = ready!(fut.poll(cx));
-                    drop(permit.take());
-                    state.set(State::Failed { error: None });
-                    return Poll::Ready(out.map_err(Into::into));
-                }
-                StateProj::Failed { error } => {
-                    return Poll::Ready(Err(after_completion(error)));
-                }
-                StateProj::Acquiring { acquire, svc, req } => {
-                    match ready!(acquire.as_mut().poll(cx)) {
-                        Ok(permit) => match (svc.take(), req.take()) {
-                            (Some(mut svc), Some(req)) => State::Call {
-                                fut: svc.call(req),
-                                permit: Some(permit),
-                            },
-                            _ => State::Failed { error: None },
-                        },
-                        Err(e) => State::Failed { error: Some(e) },
-                    }
-                }
-            };
-            state.set(next);
-        }
+        self.project().inner.poll(cx)
     }
 }
