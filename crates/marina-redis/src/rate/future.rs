@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use marina_core::{BoxError, after_completion};
+use marina_core::{BoxError, WaitThenCall, after_completion};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -23,23 +23,20 @@ pin_project! {
     /// Dropping it cancels the inner request; the cell stays spent.
     pub struct ResponseFuture<F> {
         #[pin]
-        inner: Option<F>,
-        error: Option<BoxError>,
+        inner: WaitThenCall<std::future::Pending<Result<(F, ()), BoxError>>, F, ()>,
     }
 }
 
 impl<F> ResponseFuture<F> {
     pub(crate) fn call(inner: F) -> Self {
         ResponseFuture {
-            inner: Some(inner),
-            error: None,
+            inner: WaitThenCall::calling(inner, ()),
         }
     }
 
     pub(crate) fn failed(error: BoxError) -> Self {
         ResponseFuture {
-            inner: None,
-            error: Some(error),
+            inner: WaitThenCall::failed(error),
         }
     }
 }
@@ -58,15 +55,7 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        match this.inner.as_mut().as_pin_mut() {
-            Some(f) => {
-                let out = ready!(f.poll(cx));
-                this.inner.set(None);
-                Poll::Ready(out.map_err(Into::into))
-            }
-            None => Poll::Ready(Err(after_completion(this.error))),
-        }
+        self.project().inner.poll(cx)
     }
 }
 
