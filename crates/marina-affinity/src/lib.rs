@@ -22,7 +22,10 @@
 //!
 //! | feature | enables |
 //! |---|---|
-//! | *(none)* | marina-affinity has no optional features (default: none); [`SessionPool`] builds on marina-pool, which is always a dependency. |
+//! | `metrics` | counters and gauges of sessions through the [`metrics`](https://docs.rs/metrics) facade (see [Metrics](#metrics)) |
+//!
+//! No feature is on by default. [`SessionPool`] builds on marina-pool, which is always a
+//! dependency.
 //!
 //! # Examples
 //!
@@ -125,6 +128,52 @@
 //! either means: add `.route_hints_from_extensions()` to the balancer. See
 //! [`AffinityLayer`]'s "Wiring".
 //!
+//! # Cancel safety
+//!
+//! Every future here can be dropped at any point (a client gone, a timeout) and leaves
+//! no session half-made:
+//!
+//! - [`ResponseFuture`] (the layer's calls): dropping it cancels the inner request; a
+//!   session it would have created or moved is left as it was (not pinned, not
+//!   re-pinned), and no token is issued.
+//! - [`SessionPool::acquire`]: dropped while waiting for the pool, the new session is
+//!   not created; dropped while waiting for the session's turn on its connection,
+//!   nothing changes.
+//! - A [`SessionStore`]'s fetch future must be as safe to drop (see its docs).
+//!
+//! # Metrics
+//!
+//! With the `metrics` feature, the layer records through the
+//! [`metrics`](https://docs.rs/metrics) facade, into whatever recorder the application
+//! installs (a Prometheus exporter, say). None has a label: a session key is never a
+//! label value, so the number of series stays fixed however many sessions there are.
+//! The counters are the figures of [`AffinityStats`], summed over every affinity layer
+//! of the process.
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `marina_affinity_sessions` | gauge | | sessions in sticky tables now (token and hash modes keep none) |
+//! | `marina_affinity_sessions_created_total` | counter | | sessions created: pinned for the first time, or issued a first token |
+//! | `marina_affinity_sessions_repinned_total` | counter | | sessions moved to another endpoint because theirs was unavailable |
+//! | `marina_affinity_sessions_expired_total` | counter | | sessions forgotten after their idle timeout |
+//! | `marina_affinity_sessions_purged_total` | counter | | sessions forgotten to make room for new ones (table full, [`WhenFull::PurgeOldest`]) |
+//! | `marina_affinity_table_full_total` | counter | | new sessions refused because the table was full ([`WhenFull::Refuse`]) |
+//! | `marina_affinity_rejected_tokens_total` | counter | | session tokens that did not check out (forged, expired, garbled) and were replaced |
+//! | `marina_affinity_unrouted_requests_total` | counter | | requests whose route hint no balancer read (see "What the balancer under the layer must do") |
+//! | `marina_affinity_miswired_layers` | gauge | | affinity layers whose hints no balancer has read ([`AffinityStats::hint_unread`]) |
+//!
+//! **Install the recorder before building the layer.** The layer takes its metric
+//! handles once, when it is built ([`AffinityLayer::sticky`], [`token`](AffinityLayer::token),
+//! [`hash`](AffinityLayer::hash)); handles taken before a recorder is installed record
+//! nothing, ever. Every metric above exists, at 0, as soon as a layer is built.
+//!
+//! With or without the feature, `tracing` tells of state changes: a WARN when the
+//! sticky table first finds itself full (once, until it is down to 90% of its
+//! capacity again; fields `max_sessions`, `when_full`), a WARN when no balancer reads the layer's hints, and
+//! a DEBUG event per re-pinned session. When a session is re-pinned the layer records
+//! `repinned = true` into the current span, the request's span that `marina::Stack`
+//! opens (`marina.request`); nothing is logged per request at INFO or above.
+//!
 //! # Hashing
 //!
 //! Session keys come from clients (cookies, headers, user ids), so the sticky table's
@@ -138,6 +187,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod instruments;
 mod service;
 mod session;
 mod store;

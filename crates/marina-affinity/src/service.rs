@@ -278,6 +278,38 @@ pub struct AffinityStats {
     pub hint_unread: bool,
 }
 
+/// One line for people: the sessions held, then the counts since the layer was built.
+///
+/// ```
+/// # use marina_affinity::{AffinityLayer, TableConfig};
+/// # use marina_core::Request;
+/// let layer = AffinityLayer::sticky(|_: &Request<()>| None::<String>, TableConfig::default());
+/// assert_eq!(
+///     layer.handle().stats().to_string(),
+///     "0 sessions; created 0, re-pinned 0, expired 0, purged 0, refused 0",
+/// );
+/// ```
+impl fmt::Display for AffinityStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plural = if self.sessions == 1 { "" } else { "s" };
+        write!(
+            f,
+            "{} session{plural}; created {}, re-pinned {}, expired {}, purged {}, refused {}",
+            self.sessions, self.created, self.repinned, self.expired, self.purged, self.refused
+        )?;
+        if self.rejected_tokens > 0 {
+            write!(f, ", tokens rejected {}", self.rejected_tokens)?;
+        }
+        if self.unrouted > 0 {
+            write!(f, ", unrouted {}", self.unrouted)?;
+        }
+        if self.hint_unread {
+            f.write_str(" (not wired: no balancer reads the route hints)")?;
+        }
+        Ok(())
+    }
+}
+
 impl AffinityHandle {
     /// The counters and the table's size.
     pub fn stats(&self) -> AffinityStats {
@@ -469,7 +501,7 @@ where
                     },
                 ),
                 (Some(key), None) if table.would_refuse(&key) => {
-                    l.counters.refused.fetch_add(1, Relaxed);
+                    table.refuse();
                     return ResponseFuture::failed(
                         SessionTableFull {
                             max_sessions: table.capacity(),
@@ -493,7 +525,7 @@ where
             (Mode::Hash, Some(k)) => (Some(RouteHint::hash(stable_hash(&k))), After::Nothing),
             (Mode::Hash, None) if l.new_sessions => {
                 let id = new_session_id();
-                l.counters.created.fetch_add(1, Relaxed);
+                l.counters.add_created();
                 (
                     Some(RouteHint::hash(stable_hash(&id))),
                     After::NewSession(id),
@@ -503,7 +535,7 @@ where
             (Mode::Token(codec), token) => {
                 let valid = token.as_deref().and_then(|t| codec.check(t));
                 if token.is_some() && valid.is_none() {
-                    l.counters.rejected_tokens.fetch_add(1, Relaxed);
+                    l.counters.add_rejected_token();
                 }
                 match valid {
                     Some(t) => (
@@ -648,6 +680,7 @@ where
                 if let Some(table) = &shared.table {
                     if pinned.is_some_and(|p| p != chosen) {
                         tracing::debug!(session = %key, from = ?pinned, to = ?chosen, "session re-pinned");
+                        record_repinned();
                     }
                     // `pin` counts created and re-pinned sessions itself.
                     if table.pin(&key, chosen) == Inserted::Refused {
@@ -669,11 +702,12 @@ where
                 let now = codec.now();
                 let refresh = match valid {
                     None => {
-                        shared.counters.created.fetch_add(1, Relaxed);
+                        shared.counters.add_created();
                         true
                     }
                     Some(t) if t.endpoint != chosen => {
-                        shared.counters.repinned.fetch_add(1, Relaxed);
+                        shared.counters.add_repinned();
+                        record_repinned();
                         true
                     }
                     // Refreshed once half its life is gone.
@@ -686,6 +720,15 @@ where
             }
         }
         Poll::Ready(Ok(resp))
+    }
+}
+
+/// Records `repinned = true` in the current span (the request's span at the stack's
+/// edge, `marina.request`), if it is enabled; a span without the field ignores it.
+fn record_repinned() {
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("repinned", true);
     }
 }
 
@@ -727,5 +770,53 @@ pub fn write_session_cookie<B>(
             true
         }
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats() -> AffinityStats {
+        AffinityStats {
+            sessions: 3,
+            created: 10,
+            repinned: 2,
+            expired: 4,
+            purged: 1,
+            refused: 0,
+            rejected_tokens: 0,
+            unrouted: 0,
+            hint_unread: false,
+        }
+    }
+
+    #[test]
+    fn stats_read_as_one_line() {
+        assert_eq!(
+            stats().to_string(),
+            "3 sessions; created 10, re-pinned 2, expired 4, purged 1, refused 0"
+        );
+        let one = AffinityStats {
+            sessions: 1,
+            ..stats()
+        };
+        assert!(one.to_string().starts_with("1 session; "));
+    }
+
+    #[test]
+    fn stats_name_rejected_tokens_and_a_miswired_layer() {
+        let s = AffinityStats {
+            sessions: 0,
+            rejected_tokens: 5,
+            unrouted: 8,
+            hint_unread: true,
+            ..stats()
+        };
+        assert_eq!(
+            s.to_string(),
+            "0 sessions; created 10, re-pinned 2, expired 4, purged 1, refused 0, \
+             tokens rejected 5, unrouted 8 (not wired: no balancer reads the route hints)"
+        );
     }
 }

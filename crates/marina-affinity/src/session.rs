@@ -124,10 +124,11 @@ struct Inner<C: tower_service::Service<T>, T> {
     expired: AtomicU64,
 }
 
-/// Session-pinned connections (the seed's `SessionManager.execute`): each session
-/// checks one connection out of a marina-pool [`Pool`] and keeps it until the session
-/// ends or sits idle past `idle_timeout`; then the connection goes back to the pool.
-/// Requests of one session take turns on its connection.
+/// Session-pinned connections: each session checks one connection out of a
+/// marina-pool [`Pool`] and keeps it until the session ends or sits idle past
+/// `idle_timeout`; then the connection goes back to the pool. Requests of one session
+/// take turns on its connection (a conversation that needs one connection throughout:
+/// a transaction, a `SELECT` database, a login).
 ///
 /// Each session counts its requests and keeps its creation and last-access times and a
 /// small map of user data. A background sweep (every `idle_timeout / 4`, at least

@@ -2,12 +2,16 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed,
+};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use marina_core::EndpointId;
 use tokio::time::Instant;
+
+use crate::instruments::Metrics;
 
 /// What the table does with a new session when it is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -158,6 +162,8 @@ pub(crate) struct Table {
     /// Sessions in all shards (reserved before an insert, so it never passes the
     /// capacity).
     len: AtomicUsize,
+    /// The table-full warning was logged, and the table has not had room since.
+    full_warned: AtomicBool,
 }
 
 /// The layer's event counts.
@@ -176,6 +182,8 @@ pub(crate) struct Counters {
     /// Whether anything reads the layer's hints: [`HINTS_UNKNOWN`], [`HINTS_READ`] or
     /// [`HINTS_UNREAD`].
     pub(crate) hints: AtomicU8,
+    /// The same events, exported (the `metrics` feature; nothing without it).
+    pub(crate) metrics: Metrics,
 }
 
 /// No request has told yet whether a balancer reads the hints.
@@ -191,22 +199,53 @@ pub(crate) const HINTS_UNREAD: u8 = 2;
 pub(crate) const UNREAD_BEFORE_WARNING: u64 = 8;
 
 impl Counters {
+    pub(crate) fn add_created(&self) {
+        self.created.fetch_add(1, Relaxed);
+        self.metrics.created();
+    }
+
+    pub(crate) fn add_repinned(&self) {
+        self.repinned.fetch_add(1, Relaxed);
+        self.metrics.repinned();
+    }
+
+    fn add_expired(&self, n: u64) {
+        if n > 0 {
+            self.expired.fetch_add(n, Relaxed);
+            self.metrics.expired(n);
+        }
+    }
+
+    fn add_purged(&self) {
+        self.purged.fetch_add(1, Relaxed);
+        self.metrics.purged();
+    }
+
+    pub(crate) fn add_rejected_token(&self) {
+        self.rejected_tokens.fetch_add(1, Relaxed);
+        self.metrics.rejected_token();
+    }
+
     /// A request that carried a hint completed successfully; `read`: a balancer reported
     /// its choice through it. On the wired path this is one relaxed load.
     pub(crate) fn hint_outcome(&self, read: bool, mode: &'static str) {
         if read {
-            if self.hints.load(Relaxed) != HINTS_READ {
-                self.hints.store(HINTS_READ, Relaxed);
+            if self.hints.load(Relaxed) != HINTS_READ
+                && self.hints.swap(HINTS_READ, Relaxed) == HINTS_UNREAD
+            {
+                self.metrics.miswired(false);
             }
             return;
         }
         let unread = self.unrouted.fetch_add(1, Relaxed) + 1;
+        self.metrics.unrouted();
         if unread >= UNREAD_BEFORE_WARNING
             && self
                 .hints
                 .compare_exchange(HINTS_UNKNOWN, HINTS_UNREAD, Relaxed, Relaxed)
                 .is_ok()
         {
+            self.metrics.miswired(true);
             tracing::warn!(
                 mode,
                 unread,
@@ -262,6 +301,7 @@ impl Table {
             origin: Instant::now(),
             counters,
             len: AtomicUsize::new(0),
+            full_warned: AtomicBool::new(false),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(sweep(Arc::downgrade(&table), config.sweep_interval));
@@ -300,8 +340,9 @@ impl Table {
         let n = &s.nodes[i as usize];
         if now.saturating_sub(n.last) >= self.idle_ms() {
             s.remove(i);
-            self.len.fetch_sub(1, AcqRel);
-            self.counters.expired.fetch_add(1, Relaxed);
+            drop(s);
+            self.removed(1);
+            self.counters.add_expired(1);
             return None;
         }
         let endpoint = n.endpoint;
@@ -322,8 +363,9 @@ impl Table {
         let n = &s.nodes[i as usize];
         if now.saturating_sub(n.last) >= self.idle_ms() {
             s.remove(i);
-            self.len.fetch_sub(1, AcqRel);
-            self.counters.expired.fetch_add(1, Relaxed);
+            drop(s);
+            self.removed(1);
+            self.counters.add_expired(1);
             return None;
         }
         let found = (n.endpoint, n.key.clone());
@@ -351,7 +393,7 @@ impl Table {
             let n = &mut s.nodes[i as usize];
             if n.endpoint != endpoint {
                 n.endpoint = endpoint;
-                self.counters.repinned.fetch_add(1, Relaxed);
+                self.counters.add_repinned();
             }
             n.last = now;
             s.unlink(i);
@@ -362,17 +404,19 @@ impl Table {
         if self.len.fetch_add(1, AcqRel) >= self.capacity() {
             if self.config.when_full == WhenFull::Refuse {
                 self.len.fetch_sub(1, AcqRel);
-                self.counters.refused.fetch_add(1, Relaxed);
+                drop(s);
+                self.refuse();
                 return Inserted::Refused;
             }
+            self.full();
             // The least recently used session of this key's shard (an approximation of
             // the table's LRU: one of 16 shards), or of another shard if this one is
             // empty.
             let tail = s.tail;
             if tail != NIL {
                 s.remove(tail);
-                self.len.fetch_sub(1, AcqRel);
-                self.counters.purged.fetch_add(1, Relaxed);
+                self.removed(1);
+                self.counters.add_purged();
             } else {
                 drop(s);
                 self.evict_elsewhere();
@@ -407,7 +451,9 @@ impl Table {
         };
         s.map.insert(key, i);
         s.push_front(i);
-        self.counters.created.fetch_add(1, Relaxed);
+        drop(s);
+        self.counters.metrics.session_added();
+        self.counters.add_created();
         Inserted::Yes
     }
 
@@ -420,8 +466,9 @@ impl Table {
             let tail = s.tail;
             if tail != NIL {
                 s.remove(tail);
-                self.len.fetch_sub(1, AcqRel);
-                self.counters.purged.fetch_add(1, Relaxed);
+                drop(s);
+                self.removed(1);
+                self.counters.add_purged();
                 return;
             }
         }
@@ -433,11 +480,57 @@ impl Table {
         match s.map.get(key).copied() {
             Some(i) => {
                 s.remove(i);
-                self.len.fetch_sub(1, AcqRel);
+                drop(s);
+                self.removed(1);
                 true
             }
             None => false,
         }
+    }
+
+    /// `n` sessions left the table: counts them out, and rearms the table-full
+    /// warning once the table is down to 90% of its capacity (at least one session
+    /// below it), so that sessions expiring one by one from a table that stays about
+    /// full do not repeat the warning.
+    fn removed(&self, n: usize) {
+        let left = self.len.fetch_sub(n, AcqRel) - n;
+        self.counters.metrics.sessions_removed(n);
+        if self.full_warned.load(Relaxed) {
+            let cap = self.capacity();
+            if left <= cap - (cap / 10).max(1) {
+                self.full_warned.store(false, Relaxed);
+            }
+        }
+    }
+
+    /// A new session found the table full: warns once, until the table has room
+    /// again (see [`removed`](Self::removed)).
+    fn full(&self) {
+        if self.full_warned.load(Relaxed) || self.full_warned.swap(true, Relaxed) {
+            return;
+        }
+        let max_sessions = self.capacity();
+        match self.config.when_full {
+            WhenFull::Refuse => tracing::warn!(
+                max_sessions,
+                when_full = "refuse",
+                "session table full: new sessions are refused until sessions expire or end \
+                 (raise TableConfig::max_sessions, or shorten idle_timeout)"
+            ),
+            WhenFull::PurgeOldest => tracing::warn!(
+                max_sessions,
+                when_full = "purge_oldest",
+                "session table full: the least recently used sessions are forgotten to make \
+                 room for new ones (raise TableConfig::max_sessions, or shorten idle_timeout)"
+            ),
+        }
+    }
+
+    /// A new session is refused: the table is full and set to refuse.
+    pub(crate) fn refuse(&self) {
+        self.counters.refused.fetch_add(1, Relaxed);
+        self.counters.metrics.refused();
+        self.full();
     }
 
     /// The most sessions the table holds.
@@ -472,7 +565,7 @@ impl Table {
                     break;
                 }
                 s.remove(t);
-                self.len.fetch_sub(1, AcqRel);
+                self.removed(1);
                 dropped += 1;
             }
             // Give memory back after a large drop.
@@ -482,7 +575,7 @@ impl Table {
                 s.map.shrink_to_fit();
             }
         }
-        self.counters.expired.fetch_add(dropped as u64, Relaxed);
+        self.counters.add_expired(dropped as u64);
         dropped
     }
 

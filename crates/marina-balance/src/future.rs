@@ -5,7 +5,6 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 
 use marina_core::{BoxError, EndpointId, NotSent, PolledAfterCompletion, RouteHint, find};
@@ -136,6 +135,19 @@ pub(crate) struct Track {
     stats: Arc<EndpointStats>,
     start: Option<Instant>,
     done: bool,
+}
+
+/// Records the endpoint an attempt goes to and the attempt's number (1 for the first)
+/// into the current span — the request's span, when the stack made one with `endpoint`
+/// and `attempt` fields — if that span is enabled. A span without the fields ignores
+/// them.
+#[inline]
+pub(crate) fn record_attempt(endpoint: &str, attempt: u32) {
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("endpoint", endpoint);
+        span.record("attempt", attempt);
+    }
 }
 
 impl Track {
@@ -290,7 +302,7 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
             return false;
         };
         if !f.policy.budget.withdraw() {
-            f.totals.retries_refused.fetch_add(1, Relaxed);
+            f.totals.retry_refused();
             tracing::debug!(%error, "retry budget spent: not failing over");
             return false;
         }
@@ -305,10 +317,7 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
                 self.hint = f.hint_of(req);
             }
         }
-        f.totals.retries.fetch_add(1, Relaxed);
-        if !unsent {
-            f.totals.sent_retries.fetch_add(1, Relaxed);
-        }
+        f.totals.failed_over(!unsent);
         tracing::debug!(%error, to = ?peer.id, attempt = self.attempts + 1, sent_before = !unsent, "failing over");
         self.first = peer.id;
         self.attempts += 1;
@@ -318,12 +327,21 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
         true
     }
 
-    /// The current attempt answered.
-    fn answered(&mut self) {
-        // A hedge still in flight lost: cancelled now.
-        drop(self.take_hedge());
+    /// The current attempt, sent to the endpoint named `endpoint`, answered.
+    fn answered(&mut self, endpoint: Option<&str>) {
+        // A hedge still in flight lost: cancelled now. It was sent last, so the span
+        // names it: name the endpoint that answered instead.
+        if let Some(hedge) = self.take_hedge() {
+            drop(hedge);
+            if let Some(endpoint) = endpoint {
+                let span = tracing::Span::current();
+                if !span.is_disabled() {
+                    span.record("endpoint", endpoint);
+                }
+            }
+        }
         if self.hedge_current {
-            self.shared.totals.hedges_won.fetch_add(1, Relaxed);
+            self.shared.totals.hedge_won();
             if let Some(h) = &self.hint {
                 h.report_chosen(self.first);
             }
@@ -377,6 +395,7 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
                         .take_copy()
                         .expect("a copy is kept while attempts remain");
                     let fut = peer.svc.call(req);
+                    record_attempt(&peer.stats.key, self.attempts);
                     if let Some(h) = &self.hint {
                         h.report_chosen(peer.id);
                     }
@@ -406,7 +425,7 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
         hedge.track.finish(out.is_err());
         match out {
             Ok(resp) => {
-                self.shared.totals.hedges_won.fetch_add(1, Relaxed);
+                self.shared.totals.hedge_won();
                 if let Some(h) = &self.hint {
                     h.report_chosen(hedge.id);
                 }
@@ -480,14 +499,15 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
             return;
         };
         if !shared.policy.budget.withdraw() {
-            shared.totals.retries_refused.fetch_add(1, Relaxed);
+            shared.totals.retry_refused();
             tracing::debug!("retry budget spent: no hedge");
             return;
         }
         self.attempts += 1;
         let req = self.take_copy().expect("checked above");
         let fut = peer.svc.call(req);
-        shared.totals.hedges.fetch_add(1, Relaxed);
+        shared.totals.hedged();
+        record_attempt(&peer.stats.key, self.attempts);
         tracing::debug!(to = ?peer.id, attempt = self.attempts, "hedging");
         let more = self.more();
         more.tried.push(peer.id);
@@ -507,7 +527,7 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
         }
         self.deadline = None;
         self.hedge_at = None;
-        self.shared.totals.deadlines_exceeded.fetch_add(1, Relaxed);
+        self.shared.totals.deadline_exceeded();
         let after = self.shared.policy.deadline.unwrap_or_default();
         tracing::debug!(
             ?after,
@@ -647,17 +667,18 @@ where
             };
             if let Poll::Ready(out) = polled {
                 this.inner.set(State::Done);
-                let attempt_at = this.track.as_ref().map(|t| t.stats.id);
-                if let Some(track) = this.track.take() {
+                let track = this.track.take();
+                let attempt_at = track.as_ref().map(|t| t.stats.id);
+                if out.is_ok()
+                    && let Some(retry) = this.retry.get()
+                {
+                    retry.answered(track.as_ref().map(|t| &*t.stats.key));
+                }
+                if let Some(track) = track {
                     track.finish(out.is_err());
                 }
                 match out {
-                    Ok(resp) => {
-                        if let Some(retry) = this.retry.get() {
-                            retry.answered();
-                        }
-                        return Poll::Ready(Ok(resp));
-                    }
+                    Ok(resp) => return Poll::Ready(Ok(resp)),
                     Err(e) => {
                         let e: BoxError = e.into();
                         if let Some(retry) = this.retry.for_error(&e, attempt_at) {

@@ -19,14 +19,16 @@
 //!
 //! # Cargo features
 //!
-//! Default: none. Each feature teaches [`never_sent`] (the default failover policy) to
-//! recognise another client's "the request never left" errors; none adds API.
+//! Default: none. None adds API. `hyper-util`, `tonic` and `buffer` teach
+//! [`never_sent`] (the default failover policy) to recognise another client's "the
+//! request never left" errors; `metrics` records the balancer's figures.
 //!
 //! | feature | enables |
 //! |---|---|
 //! | `hyper-util` | hyper-util's legacy client connect errors (`Error::is_connect`) count as never sent |
 //! | `tonic` | tonic's `ConnectError` (a `Channel` that could not connect) counts as never sent |
 //! | `buffer` | tower `Buffer`'s `Closed` and `ServiceError` (its worker is gone) count as never sent |
+//! | `metrics` | counters, gauges and a histogram through the [`metrics`](https://docs.rs/metrics) facade: see [Metrics](#metrics) |
 //!
 //! # Examples
 //!
@@ -148,6 +150,74 @@
 //!   discovery keys ([`Balance::weights`]) or services ([`Weighted`]), and a
 //!   [`BalanceLayer`].
 //!
+//! # Cancel safety
+//!
+//! Dropping a [`ResponseFuture`] (the caller gave up, a timeout above the balancer
+//! fired) drops every attempt's future, which cancels the request at those endpoints,
+//! and releases its count at once: the endpoint's requests in flight (what the
+//! least-loaded pickers read, [`EndpointSnapshot::in_flight`] and the
+//! `marina_balance_in_flight` gauge) go back down, and the attempt counts as
+//! cancelled — neither an error nor a latency sample. Nothing starts after the drop:
+//! failover attempts, retries and hedges are sent only while the future is polled, so
+//! an attempt being readied is abandoned and no new one is sent; the retry budget is
+//! not drawn on. What happens to a request already at an endpoint is that endpoint's
+//! cancel safety (a pooled connection whose reply was not read to the end is not
+//! reused).
+//!
+//! Dropping the future of `poll_ready` (tower's `ready()`) loses nothing: no endpoint
+//! is reserved, and the endpoint for a request is checked again in `call`. A
+//! [`SharedFuture`] dropped while it waits for the shared balancer never sent its
+//! request. Discovery changes are applied when the balancer is next polled, whoever
+//! polls it.
+//!
+//! # Metrics
+//!
+//! With the `metrics` feature, the balancer records through the
+//! [`metrics`](https://docs.rs/metrics) facade, with handles registered once — the
+//! balancer-wide ones when it is built, an endpoint's when discovery adds it — so a
+//! request costs a few atomic operations on handles at hand, never a name or label
+//! built or looked up.
+//!
+//! **Install the recorder (a Prometheus exporter, say) before the balancer is built
+//! and its endpoints discovered**: handles taken before that are no-ops and stay so.
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `marina_balance_requests_total` | counter | `endpoint` | attempts sent to the endpoint (failover attempts and hedges included; cancelled ones too) |
+//! | `marina_balance_errors_total` | counter | `endpoint` | of those, the ones that failed |
+//! | `marina_balance_in_flight` | gauge | `endpoint` | attempts in flight at the endpoint now |
+//! | `marina_balance_request_duration_seconds` | histogram | `endpoint` | response time of the endpoint's timed attempts: one first attempt in 8 (the ones timed for the latency estimate, so no clock is read for the others), every failover attempt and hedge; count rates from `requests_total`, not from this |
+//! | `marina_balance_failovers_total` | counter | | requests sent again to another endpoint after an attempt failed (retries of idempotent requests included) |
+//! | `marina_balance_failovers_refused_total` | counter | | failover attempts and hedges the [`RetryBudget`] refused |
+//! | `marina_balance_hedges_total` | counter | | hedges sent ([`Failover::hedge`]) |
+//! | `marina_balance_hedges_won_total` | counter | | of those, the ones whose reply was returned |
+//! | `marina_balance_deadline_exceeded_total` | counter | | requests failed with [`DeadlineExceeded`] |
+//! | `marina_balance_no_ready_endpoints_total` | counter | | requests failed at once with [`NoReadyEndpoints`] |
+//! | `marina_balance_endpoints` | gauge | `state` = `ready`, `unready` | endpoints in the ready set, and the others (connecting, ejected, at a limit) |
+//! | `marina_balance_panic_mode` | gauge | | 1 while the [panic threshold](Balance::panic_threshold) is crossed, else 0 |
+//!
+//! The `endpoint` label is the endpoint's key as [`EndpointSnapshot::key`] shows it
+//! (its `Debug` text: `10.0.0.7:8080` for a `SocketAddr`, the index for a
+//! `ServiceList`), so its values are as many as the endpoints. An endpoint that
+//! discovery removes keeps its series at their last values (its `in_flight` goes back
+//! to 0 as its requests complete); added again under the same key, it counts on in
+//! the same series. The unlabelled figures and the gauges are summed over the
+//! balancers of a process: each balancer adds its own (its endpoints, 1 in panic
+//! mode) and takes them back out when dropped.
+//!
+//! # Tracing
+//!
+//! When an attempt is sent, the balancer records into the current span
+//! ([`tracing::Span::current`], the request's span that the stack opens) the fields
+//! `endpoint` (the key as text) and `attempt` (1 for the first attempt, 2 and on for
+//! failover attempts and hedges), if that span is enabled and has them; when a hedge
+//! loses, `endpoint` names the endpoint that answered. Nothing is logged per request
+//! above `DEBUG`. State changes are events: panic mode entered (`WARN`) and left
+//! (`INFO`), no endpoint ready within `failfast_timeout` (`WARN`, once until one is
+//! ready again, then `INFO`), an endpoint whose readiness failed and was removed
+//! (`WARN`); endpoints added and removed by discovery, failovers and hedges are
+//! `DEBUG`.
+//!
 //! # Writing a picker
 //!
 //! A picker implements [`Pick`]: given the ready endpoints (never none) and the
@@ -200,6 +270,8 @@ mod failover;
 mod future;
 mod index;
 mod layer;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod pick;
 mod shared;
 mod slow_start;

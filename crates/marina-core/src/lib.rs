@@ -109,6 +109,18 @@
 //! # fn assert_probe<P: Probe<TcpStream>>(_: &P) {}
 //! # assert_probe(&ping);
 //! ```
+//!
+//! # Cancel safety
+//!
+//! The crate runs no I/O of its own: its one future, [`WaitThenCall`], is the layers'
+//! response future. Dropped while it waits for admission, it drops the wait (and with
+//! it the request, unsent; a rate-limit cell or a concurrency slot goes back as that
+//! wait's own future says); dropped while it calls, it drops the inner future and then
+//! what admission gave it (a permit, a slot), so nothing is held past the drop.
+//! A [`Probe`]'s future is dropped when it outlasts the timeout its runner gives it;
+//! the pool then closes the connection it probed instead of reusing it half way
+//! through an exchange. The values layers pass each other ([`RouteHint`], [`NotSent`],
+//! [`Idempotent`]) are plain data: dropping them at any point is fine.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -20,7 +20,8 @@ impl HealthHandle {
         HealthHandle { shared }
     }
 
-    /// The endpoint's name in events.
+    /// The endpoint's name in events and reports, and its `endpoint` label in metrics
+    /// (see [`HealthLayer::name`](crate::HealthLayer::name)).
     pub fn key(&self) -> &str {
         &self.shared.key
     }
@@ -39,6 +40,13 @@ impl HealthHandle {
     /// Counters, the probe history's summary and the last probe round's checks.
     pub fn report(&self) -> HealthReport {
         self.shared.report()
+    }
+}
+
+impl fmt::Display for HealthHandle {
+    /// The endpoint's name and its status now: `10.0.0.7:6379: ejected, 12.0 s left`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.shared.key, self.shared.status())
     }
 }
 

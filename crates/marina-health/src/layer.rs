@@ -16,6 +16,11 @@ use crate::service::{Health, ProbeRound, probe_round};
 /// endpoint: give one with [`probe`](Self::probe) when the layer wraps a single endpoint,
 /// or build each endpoint with [`Health::builder`].
 ///
+/// With the `metrics` feature, each service it wraps registers its endpoint's metrics
+/// when [`layer`](Layer::layer) wraps it, labelled with the layer's
+/// [`name`](Self::name): install the recorder before that (see the
+/// [crate docs](crate#metrics)).
+///
 /// ```
 /// use marina_health::{HealthConfig, HealthLayer};
 /// use tower::{ServiceBuilder, service_fn};
@@ -83,7 +88,10 @@ impl HealthLayer {
 }
 
 impl<K> HealthLayer<K> {
-    /// Names the endpoint in events and reports.
+    /// Names the endpoint in events and reports, and gives the `endpoint` label of its
+    /// metrics (feature `metrics`); default `"endpoint"`. Use the endpoint's address
+    /// (`addr.to_string()`) or another name from a small fixed set: never a value per
+    /// request or per user. Endpoints built with one name share their metrics series.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into().into();
         self
@@ -247,7 +255,8 @@ impl<S, K> HealthBuilder<S, K> {
         self
     }
 
-    /// Names the endpoint in events and reports.
+    /// Names the endpoint in events, reports and the `endpoint` label of its metrics;
+    /// see [`HealthLayer::name`].
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.layer = self.layer.name(name);
         self
@@ -278,7 +287,9 @@ impl<S, K> HealthBuilder<S, K> {
         self
     }
 
-    /// Builds the service (starting its probe task, if any, on the current runtime).
+    /// Builds the service (starting its probe task, if any, on the current runtime, and
+    /// registering its metrics with the recorder installed now, with the `metrics`
+    /// feature).
     ///
     /// # Panics
     ///

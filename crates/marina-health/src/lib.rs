@@ -25,6 +25,7 @@
 //! |---|---|
 //! | `http` | [`Http5xx`], a classifier that counts HTTP 5xx responses as failures |
 //! | `grpc` | [`GrpcProbe`], the standard gRPC health check (`grpc.health.v1.Health/Check`) through tonic and tonic-health |
+//! | `metrics` | health status, ejections, readmissions, probe rounds and failures per endpoint through the [`metrics`](https://docs.rs/metrics) facade ([listed below](#metrics)) |
 //!
 //! # Examples
 //!
@@ -151,6 +152,71 @@
 //! inside it: a call cancelled from outside says nothing about the endpoint, so a
 //! backend that accepts and never answers is only caught if the timeout's error reaches
 //! the classifier (or by an active probe).
+//!
+//! # Cancel safety
+//!
+//! Dropping things early leaves no state behind and records nothing false:
+//!
+//! - **A response future** ([`ResponseFuture`]) dropped before it completes reports
+//!   nothing: a cancelled request (a client timeout above, a `select!` that went the
+//!   other way) says nothing about the endpoint, so it counts neither as a success nor
+//!   as a failure. If it carried the half-open trial, the trial goes back and the next
+//!   waiting caller is woken to take it.
+//! - **A `poll_ready` left `Pending`** (a `ready()` future dropped while the endpoint
+//!   is ejected) leaves at most a stale waker behind, in a bounded list; the endpoint's
+//!   state is untouched. A [`Health`] clone dropped after it got readiness for the
+//!   half-open trial, without calling, gives the trial back the same way.
+//! - **A probe round** runs in a task of its own under the probe `timeout`. A round that
+//!   times out is aborted (dropped at its next await point) and counts as a failing
+//!   round; one that panics fails its round; neither stops the prober. When the last
+//!   clone of the service is dropped, the probe task ends: a round under way finishes
+//!   (within its timeout) and no further round starts. A [`HealthHandle`] does not keep
+//!   the probe task alive.
+//! - **An ejection's timer** holds only a weak reference: it ends with the endpoint.
+//!
+//! # Metrics
+//!
+//! With the `metrics` feature, each endpoint's [`Health`] registers its metrics through
+//! the [`metrics`](https://docs.rs/metrics) facade once, when it is built
+//! ([`HealthBuilder::build`], or [`HealthLayer`] wrapping the endpoint's service), every
+//! label combination up front, so each series exists (at 0) from then on. Updates go
+//! through the stored handles: nothing is formatted or looked up per request, and
+//! without the feature nothing is compiled in.
+//!
+//! **Install the recorder (a Prometheus exporter, …) before building the layer or the
+//! stack:** handles taken before a recorder is installed are no-ops, and stay so.
+//!
+//! The `endpoint` label is the endpoint's name, set with [`HealthLayer::name`] or
+//! [`HealthBuilder::name`] (`"endpoint"` if unset; marina's `Stack` names each endpoint
+//! by its address). Give each endpoint its own name: endpoints built with the same name
+//! share their series.
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `marina_health_status` | gauge | `endpoint` | health now: `0` unknown, `1` healthy, `2` degraded (or half-open after an ejection), `3` ejected (by the passive detectors or by probes) |
+//! | `marina_health_ejections_total` | counter | `endpoint`, `cause` = `passive` \| `active` | times the endpoint was taken out: `passive` by real traffic (the detectors, or a failed half-open trial request), `active` by probes (`unhealthy_threshold` failing rounds, or a failed half-open probe round) |
+//! | `marina_health_readmissions_total` | counter | `endpoint` | times the endpoint went back to serving after being taken out (a half-open trial passed, or probes passed) |
+//! | `marina_health_probes_total` | counter | `endpoint`, `outcome` = `pass` \| `fail` | active probe rounds, by outcome (a timeout or a panic is a `fail`) |
+//! | `marina_health_probe_duration_seconds` | histogram | `endpoint` | response time of passing probe rounds, in seconds |
+//! | `marina_health_failures_total` | counter | `endpoint` | requests on real traffic that the [`Classify`] counted as failures |
+//!
+//! A removed endpoint's series keep their last values (the facade cannot unregister).
+//!
+//! # Tracing
+//!
+//! Events at state changes, with the field `endpoint` (the name above):
+//!
+//! | level | message | fields |
+//! |---|---|---|
+//! | WARN | `endpoint ejected` | `cause` (`passive`, `active`), `reason`, and for a timed ejection `ejection` (its number since the endpoint was last healthy for `reset_after`, which sets its length) and `ejected_for`, or `failed_rounds` and `until = "probes pass"` when probes took it out |
+//! | INFO | `endpoint readmitted` | `reason` |
+//! | INFO | `health probe failing` | `error`, `unhealthy_threshold`: the first failing round after passing ones |
+//! | INFO | `health probe passing again` | `failed_rounds`: the first passing round after failing ones |
+//! | DEBUG | `health status changed` | `from`, `to`, `reason`: every status change |
+//! | DEBUG | `health probe passed` / `health probe failed` | `response_time` / `error`: every probe round |
+//! | WARN | `no tokio runtime: active health checks are off for this endpoint` | at build, without a runtime |
+//!
+//! Nothing is logged per request.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -160,6 +226,7 @@ mod config;
 mod future;
 mod handle;
 mod layer;
+mod meter;
 mod probe;
 mod report;
 mod service;

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use marina_core::GateMember;
 
 use crate::config::{FailureRate, HealthConfig};
+use crate::meter::{Cause, Meter};
 use crate::report::{CheckResult, CheckRound, HealthReport, Status};
 
 pub(crate) struct Shared {
@@ -26,6 +27,8 @@ pub(crate) struct Shared {
     status: watch::Sender<Status>,
     /// Membership in a balancer's ejection gate (panic threshold), if any.
     member: std::sync::OnceLock<GateMember>,
+    /// Metrics handles (feature `metrics`; nothing without it).
+    meter: Meter,
 }
 
 /// The passive state machine.
@@ -67,6 +70,9 @@ struct State {
     degraded: bool,
     /// The status last published (saves the watch channel's lock when unchanged).
     published: Status,
+    /// Serving (not ejected, not half-open, not probed out) when last published: a
+    /// change to `true` is a readmission.
+    was_serving: bool,
     wakers: Vec<Waker>,
 }
 
@@ -165,7 +171,6 @@ impl Shared {
         let (status, _) = watch::channel(Status::Unknown);
         Arc::new_cyclic(|this| Shared {
             this: this.clone(),
-            key,
             serving: AtomicBool::new(true),
             state: Mutex::new(State {
                 mode: Mode::Serving,
@@ -184,11 +189,14 @@ impl Shared {
                 history: VecDeque::new(),
                 degraded: false,
                 published: Status::Unknown,
+                was_serving: true,
                 wakers: Vec::new(),
             }),
             config,
             status,
             member: std::sync::OnceLock::new(),
+            meter: Meter::new(&key),
+            key,
         })
     }
 
@@ -285,6 +293,9 @@ impl Shared {
 
     /// A request completed; `trial` is its claim if it was sent as a half-open trial.
     pub(crate) fn record(&self, failed: bool, trial: Option<u64>) {
+        if failed {
+            self.meter.failure();
+        }
         let mut st = self.lock();
         st.seen_outcome = true;
         match st.mode {
@@ -292,7 +303,7 @@ impl Shared {
             Mode::HalfOpen { epoch, .. } if trial != Some(epoch) => {}
             Mode::HalfOpen { .. } => {
                 if failed {
-                    self.eject(&mut st, "half-open trial failed");
+                    self.eject(&mut st, "half-open trial failed", Cause::Passive);
                 } else {
                     self.recover(&mut st, "half-open trial succeeded");
                 }
@@ -319,7 +330,7 @@ impl Shared {
                     }
                 }
                 match tripped {
-                    Some(reason) => self.eject(&mut st, reason),
+                    Some(reason) => self.eject(&mut st, reason, Cause::Passive),
                     None => self.publish(&mut st, "request completed"),
                 }
             }
@@ -346,7 +357,9 @@ impl Shared {
         }
     }
 
-    fn eject(&self, st: &mut State, reason: &str) {
+    /// A timed ejection: by the passive detectors, or by a failed half-open trial
+    /// (a request: `Cause::Passive`; a probe round: `Cause::Active`).
+    fn eject(&self, st: &mut State, reason: &str, cause: Cause) {
         let now = Instant::now();
         if st
             .serving_since
@@ -378,6 +391,15 @@ impl Shared {
         st.consecutive = 0;
         st.window.clear();
         st.serving_since = None;
+        self.meter.ejected(cause);
+        tracing::warn!(
+            endpoint = %self.key,
+            cause = cause.as_str(),
+            reason,
+            ejection = st.ejections,
+            ejected_for = ?d,
+            "endpoint ejected"
+        );
         self.publish(st, reason);
         // Callers parked behind a half-open trial must learn the new deadline and set
         // their own timers.
@@ -483,6 +505,29 @@ impl Shared {
         // Slow answers, or a high recent error rate (failing rounds not yet enough to
         // take the endpoint out), mark it degraded.
         st.degraded = (passed && slow) || high;
+        self.meter.probe(result.as_ref().ok().copied());
+        match &result {
+            Ok(rt) => {
+                tracing::debug!(endpoint = %self.key, response_time = ?rt, "health probe passed")
+            }
+            Err(e) => tracing::debug!(endpoint = %self.key, error = %e, "health probe failed"),
+        }
+        // Transitions only (the first failing round after passing ones, and back), not
+        // every round.
+        match &result {
+            Err(e) if st.probe_fails == 0 => tracing::info!(
+                endpoint = %self.key,
+                error = %e,
+                unhealthy_threshold = fall,
+                "health probe failing"
+            ),
+            Ok(_) if st.probe_fails > 0 => tracing::info!(
+                endpoint = %self.key,
+                failed_rounds = st.probe_fails,
+                "health probe passing again"
+            ),
+            _ => {}
+        }
         if passed {
             st.probe_fails = 0;
             st.probe_passes += 1;
@@ -501,7 +546,7 @@ impl Shared {
             if passed {
                 self.recover(&mut st, "half-open probe passed");
             } else {
-                self.eject(&mut st, "half-open probe failed");
+                self.eject(&mut st, "half-open probe failed", Cause::Active);
             }
         }
         // Still within a passive ejection: `rise` passing rounds in a row, each begun
@@ -523,6 +568,15 @@ impl Shared {
         }
         if !st.probed_out && st.probe_fails >= fall {
             st.probed_out = true;
+            self.meter.ejected(Cause::Active);
+            tracing::warn!(
+                endpoint = %self.key,
+                cause = Cause::Active.as_str(),
+                reason = "active probes failing",
+                failed_rounds = st.probe_fails,
+                until = "probes pass",
+                "endpoint ejected"
+            );
             self.publish(&mut st, "active probes failing");
         } else if st.probed_out && st.probe_passes >= rise {
             st.probed_out = false;
@@ -534,6 +588,16 @@ impl Shared {
     }
 
     fn publish(&self, st: &mut State, reason: &str) {
+        // Back to serving (whatever the status reads: a half-open endpoint that passes
+        // its trial can go from `Degraded` to `Degraded`) is a readmission.
+        let serving = st.mode == Mode::Serving && !st.probed_out;
+        if serving != st.was_serving {
+            st.was_serving = serving;
+            if serving {
+                self.meter.readmitted();
+                tracing::info!(endpoint = %self.key, reason, "endpoint readmitted");
+            }
+        }
         let new = status_of(st);
         // Most calls (a request completed, a probe passed) change nothing: no lock on
         // the watch channel then.
@@ -541,6 +605,7 @@ impl Shared {
             return;
         }
         st.published = new;
+        self.meter.status(new);
         // The lock-free flag `gate` reads first, before anyone hears of the change (the
         // balancer through its gate, watchers through the channel): else a request right
         // after an ejection could still find it `true` (the guard writes it at unlock,
@@ -555,7 +620,7 @@ impl Shared {
             if *old == new {
                 return false;
             }
-            tracing::info!(endpoint = %key, from = ?*old, to = ?new, reason, "health status changed");
+            tracing::debug!(endpoint = %key, from = %*old, to = %new, reason, "health status changed");
             *old = new;
             true
         });

@@ -1,5 +1,6 @@
 //! `BandwidthLimit<C>`: throttled connections from any connector.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -14,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
+use crate::instruments::{BandwidthMetrics, Meter, Name};
 use crate::invalid::{InvalidLimit, check_rate, or_panic};
 
 /// A connection moved data more slowly than the minimum rate.
@@ -201,6 +203,31 @@ impl Bucket {
     }
 }
 
+/// One line for people: the rate over the last whole second against the limit, and
+/// the bytes moved so far.
+///
+/// ```
+/// use marina_limit::Bucket;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let bucket = Bucket::new(1_000_000.0, 64 * 1024);
+/// assert_eq!(bucket.to_string(), "0 B/s of 1000000 B/s (burst 65536 B), 0 B moved");
+/// # }
+/// ```
+impl fmt::Display for Bucket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} B/s of {} B/s (burst {} B), {} B moved",
+            self.current_rate(),
+            self.rate,
+            self.burst,
+            self.bytes()
+        )
+    }
+}
+
 /// Checks a bandwidth limit's rate and burst (see [`Bucket::new`]).
 fn check_bandwidth(bytes_per_sec: f64, burst: u64) -> Result<(), InvalidLimit> {
     check_rate("bandwidth_bytes_per_sec", bytes_per_sec, Some(1.0))?;
@@ -231,8 +258,8 @@ impl Limit {
     }
 }
 
-/// A minimum data rate for writes: the seed's slow-peer guard (Kestrel's 240 B/s after
-/// 5 s). It is measured only while a write waits on the peer (a peer that reads too
+/// A minimum data rate for writes: a guard against slow peers (Kestrel's is 240 B/s
+/// after 5 s). It is measured only while a write waits on the peer (a peer that reads too
 /// slowly); a read waiting for a reply is not judged, however long the server takes to
 /// answer (that is a request timeout's job), nor is an idle connection. Bytes already
 /// in the socket's buffers count as moved, so the first window usually passes: a peer
@@ -271,7 +298,7 @@ impl MinRate {
 /// `.check(|c: &mut Throttled<TcpStream>| marina_pool::socket_is_open(c.get_ref()))`):
 /// reads and/or writes
 /// in bytes/s with a burst, each connection on its own budget or all sharing one
-/// ([`shared`](Self::shared): the seed's `maxBandwidthPerSecond`). A
+/// ([`shared`](Self::shared): a cap on the whole client's bandwidth). A
 /// [`MinRate`] cuts off peers that move data too slowly with [`TooSlow`].
 ///
 /// ```
@@ -299,17 +326,44 @@ pub struct BandwidthLimit<C> {
     read: Limit,
     write: Limit,
     min_rate: Option<MinRate>,
+    name: Name,
+    metrics: Arc<BandwidthMetrics>,
 }
 
 impl<C> BandwidthLimit<C> {
-    /// Wraps `connector`; nothing limited yet.
+    /// The default name.
+    const NAME: &'static str = "bandwidth";
+
+    /// Wraps `connector`; nothing limited yet. Named `"bandwidth"`
+    /// ([`name`](Self::name)).
     pub fn new(connector: C) -> Self {
+        let name = Cow::Borrowed(Self::NAME);
         BandwidthLimit {
             inner: connector,
             read: Limit::None,
             write: Limit::None,
             min_rate: None,
+            metrics: Arc::new(BandwidthMetrics::new(&name)),
+            name,
         }
+    }
+
+    /// Names the limit: the value of its `limiter` label in metrics (the `metrics`
+    /// feature). Default `"bandwidth"`, so a stack with one bandwidth limit needs no
+    /// name. Use a fixed name, never one made from a user's key. Connections made
+    /// (or wrapped) from now on count under it; the metrics registered under the
+    /// previous name stay.
+    ///
+    /// ```
+    /// use marina_limit::BandwidthLimit;
+    ///
+    /// let uploads = BandwidthLimit::new(()).shared_write(1e6, 64 * 1024).name("uploads");
+    /// assert!(format!("{uploads:?}").contains("uploads"));
+    /// ```
+    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self.metrics = Arc::new(BandwidthMetrics::new(&self.name));
+        self
     }
 
     /// Each connection reads at most `bytes_per_sec` (bursts of `burst` bytes); the
@@ -383,8 +437,9 @@ impl<C> BandwidthLimit<C> {
     }
 
     /// All connections together write at most `bytes_per_sec` (bursts of `burst`
-    /// bytes): the seed's `maxBandwidthPerSecond`, marina's
-    /// `limits.bandwidth_bytes_per_sec`. The ranges and units are [`Bucket::new`]'s.
+    /// bytes): a cap on the whole client's upload bandwidth, what marina's
+    /// `limits.bandwidth_bytes_per_sec` setting sets. The ranges and units are
+    /// [`Bucket::new`]'s.
     ///
     /// # Panics
     ///
@@ -474,7 +529,13 @@ impl<C> BandwidthLimit<C> {
 
     /// Wraps an existing connection the same way.
     pub fn wrap<IO>(&self, io: IO) -> Throttled<IO> {
-        Throttled::new(io, self.read.bucket(), self.write.bucket(), self.min_rate)
+        Throttled::new(
+            io,
+            self.read.bucket(),
+            self.write.bucket(),
+            self.min_rate,
+            Meter::new(&self.metrics),
+        )
     }
 }
 
@@ -496,6 +557,7 @@ where
             read: self.read.clone(),
             write: self.write.clone(),
             min_rate: self.min_rate,
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -512,6 +574,7 @@ pin_project! {
         read: Limit,
         write: Limit,
         min_rate: Option<MinRate>,
+        metrics: Arc<BandwidthMetrics>,
     }
 }
 
@@ -535,6 +598,7 @@ where
             this.read.bucket(),
             this.write.bucket(),
             *this.min_rate,
+            Meter::new(this.metrics),
         )))
     }
 }
@@ -610,6 +674,7 @@ pin_project! {
         read_sleep: Option<Pin<Box<Sleep>>>,
         write_sleep: Option<Pin<Box<Sleep>>>,
         monitor: Option<Monitor>,
+        meter: Meter,
     }
 }
 
@@ -628,8 +693,10 @@ impl<IO> Throttled<IO> {
         read: Option<Arc<Bucket>>,
         write: Option<Arc<Bucket>>,
         min_rate: Option<MinRate>,
+        meter: Meter,
     ) -> Self {
         Throttled {
+            meter,
             io,
             read,
             write,
@@ -690,9 +757,11 @@ impl<IO: AsyncRead> AsyncRead for Throttled<IO> {
         loop {
             match bucket.reserve(buf.remaining()) {
                 Err(wait) => {
+                    this.meter.waiting(false, wait);
                     ready!(wait_on(this.read_sleep, wait, cx));
                 }
                 Ok(n) => {
+                    this.meter.granted(false);
                     let dst = buf.initialize_unfilled_to(n);
                     let mut sub = ReadBuf::new(dst);
                     let out = this.io.as_mut().poll_read(cx, &mut sub);
@@ -701,6 +770,7 @@ impl<IO: AsyncRead> AsyncRead for Throttled<IO> {
                     if let Poll::Ready(Ok(())) = out {
                         buf.advance(got);
                         bucket.record(got);
+                        this.meter.bytes(got);
                     }
                     return out;
                 }
@@ -736,9 +806,11 @@ impl<IO: AsyncWrite> AsyncWrite for Throttled<IO> {
         loop {
             match bucket.reserve(buf.len()) {
                 Err(wait) => {
+                    this.meter.waiting(true, wait);
                     ready!(wait_on(this.write_sleep, wait, cx));
                 }
                 Ok(n) => {
+                    this.meter.granted(true);
                     let out = this.io.as_mut().poll_write(cx, &buf[..n]);
                     let wrote = match &out {
                         Poll::Ready(Ok(w)) => *w,
@@ -746,6 +818,7 @@ impl<IO: AsyncWrite> AsyncWrite for Throttled<IO> {
                     };
                     bucket.refund(n - wrote);
                     bucket.record(wrote);
+                    this.meter.bytes(wrote);
                     if let Some(m) = this.monitor.as_mut() {
                         m.after(wrote, out.is_pending(), cx)?;
                     }
@@ -761,5 +834,21 @@ impl<IO: AsyncWrite> AsyncWrite for Throttled<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().io.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_reads_as_one_line() {
+        let bucket = Bucket::new(1000.0, 500);
+        bucket.record(700);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            bucket.to_string(),
+            "700 B/s of 1000 B/s (burst 500 B), 700 B moved"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! `ConcurrencyPerKey`: at most N requests in flight per key (user, client IP).
 
-use std::borrow::Borrow;
+use std::borrow::{Borrow, Cow};
 use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
@@ -17,6 +17,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::instruments::{ConcurrencyMetrics, Name};
 use crate::invalid::{InvalidLimit, or_panic};
 use crate::keyless::{MissingKey, WithoutKey};
 
@@ -111,9 +112,16 @@ struct Table {
     rejected: AtomicU64,
     /// Requests refused for want of a key (also in `rejected`).
     missing_key: AtomicU64,
+    /// The limiter's name: its `limiter` label.
+    name: Name,
+    /// The counts, exported (the `metrics` feature; nothing without it).
+    metrics: ConcurrencyMetrics,
 }
 
 impl Table {
+    /// The default name.
+    const NAME: &'static str = "concurrency_per_key";
+
     fn lock(&self) -> MutexGuard<'_, HashSet<Entry>> {
         self.keys
             .lock()
@@ -130,6 +138,7 @@ impl Table {
         if keys.len() >= self.max_keys {
             drop(keys);
             self.rejected.fetch_add(1, Relaxed);
+            self.metrics.too_many_keys();
             return None;
         }
         let active = Arc::new(Active {
@@ -137,6 +146,8 @@ impl Table {
             permits: Semaphore::new(self.limit),
         });
         keys.insert(Entry(active.clone()));
+        drop(keys);
+        self.metrics.keys.added(1);
         Some(active)
     }
 
@@ -149,8 +160,11 @@ impl Table {
         let mut keys = self.lock();
         // Only the table's reference and this one left. Checked and dropped under the
         // lock, so of two releases at once the second sees the first's gone.
-        if Arc::strong_count(&active) == 2 && active.permits.available_permits() == self.limit {
-            keys.remove(&*active.key);
+        if Arc::strong_count(&active) == 2
+            && active.permits.available_permits() == self.limit
+            && keys.remove(&*active.key)
+        {
+            self.metrics.keys.removed(1);
         }
         drop(active);
         drop(keys);
@@ -162,9 +176,9 @@ impl Table {
     }
 }
 
-/// Caps requests in flight per key: the seed's `maxConnectionsPerUser` (5) and
-/// `maxConnectionsPerIP` (10) are two of these layers, one keyed by user and one by
-/// client IP ([`ClientIp`](marina_core::ClientIp)).
+/// Caps requests in flight per key: at most 5 per user and 10 per client IP, say, are
+/// two of these layers, one keyed by user and one by client IP
+/// ([`ClientIp`](marina_core::ClientIp)), each with its own [`name`](Self::name).
 ///
 /// A request over its key's limit fails with [`ConnectionLimit`] at once, or, with
 /// [`wait`](Self::wait), waits up to a bound for a slot. A slot is released when the
@@ -218,6 +232,7 @@ impl<X> Clone for ConcurrencyPerKeyLayer<X> {
 impl<X> fmt::Debug for ConcurrencyPerKeyLayer<X> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConcurrencyPerKeyLayer")
+            .field("name", &self.table.name)
             .field("limit", &self.table.limit)
             .field("max_keys", &self.table.max_keys)
             .field("wait", &self.table.wait)
@@ -270,12 +285,42 @@ impl<X> ConcurrencyPerKeyLayer<X> {
                 admitted: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
                 missing_key: AtomicU64::new(0),
+                name: Cow::Borrowed(Table::NAME),
+                metrics: ConcurrencyMetrics::new(&Cow::Borrowed(Table::NAME)),
             }),
         })
     }
 
     fn table_mut(&mut self) -> &mut Table {
         Arc::get_mut(&mut self.table).expect("configure the layer before cloning or using it")
+    }
+
+    /// Names the limiter: the value of its `limiter` label in metrics (the `metrics`
+    /// feature) and the name its handle reports. Default `"concurrency_per_key"`, so a
+    /// stack with one per-key concurrency limit needs no name; give each its own when
+    /// there are several (`"per_user"`, `"per_ip"`). Use a fixed name, never one made
+    /// from a user's key.
+    ///
+    /// The limiter's metrics are registered under the new name now (the ones
+    /// registered at construction under the default name stay, at 0).
+    ///
+    /// ```
+    /// use marina_core::ClientIp;
+    /// use marina_limit::ConcurrencyPerKeyLayer;
+    ///
+    /// let per_ip = ConcurrencyPerKeyLayer::new(ClientIp::new(), 10).name("per_ip");
+    /// assert_eq!(per_ip.handle().name(), "per_ip");
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If the layer was already cloned or used (configure it first).
+    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        let name = name.into();
+        let table = self.table_mut();
+        table.metrics = ConcurrencyMetrics::new(&name);
+        table.name = name;
+        self
     }
 
     /// Waits up to `max` for a slot instead of failing at once.
@@ -379,6 +424,45 @@ pub struct ConcurrencyStats {
     pub missing_key: u64,
 }
 
+/// One line for people: requests in flight and over how many keys, the counts, and the
+/// busiest keys.
+///
+/// ```
+/// use marina_limit::ConcurrencyPerKeyLayer;
+///
+/// let layer = ConcurrencyPerKeyLayer::new(|_: &()| None::<String>, 5);
+/// assert_eq!(
+///     layer.handle().stats().to_string(),
+///     "0 in flight over 0 keys (limit 5 per key), admitted 0, rejected 0",
+/// );
+/// ```
+impl fmt::Display for ConcurrencyStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plural = if self.active_keys == 1 { "" } else { "s" };
+        write!(
+            f,
+            "{} in flight over {} key{plural} (limit {} per key)",
+            self.in_flight, self.active_keys, self.limit
+        )?;
+        if self.keyless_in_flight > 0 {
+            write!(f, ", {} without a key", self.keyless_in_flight)?;
+        }
+        write!(
+            f,
+            ", admitted {}, rejected {}",
+            self.admitted, self.rejected
+        )?;
+        if self.missing_key > 0 {
+            write!(f, " ({} without a key)", self.missing_key)?;
+        }
+        for (i, (key, n)) in self.top.iter().enumerate() {
+            f.write_str(if i == 0 { "; busiest: " } else { ", " })?;
+            write!(f, "{key} {n}")?;
+        }
+        Ok(())
+    }
+}
+
 /// The counters of a [`ConcurrencyPerKeyLayer`], readable from anywhere.
 #[derive(Clone)]
 pub struct ConcurrencyHandle {
@@ -394,6 +478,11 @@ impl fmt::Debug for ConcurrencyHandle {
 }
 
 impl ConcurrencyHandle {
+    /// The limiter's name ([`ConcurrencyPerKeyLayer::name`]).
+    pub fn name(&self) -> &str {
+        &self.table.name
+    }
+
     /// The counters, with the top five keys.
     pub fn stats(&self) -> ConcurrencyStats {
         let t = &self.table;
@@ -505,10 +594,16 @@ impl Slot {
         let permit = active.permits.try_acquire().ok()?;
         // Given back by hand, in `drop`: the slot holds the semaphore by its `Arc`.
         permit.forget();
-        Some(Slot {
-            active: Some(active.clone()),
-            table: table.clone(),
-        })
+        Some(Slot::taken(active.clone(), table.clone()))
+    }
+
+    /// A slot whose permit is taken: counted in flight until dropped.
+    fn taken(active: Arc<Active>, table: Arc<Table>) -> Slot {
+        table.metrics.in_flight(true);
+        Slot {
+            active: Some(active),
+            table,
+        }
     }
 }
 
@@ -516,6 +611,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(active) = self.active.take() {
             active.permits.add_permits(1);
+            self.table.metrics.in_flight(false);
             self.table.release(active);
         }
     }
@@ -551,11 +647,13 @@ where
             None => match t.without_key {
                 WithoutKey::Unlimited => {
                     t.admitted.fetch_add(1, Relaxed);
+                    t.metrics.admitted();
                     return ResponseFuture::call(self.inner.call(req), None);
                 }
                 WithoutKey::Refuse => {
                     t.rejected.fetch_add(1, Relaxed);
                     t.missing_key.fetch_add(1, Relaxed);
+                    t.metrics.missing_key();
                     return ResponseFuture::failed(MissingKey.into());
                 }
                 // One more key of their own, outside the table.
@@ -565,6 +663,7 @@ where
         if let Some(slot) = Slot::try_take(&active, t) {
             drop(active);
             t.admitted.fetch_add(1, Relaxed);
+            t.metrics.admitted();
             return ResponseFuture::call(self.inner.call(req), Some(slot));
         }
         match t.wait {
@@ -600,6 +699,7 @@ where
             }
             None => {
                 t.rejected.fetch_add(1, Relaxed);
+                t.metrics.refused();
                 let key = t.key_of(&active);
                 t.release(active);
                 ResponseFuture::failed(
@@ -679,15 +779,14 @@ where
         let active = this.guard.active.take().expect("the key waited on");
         if taken {
             table.admitted.fetch_add(1, Relaxed);
+            table.metrics.admitted();
             let mut svc = this.svc.take().expect("the readied service");
             let req = this.req.take().expect("the request");
-            let slot = Slot {
-                active: Some(active),
-                table,
-            };
+            let slot = Slot::taken(active, table);
             Poll::Ready(Ok((svc.call(req), Some(slot))))
         } else {
             table.rejected.fetch_add(1, Relaxed);
+            table.metrics.refused();
             let key = table.key_of(&active);
             table.release(active);
             Poll::Ready(Err(ConnectionLimit {
@@ -709,5 +808,49 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.project().inner.poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats() -> ConcurrencyStats {
+        ConcurrencyStats {
+            active_keys: 2,
+            in_flight: 7,
+            keyless_in_flight: 0,
+            top: vec![("alice".into(), 5), ("bob".into(), 2)],
+            limit: 5,
+            admitted: 120,
+            rejected: 4,
+            missing_key: 0,
+        }
+    }
+
+    #[test]
+    fn stats_read_as_one_line_with_the_busiest_keys() {
+        assert_eq!(
+            stats().to_string(),
+            "7 in flight over 2 keys (limit 5 per key), admitted 120, rejected 4; \
+             busiest: alice 5, bob 2"
+        );
+    }
+
+    #[test]
+    fn stats_name_requests_without_a_key() {
+        let s = ConcurrencyStats {
+            active_keys: 1,
+            in_flight: 1,
+            keyless_in_flight: 3,
+            top: vec![("carol".into(), 1)],
+            missing_key: 2,
+            ..stats()
+        };
+        assert_eq!(
+            s.to_string(),
+            "1 in flight over 1 key (limit 5 per key), 3 without a key, admitted 120, \
+             rejected 4 (2 without a key); busiest: carol 1"
+        );
     }
 }

@@ -8,8 +8,8 @@
 //!   bounded, swept key table. Over the limit: [`RateLimited`] with the exact
 //!   `retry_after`, or a bounded wait ([`OnLimit`]), first come, first served: each
 //!   waiter reserves its cell on arrival.
-//! - [`ConcurrencyPerKeyLayer`]: requests in flight per key — the seed's
-//!   `maxConnectionsPerUser` and `maxConnectionsPerIP`; over the limit:
+//! - [`ConcurrencyPerKeyLayer`]: requests in flight per key — at most so many per
+//!   user, or per client IP (one layer for each); over the limit:
 //!   [`ConnectionLimit`], or a bounded wait.
 //! - In both per-key limiters a request without a key is refused with [`MissingKey`],
 //!   unless the layer's `without_key` lets it through unlimited or limits all such
@@ -37,7 +37,11 @@
 //!
 //! # Cargo features
 //!
-//! None: every limiter is always built, and there is no default feature to turn off.
+//! | feature | enables |
+//! |---|---|
+//! | `metrics` | counters, gauges and a histogram per limiter through the [`metrics`](https://docs.rs/metrics) facade (see [Metrics](#metrics)) |
+//!
+//! No feature is on by default; every limiter is always built.
 //!
 //! # Examples
 //!
@@ -104,6 +108,60 @@
 //! assert_eq!((err.field, err.message.as_str()), ("burst", "must be above 0, got 0"));
 //! ```
 //!
+//! # Cancel safety
+//!
+//! Every future here can be dropped at any point (a client gone, a timeout) without
+//! leaking a slot or a cell:
+//!
+//! - A rate limit's futures ([`ResponseFuture`], [`KeyedFuture`]) and a global
+//!   [`RateLimit`] waiting in `poll_ready`: a request dropped while waiting for its
+//!   turn gives its reserved cell back if no later request has reserved one since;
+//!   otherwise that cell goes unused and nobody behind it waits longer. Dropped after
+//!   admission, the inner request is cancelled and the cell stays spent.
+//! - [`ConcurrencyFuture`]: dropping it releases the key's slot (and, while waiting
+//!   for one, drops the request unsent).
+//! - [`Throttled`] connections: a read or write waiting for its bandwidth budget has
+//!   charged nothing, and bytes charged but not moved are refunded, so their reads
+//!   and writes are as cancel safe as the connection's own. [`ConnectFuture`]
+//!   dropped drops the inner connect.
+//!
+//! # Metrics
+//!
+//! With the `metrics` feature, each limiter records through the
+//! [`metrics`](https://docs.rs/metrics) facade, into whatever recorder the
+//! application installs (a Prometheus exporter, say), labelled with the limiter's
+//! name: `limiter`, set with `name(..)` on [`RateLimitLayer`](RateLimitLayer::name),
+//! [`ConcurrencyPerKeyLayer`](ConcurrencyPerKeyLayer::name) and
+//! [`BandwidthLimit`](BandwidthLimit::name). The defaults suit a stack with one of
+//! each: `rate` (a global rate limit), `rate_per_key` (a keyed one),
+//! `concurrency_per_key` and `bandwidth`; name them when a stack has two of a kind.
+//!
+//! Label values are bounded: the limiter's name and a fixed `outcome` or `reason`.
+//! **A user's key (user id, client IP, API key) is never a label value**, so the
+//! number of series does not grow with the number of users; per-key figures are in
+//! the handles' stats ([`ConcurrencyStats::top`], [`ConcurrencyHandle::in_flight`]).
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `marina_limit_admitted_total` | counter | `limiter` | requests let through (at once, or after waiting their turn) |
+//! | `marina_limit_rate_limited_total` | counter | `limiter`, `outcome` = `rejected` \| `delayed` | requests over a rate limit: refused with [`RateLimited`] (`rejected`), or given a later place in line in [`OnLimit::Wait`] mode (`delayed`; admitted when their turn comes, also counted in `admitted`) |
+//! | `marina_limit_concurrency_refused_total` | counter | `limiter` | requests refused with [`ConnectionLimit`]: their key had its maximum in flight (at once, or after waiting for a slot) |
+//! | `marina_limit_refused_total` | counter | `limiter`, `reason` = `missing_key` \| `too_many_keys` | keyed limiters' refusals for the key: none found ([`MissingKey`]), or no room for a new one ([`TooManyKeys`], [`TooManyActiveKeys`]) |
+//! | `marina_limit_in_flight` | gauge | `limiter` | requests holding a slot of a per-key concurrency limit now |
+//! | `marina_limit_active_keys` | gauge | `limiter` | keys a keyed limiter tracks now: a keyed rate limit's keys whose quota has not replenished, a concurrency limit's keys with requests in flight or waiting |
+//! | `marina_limit_bandwidth_bytes_total` | counter | `limiter` | bytes moved through a bandwidth limit's budgets (the directions it limits) |
+//! | `marina_limit_bandwidth_throttled_seconds` | histogram | `limiter` | each wait of a read or write for its budget, in seconds; the sum is the total throttled time |
+//!
+//! Which limiter records what: a rate limit, `admitted` and `rate_limited` (and, keyed,
+//! `refused` and `active_keys`); a per-key concurrency limit, `admitted`,
+//! `concurrency_refused`, `refused`, `in_flight` and `active_keys`; a bandwidth limit,
+//! the two `bandwidth` metrics.
+//!
+//! **Install the recorder before building the limiters.** A limiter takes its metric
+//! handles once, when it is built (and again when it is named); handles taken before
+//! a recorder is installed record nothing, ever. Every series a limiter records exists,
+//! at 0, as soon as it is built.
+//!
 //! # Hashing
 //!
 //! Keyed limits are keyed by what clients send (user ids, IPs, API keys), so their
@@ -117,6 +175,7 @@
 mod bandwidth;
 mod clock;
 mod concurrency;
+mod instruments;
 mod invalid;
 mod keyless;
 mod rate;

@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use governor::nanos::Nanos;
 use governor::state::{NotKeyed, StateStore};
 
+use crate::instruments::KeysGauge;
+
 /// What a full store does with a new key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WhenKeysFull {
@@ -39,10 +41,12 @@ pub(crate) struct BoundedStore {
     max_keys: usize,
     pub(crate) when_full: WhenKeysFull,
     pub(crate) evicted: std::sync::atomic::AtomicU64,
+    /// The key count, exported (the `metrics` feature).
+    keys: KeysGauge,
 }
 
 impl BoundedStore {
-    pub(crate) fn new(max_keys: usize, when_full: WhenKeysFull) -> Self {
+    pub(crate) fn new(max_keys: usize, when_full: WhenKeysFull, keys: KeysGauge) -> Self {
         // One shard: a second hash per check (to choose the shard) cost more than the
         // lock contention it saves on a few cores. More shards would suit many cores.
         let n = 1;
@@ -53,6 +57,7 @@ impl BoundedStore {
             max_keys: max_keys.max(1),
             when_full,
             evicted: std::sync::atomic::AtomicU64::new(0),
+            keys,
         }
     }
 
@@ -118,6 +123,7 @@ impl BoundedStore {
                 if let Some(k) = s.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k.clone()) {
                     s.remove(&k);
                     self.len.fetch_sub(1, AcqRel);
+                    self.keys.removed(1);
                     self.evicted.fetch_add(1, Relaxed);
                     return;
                 }
@@ -139,6 +145,7 @@ impl BoundedStore {
         });
         let gone = before - s.len();
         self.len.fetch_sub(gone, AcqRel);
+        self.keys.removed(gone);
         self.evicted.fetch_add(gone as u64, Relaxed);
     }
 
@@ -159,6 +166,7 @@ impl BoundedStore {
             dropped += gone;
         }
         self.len.fetch_sub(dropped, AcqRel);
+        self.keys.removed(dropped);
         dropped
     }
 }
@@ -185,6 +193,7 @@ impl BoundedStore {
                 // which case this cell passes untracked rather than break the cap.
                 if self.len.fetch_add(1, AcqRel) < self.max_keys {
                     s.insert(key.into(), next.as_u64().max(1));
+                    self.keys.added(1);
                 } else {
                     self.len.fetch_sub(1, AcqRel);
                 }

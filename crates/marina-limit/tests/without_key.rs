@@ -1,4 +1,4 @@
-//! Requests without a key, in both per-key limiters (issue #11): refused with
+//! Requests without a key, in both per-key limiters: refused with
 //! `MissingKey` by default, let through unlimited, or limited together in one quota
 //! (one set of slots) of their own that no key shares — not even the empty key — and
 //! that the key table's bound does not touch. Keyed requests beside them are limited

@@ -354,7 +354,7 @@ mod tests {
 
     #[test]
     fn for_load_follows_littles_law() {
-        // The seed's example: 100 req/s × 50 ms = 5 in flight.
+        // An example: 100 req/s × 50 ms = 5 in flight.
         let c = Config::for_load(100.0, Duration::from_millis(50));
         assert_eq!(c.min_idle, 3);
         assert_eq!(c.max_size, 10);

@@ -174,6 +174,9 @@ pub(crate) struct Core<X> {
     /// retries only after it).
     pub(crate) reached: AtomicBool,
     pub(crate) name: Arc<str>,
+    /// The pool's metric handles, registered when it was built.
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: crate::metrics::PoolMetrics,
 }
 
 impl<X> Core<X> {
@@ -203,6 +206,8 @@ impl<X> Core<X> {
             timer_running: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             reached: AtomicBool::new(false),
+            #[cfg(feature = "metrics")]
+            metrics: crate::metrics::PoolMetrics::new(&name),
             name,
         }
     }
@@ -336,12 +341,7 @@ impl<X> Core<X> {
             tracing::debug!(pool = %self.name, id = meta.id, reason = reason.as_str(), "connection closed");
         }
         #[cfg(feature = "metrics")]
-        {
-            metrics::counter!("marina_pool_connections_closed_total", "pool" => self.name.to_string(), "reason" => reason.as_str()).increment(1);
-            if reason.is_eviction() {
-                metrics::counter!("marina_pool_connections_evicted_total", "pool" => self.name.to_string()).increment(1);
-            }
-        }
+        self.metrics.closed(reason);
     }
 
     pub(crate) fn forget(&self, meta: &ConnMeta) {
@@ -358,8 +358,7 @@ impl<X> Core<X> {
         let id = self.next_id.fetch_add(1, Relaxed);
         tracing::debug!(pool = %self.name, id, "connection opened");
         #[cfg(feature = "metrics")]
-        metrics::counter!("marina_pool_connections_created_total", "pool" => self.name.to_string())
-            .increment(1);
+        self.metrics.created();
         let now = self.clock.refresh();
         let meta = Arc::new(ConnMeta {
             id,
@@ -460,8 +459,7 @@ impl<X> Core<X> {
         self.counters.timed_out.fetch_add(1, Relaxed);
         tracing::debug!(pool = %self.name, ?limit, "checkout timed out");
         #[cfg(feature = "metrics")]
-        metrics::counter!("marina_pool_timeouts_total", "pool" => self.name.to_string())
-            .increment(1);
+        self.metrics.timed_out();
         PoolError::Timeout(limit)
     }
 

@@ -64,12 +64,55 @@
 //! | `redis` | `marina_pool::redis`: a [`Manage`] connector for redis-rs multiplexed connections, and the `RedisPool` type |
 //! | `tls` | `marina_pool::tls`: `TlsConnector`, TLS (rustls with the *ring* provider) over any connector, with a stale-connection check that sees through TLS |
 //! | `tls-native-roots` | `tls`, and `TlsConfig::native_roots()`: the operating system's trusted roots |
-//! | `metrics` | counters and gauges through the `metrics` facade, labelled by pool name (listed below) |
+//! | `metrics` | counters, gauges and a histogram through the [`metrics`](https://docs.rs/metrics) facade, labelled by pool name: see [Metrics](#metrics) |
 //!
-//! The `metrics` feature records `marina_pool_connections_created_total`,
-//! `…_closed_total{reason}`, `…_evicted_total`, `marina_pool_timeouts_total`,
-//! `marina_pool_connect_errors_total`, `marina_pool_connections{state}` and
-//! `marina_pool_waiting`.
+//! # Metrics
+//!
+//! With the `metrics` feature, each pool registers its metrics once, when it is built
+//! ([`Builder::build`], [`Pool::new`]), every label combination up front, so each
+//! series exists (at 0) from then on; updates go through the stored handles (nothing
+//! is formatted per checkout), and a checkout served at once from the idle queue reads
+//! no clock (its wait is recorded as 0). Without the feature nothing is compiled in.
+//!
+//! **Install the recorder (a Prometheus exporter, …) before building the pool:**
+//! handles taken before a recorder is installed are no-ops, and stay so.
+//!
+//! The `pool` label is the pool's name ([`Builder::name`]; by default its target's
+//! `Debug` text, such as `127.0.0.1:6379`). Give each pool its own name: pools built
+//! with the same name share their series.
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `marina_pool_checkouts_total` | counter | `pool`, `outcome` = `ok` \| `timeout` \| `error` | checkouts that ended: a connection handed out, [`PoolError::Timeout`], or another error (a failed connect, the pool closed) |
+//! | `marina_pool_checkout_wait_seconds` | histogram | `pool` | time from the start of a successful checkout to the connection in hand, waiting in the queue and connecting included (0 when an idle one was ready) |
+//! | `marina_pool_connections_created_total` | counter | `pool` | connections opened |
+//! | `marina_pool_connections_closed_total` | counter | `pool`, `reason` = `broken` \| `idle_timeout` \| `max_lifetime` \| `health_check` \| `closed` \| `shrunk` \| `detached` | connections closed (or detached), by why |
+//! | `marina_pool_connections_evicted_total` | counter | `pool` | of those, closed by idle timeout, max lifetime or a failed health check |
+//! | `marina_pool_timeouts_total` | counter | `pool` | checkouts that gave up after `acquire_timeout` |
+//! | `marina_pool_connect_errors_total` | counter | `pool` | connects that failed, at checkout or in a background refill |
+//! | `marina_pool_connections` | gauge | `pool`, `state` = `idle` \| `active` \| `connecting` | connections by state, at the last maintenance tick (about once a second) |
+//! | `marina_pool_waiting` | gauge | `pool` | checkouts queued for a connection, at the last maintenance tick |
+//!
+//! A [`PoolService`] counts a checkout when its `poll_ready` reserves an idle
+//! connection, when its call connects in a reserved slot (then the wait is the
+//! connect's), or, for a call that found nothing reserved, as [`Pool::get`] does.
+//!
+//! # Cancel safety
+//!
+//! Every future of this crate can be dropped at any await point (a caller's timeout,
+//! a `select!`, a balancer cancelling a hedge) and leaves the pool whole:
+//!
+//! - [`Pool::get`]: a queued waiter is withdrawn (a connection already handed to it
+//!   goes to the next waiter or back to the idle queue), a connect in flight is
+//!   dropped and its slot freed (counted in [`PoolStats::cancelled`]), a connection
+//!   being recycled is closed.
+//! - [`Pooled`]: dropped, the connection goes back to the pool, or is closed if it was
+//!   marked broken; a [`PoolService`] marks its client broken while a request is in
+//!   flight, so a call dropped half way closes the client instead of reusing it
+//!   mid-protocol.
+//! - [`Pool::ready_min`]: the connects it started are dropped and their slots freed.
+//! - [`Pool::close`]: the pool is closed once the future is first polled; dropping it
+//!   only stops the waiting for connections to come back.
 //!
 //! # Examples
 //!
@@ -180,6 +223,8 @@ mod keyed;
 mod maintain;
 #[cfg(not(loom))]
 mod manage;
+#[cfg(all(feature = "metrics", not(loom)))]
+mod metrics;
 #[cfg(not(loom))]
 mod pool;
 #[cfg(not(loom))]

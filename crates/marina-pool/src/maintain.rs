@@ -42,7 +42,7 @@ where
         if let Err(e) = &r {
             tracing::warn!(pool = %self.core.name, error = %e, "connect failed");
             #[cfg(feature = "metrics")]
-            metrics::counter!("marina_pool_connect_errors_total", "pool" => self.core.name.to_string()).increment(1);
+            self.core.metrics.connect_errors.increment(1);
         }
         r
     }
@@ -230,6 +230,7 @@ where
         next_health: c.health_check_interval.map(|h| start + h),
         next_refill: start,
         backoff: Duration::ZERO,
+        exhausted: false,
     };
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -261,6 +262,8 @@ struct Plan {
     next_health: Option<Instant>,
     next_refill: Instant,
     backoff: Duration,
+    /// Checkouts were queued at the last tick (every slot taken).
+    exhausted: bool,
 }
 
 impl Plan {
@@ -322,16 +325,26 @@ where
                 }
             }
         }
+        // Exhausted (checkouts queued: every slot taken) and back: events at the change
+        // only, seen at the tick's granularity.
+        let snap = core.slots.snapshot();
+        let exhausted = snap.waiting > 0 && !snap.closed;
+        if exhausted != plan.exhausted {
+            plan.exhausted = exhausted;
+            if exhausted {
+                tracing::warn!(pool = %core.name, max_size = snap.max, waiting = snap.waiting, "pool exhausted: checkouts are waiting for a connection");
+            } else {
+                tracing::info!(pool = %core.name, "pool no longer exhausted");
+            }
+        }
         #[cfg(feature = "metrics")]
         {
             let s = core.stats();
-            let name = core.name.to_string();
-            metrics::gauge!("marina_pool_connections", "pool" => name.clone(), "state" => "idle")
-                .set(s.idle as f64);
-            metrics::gauge!("marina_pool_connections", "pool" => name.clone(), "state" => "active")
-                .set(s.active as f64);
-            metrics::gauge!("marina_pool_connections", "pool" => name.clone(), "state" => "connecting").set(s.connecting as f64);
-            metrics::gauge!("marina_pool_waiting", "pool" => name).set(s.waiting as f64);
+            let m = &core.metrics;
+            m.idle.set(s.idle as f64);
+            m.active.set(s.active as f64);
+            m.connecting.set(s.connecting as f64);
+            m.waiting.set(s.waiting as f64);
         }
         true
     }

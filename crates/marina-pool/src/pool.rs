@@ -309,6 +309,8 @@ where
             retry,
             wait: None,
             slow: None,
+            #[cfg(feature = "metrics")]
+            started: None,
         }
     }
 
@@ -328,10 +330,16 @@ where
     ) -> SlowCheckout<'static, C::Response> {
         let pool = self.clone();
         Box::pin(async move {
+            #[cfg(feature = "metrics")]
+            let started = Instant::now();
             let grant = slot.into_grant();
             let deadline = pool.deadline();
-            pool.get_slow(Some(grant), None, ConnectRetry::Off, deadline)
-                .await
+            let got = pool
+                .get_slow(Some(grant), None, ConnectRetry::Off, deadline)
+                .await;
+            #[cfg(feature = "metrics")]
+            pool.handle.inner.core.metrics.checkout(Some(started), &got);
+            got
         })
     }
 
@@ -861,6 +869,9 @@ where
     /// Queued for a connection, with the checkout's deadline.
     wait: Option<Queued<'a, C::Response>>,
     slow: Option<SlowCheckout<'a, C::Response>>,
+    /// When it left the fast path (for `marina_pool_checkout_wait_seconds`).
+    #[cfg(feature = "metrics")]
+    started: Option<Instant>,
 }
 
 impl<'a, C, T> Checkout<'a, C, T>
@@ -921,7 +932,35 @@ where
 {
     type Output = Result<Pooled<C::Response>, PoolError>;
 
+    #[inline]
+    #[cfg_attr(not(feature = "metrics"), allow(unused_mut))]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        #[cfg(feature = "metrics")]
+        {
+            let got = std::task::ready!(self.as_mut().poll_checkout(cx));
+            self.pool
+                .handle
+                .inner
+                .core
+                .metrics
+                .checkout(self.started, &got);
+            Poll::Ready(got)
+        }
+        #[cfg(not(feature = "metrics"))]
+        self.poll_checkout(cx)
+    }
+}
+
+impl<C, T> Checkout<'_, C, T>
+where
+    C: Connector<T>,
+    T: Target,
+{
+    #[inline]
+    fn poll_checkout(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Pooled<C::Response>, PoolError>> {
         let this = &mut *self;
         if let Some(slow) = this.slow.as_mut() {
             return slow.as_mut().poll(cx);
@@ -940,7 +979,12 @@ where
         }
         let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         coop.made_progress();
-        match pool.try_checkout::<true>() {
+        let fast = pool.try_checkout::<true>();
+        #[cfg(feature = "metrics")]
+        if matches!(fast, FastPath::Recycle(_) | FastPath::Slow(_)) {
+            this.started = Some(Instant::now());
+        }
+        match fast {
             FastPath::Ready(p) => Poll::Ready(Ok(p)),
             FastPath::Closed => Poll::Ready(Err(PoolError::Closed)),
             FastPath::Recycle(p) => this.slow(None, Some(p), pool.deadline(), cx),
@@ -1031,6 +1075,9 @@ pub(crate) struct Reserve<X> {
     wait: Option<Wait<X, Arc<Core<X>>>>,
     /// The connector's `recycle` of the idle connection taken.
     recycle: Option<SlowCheckout<'static, X>>,
+    /// When it left the fast path (for `marina_pool_checkout_wait_seconds`).
+    #[cfg(feature = "metrics")]
+    started: Option<Instant>,
 }
 
 impl<X: Send + 'static> Reserve<X> {
@@ -1039,11 +1086,42 @@ impl<X: Send + 'static> Reserve<X> {
             queue,
             wait: None,
             recycle: None,
+            #[cfg(feature = "metrics")]
+            started: None,
         }
     }
 
     /// Polls the reservation, out of `pool` (always the same pool).
+    ///
+    /// A connection (or an error) ends a checkout, as far as the metrics tell; a slot
+    /// is measured by the connect in it, and `Busy` by the checkout that follows.
+    #[inline]
     pub(crate) fn poll<C, T>(
+        &mut self,
+        pool: &Pool<C, T>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Checked<X>, PoolError>>
+    where
+        C: Connector<T> + Service<T, Response = X>,
+        T: Target,
+    {
+        #[cfg(feature = "metrics")]
+        {
+            let got = std::task::ready!(self.poll_reserve(pool, cx));
+            let metrics = &pool.handle.inner.core.metrics;
+            match &got {
+                Ok(Checked::Conn(_)) => metrics.ended(self.started, None),
+                Err(e) => metrics.ended(self.started, Some(e)),
+                Ok(_) => {}
+            }
+            Poll::Ready(got)
+        }
+        #[cfg(not(feature = "metrics"))]
+        self.poll_reserve(pool, cx)
+    }
+
+    #[inline]
+    fn poll_reserve<C, T>(
         &mut self,
         pool: &Pool<C, T>,
         cx: &mut Context<'_>,
@@ -1066,7 +1144,12 @@ impl<X: Send + 'static> Reserve<X> {
         }
         let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         coop.made_progress();
-        match pool.try_checkout::<false>() {
+        let fast = pool.try_checkout::<false>();
+        #[cfg(feature = "metrics")]
+        if matches!(fast, FastPath::Recycle(_) | FastPath::Slow(None)) {
+            self.started = Some(Instant::now());
+        }
+        match fast {
             FastPath::Ready(p) => Poll::Ready(Ok(Checked::Conn(p))),
             FastPath::Closed => Poll::Ready(Err(PoolError::Closed)),
             FastPath::Recycle(p) => self.recycle(pool, p, cx),

@@ -145,7 +145,7 @@ impl<X> Pooled<X> {
         core.release_slot();
         tracing::debug!(pool = %core.name, id = meta.id, reason = Reason::Detached.as_str(), "connection detached");
         #[cfg(feature = "metrics")]
-        metrics::counter!("marina_pool_connections_closed_total", "pool" => core.name.to_string(), "reason" => Reason::Detached.as_str()).increment(1);
+        core.metrics.closed(Reason::Detached);
         conn
     }
 

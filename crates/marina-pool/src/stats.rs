@@ -1,5 +1,6 @@
 //! Pool statistics.
 
+use std::fmt;
 use std::time::Duration;
 
 /// A snapshot of a pool, from [`Pool::stats`](crate::Pool::stats).
@@ -65,4 +66,119 @@ pub struct ConnStats {
     /// Errors reported with [`Pooled::record_error`](crate::Pooled::record_error) (a
     /// connection that sees an I/O error is closed instead, and leaves this list).
     pub errors: u64,
+}
+
+/// One line: the gauges, then the counters that are not zero, e.g.
+/// `3 in use, 2 idle, 0 connecting, max 8, 1 waiting; 5 opened, 1 timed out`
+/// (and ` (pool closed)` at the end once the pool is closed).
+impl fmt::Display for PoolStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} in use, {} idle, {} connecting, max {}, {} waiting",
+            self.active, self.idle, self.connecting, self.max_size, self.waiting
+        )?;
+        let counters = [
+            (self.created, "opened"),
+            (self.destroyed, "closed"),
+            (self.evicted, "evicted"),
+            (self.timed_out, "timed out"),
+            (self.failed, "failed to connect"),
+            (self.cancelled, "connects cancelled"),
+        ];
+        let mut sep = "; ";
+        for (n, what) in counters.into_iter().filter(|(n, _)| *n > 0) {
+            write!(f, "{sep}{n} {what}")?;
+            sep = ", ";
+        }
+        if self.closed {
+            f.write_str(" (pool closed)")?;
+        }
+        Ok(())
+    }
+}
+
+/// One line, e.g. `#3: open 12.0 s, idle 1.5 s, 7 uses` (`in use` instead of the idle
+/// time while it is checked out; `, 2 errors` when it has some).
+impl fmt::Display for ConnStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}: open {:.1} s, ", self.id, self.age.as_secs_f64())?;
+        match self.idle_for {
+            Some(idle) => write!(f, "idle {:.1} s", idle.as_secs_f64())?,
+            None => f.write_str("in use")?,
+        }
+        let s = if self.uses == 1 { "" } else { "s" };
+        write!(f, ", {} use{s}", self.uses)?;
+        if self.errors > 0 {
+            let s = if self.errors == 1 { "" } else { "s" };
+            write!(f, ", {} error{s}", self.errors)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats() -> PoolStats {
+        PoolStats {
+            max_size: 8,
+            total: 5,
+            idle: 2,
+            active: 3,
+            connecting: 0,
+            waiting: 1,
+            created: 0,
+            acquired: 0,
+            released: 0,
+            destroyed: 0,
+            evicted: 0,
+            timed_out: 0,
+            failed: 0,
+            cancelled: 0,
+            closed: false,
+            connections: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn pool_stats_display_gauges_only_when_counters_are_zero() {
+        assert_eq!(
+            stats().to_string(),
+            "3 in use, 2 idle, 0 connecting, max 8, 1 waiting"
+        );
+    }
+
+    #[test]
+    fn pool_stats_display_lists_counters_that_are_not_zero() {
+        let s = PoolStats {
+            created: 5,
+            timed_out: 1,
+            failed: 2,
+            closed: true,
+            ..stats()
+        };
+        assert_eq!(
+            s.to_string(),
+            "3 in use, 2 idle, 0 connecting, max 8, 1 waiting; 5 opened, 1 timed out, \
+             2 failed to connect (pool closed)"
+        );
+    }
+
+    #[test]
+    fn conn_stats_display() {
+        let mut c = ConnStats {
+            id: 3,
+            age: Duration::from_millis(12_040),
+            idle_for: Some(Duration::from_millis(1_500)),
+            uses: 7,
+            errors: 0,
+        };
+        assert_eq!(c.to_string(), "#3: open 12.0 s, idle 1.5 s, 7 uses");
+        c.idle_for = None;
+        c.uses = 1;
+        c.errors = 2;
+        assert_eq!(c.to_string(), "#3: open 12.0 s, in use, 1 use, 2 errors");
+    }
 }

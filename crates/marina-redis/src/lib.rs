@@ -117,7 +117,28 @@
 //! `examples/fleet.rs` runs three such stacks in one process sharing a quota and prints
 //! each one's admitted rate and the fleet's.
 //!
-//! # Tests
+//! # Cancel safety
+//!
+//! Every future here can be dropped at any point (a caller's timeout, a `select!`) and
+//! leaves nothing behind that outlives a lease:
+//!
+//! - **Rate limits**: dropped while asking Redis, the request is dropped unsent; the
+//!   cells that call takes are spent unused (a cancelled request costs the quota at
+//!   most its [`Lease`]). Dropped while waiting for a reserved cell, the cell goes
+//!   unused and nobody behind it waits longer. After admission, dropping it cancels
+//!   the inner request; the cell stays spent.
+//! - **Per-key concurrency**: dropped while taking the permit, the request is dropped
+//!   unsent and a permit Redis granted meanwhile is released in the background; after
+//!   admission, dropping it cancels the inner request and releases the permit. A
+//!   release that fails (Redis down) is made good by the lease: the permit comes back
+//!   when it ends.
+//! - **Sessions**: dropped while the store asks Redis, the request is dropped unsent;
+//!   later, it cancels the inner request, and a session it would have pinned is not
+//!   pinned.
+//! - [`RedisFleet`]'s calls: dropping one drops the wait for the answer (the command
+//!   may still run in Redis).
+//!
+//! //! # Tests
 //!
 //! The crate's tests run against a real Redis at `MARINA_REDIS_URL` (default
 //! `redis://127.0.0.1:6379`), each under a key prefix of its own. Without one they

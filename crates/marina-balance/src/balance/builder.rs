@@ -40,6 +40,8 @@ impl<D: Discover, Req> Balance<D, Req> {
             wakes: Arc::default(),
             task: None,
             to_poll: Vec::new(),
+            #[cfg(feature = "metrics")]
+            gauges: crate::metrics::SetGauges::new(),
             _req: PhantomData,
         }
     }

@@ -23,7 +23,7 @@ use tower::discover::{Change, Discover};
 use tower_service::Service;
 
 use crate::failover::Failover;
-use crate::future::{ResponseFuture, Retry, RetryState, Track};
+use crate::future::{ResponseFuture, Retry, RetryState, Track, record_attempt};
 use crate::index::IdIndex;
 use crate::pick::{Endpoints, Pick, SetChange};
 use crate::slow_start::{SlowStart, SlowState};
@@ -268,6 +268,9 @@ where
     /// new ones, ones that just went pending (polled with another waker, or none), and
     /// the woken ones.
     to_poll: Vec<u32>,
+    /// The gauges of endpoints by state and of panic mode.
+    #[cfg(feature = "metrics")]
+    gauges: crate::metrics::SetGauges,
     _req: PhantomData<fn(Req)>,
 }
 
@@ -407,7 +410,13 @@ where
         }
         if !self.ready.is_empty() {
             self.failfast_sleep = None;
-            self.failing = false;
+            if self.failing {
+                self.failing = false;
+                tracing::info!(
+                    ready = self.ready.len(),
+                    "an endpoint is ready again: no longer failing fast"
+                );
+            }
             return Poll::Ready(Ok(()));
         }
         if self.failing {
@@ -482,6 +491,7 @@ where
             }
         }
         let Some(slot) = chosen else {
+            self.handle.totals.no_ready_endpoints();
             return ResponseFuture::failed(
                 NoReadyEndpoints {
                     waited: self.failfast,
@@ -494,6 +504,7 @@ where
         self.candidate = None;
         self.just_called = Some(slot);
         let ep = self.slots[slot].as_mut().expect("ready endpoints exist");
+        record_attempt(&ep.stats.key, 1);
         let idempotent = &self.idempotent;
         let (fut, retry) = match &self.failover {
             None => {

@@ -80,7 +80,16 @@ where
             Some(s) if s != slot as u32 => self.id_clashes += 1,
             _ => self.by_id.insert(id, slot as u32, |s| id_in(slots, s)),
         }
+        self.count_endpoints();
         tracing::debug!(endpoint = ?self.slots[slot].as_ref().map(|e| &e.key), "endpoint added");
+    }
+
+    /// Moves the `marina_balance_endpoints` gauges to the sizes of the ready set and the
+    /// pending list (every endpoint is in one of them). O(1).
+    #[inline]
+    fn count_endpoints(&mut self) {
+        #[cfg(feature = "metrics")]
+        self.gauges.endpoints(self.ready.len(), self.pending.len());
     }
 
     pub(crate) fn remove_slot(&mut self, slot: usize) {
@@ -128,6 +137,7 @@ where
             self.just_called = None;
         }
         self.free.push(slot as u32);
+        self.count_endpoints();
         tracing::debug!(endpoint = ?ep.key, "endpoint removed (its requests in flight complete)");
         // Dropping `ep.svc` here: requests in flight own their futures and finish.
     }
@@ -164,6 +174,7 @@ where
         let id = ep.id();
         self.pending.push(slot as u32);
         self.to_poll.push(slot as u32);
+        self.count_endpoints();
         self.generation += 1;
         if self.slow_start.is_some() {
             self.slow[slot].left();
@@ -188,6 +199,7 @@ where
         ep.ready_pos = self.ready.len() as u32;
         ep.stats.ready.store(true, Relaxed);
         self.ready.push(slot as u32);
+        self.count_endpoints();
         self.generation += 1;
         if let Some(config) = &self.slow_start {
             self.slow[slot].joined(config);
@@ -209,8 +221,8 @@ where
     /// Enters or leaves panic mode as the share of ejected endpoints crosses the
     /// threshold. O(1): an endpoint ejected while in the ready set leaves it when it is
     /// next polled — the one each request is sent to, or the one polled in turn after
-    /// it — so it gets no request (issue #21: re-polling every ready endpoint whenever
-    /// the gate moved cost O(N) per ejection and readmission).
+    /// it — so it gets no request (re-polling every ready endpoint whenever the gate
+    /// moved would cost O(N) per ejection and readmission).
     /// Returns whether panic mode started (the ejected endpoints may be ready now,
     /// though none of them woke).
     pub(crate) fn check_panic(&mut self) -> bool {
@@ -233,6 +245,8 @@ where
             self.panicking = panic;
             gate.set_open(panic);
             self.handle.totals.panicking.store(panic, Relaxed);
+            #[cfg(feature = "metrics")]
+            self.gauges.panic(panic);
             if panic {
                 tracing::warn!(
                     healthy_share = share,

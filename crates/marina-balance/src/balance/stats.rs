@@ -31,6 +31,9 @@ pub(crate) struct EndpointStats {
     pub(crate) ready: AtomicBool,
     /// Its requests count in `common.in_flight` (for a picker that reads the total).
     pub(crate) counts_total: bool,
+    /// Its `metrics` handles, labelled with `key`.
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: crate::metrics::EndpointMetrics,
 }
 
 /// What a balancer's endpoints share.
@@ -101,6 +104,8 @@ impl EndpointStats {
     pub(crate) fn with(id: EndpointId, key: Box<str>, weight: u32, common: &Arc<Common>) -> Self {
         EndpointStats {
             id,
+            #[cfg(feature = "metrics")]
+            metrics: crate::metrics::EndpointMetrics::new(&key),
             key,
             weight,
             counts_total: common.counts_total,
@@ -131,6 +136,8 @@ impl EndpointStats {
     /// A request was sent.
     pub(crate) fn started(&self) {
         self.flow.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.started();
         if self.counts_total {
             self.common.in_flight.fetch_add(1, Relaxed);
         }
@@ -142,6 +149,8 @@ impl EndpointStats {
             self.cancelled.fetch_add(1, Relaxed);
         }
         self.flow.fetch_add(FINISH, Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.finished();
         if self.counts_total {
             self.common.in_flight.fetch_sub(1, Relaxed);
         }
@@ -155,6 +164,8 @@ impl EndpointStats {
         }
         if failed {
             self.errors.fetch_add(1, Relaxed);
+            #[cfg(feature = "metrics")]
+            self.metrics.failed();
         }
     }
 
@@ -163,6 +174,8 @@ impl EndpointStats {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(start);
         self.sample(now, elapsed);
+        #[cfg(feature = "metrics")]
+        self.metrics.timed(elapsed.as_secs_f64());
         self.latency_total_us
             .fetch_add(elapsed.as_micros() as u64, Relaxed);
         self.timed.fetch_add(1, Relaxed);
@@ -257,6 +270,57 @@ pub(crate) struct Totals {
     pub(crate) hedges_won: AtomicU64,
     pub(crate) deadlines_exceeded: AtomicU64,
     pub(crate) panicking: AtomicBool,
+    /// The balancer-wide `metrics` handles.
+    #[cfg(feature = "metrics")]
+    metrics: crate::metrics::BalanceMetrics,
+}
+
+impl Totals {
+    /// A request goes to another endpoint; `sent`: its failed attempt may have
+    /// reached its endpoint (an idempotent request's retry).
+    pub(crate) fn failed_over(&self, sent: bool) {
+        self.retries.fetch_add(1, Relaxed);
+        if sent {
+            self.sent_retries.fetch_add(1, Relaxed);
+        }
+        #[cfg(feature = "metrics")]
+        self.metrics.failovers.increment(1);
+    }
+
+    /// The retry budget refused a failover attempt or a hedge.
+    pub(crate) fn retry_refused(&self) {
+        self.retries_refused.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.failovers_refused.increment(1);
+    }
+
+    /// A hedge was sent.
+    pub(crate) fn hedged(&self) {
+        self.hedges.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.hedges.increment(1);
+    }
+
+    /// A hedge's reply was the one returned.
+    pub(crate) fn hedge_won(&self) {
+        self.hedges_won.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.hedges_won.increment(1);
+    }
+
+    /// A request's deadline passed.
+    pub(crate) fn deadline_exceeded(&self) {
+        self.deadlines_exceeded.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.deadline_exceeded.increment(1);
+    }
+
+    /// A request failed at once: no endpoint was ready.
+    #[inline]
+    pub(crate) fn no_ready_endpoints(&self) {
+        #[cfg(feature = "metrics")]
+        self.metrics.no_ready_endpoints.increment(1);
+    }
 }
 
 /// Balancer-wide figures, from [`BalanceHandle::totals`].
@@ -293,4 +357,202 @@ pub struct BalanceTotals {
     pub deadlines_exceeded: u64,
     /// The panic threshold is crossed: requests go to every endpoint, healthy or not.
     pub panicking: bool,
+}
+
+/// `n` and the noun, plural unless `n` is 1.
+fn count(f: &mut fmt::Formatter<'_>, n: u64, one: &str, many: &str) -> fmt::Result {
+    write!(f, "{n} {}", if n == 1 { one } else { many })
+}
+
+/// A response time as a person reads it: "850 µs", "12.3 ms", "2.50 s".
+struct Human(Duration);
+
+impl fmt::Display for Human {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.0.as_secs_f64();
+        if secs < 1e-3 {
+            write!(f, "{} µs", self.0.as_micros())
+        } else if secs < 1.0 {
+            write!(f, "{:.1} ms", secs * 1e3)
+        } else {
+            write!(f, "{secs:.2} s")
+        }
+    }
+}
+
+impl fmt::Display for EndpointSnapshot {
+    /// One line: the key, readiness, counts, latency and (when not 1) the weight, e.g.
+    /// `127.0.0.1:8080: ready, 120 requests, 3 errors (2.5%), 1 in flight, avg 1.2 ms,
+    /// ewma 1.5 ms`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}, ",
+            self.key,
+            if self.ready { "ready" } else { "not ready" }
+        )?;
+        count(f, self.requests, "request", "requests")?;
+        f.write_str(", ")?;
+        count(f, self.errors, "error", "errors")?;
+        if self.errors > 0 {
+            write!(f, " ({:.1}%)", self.error_rate * 100.0)?;
+        }
+        write!(f, ", {} in flight", self.in_flight)?;
+        if let Some(avg) = self.avg_latency {
+            write!(f, ", avg {}", Human(avg))?;
+        }
+        if let Some(ewma) = self.ewma_latency {
+            write!(f, ", ewma {}", Human(ewma))?;
+        }
+        if self.weight != 1 {
+            write!(f, ", weight {}", self.weight)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for BalanceTotals {
+    /// One line: endpoints ready, request counts, failovers, and the rest only when it
+    /// happened, e.g. `2/3 endpoints ready, 1200 requests, 12 errors, 0 in flight, 10
+    /// failovers, 2 refused by the retry budget, panic mode`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{} {} ready, ",
+            self.ready,
+            self.endpoints,
+            if self.endpoints == 1 {
+                "endpoint"
+            } else {
+                "endpoints"
+            }
+        )?;
+        count(f, self.requests, "request", "requests")?;
+        f.write_str(", ")?;
+        count(f, self.errors, "error", "errors")?;
+        write!(f, ", {} in flight, ", self.in_flight)?;
+        count(f, self.retries, "failover", "failovers")?;
+        if self.sent_retries > 0 {
+            write!(f, " ({} after sending)", self.sent_retries)?;
+        }
+        if self.retries_refused > 0 {
+            write!(f, ", {} refused by the retry budget", self.retries_refused)?;
+        }
+        if self.hedges > 0 {
+            f.write_str(", ")?;
+            count(f, self.hedges, "hedge", "hedges")?;
+            write!(f, " ({} won)", self.hedges_won)?;
+        }
+        if self.deadlines_exceeded > 0 {
+            f.write_str(", ")?;
+            count(
+                f,
+                self.deadlines_exceeded,
+                "deadline exceeded",
+                "deadlines exceeded",
+            )?;
+        }
+        if self.panicking {
+            f.write_str(", panic mode")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod display_tests {
+    use super::*;
+
+    fn snapshot() -> EndpointSnapshot {
+        EndpointSnapshot {
+            key: "127.0.0.1:8080".into(),
+            id: EndpointId(7),
+            requests: 120,
+            errors: 3,
+            error_rate: 3.0 / 119.0,
+            in_flight: 1,
+            avg_latency: Some(Duration::from_micros(1_240)),
+            ewma_latency: Some(Duration::from_micros(1_510)),
+            weight: 1,
+            ready: true,
+        }
+    }
+
+    #[test]
+    fn an_endpoint_reads_as_one_line() {
+        assert_eq!(
+            snapshot().to_string(),
+            "127.0.0.1:8080: ready, 120 requests, 3 errors (2.5%), 1 in flight, avg 1.2 ms, ewma 1.5 ms"
+        );
+        let fresh = EndpointSnapshot {
+            requests: 1,
+            errors: 0,
+            error_rate: 0.0,
+            in_flight: 0,
+            avg_latency: None,
+            ewma_latency: Some(Duration::from_micros(850)),
+            weight: 3,
+            ready: false,
+            ..snapshot()
+        };
+        assert_eq!(
+            fresh.to_string(),
+            "127.0.0.1:8080: not ready, 1 request, 0 errors, 0 in flight, ewma 850 µs, weight 3"
+        );
+        let slow = EndpointSnapshot {
+            avg_latency: Some(Duration::from_millis(2_500)),
+            ewma_latency: None,
+            ..snapshot()
+        };
+        assert!(slow.to_string().ends_with(", avg 2.50 s"), "{slow}");
+    }
+
+    #[test]
+    fn totals_read_as_one_line_naming_only_what_happened() {
+        let mut t = BalanceTotals {
+            endpoints: 3,
+            ready: 2,
+            pending: 1,
+            requests: 1200,
+            errors: 12,
+            in_flight: 0,
+            retries: 10,
+            sent_retries: 0,
+            retries_refused: 0,
+            hedges: 0,
+            hedges_won: 0,
+            deadlines_exceeded: 0,
+            panicking: false,
+        };
+        assert_eq!(
+            t.to_string(),
+            "2/3 endpoints ready, 1200 requests, 12 errors, 0 in flight, 10 failovers"
+        );
+        t.sent_retries = 4;
+        t.retries_refused = 2;
+        t.hedges = 5;
+        t.hedges_won = 1;
+        t.deadlines_exceeded = 1;
+        t.panicking = true;
+        assert_eq!(
+            t.to_string(),
+            "2/3 endpoints ready, 1200 requests, 12 errors, 0 in flight, 10 failovers (4 after sending), \
+             2 refused by the retry budget, 5 hedges (1 won), 1 deadline exceeded, panic mode"
+        );
+        let one = BalanceTotals {
+            endpoints: 1,
+            ready: 1,
+            pending: 0,
+            requests: 1,
+            errors: 1,
+            in_flight: 1,
+            retries: 1,
+            ..t
+        };
+        assert!(
+            one.to_string()
+                .starts_with("1/1 endpoint ready, 1 request, 1 error, 1 in flight, 1 failover ("),
+            "{one}"
+        );
+    }
 }

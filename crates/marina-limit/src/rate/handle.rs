@@ -43,6 +43,40 @@ pub struct RateStats {
     pub evicted_keys: u64,
 }
 
+/// One line for people: admissions and refusals, the current rate against the limit,
+/// and (keyed limiters) the keys.
+///
+/// ```
+/// use marina_limit::{Rate, RateLimitLayer};
+///
+/// let layer = RateLimitLayer::global(Rate::per_second(100).burst(10));
+/// assert_eq!(
+///     layer.handle().stats().to_string(),
+///     "admitted 0, rejected 0, 0/s of 100/s (burst 10)",
+/// );
+/// ```
+impl fmt::Display for RateStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "admitted {}, rejected {}", self.admitted, self.rejected)?;
+        if self.missing_key > 0 {
+            write!(f, " ({} without a key)", self.missing_key)?;
+        }
+        write!(
+            f,
+            ", {}/s of {}/s (burst {})",
+            self.current_rate, self.limit_per_second, self.burst
+        )?;
+        if self.keys > 0 || self.evicted_keys > 0 {
+            let plural = if self.keys == 1 { "" } else { "s" };
+            write!(f, ", {} key{plural}", self.keys)?;
+            if self.evicted_keys > 0 {
+                write!(f, " ({} evicted)", self.evicted_keys)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The figures of a rate limiter, readable from anywhere.
 #[derive(Clone)]
 pub struct RateLimitHandle {
@@ -58,6 +92,13 @@ impl fmt::Debug for RateLimitHandle {
 }
 
 impl RateLimitHandle {
+    /// The limiter's name ([`RateLimitLayer::name`]).
+    ///
+    /// [`RateLimitLayer::name`]: crate::RateLimitLayer::name
+    pub fn name(&self) -> &str {
+        &self.limiter.name
+    }
+
     /// The counters.
     pub fn stats(&self) -> RateStats {
         let l = &self.limiter;
@@ -84,5 +125,53 @@ impl RateLimitHandle {
             Kind::Global(..) => 0,
             Kind::Keyed(store) => store.retain_recent(self.limiter.state_now()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats() -> RateStats {
+        RateStats {
+            admitted: 1200,
+            rejected: 30,
+            missing_key: 0,
+            current_rate: 95,
+            limit_per_second: 100.0,
+            burst: 10,
+            keys: 0,
+            evicted_keys: 0,
+        }
+    }
+
+    #[test]
+    fn a_global_limiter_reads_as_one_line() {
+        assert_eq!(
+            stats().to_string(),
+            "admitted 1200, rejected 30, 95/s of 100/s (burst 10)"
+        );
+        let slow = RateStats {
+            limit_per_second: 0.5,
+            ..stats()
+        };
+        assert!(slow.to_string().contains("95/s of 0.5/s"), "{slow}");
+    }
+
+    #[test]
+    fn a_keyed_limiter_adds_its_keys() {
+        let s = RateStats {
+            missing_key: 3,
+            keys: 42,
+            evicted_keys: 5,
+            ..stats()
+        };
+        assert_eq!(
+            s.to_string(),
+            "admitted 1200, rejected 30 (3 without a key), 95/s of 100/s (burst 10), \
+             42 keys (5 evicted)"
+        );
+        let one = RateStats { keys: 1, ..stats() };
+        assert!(one.to_string().ends_with(", 1 key"), "{one}");
     }
 }

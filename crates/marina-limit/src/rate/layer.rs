@@ -1,5 +1,6 @@
 //! `RateLimitLayer`: builds a limiter, global or keyed, and the services that share it.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -83,6 +84,7 @@ impl<X> Clone for RateLimitLayer<X> {
 impl<X> fmt::Debug for RateLimitLayer<X> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayer")
+            .field("name", &self.limiter.name)
             .field("rate", &self.limiter.rate)
             .field("on_limit", &self.limiter.on_limit())
             .finish_non_exhaustive()
@@ -90,10 +92,11 @@ impl<X> fmt::Debug for RateLimitLayer<X> {
 }
 
 impl RateLimitLayer<Global> {
-    /// One quota for all requests; `Reject` over the limit.
+    /// One quota for all requests; `Reject` over the limit. Named `"rate"`
+    /// ([`name`](Self::name)).
     pub fn global(rate: Rate) -> Self {
         RateLimitLayer {
-            limiter: Arc::new(Limiter::global(rate)),
+            limiter: Arc::new(Limiter::global(rate, Limiter::GLOBAL.into())),
             extractor: Arc::new(Global),
         }
     }
@@ -109,7 +112,8 @@ pub struct Keyed<X>(pub X);
 
 impl<X> RateLimitLayer<Keyed<X>> {
     /// One quota per key read by `extractor`, with the default key table. Requests
-    /// without a key are refused ([`without_key`](Self::without_key)).
+    /// without a key are refused ([`without_key`](Self::without_key)). Named
+    /// `"rate_per_key"` ([`name`](Self::name)).
     pub fn keyed(extractor: X, rate: Rate) -> Self {
         Self::build_keyed(extractor, rate, KeyTable::default())
     }
@@ -135,10 +139,8 @@ impl<X> RateLimitLayer<Keyed<X>> {
     }
 
     fn build_keyed(extractor: X, rate: Rate, table: KeyTable) -> Self {
-        let limiter = Arc::new(Limiter::keyed(rate, table));
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(sweep(Arc::downgrade(&limiter), table.sweep_interval));
-        }
+        let limiter = Arc::new(Limiter::keyed(rate, table, Limiter::KEYED.into()));
+        start_sweep(&limiter);
         RateLimitLayer {
             limiter,
             extractor: Arc::new(Keyed(extractor)),
@@ -175,11 +177,52 @@ impl<K> RateLimitLayer<K> {
         self
     }
 
+    /// Names the limiter: the value of its `limiter` label in metrics (the `metrics`
+    /// feature) and the name its handle reports. Defaults: `"rate"` for a global
+    /// limiter, `"rate_per_key"` for a keyed one, so a stack with one of each needs no
+    /// names; give each its own when a stack has several (`"per_user"`,
+    /// `"per_ip"`). Use a fixed name, never one made from a user's key.
+    ///
+    /// The limiter's metrics are registered under the new name now (the ones
+    /// registered at construction under the default name stay, at 0).
+    ///
+    /// ```
+    /// use marina_limit::{Rate, RateLimitLayer};
+    ///
+    /// let layer = RateLimitLayer::global(Rate::per_second(100)).name("outbound");
+    /// assert_eq!(layer.handle().name(), "outbound");
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If the layer was already cloned or used (name it first): its services and
+    /// handles would keep the old limiter.
+    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        assert!(
+            Arc::strong_count(&self.limiter) == 1,
+            "name the rate limit before cloning or using the layer"
+        );
+        let limiter = Arc::new(self.limiter.renamed(name.into()));
+        if limiter.table.is_some() {
+            start_sweep(&limiter);
+        }
+        self.limiter = limiter;
+        self
+    }
+
     /// The handle to the counters.
     pub fn handle(&self) -> RateLimitHandle {
         RateLimitHandle {
             limiter: self.limiter.clone(),
         }
+    }
+}
+
+/// Starts a keyed limiter's sweep on the current tokio runtime, if any; it ends when
+/// the limiter is gone.
+fn start_sweep(limiter: &Arc<Limiter>) {
+    if let (Some(table), Ok(rt)) = (limiter.table, tokio::runtime::Handle::try_current()) {
+        rt.spawn(sweep(Arc::downgrade(limiter), table.sweep_interval));
     }
 }
 

@@ -17,6 +17,7 @@ use super::admissions::Admissions;
 use super::config::{KeyTable, OnLimit, Rate};
 use super::error::{RateLimited, TooManyKeys};
 use crate::clock::TokioClock;
+use crate::instruments::{KeysGauge, Name, RateMetrics};
 use crate::keyless::{MissingKey, WithoutKey};
 use crate::store::{BoundedStore, GlobalState};
 
@@ -43,6 +44,12 @@ pub(crate) struct Limiter {
     pub(crate) missing_key: AtomicU64,
     /// The last `stats()` reading: (clock ns, admitted then, rate computed then).
     pub(crate) last_reading: std::sync::Mutex<(u64, u64, u64)>,
+    /// The limiter's name: its `limiter` label.
+    pub(crate) name: Name,
+    /// A keyed limiter's key table settings (to make it anew, renamed).
+    pub(crate) table: Option<KeyTable>,
+    /// The counts, exported (the `metrics` feature; nothing without it).
+    pub(crate) metrics: RateMetrics,
 }
 
 pub(crate) enum Kind {
@@ -139,24 +146,67 @@ fn governor_start(
 }
 
 impl Limiter {
+    /// The default name of a global limiter.
+    pub(crate) const GLOBAL: &'static str = "rate";
+    /// The default name of a keyed limiter.
+    pub(crate) const KEYED: &'static str = "rate_per_key";
+
     /// A global limiter: governor's, on a state that reservations share.
-    pub(crate) fn global(rate: Rate) -> Self {
+    pub(crate) fn global(rate: Rate, name: Name) -> Self {
         let clock = TokioClock::new();
         let gcra = Gcra::of(rate.quota);
         let state = GlobalState::default();
         let direct = RateLimiter::new(rate.quota, state.clone(), clock);
         let start = governor_start(gcra, &clock, |tat| state.set(tat), || direct.check());
         state.set(0);
-        Self::new(Kind::Global(direct, state), clock, start, rate)
+        let metrics = RateMetrics::new(&name, false);
+        Self::new(
+            Kind::Global(direct, state),
+            clock,
+            start,
+            rate,
+            name,
+            metrics,
+        )
     }
 
     /// A keyed limiter over `table`'s key table.
-    pub(crate) fn keyed(rate: Rate, table: KeyTable) -> Self {
-        let store = BoundedStore::new(table.max_keys, table.when_full);
-        Self::new(Kind::Keyed(store), TokioClock::new(), 0, rate)
+    pub(crate) fn keyed(rate: Rate, table: KeyTable, name: Name) -> Self {
+        let store = BoundedStore::new(table.max_keys, table.when_full, KeysGauge::new(&name));
+        let metrics = RateMetrics::new(&name, true);
+        let mut l = Self::new(
+            Kind::Keyed(store),
+            TokioClock::new(),
+            0,
+            rate,
+            name,
+            metrics,
+        );
+        l.table = Some(table);
+        l
     }
 
-    fn new(kind: Kind, clock: TokioClock, start: u64, rate: Rate) -> Self {
+    /// A new limiter with the same settings, named `name` (and registered under it).
+    pub(crate) fn renamed(&self, name: Name) -> Self {
+        let l = match self.table {
+            None => Self::global(self.rate, name),
+            Some(table) => Self::keyed(self.rate, table, name),
+        };
+        *l.on_limit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = self.on_limit();
+        l.without_key.store(self.without_key.load(Relaxed), Relaxed);
+        l
+    }
+
+    fn new(
+        kind: Kind,
+        clock: TokioClock,
+        start: u64,
+        rate: Rate,
+        name: Name,
+        metrics: RateMetrics,
+    ) -> Self {
         Limiter {
             kind,
             clock,
@@ -170,6 +220,9 @@ impl Limiter {
             rejected: AtomicU64::new(0),
             missing_key: AtomicU64::new(0),
             last_reading: std::sync::Mutex::new((0, 0, 0)),
+            name,
+            table: None,
+            metrics,
         }
     }
 
@@ -303,14 +356,17 @@ impl Limiter {
         };
         match out {
             Ok((Slot::Now, _)) => Reserved::Now,
-            Ok((Slot::At(at), tat)) => Reserved::Later(Reservation {
-                at: self
-                    .clock
-                    .instant_of(Nanos::from(self.start.saturating_add(at))),
-                limiter: self.clone(),
-                key: key.map(str::to_owned),
-                tat: Some(tat),
-            }),
+            Ok((Slot::At(at), tat)) => {
+                self.metrics.delayed();
+                Reserved::Later(Reservation {
+                    at: self
+                        .clock
+                        .instant_of(Nanos::from(self.start.saturating_add(at))),
+                    limiter: self.clone(),
+                    key: key.map(str::to_owned),
+                    tat: Some(tat),
+                })
+            }
             Err(wait) => Reserved::Refused(Duration::from_nanos(wait)),
         }
     }
@@ -334,18 +390,21 @@ impl Limiter {
 
     pub(crate) fn reject(&self, wait: Duration) -> BoxError {
         self.rejected.fetch_add(1, Relaxed);
+        self.metrics.rejected();
         RateLimited { retry_after: wait }.into()
     }
 
     fn refuse_missing_key(&self) -> BoxError {
         self.rejected.fetch_add(1, Relaxed);
         self.missing_key.fetch_add(1, Relaxed);
+        self.metrics.missing_key();
         MissingKey.into()
     }
 
     /// Refuses a new key the full table will not take.
     fn too_many_keys(&self, max_keys: usize) -> BoxError {
         self.rejected.fetch_add(1, Relaxed);
+        self.metrics.too_many_keys();
         TooManyKeys { max_keys }.into()
     }
 }
@@ -389,6 +448,7 @@ impl Reservation {
     pub(crate) fn admit(mut self) {
         self.tat = None;
         self.limiter.admissions.add_shared();
+        self.limiter.metrics.admitted();
     }
 }
 

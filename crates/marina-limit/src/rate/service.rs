@@ -158,6 +158,7 @@ impl<S> RateLimit<S, Global> {
             match self.limiter.check_global() {
                 Ok(()) => {
                     self.counter.add(&self.limiter.admissions);
+                    self.limiter.metrics.admitted();
                     self.state = Ready::Permit;
                     return Poll::Ready(true);
                 }
@@ -201,6 +202,7 @@ impl<S> RateLimit<S, Global> {
         match self.limiter.reserve(None, max) {
             Reserved::Now => {
                 self.counter.add(&self.limiter.admissions);
+                self.limiter.metrics.admitted();
                 Ready::Permit
             }
             Reserved::Later(r) => {
@@ -258,6 +260,7 @@ where
         match admission {
             Admission::Now => {
                 self.counter.add(&self.limiter.admissions);
+                self.limiter.metrics.admitted();
                 KeyedFuture::call(self.inner.call(req))
             }
             Admission::Later(reservation) => self.wait(reservation, req),

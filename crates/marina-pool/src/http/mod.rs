@@ -402,6 +402,23 @@ pub struct HttpStats {
     pub streams: usize,
 }
 
+/// One line, e.g. `4 requests in flight, 1 shared connection carrying 3 streams`.
+impl fmt::Display for HttpStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
+        write!(
+            f,
+            "{} request{} in flight, {} shared connection{} carrying {} stream{}",
+            self.in_flight,
+            plural(self.in_flight),
+            self.shared_connections,
+            plural(self.shared_connections),
+            self.streams,
+            plural(self.streams)
+        )
+    }
+}
+
 impl<B, T> HttpClient<B, T> {
     /// The pool of connections: [`Pool::stats`], [`Pool::close`], [`Pool::ready_min`].
     pub fn pool(&self) -> &HttpPool<B, T> {
@@ -722,5 +739,23 @@ fn absolute_form<B>(req: &mut Request<B>, default: Option<&Authority>) {
     }
     if let Ok(uri) = Uri::from_parts(parts) {
         *req.uri_mut() = uri;
+    }
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use super::HttpStats;
+
+    #[test]
+    fn http_stats_display() {
+        let s = HttpStats {
+            in_flight: 4,
+            shared_connections: 1,
+            streams: 3,
+        };
+        assert_eq!(
+            s.to_string(),
+            "4 requests in flight, 1 shared connection carrying 3 streams"
+        );
     }
 }

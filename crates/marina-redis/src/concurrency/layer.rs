@@ -15,7 +15,7 @@ use crate::fleet::RedisFleet;
 
 /// At most `limit` requests in flight per key across every instance of a fleet, on
 /// Redis: marina-limit's [`ConcurrencyPerKeyLayer`](marina_limit::ConcurrencyPerKeyLayer)
-/// for a fleet (the seed's `maxConnectionsPerUser` for all replicas together).
+/// for a fleet (a cap on connections per user that holds for all replicas together).
 ///
 /// A permit is a member of the key's sorted set in Redis (`{prefix}:conc:{name}:k:{key}`)
 /// with a lease: taken by one Lua script that first drops the expired leases, renewed
