@@ -93,4 +93,22 @@ fn pool_events_are_counted_and_gauges_published() {
         1.0
     );
     assert_eq!(rec.gauge("marina_pool_waiting{pool=m}"), 0.0);
+    assert_eq!(rec.get("marina_pool_checkouts_total{pool=m,outcome=ok}"), 2);
+    assert_eq!(
+        rec.get("marina_pool_checkouts_total{pool=m,outcome=timeout}"),
+        1
+    );
+    // Registered up front: present at 0.
+    assert!(
+        rec.values
+            .lock()
+            .unwrap()
+            .contains_key("marina_pool_checkouts_total{pool=m,outcome=error}")
+    );
+    assert!(
+        rec.values
+            .lock()
+            .unwrap()
+            .contains_key("marina_pool_connections_closed_total{pool=m,reason=idle_timeout}")
+    );
 }

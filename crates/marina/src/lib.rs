@@ -58,6 +58,64 @@
 //! | `redis` | `marina::redis` (marina-redis) and `StackBuilder::redis`: the stack's rate limits, per-key concurrency and sticky sessions shared by a fleet of instances through Redis (`[redis]` in a `StackConfig`); turns on `limit` and `affinity` |
 //! | `tls` | marina-pool's `tls` (`marina::pool::tls`: `TlsConnector`, `TlsConfig`), [`StackBuilder::tls`] and a [`StackConfig`]'s `[tls]` table: the stack's connections over TLS (rustls, *ring*); turns on `pool` |
 //! | `tls-native-roots` | `tls`, and `TlsConfig::native_roots()`: the system's trusted roots (what a `[tls]` table without `ca_file` uses) |
+//! | `metrics` | metrics through the [`metrics`](https://docs.rs/metrics) facade: the stack's own (see [Metrics](#metrics)) and the `metrics` feature of each crate turned on (pool, health, balance, affinity, limit) |
+//! | `pool-hyper` | marina-pool's `hyper`: hyper's `rt::Read`/`rt::Write` and hyper-util's `Connection` for `Pooled`; turns on `pool` |
+//! | `pool-postgres` | marina-pool's `postgres`: `marina::pool::postgres`, a connector for tokio-postgres clients; turns on `pool` |
+//! | `pool-redis` | marina-pool's `redis`: `marina::pool::redis`, a connector for redis-rs multiplexed connections (the fleet on Redis is `redis`); turns on `pool` |
+//! | `health-http` | marina-health's `http`: a classifier that counts HTTP 5xx responses as failures; turns on `health` |
+//! | `health-grpc` | marina-health's `grpc`: `GrpcProbe`, the standard gRPC health check; turns on `health` |
+//! | `balance-hyper-util` | marina-balance's `hyper-util`: hyper-util's legacy client connect errors count as never sent; turns on `balance` |
+//! | `balance-tonic` | marina-balance's `tonic`: tonic's `ConnectError` counts as never sent; turns on `balance` |
+//! | `balance-buffer` | marina-balance's `buffer`: tower `Buffer`'s `Closed` and `ServiceError` count as never sent; turns on `balance` |
+//!
+//! # Metrics
+//!
+//! With the `metrics` feature, the [`Stack`] records its own metrics at its edge (above
+//! the limits), and each crate records its own below (with `metrics` on, marina turns
+//! on every crate's feature): the pool's (`marina_pool_*`, labelled `pool` = the
+//! backend's address), health's (`marina_health_*`), the balancer's
+//! (`marina_balance_*`), sessions' (`marina_affinity_*`) and the limits'
+//! (`marina_limit_*`); each crate's page lists them. The stack labels each backend's
+//! series with its address (`endpoint` and `pool` labels, e.g. `10.0.0.7:6379`). Every
+//! handle is registered once, when the stack is built or a backend added, every label
+//! combination up front, so each documented series exists (at 0) from then on.
+//!
+//! **Install the recorder (a Prometheus exporter, …) before building the stack:**
+//! handles taken before a recorder is installed are no-ops, and stay so.
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `marina_requests_total` | counter | `outcome` = `ok` \| `error` \| `timeout` \| `rejected` | requests through the stack that ended: a reply; an error; a timeout ([`RequestTimeout`] of the last attempt, the failover deadline, or the wait for a pooled connection); refused before it was sent (shutting down, the request's validation, a rate or concurrency limit). A request whose future was dropped first is not counted |
+//! | `marina_request_duration_seconds` | histogram | | time from the call into the stack to the reply or error, limits, failover and hedging included |
+//! | `marina_requests_in_flight` | gauge | | requests inside the stack now (called, not yet ended or dropped) |
+//! | `marina_request_timeouts_total` | counter | `endpoint` | attempts at the backend that ran past the per-attempt request timeout ([`StackBuilder::request_timeout`]); each one is also an error the balancer counts, and failover may absorb it |
+//!
+//! # Tracing
+//!
+//! Each request through a [`Stack`] gets one span, `marina.request` at DEBUG level,
+//! made at the stack's edge and entered while the layers below call and poll, with the
+//! fields `endpoint` (the backend's address, recorded by the balancer for each
+//! attempt), `attempt` (1 for the first, 2 after a failover…), `repinned` (`true` when
+//! the affinity layer moved the request's session to another backend) and `outcome`
+//! (as the `outcome` label above). Inside it, the DEBUG events `request started` and
+//! `request finished` (with `outcome`, `latency_ms` and, on failure, `error`), as
+//! tower-http's `TraceLayer` does; nothing is logged per request at INFO or above.
+//! State changes are events of their own: an ejection (WARN), a readmission (INFO),
+//! panic mode (WARN), a pool exhausted (WARN). Without a subscriber that wants DEBUG,
+//! the span is disabled: no allocation and no clock read for it.
+//!
+//! # Cancel safety
+//!
+//! Dropping a request's future through the stack (a caller's timeout, a `select!`)
+//! cancels it wherever it is and leaves nothing behind: waiting on a limit, it gives
+//! up its place (a rate limit's reserved cell, a concurrency slot); waiting for a ready
+//! backend or a pooled connection, it leaves the queue; once sent, the client's future
+//! is dropped, and the pool closes that client instead of reusing it mid-reply (a
+//! protocol of [`StackBuilder::build`] decides with its `check`). The in-flight counts
+//! (balancer, health, [`StackHandle::shutdown`]'s wait, `marina_requests_in_flight`) go
+//! down. [`StackHandle::shutdown`] itself runs on a task of its own: dropping its
+//! future stops the waiting, not the shutdown. Each crate's page says the same of its
+//! own futures.
 //!
 //! The crates' own features (marina-balance's `hyper-util`, `tonic` and `buffer`;
 //! marina-health's `http` and `grpc`) are not forwarded. To turn one on, also depend on
@@ -171,6 +229,8 @@ pub mod line;
 mod config;
 #[cfg(feature = "full")]
 mod ext;
+#[cfg(feature = "full")]
+mod metrics;
 #[cfg(feature = "full")]
 mod problem;
 #[cfg(feature = "full")]

@@ -79,12 +79,54 @@ impl<S> Layer<S> for RequestTimeoutLayer {
 pub struct RequestTimeoutService<S> {
     inner: S,
     after: Option<Duration>,
+    /// `marina_request_timeouts_total{endpoint}`, once labelled.
+    #[cfg(feature = "metrics")]
+    timeouts: Option<metrics::Counter>,
 }
 
 impl<S> RequestTimeoutService<S> {
     /// `inner` with each call bounded to `after`, or not bounded (`None`).
     pub fn new(inner: S, after: Option<Duration>) -> Self {
-        RequestTimeoutService { inner, after }
+        RequestTimeoutService {
+            inner,
+            after,
+            #[cfg(feature = "metrics")]
+            timeouts: None,
+        }
+    }
+
+    /// Names the endpoint this service calls, for the `endpoint` label of
+    /// `marina_request_timeouts_total` (the `metrics` feature; without a name, its
+    /// timeouts are not counted there). Keep it bounded: the endpoint's address, as a
+    /// [`Stack`](crate::Stack) labels each backend, never a value per request. Without
+    /// the feature it does nothing.
+    ///
+    /// The counter is registered here: install the metrics recorder before.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use marina::RequestTimeoutService;
+    /// use tower::service_fn;
+    ///
+    /// let svc = RequestTimeoutService::new(
+    ///     service_fn(|_: ()| async { Ok::<_, std::io::Error>(()) }),
+    ///     Some(Duration::from_secs(2)),
+    /// )
+    /// .endpoint("10.0.0.7:6379");
+    /// # drop(svc);
+    /// ```
+    pub fn endpoint(self, endpoint: impl Into<String>) -> Self {
+        #[cfg(feature = "metrics")]
+        {
+            let mut this = self;
+            this.timeouts = Some(crate::metrics::request_timeouts(endpoint.into()));
+            this
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = endpoint;
+            self
+        }
     }
 }
 
@@ -106,9 +148,20 @@ where
             inner: self.inner.call(req),
             sleep: self.after.map(tokio::time::sleep),
             after: self.after.unwrap_or_default(),
+            #[cfg(feature = "metrics")]
+            timeouts: self.after.and(self.timeouts.clone()),
+            #[cfg(not(feature = "metrics"))]
+            timeouts: (),
         }
     }
 }
+
+/// The counter a [`RequestTimeoutFuture`] increments when it times out (nothing without
+/// the `metrics` feature).
+#[cfg(feature = "metrics")]
+type Timeouts = Option<metrics::Counter>;
+#[cfg(not(feature = "metrics"))]
+type Timeouts = ();
 
 pin_project! {
     /// The future of [`RequestTimeoutService`].
@@ -123,6 +176,7 @@ pin_project! {
         #[pin]
         sleep: Option<Sleep>,
         after: Duration,
+        timeouts: Timeouts,
     }
 }
 
@@ -149,6 +203,10 @@ where
         match this.sleep.as_pin_mut() {
             Some(sleep) => {
                 ready!(sleep.poll(cx));
+                #[cfg(feature = "metrics")]
+                if let Some(c) = this.timeouts.as_ref() {
+                    c.increment(1);
+                }
                 Poll::Ready(Err(RequestTimeout { after: *this.after }.into()))
             }
             None => Poll::Pending,

@@ -104,7 +104,8 @@ where
                 let endpoint = RequestTimeoutService::new(
                     PoolService::new(pool.clone()).map_response(Response::new),
                     request_timeout,
-                );
+                )
+                .endpoint(addr.to_string());
                 // Concrete types all the way down (no boxed future per request below
                 // the balancer), except under the user's own endpoint layers. The default
                 // (health checks, no endpoint layers) is the first `Either` arm: one

@@ -92,6 +92,11 @@ pub struct StackStats {
     pub bandwidth: Option<(u64, u64, f64)>,
     /// Requests in flight through the stack.
     pub in_flight: usize,
+    /// Requests that ended with an error returned to their caller, refusals (shutting
+    /// down, an invalid request, a rate or concurrency limit) not counted. Compare with
+    /// [`BalanceTotals::errors`], the errors the endpoints saw: failover absorbed the
+    /// difference.
+    pub client_errors: u64,
     /// The fleet (Redis) and its limits and sessions, with
     /// [`StackBuilder::redis`](crate::StackBuilder::redis) (the `redis` feature).
     #[cfg(feature = "redis")]
@@ -144,6 +149,7 @@ impl StackHandle {
                 .as_ref()
                 .map(|b| (b.bytes(), b.current_rate(), b.limit())),
             in_flight: i.state.in_flight.load(Acquire),
+            client_errors: i.state.failed.load(Acquire),
             #[cfg(feature = "redis")]
             redis: i.redis.as_ref().map(super::fleet::RedisParts::stats),
         }
@@ -235,18 +241,6 @@ impl StackHandle {
     }
 }
 
-/// A backend's health in the stats table: `healthy`, `ejected (12.3 s left)`, …
-pub(super) fn health_text(status: Status) -> String {
-    match status {
-        Status::Ejected { until: Some(until) } => {
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            format!("ejected ({:.1} s left)", left.as_secs_f64())
-        }
-        Status::Ejected { until: None } => "ejected (until a probe passes)".to_string(),
-        other => format!("{other:?}").to_lowercase(),
-    }
-}
-
 /// The shutdown's work, on its own task (see [`StackHandle::shutdown`]).
 pub(super) async fn shut_down(
     st: Arc<ShutdownState>,
@@ -280,12 +274,16 @@ pub(super) async fn shut_down(
     left
 }
 
+/// A table, a row per backend, then a line per layer. The `requests` and `errors`
+/// columns are attempts at each backend (failover attempts and hedges included), as
+/// the endpoints saw them; the `errors` line below compares them with the errors
+/// returned to callers.
 impl fmt::Display for StackStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "{:<22} {:>9} {:>7} {:>9} {:>6} {:>5} {:>7} {:>8}  health",
-            "backend", "requests", "errors", "in flight", "conns", "idle", "created", "ewma",
+            "backend", "attempts", "errors", "in flight", "conns", "idle", "created", "ewma",
         )?;
         for b in &self.backends {
             let (req, err, inf, ewma) = b.balance.as_ref().map_or((0, 0, 0, None), |e| {
@@ -302,14 +300,21 @@ impl fmt::Display for StackStats {
                 b.pool.idle,
                 b.pool.created,
                 ewma.map_or("-".to_string(), |d| format!("{:.2?}", d)),
-                b.health.map_or("-".to_string(), health_text),
+                b.health.map_or("-".to_string(), |h| h.to_string()),
             )?;
         }
         let t = &self.balance;
         writeln!(
             f,
-            "balance: {} requests, {} errors, {} failovers ({} refused by the budget), panic mode {}",
+            "balance: {} attempts, {} errors at endpoints, {} failovers ({} refused by the budget), panic mode {}",
             t.requests, t.errors, t.retries, t.retries_refused, t.panicking
+        )?;
+        // Endpoint errors the callers never saw: failover sent those requests elsewhere.
+        let absorbed = t.errors.saturating_sub(self.client_errors);
+        writeln!(
+            f,
+            "errors: {} seen by endpoints, {} returned to callers ({} absorbed by failover)",
+            t.errors, self.client_errors, absorbed
         )?;
         if let Some(a) = &self.affinity {
             writeln!(
