@@ -214,31 +214,52 @@ impl FromStr for IpNet {
         if prefix > max {
             return Err(bad());
         }
+        // An IPv4-mapped network (`::ffff:10.0.0.0/104`, as a dual-stack socket reports
+        // its peers) is the IPv4 network it maps: `contains` compares mapped addresses
+        // as IPv4.
+        if let IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+            && prefix >= 96
+        {
+            return Ok(IpNet {
+                addr: IpAddr::V4(v4),
+                prefix: prefix - 96,
+            });
+        }
         Ok(IpNet { addr, prefix })
     }
 }
 
 impl IpNet {
     /// Whether `ip` is in the network (an IPv4-mapped IPv6 address counts as IPv4).
+    ///
+    /// An IPv6 network wider than the mapped block (`::/0`, `::ffff:0.0.0.0/80`) holds
+    /// the IPv4 addresses it maps as well.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+        match self.addr {
+            IpAddr::V4(net) => {
+                let ip = match ip {
+                    IpAddr::V4(v4) => v4,
+                    IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                        Some(v4) => v4,
+                        None => return false,
+                    },
+                };
                 let mask = u32::MAX
                     .checked_shl(32 - u32::from(self.prefix))
                     .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+            IpAddr::V6(net) => {
+                let ip = match ip {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
                 let mask = u128::MAX
                     .checked_shl(128 - u32::from(self.prefix))
                     .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
-            _ => false,
         }
     }
 }
@@ -291,21 +312,19 @@ impl ClientIp {
         if !self.trusted(peer) {
             return Some(peer);
         }
-        // Right to left: the last header first, each one's last hop first.
-        let hops = req
-            .headers()
-            .get_all("x-forwarded-for")
-            .iter()
-            .rev()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.rsplit(','))
-            .map(str::trim);
-        for hop in hops {
-            match hop.parse::<IpAddr>() {
-                Ok(ip) if self.trusted(ip) => continue,
-                Ok(ip) => return Some(ip),
-                // A garbled hop: nothing to its left can be trusted either.
-                Err(_) => return Some(peer),
+        // Right to left: the last header first, each one's last hop first. A hop that
+        // is not an address (or a header line that is not text) is garbled: nothing to
+        // its left can be trusted either.
+        for value in req.headers().get_all("x-forwarded-for").iter().rev() {
+            let Ok(value) = value.to_str() else {
+                return Some(peer);
+            };
+            for hop in value.rsplit(',').map(str::trim) {
+                match hop.parse::<IpAddr>() {
+                    Ok(ip) if self.trusted(ip) => continue,
+                    Ok(ip) => return Some(ip),
+                    Err(_) => return Some(peer),
+                }
             }
         }
         Some(peer)
@@ -485,5 +504,55 @@ mod tests {
         assert_eq!(agree(&by_path, &req).as_deref(), Some("/users/42"));
         let too_long = |_: &http::Request<()>| Some("k".repeat(MAX_KEY_LEN + 1));
         assert_eq!(agree(&too_long, &req), None);
+    }
+
+    /// Found by the `keys` fuzz target: a header line that is not text (legal in HTTP)
+    /// was skipped, so an address the client forged further left was believed.
+    #[test]
+    fn a_header_line_that_is_not_text_ends_the_trusted_chain() {
+        let ip = ClientIp::new().trust_proxy("10.0.0.0/8".parse().unwrap());
+        let mut req = request(&[("x-forwarded-for", "6.6.6.6")], Some("10.0.0.1:1"));
+        req.headers_mut().append(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"\xff, 203.0.113.9").unwrap(),
+        );
+        assert_eq!(ip.client_ip(&req), Some("10.0.0.1".parse().unwrap()));
+        // The same hops as text: the proxy's report is believed, nothing left of it.
+        let req = request(
+            &[
+                ("x-forwarded-for", "6.6.6.6"),
+                ("x-forwarded-for", "7.7.7.7, 203.0.113.9"),
+            ],
+            Some("10.0.0.1:1"),
+        );
+        assert_eq!(ip.client_ip(&req), Some("203.0.113.9".parse().unwrap()));
+    }
+
+    /// Found by the `keys` fuzz target: an IPv4-mapped network matched nothing, not
+    /// even its own address.
+    #[test]
+    fn an_ipv4_mapped_network_is_its_ipv4_network() {
+        let net: IpNet = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert_eq!(net, "10.0.0.0/8".parse().unwrap());
+        assert!(net.contains("::ffff:10.0.0.0".parse().unwrap()));
+        assert!(net.contains("10.1.2.3".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        let one: IpNet = "::ffff:192.0.2.7".parse().unwrap();
+        assert!(one.contains("192.0.2.7".parse().unwrap()));
+        assert!(!one.contains("192.0.2.8".parse().unwrap()));
+        // A prefix shorter than the mapped block stays an IPv6 network, and holds the
+        // IPv4 addresses it maps (found by the fuzzer too: `::ffff:10.0.0.0/14`).
+        let wide: IpNet = "::ffff:0.0.0.0/80".parse().unwrap();
+        assert!(wide.contains("::1".parse().unwrap()));
+        assert!(wide.contains("10.0.0.1".parse().unwrap()));
+        let wider: IpNet = "::ffff:10.0.0.0/14".parse().unwrap();
+        assert!(wider.contains("::ffff:10.0.0.0".parse().unwrap()));
+        assert!(wider.contains("10.0.0.0".parse().unwrap()));
+        assert!(
+            !"2001:db8::/32"
+                .parse::<IpNet>()
+                .unwrap()
+                .contains("10.0.0.1".parse().unwrap())
+        );
     }
 }

@@ -93,7 +93,8 @@ impl<IO: AsyncRead> LineClient<IO> {
     }
 }
 
-/// The longest reply line read (1 MiB); a longer one fails with `InvalidData`.
+/// The longest reply line read (1 MiB, its `\n` not counted); a longer one fails with
+/// `InvalidData`.
 pub const MAX_LINE: usize = 1 << 20;
 
 /// Marks the client broken unless disarmed (the exchange completed).
@@ -139,23 +140,26 @@ where
             io.get_mut().write_all(&msg).await?;
             io.get_mut().flush().await?;
             msg.clear();
-            // A reply longer than MAX_LINE is garbage, not a line: bounded memory.
+            // A reply longer than MAX_LINE is garbage, not a line: bounded memory (at
+            // most MAX_LINE bytes and the `\n` are read).
             (&mut *io)
                 .take(MAX_LINE as u64 + 1)
                 .read_until(b'\n', &mut msg)
                 .await?;
-            if msg.len() > MAX_LINE {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("reply longer than {MAX_LINE} bytes without a newline"),
-                ));
+            if msg.last() != Some(&b'\n') {
+                return Err(if msg.len() > MAX_LINE {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("reply longer than {MAX_LINE} bytes without a newline"),
+                    )
+                } else {
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("connection closed after {} bytes of a reply", msg.len()),
+                    )
+                });
             }
-            if msg.pop() != Some(b'\n') {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("connection closed after {} bytes of a reply", msg.len()),
-                ));
-            }
+            msg.pop();
             guard.0 = None;
             Ok(msg)
         }
@@ -266,5 +270,42 @@ where
     fn call(&mut self, line: bytes::Bytes) -> Self::Future {
         let reply = self.0.exchange(Vec::from(line));
         Box::pin(async move { reply.await.map(bytes::Bytes::from) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers one request line with `reply` (raw bytes) from the other end of a pipe.
+    async fn answer(reply: Vec<u8>) -> io::Result<String> {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut byte = [0u8; 1];
+            while server.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' {}
+            server.write_all(&reply).await.unwrap();
+            server
+        });
+        let mut svc = LineClient::new(client);
+        let out = svc.call("ping".to_string()).await;
+        drop(server.await.unwrap());
+        out
+    }
+
+    /// Found by the `line_reply` fuzz target: a reply of exactly `MAX_LINE` bytes was
+    /// refused because its `\n` was counted.
+    #[tokio::test]
+    async fn a_reply_of_max_line_bytes_is_read_and_a_longer_one_refused() {
+        let mut exact = vec![b'x'; MAX_LINE];
+        exact.push(b'\n');
+        assert_eq!(answer(exact).await.unwrap().len(), MAX_LINE);
+
+        let mut long = vec![b'x'; MAX_LINE + 1];
+        long.push(b'\n');
+        let e = answer(long).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+
+        let e = answer(b"half a line".to_vec()).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
     }
 }
