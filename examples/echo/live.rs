@@ -102,6 +102,10 @@ impl Event {
 
     pub(crate) fn text(&self) -> String {
         match &self.what {
+            // Out of an ejection into half-open: one trial request decides.
+            What::Health(Status::Ejected { .. }, Status::Degraded, _) => {
+                format!("{} half-open: one trial request decides", self.addr)
+            }
             What::Health(Status::Ejected { .. }, _, to) => {
                 format!("{} readmitted: {to}", self.addr)
             }
