@@ -87,7 +87,10 @@ fn fleet(url: &str, prefix: &str) -> RedisFleet {
     RedisFleet::with_config(
         FleetConfig::new(url)
             .key_prefix(prefix)
-            .call_timeout(Duration::from_secs(2)),
+            // Generous: on a loaded machine a slow first connect marks Redis down and
+            // the fallback (not what these tests check) would decide instead.
+            .call_timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(10)),
     )
     .expect("a valid fleet")
 }
@@ -313,6 +316,11 @@ async fn per_key_concurrency_holds_across_stacks() {
     // Two stacks on one fleet connection (one instance id): their permits must still
     // be told apart in Redis.
     let fleet = fleet(&url, &prefix);
+    // Connected before the first permit is asked for: a request the fallback admitted
+    // while connecting would wait on the held backend.
+    within(LIMIT, "a first PING", fleet.ping())
+        .await
+        .expect("Redis answers");
     let stack = || {
         Stack::builder::<String>()
             .endpoints([backend.addr()])
