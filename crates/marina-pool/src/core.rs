@@ -20,6 +20,7 @@ use crate::config::{Config, Reuse};
 use crate::error::PoolError;
 use crate::manage::Hooks;
 use crate::pooled::Pooled;
+use crate::service::Reservations;
 use crate::slots::{Grant, NEVER, Slots, WaitError, Waiter};
 use crate::stats::{ConnStats, PoolStats};
 
@@ -42,9 +43,6 @@ pub(crate) struct ConnMeta {
     /// Checkouts of it that ended (returned, closed or detached).
     pub(crate) releases: AtomicU64,
     pub(crate) errors: AtomicU64,
-    /// Checked out by a `PoolService` for its next call, and not in use yet: idle, as
-    /// far as `close()` is concerned. Written by its holder only.
-    pub(crate) reserved: AtomicBool,
 }
 
 impl ConnMeta {
@@ -160,8 +158,9 @@ pub(crate) struct Core<X> {
     /// Notified once, when the pool closes (background tasks end on it).
     pub(crate) closing: Notify,
     pub(crate) connecting: AtomicUsize,
-    /// Free slots `PoolService`s hold for their next call ([`HeldSlot::reserve`]).
-    reserved_slots: AtomicUsize,
+    /// The reservation cells of the pool's `PoolService`s: closing the pool takes back
+    /// what they hold for their next call.
+    pub(crate) reservations: Reservations<X>,
     pub(crate) probing: AtomicUsize,
     /// Wakes the deadline timer (see [`expire_waiters`]).
     timer: Notify,
@@ -200,7 +199,7 @@ impl<X> Core<X> {
             refilled: Notify::new(),
             closing: Notify::new(),
             connecting: AtomicUsize::new(0),
-            reserved_slots: AtomicUsize::new(0),
+            reservations: Reservations::default(),
             probing: AtomicUsize::new(0),
             timer: Notify::new(),
             timer_running: AtomicBool::new(false),
@@ -307,7 +306,6 @@ impl<X> Core<X> {
             return;
         }
         e.meta.returned_ms.store(now, Relaxed);
-        e.meta.reserved.store(false, Relaxed);
         if let Some(e) = self.slots.put(e) {
             self.retire(e, self.surplus_reason(), false);
         }
@@ -368,7 +366,6 @@ impl<X> Core<X> {
             uses: AtomicU64::new(0),
             releases: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            reserved: AtomicBool::new(false),
         });
         crate::sync::lock_std(&self.registry).insert(meta.id, meta.clone());
         self.counters.created.fetch_add(1, Relaxed);
@@ -376,15 +373,20 @@ impl<X> Core<X> {
         Entry { conn, meta }
     }
 
-    /// Closes the slots, closes idle connections and stops the deadline timer.
-    pub(crate) fn shut(&self) {
+    /// Closes the slots, closes idle connections, takes back what `PoolService`s hold
+    /// for their next call (see [`Reservations::reclaim`]; returns how many of them were
+    /// busy, to be tried again) and stops the deadline timer.
+    pub(crate) fn shut(&self) -> usize {
         self.closed.store(true, SeqCst);
         for e in self.slots.close() {
             self.retire(e, Reason::Closed, false);
         }
+        // After the slots closed: a service polled from here on reserves nothing more.
+        let busy = self.reservations.reclaim();
         self.closing.notify_waiters();
         self.timer.notify_one();
         self.drained.notify_waiters();
+        busy
     }
 
     /// Why a connection the slots would not take back is closed.
@@ -427,30 +429,19 @@ impl<X> Core<X> {
 
     /// Waits until every slot is free: no connection open, none connecting.
     ///
-    /// Connections and slots a `PoolService` holds for its next call do not count: they
-    /// are in no one's use, and are closed when the service uses them (its call then
-    /// fails, the pool being closed) or is dropped.
+    /// What `PoolService`s held for their next call was taken back when the pool
+    /// closed ([`shut`](Self::shut)): only connections in use, and connects in flight,
+    /// are waited for.
     pub(crate) async fn drained(&self) {
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
-            let open = self.slots.snapshot().open;
-            if open == 0 || open <= self.held_for_later() {
+            if self.slots.snapshot().open == 0 {
                 return;
             }
             drained.await;
         }
-    }
-
-    /// Connections and slots `PoolService`s hold for their next call (see
-    /// [`drained`](Self::drained)). Scans the connections: for `close()` only.
-    fn held_for_later(&self) -> usize {
-        let conns = crate::sync::lock_std(&self.registry)
-            .values()
-            .filter(|m| m.reserved.load(Relaxed))
-            .count();
-        conns + self.reserved_slots.load(SeqCst)
     }
 
     /// Counts a checkout that gave up after `limit` and makes its error.
@@ -604,37 +595,16 @@ impl<X> Drop for Connecting<'_, X> {
 /// Counted as connecting. Freed when dropped, unless given to a connect first.
 pub(crate) struct HeldSlot<X> {
     core: Option<Arc<Core<X>>>,
-    /// Counted in [`Core::reserved_slots`].
-    reserved: bool,
 }
 
 impl<X> HeldSlot<X> {
     pub(crate) fn new(core: Arc<Core<X>>) -> Self {
         core.connecting.fetch_add(1, Relaxed);
-        HeldSlot {
-            core: Some(core),
-            reserved: false,
-        }
-    }
-
-    /// Marks it (un)reserved: held for a later use, and idle as far as `close()` is
-    /// concerned, or not.
-    pub(crate) fn set_reserved(&mut self, on: bool) {
-        if let Some(core) = &self.core
-            && self.reserved != on
-        {
-            self.reserved = on;
-            if on {
-                core.reserved_slots.fetch_add(1, SeqCst);
-            } else {
-                core.reserved_slots.fetch_sub(1, SeqCst);
-            }
-        }
+        HeldSlot { core: Some(core) }
     }
 
     /// The slot as a grant to connect in: from here on the connect's guard frees it.
     pub(crate) fn into_grant(mut self) -> Grant<Entry<X>> {
-        self.set_reserved(false);
         if let Some(core) = self.core.take() {
             core.connecting.fetch_sub(1, Relaxed);
         }
@@ -644,7 +614,6 @@ impl<X> HeldSlot<X> {
 
 impl<X> Drop for HeldSlot<X> {
     fn drop(&mut self) {
-        self.set_reserved(false);
         if let Some(core) = self.core.take() {
             core.connecting.fetch_sub(1, Relaxed);
             core.release_slot();

@@ -189,9 +189,16 @@ impl<C, T> Pool<C, T>
 where
     C: Service<T>,
 {
-    /// Closes without waiting (the first step of [`close`](Self::close)).
-    pub(crate) fn begin_close(&self) {
-        self.handle.inner.core.shut();
+    /// Closes without waiting (the first step of [`close`](Self::close)). Returns how
+    /// many `PoolService` reservations could not be taken back yet (their service was
+    /// being polled or called on another thread).
+    pub(crate) fn begin_close(&self) -> usize {
+        self.handle.inner.core.shut()
+    }
+
+    /// The reservation cells of this pool's `PoolService`s.
+    pub(crate) fn reservations(&self) -> &crate::service::Reservations<C::Response> {
+        &self.handle.inner.core.reservations
     }
 
     /// True once the pool was closed (an atomic load: no lock taken).
@@ -718,10 +725,17 @@ where
 
     /// Closes the pool: waiters fail with [`PoolError::Closed`], later `get`s too, idle
     /// connections are closed now; then waits until every checked-out connection has
-    /// been returned (and closed) and every connect in flight has ended. A client (or a
-    /// slot) a [`PoolService`](crate::PoolService) holds for its next call is not in use
-    /// and not waited for: it is closed when that service is next polled, called
-    /// (the call fails with [`PoolError::Closed`], not sent) or dropped.
+    /// been returned (and closed) and every connect in flight has ended.
+    ///
+    /// What a [`PoolService`](crate::PoolService) holds for its next call is not in
+    /// use, and is taken back now, whether or not anyone polls or calls that service
+    /// again (a balancer keeps ready endpoints without calling them): a reserved client
+    /// is closed (counted in [`PoolStats::destroyed`](crate::PoolStats::destroyed)), a
+    /// reserved slot freed, a checkout waiting in `poll_ready` withdrawn (its task
+    /// woken). That service's next call fails with [`PoolError::Closed`], not sent. So
+    /// once `close()` returns, [`stats`](Self::stats)`().total` is 0. (A service being
+    /// polled or called on another thread at that very moment is taken back as soon
+    /// as that poll or call returns.)
     ///
     /// Do not await it while holding one of the pool's connections in the same task:
     /// it would wait for itself.
@@ -753,8 +767,15 @@ where
     /// only stops the waiting.
     pub async fn close(&self) {
         let core = &self.handle.inner.core;
-        self.begin_close();
+        let mut busy = self.begin_close();
         tracing::info!(pool = %core.name, "pool closed");
+        // A service being polled or called on another thread right now: its reservation
+        // is taken back as soon as that poll or call returns (a moment: the pool never
+        // waits for its user code while holding anything).
+        while busy > 0 {
+            tokio::task::yield_now().await;
+            busy = core.reservations.reclaim();
+        }
         core.drained().await;
     }
 

@@ -194,14 +194,6 @@ impl<X> Pooled<X> {
         slot
     }
 
-    /// Marks it (un)reserved: checked out by a `PoolService` for its next call and not
-    /// in use yet, so idle as far as `close()` is concerned, or not. (Cleared when it
-    /// goes back to the pool, too.)
-    #[inline]
-    pub(crate) fn set_reserved(&self, on: bool) {
-        self.entry().meta.reserved.store(on, Relaxed);
-    }
-
     /// The pool's id for this connection (as in [`ConnStats::id`](crate::ConnStats::id)).
     pub fn id(&self) -> u64 {
         self.entry().meta.id

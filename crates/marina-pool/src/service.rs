@@ -4,8 +4,8 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
 
 use marina_core::{BoxError, NotSent, PolledAfterCompletion};
 use pin_project_lite::pin_project;
@@ -93,10 +93,19 @@ use crate::{Connector, Pool, PoolError, Pooled, Target};
 /// counts it (and [`PoolStats::connecting`](crate::PoolStats::connecting) a reserved
 /// slot), and no one else can use it until the service is called or dropped. Dropping
 /// the service — one made ready and never called, too — returns what it reserved to
-/// the pool, and withdraws it from the pool's queue if it was waiting. [`Pool::close`]
-/// does not wait for what a service holds for its next call: that service's next
-/// `poll_ready` or call gives it back (to be closed), and the call fails with
-/// [`PoolError::Closed`](crate::PoolError::Closed), not sent.
+/// the pool, and withdraws it from the pool's queue if it was waiting.
+///
+/// [`Pool::close`] does not wait for what a service holds for its next call: it takes
+/// it back, at once, though no one polls or calls the service again (a balancer keeps
+/// its ready endpoints without calling them). A reserved client is closed, a reserved
+/// slot freed, a checkout waiting in `poll_ready` withdrawn and its task woken; the
+/// service's next `poll_ready` is `Ready`, and its next call fails with
+/// [`PoolError::Closed`](crate::PoolError::Closed), not sent, carrying its request. A
+/// call already made is in use: `close()` waits for its client to come back. (For
+/// this the pool keeps a weak reference to each service's reservation, taken when the
+/// service is made or cloned; `poll_ready` and `call` each take the reservation's
+/// uncontended spin lock — a compare-and-swap and a store — which `close()` only
+/// tries, never waiting on the service.)
 ///
 /// Calling it without a `Ready` from `poll_ready` first breaks the `Service` contract,
 /// but works: the checkout then happens in the response future, as in a [`Pool::get`].
@@ -136,10 +145,11 @@ use crate::{Connector, Pool, PoolError, Pooled, Target};
 ///
 /// # Sharing
 ///
-/// `Clone`, and cheap to clone (two `Arc`s): clones share the pool and the count of
-/// requests in flight, so [`Load`] and [`in_flight`](Self::in_flight) count every
-/// clone's requests. A clone does not share the reservation: it starts with nothing
-/// reserved and reserves its own client in its own `poll_ready` (it keeps
+/// `Clone`, and cheap to clone (two `Arc`s cloned, one allocated for its reservation,
+/// which it registers with the pool for [`Pool::close`]): clones share the pool and the
+/// count of requests in flight, so [`Load`] and [`in_flight`](Self::in_flight) count
+/// every clone's requests. A clone does not share the reservation: it starts with
+/// nothing reserved and reserves its own client in its own `poll_ready` (it keeps
 /// [`pending_when_saturated`](Self::pending_when_saturated)). It is `Send + Sync`,
 /// so it needs no `Buffer`: clone it into each task. It holds a [`Pool`] handle, which
 /// keeps the pool open while any clone lives.
@@ -168,12 +178,113 @@ where
 {
     pool: Pool<C, T>,
     in_flight: Arc<AtomicUsize>,
-    /// What `poll_ready` got ready for the next call. In a `Mutex` only so that the
-    /// service is `Sync` whatever the client (and the checkout's boxed slow future,
-    /// which is `Send` only) is: it is reached through `get_mut`, never locked.
-    reserved: Mutex<Reserved<C::Response>>,
+    /// What `poll_ready` got ready for the next call, in a cell the pool can reach too
+    /// (it holds a weak reference, taken when the service was made): closing the pool
+    /// takes back what the cell holds ([`Reservations::reclaim`]).
+    reserved: Arc<ReservedCell<C::Response>>,
     /// `poll_ready` waits in the pool's queue when nothing is free.
     pending_when_saturated: bool,
+}
+
+/// A [`PoolService`]'s reservation, shared with its pool's [`Reservations`].
+///
+/// A spin lock: the service takes it for each `poll_ready` and `call` (never
+/// contended but by a closing pool: an uncontended compare-and-swap and a store, no
+/// poisoning), and a closing pool only tries it ([`Reservations::reclaim`]), holding it
+/// for a `mem::replace`, so neither side ever waits long: the service's critical
+/// sections may run user code (the client's `poll_ready`, the liveness check), which
+/// the pool never waits for.
+pub(crate) struct ReservedCell<X> {
+    held: spin::mutex::SpinMutex<Held<X>>,
+}
+
+/// What a [`ReservedCell`] guards.
+struct Held<X> {
+    reserved: Reserved<X>,
+    /// The task whose `poll_ready` last returned `Pending`: woken when closing the pool
+    /// takes what it waited on (a queued checkout, a client not ready).
+    waker: Option<Waker>,
+}
+
+impl<X> ReservedCell<X> {
+    fn new() -> Self {
+        ReservedCell {
+            held: spin::mutex::SpinMutex::new(Held {
+                reserved: Reserved::Nothing,
+                waker: None,
+            }),
+        }
+    }
+}
+
+/// The reservation cells of a pool's [`PoolService`]s (weak references, one per
+/// service and clone, taken when it is made): what [`Pool::close`] walks to take back
+/// what the services hold for their next call. Not touched on the request path.
+pub(crate) struct Reservations<X> {
+    cells: std::sync::Mutex<Vec<Weak<ReservedCell<X>>>>,
+}
+
+impl<X> Default for Reservations<X> {
+    fn default() -> Self {
+        Reservations {
+            cells: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<X> Reservations<X> {
+    /// Registers a new service's cell. The references of dropped services are pruned
+    /// whenever the list would grow, so it stays within twice the live services.
+    fn register(&self, cell: &Arc<ReservedCell<X>>) {
+        let mut cells = lock_std(&self.cells);
+        if cells.len() == cells.capacity() {
+            cells.retain(|w| w.strong_count() > 0);
+        }
+        cells.push(Arc::downgrade(cell));
+    }
+
+    /// Takes back what every live service holds for its next call (a client, a slot,
+    /// a checkout in progress): dropped, so a connection is closed (the pool is closed)
+    /// and a slot freed; the service's next call fails with [`PoolError::Closed`], not
+    /// sent, and a task waiting in its `poll_ready` is woken. Call it after the pool
+    /// was marked closed, so that a service polled afterwards reserves nothing more.
+    ///
+    /// Returns how many cells were busy (a `poll_ready` or `call` running on another
+    /// thread): try again later for those (the pool does not wait for user code).
+    pub(crate) fn reclaim(&self) -> usize {
+        let cells: Vec<Arc<ReservedCell<X>>> = {
+            let mut cells = lock_std(&self.cells);
+            cells.retain(|w| w.strong_count() > 0);
+            cells.iter().filter_map(Weak::upgrade).collect()
+        };
+        let mut busy = 0;
+        for cell in &cells {
+            let Some(mut held) = cell.held.try_lock() else {
+                busy += 1;
+                continue;
+            };
+            if !matches!(
+                held.reserved,
+                Reserved::Checkout(_) | Reserved::Slot(_) | Reserved::Client { .. }
+            ) {
+                continue;
+            }
+            let taken = std::mem::replace(
+                &mut held.reserved,
+                Reserved::Failed(PoolError::Closed.into()),
+            );
+            let waker = held.waker.take();
+            drop(held);
+            // Outside the lock: closing a connection runs user code (its `Drop`).
+            drop(taken);
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+        // The last reference to a service dropped meanwhile drops its cell here.
+        drop(cells);
+        busy
+    }
 }
 
 /// What a [`PoolService`] holds between `poll_ready` and `call`.
@@ -214,10 +325,12 @@ where
 {
     /// Serves requests through clients checked out of `pool`.
     pub fn new(pool: Pool<C, T>) -> Self {
+        let reserved = Arc::new(ReservedCell::new());
+        pool.reservations().register(&reserved);
         PoolService {
             pool,
             in_flight: Arc::new(AtomicUsize::new(0)),
-            reserved: Mutex::new(Reserved::Nothing),
+            reserved,
             pending_when_saturated: false,
         }
     }
@@ -250,10 +363,12 @@ where
     C: Service<T>,
 {
     fn clone(&self) -> Self {
+        let reserved = Arc::new(ReservedCell::new());
+        self.pool.reservations().register(&reserved);
         PoolService {
             pool: self.pool.clone(),
             in_flight: self.in_flight.clone(),
-            reserved: Mutex::new(Reserved::Nothing),
+            reserved,
             pending_when_saturated: self.pending_when_saturated,
         }
     }
@@ -268,7 +383,15 @@ where
         f.debug_struct("PoolService")
             .field("pool", &self.pool)
             .field("in_flight", &self.in_flight.load(Relaxed))
-            .field("reserved", &lock_std(&self.reserved).name())
+            .field(
+                "reserved",
+                // Not waiting for a close that is taking it back.
+                &self
+                    .reserved
+                    .held
+                    .try_lock()
+                    .map_or("being taken back", |h| h.reserved.name()),
+            )
             .field("pending_when_saturated", &self.pending_when_saturated)
             .finish()
     }
@@ -318,89 +441,33 @@ where
     /// is not ready). Never an error: a failed checkout fails the next call instead.
     /// See the type's docs.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        let pool = &self.pool;
-        let reserved = self
-            .reserved
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner);
-        // The common case: a client reserved already, polled again.
-        if let Reserved::Client { conn, ready } = reserved
-            && !conn.is_broken()
-            && !pool.is_shut()
-        {
-            return match poll_client(conn, ready, cx) {
-                Poll::Ready(Err(e)) => {
-                    *reserved = Reserved::Failed(e);
-                    Poll::Ready(Ok(()))
-                }
-                other => other,
-            };
+        let mut held = self.reserved.held.lock();
+        let poll = poll_reserved(
+            &self.pool,
+            &mut held.reserved,
+            self.pending_when_saturated,
+            cx,
+        );
+        if poll.is_pending() {
+            // Woken if closing the pool takes what it waits on.
+            set_waker(&mut held.waker, cx);
         }
-        loop {
-            if matches!(reserved, Reserved::Client { .. } | Reserved::Slot(_)) && pool.is_shut() {
-                // Closed meanwhile: give it back (it is closed), and fail the next call.
-                *reserved = Reserved::Failed(PoolError::Closed.into());
-            }
-            match reserved {
-                Reserved::Client { conn, .. } if conn.is_broken() => {
-                    // Its `poll_ready` panicked last time: closed (on drop), and
-                    // another one checked out.
-                    *reserved = Reserved::Nothing;
-                }
-                Reserved::Client { conn, ready } => {
-                    return match poll_client(conn, ready, cx) {
-                        Poll::Ready(Err(e)) => {
-                            *reserved = Reserved::Failed(e);
-                            Poll::Ready(Ok(()))
-                        }
-                        other => other,
-                    };
-                }
-                // (Busy: polled again, maybe something was freed meanwhile.)
-                Reserved::Nothing | Reserved::Busy => {
-                    // An idle client or a free slot; the liveness check and any connect
-                    // happen at the call. When nothing is free, waits in the pool's
-                    // queue, or leaves the wait to the call.
-                    let queue = self.pending_when_saturated;
-                    let mut checkout = Reserve::new(queue);
-                    match checkout.poll(pool, cx) {
-                        Poll::Ready(got) => {
-                            *reserved = Reserved::got(got);
-                            if matches!(reserved, Reserved::Busy) {
-                                return Poll::Ready(Ok(()));
-                            }
-                        }
-                        Poll::Pending => {
-                            *reserved = Reserved::Checkout(checkout);
-                            return Poll::Pending;
-                        }
-                    }
-                }
-                Reserved::Checkout(checkout) => {
-                    let got = std::task::ready!(checkout.poll(pool, cx));
-                    *reserved = Reserved::got(got);
-                }
-                // Not a `poll_ready` error: that would tell a balancer the endpoint is
-                // gone for good.
-                Reserved::Slot(_) | Reserved::Failed(_) => return Poll::Ready(Ok(())),
-            }
-        }
+        poll
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
         let in_flight = Some(InFlight::start(&self.in_flight));
-        let reserved = self
-            .reserved
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner);
-        // The common case: a ready client, checked now, once per request. (Taken out
-        // first: if the check panics, it is closed on the way out.)
-        if matches!(reserved, Reserved::Client { ready: true, .. }) && !self.pool.is_shut() {
-            let Reserved::Client { mut conn, .. } = std::mem::replace(reserved, Reserved::Nothing)
+        let mut held = self.reserved.held.lock();
+        // The common case: a ready client, checked now, once per request. Taken out of
+        // the cell: from here on it is in use, and closing the pool waits for it rather
+        // than taking it back.
+        if matches!(held.reserved, Reserved::Client { ready: true, .. }) && !self.pool.is_shut() {
+            let Reserved::Client { mut conn, .. } =
+                std::mem::replace(&mut held.reserved, Reserved::Nothing)
             else {
                 unreachable!("matched above")
             };
-            conn.set_reserved(false);
+            drop(held);
             if let Some(reason) = conn.recheck() {
                 // It died while reserved: the future connects in its slot.
                 let slot = conn.close_keeping_slot(reason);
@@ -419,7 +486,96 @@ where
             let state = State::Called { fut, conn };
             return ResponseFuture { state, in_flight };
         }
-        self.call_unready(req, in_flight)
+        let reserved = std::mem::replace(&mut held.reserved, Reserved::Nothing);
+        drop(held);
+        self.call_unready(reserved, req, in_flight)
+    }
+}
+
+/// [`PoolService::poll_ready`] on its reservation (its cell locked).
+#[inline]
+fn poll_reserved<C, T, Req>(
+    pool: &Pool<C, T>,
+    reserved: &mut Reserved<C::Response>,
+    queue: bool,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), BoxError>>
+where
+    C: Connector<T>,
+    C::Response: Service<Req>,
+    <C::Response as Service<Req>>::Error: Into<BoxError>,
+    T: Target,
+{
+    // The common case: a client reserved already, polled again.
+    if let Reserved::Client { conn, ready } = reserved
+        && !conn.is_broken()
+        && !pool.is_shut()
+    {
+        return match poll_client(conn, ready, cx) {
+            Poll::Ready(Err(e)) => {
+                *reserved = Reserved::Failed(e);
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        };
+    }
+    loop {
+        if matches!(reserved, Reserved::Client { .. } | Reserved::Slot(_)) && pool.is_shut() {
+            // Closed meanwhile: give it back (it is closed), and fail the next call.
+            *reserved = Reserved::Failed(PoolError::Closed.into());
+        }
+        match reserved {
+            Reserved::Client { conn, .. } if conn.is_broken() => {
+                // Its `poll_ready` panicked last time: closed (on drop), and
+                // another one checked out.
+                *reserved = Reserved::Nothing;
+            }
+            Reserved::Client { conn, ready } => {
+                return match poll_client(conn, ready, cx) {
+                    Poll::Ready(Err(e)) => {
+                        *reserved = Reserved::Failed(e);
+                        Poll::Ready(Ok(()))
+                    }
+                    other => other,
+                };
+            }
+            // (Busy: polled again, maybe something was freed meanwhile.)
+            Reserved::Nothing | Reserved::Busy => {
+                // An idle client or a free slot; the liveness check and any connect
+                // happen at the call. When nothing is free, waits in the pool's
+                // queue, or leaves the wait to the call.
+                let mut checkout = Reserve::new(queue);
+                match checkout.poll(pool, cx) {
+                    Poll::Ready(got) => {
+                        *reserved = Reserved::got(got);
+                        if matches!(reserved, Reserved::Busy) {
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                    Poll::Pending => {
+                        *reserved = Reserved::Checkout(checkout);
+                        return Poll::Pending;
+                    }
+                }
+            }
+            Reserved::Checkout(checkout) => {
+                let got = std::task::ready!(checkout.poll(pool, cx));
+                *reserved = Reserved::got(got);
+            }
+            // Not a `poll_ready` error: that would tell a balancer the endpoint is
+            // gone for good.
+            Reserved::Slot(_) | Reserved::Failed(_) => return Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// Keeps the waker of a `poll_ready` that returned `Pending` (a clone only when the
+/// task changed).
+#[cold]
+fn set_waker(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    match slot {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        _ => *slot = Some(cx.waker().clone()),
     }
 }
 
@@ -432,6 +588,7 @@ where
     #[inline(never)]
     fn call_unready<Req>(
         &mut self,
+        mut reserved: Reserved<C::Response>,
         req: Req,
         in_flight: Option<InFlight>,
     ) -> ResponseFuture<C, T, Req>
@@ -439,16 +596,12 @@ where
         C::Response: Service<Req>,
         Req: Send + 'static,
     {
-        let reserved = self
-            .reserved
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner);
         if matches!(reserved, Reserved::Client { .. } | Reserved::Slot(_)) && self.pool.is_shut() {
             // Closed meanwhile: give it back (it is closed), and fail the call.
-            *reserved = Reserved::Failed(PoolError::Closed.into());
+            reserved = Reserved::Failed(PoolError::Closed.into());
         }
         let new = || SlowCall::new(&self.pool);
-        let slow = match std::mem::replace(reserved, Reserved::Nothing) {
+        let slow = match reserved {
             // Not sent: the request goes back with the error, so a balancer can send
             // it elsewhere without having copied it.
             Reserved::Failed(e) => {
@@ -458,24 +611,18 @@ where
             }
             // A connect, in the slot reserved. No connect retries: a balancer fails
             // over to another backend at once.
-            Reserved::Slot(mut slot) => {
-                slot.set_reserved(false);
-                new().getting(self.pool.connect_in_slot_owned(slot))
-            }
+            Reserved::Slot(slot) => new().getting(self.pool.connect_in_slot_owned(slot)),
             // Saturated: the call waits in the pool's queue.
             Reserved::Busy => new().getting(self.pool.checkout_owned()),
             // Called without a `Ready` from `poll_ready` first: the future gets the
             // client ready (checked, then its own `poll_ready`), or checks one out.
-            Reserved::Client { mut conn, .. } => {
-                conn.set_reserved(false);
-                match conn.recheck() {
-                    None => new().with_client(conn),
-                    Some(reason) => {
-                        let slot = conn.close_keeping_slot(reason);
-                        new().getting(self.pool.connect_in_slot_owned(slot))
-                    }
+            Reserved::Client { mut conn, .. } => match conn.recheck() {
+                None => new().with_client(conn),
+                Some(reason) => {
+                    let slot = conn.close_keeping_slot(reason);
+                    new().getting(self.pool.connect_in_slot_owned(slot))
                 }
-            }
+            },
             Reserved::Checkout(reserve) => new().reserving(reserve),
             Reserved::Nothing => new().getting(self.pool.checkout_owned()),
         };
@@ -506,14 +653,8 @@ impl<X> Reserved<X> {
     #[inline]
     fn got(got: Result<Checked<X>, PoolError>) -> Self {
         match got {
-            Ok(Checked::Conn(conn)) => {
-                conn.set_reserved(true);
-                Reserved::Client { conn, ready: false }
-            }
-            Ok(Checked::Slot(mut slot)) => {
-                slot.set_reserved(true);
-                Reserved::Slot(slot)
-            }
+            Ok(Checked::Conn(conn)) => Reserved::Client { conn, ready: false },
+            Ok(Checked::Slot(slot)) => Reserved::Slot(slot),
             Ok(Checked::Busy) => Reserved::Busy,
             Err(e) => Reserved::Failed(e.into()),
         }

@@ -410,7 +410,7 @@ async fn dropping_a_service_that_waits_withdraws_it_from_the_queue() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn close_does_not_wait_for_reservations_and_they_fail_their_call() {
+async fn close_takes_back_reservations_and_they_fail_their_call() {
     let connector = Connector::default();
     let pool = pool(&connector, "a", 2);
     warm(&pool, 1).await;
@@ -424,6 +424,14 @@ async fn close_does_not_wait_for_reservations_and_they_fail_their_call() {
     tokio::time::timeout(Duration::from_secs(1), pool.close())
         .await
         .expect("close() does not wait for what services hold for later");
+    // Taken back by close(), not by the services' next poll: the client is closed.
+    let s = pool.stats();
+    assert_eq!(
+        (s.total, s.active, s.connecting, s.destroyed),
+        (0, 0, 0, 1),
+        "{s:#?}"
+    );
+    balanced(&s);
     for svc in [&mut client, &mut slot] {
         assert_ready_ok!(task::spawn(poll_fn(|cx| svc.poll_ready(cx))).poll());
         let err = svc.call(req(1)).await.unwrap_err();
@@ -435,6 +443,207 @@ async fn close_does_not_wait_for_reservations_and_they_fail_their_call() {
     let s = pool.stats();
     assert_eq!((s.total, s.connecting, s.destroyed), (0, 0, 1), "{s:#?}");
     balanced(&s);
+}
+
+/// Polls `svc` ready once and expects its next call to fail with `Closed`, not sent,
+/// its request given back.
+async fn fails_closed(svc: &mut PoolService<Connector, &'static str>) {
+    assert_ready_ok!(task::spawn(poll_fn(|cx| svc.poll_ready(cx))).poll());
+    let err = svc.call(req(1)).await.unwrap_err();
+    assert!(is_not_sent(&*err), "{err:?}");
+    let pe = find::<PoolError>(&*err).unwrap_or_else(|| panic!("a PoolError: {err:?}"));
+    assert!(pe.is_closed(), "{pe:?}");
+    assert_eq!(take_unsent_request::<Req>(&*err), Some(req(1)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_made_ready_and_never_called_does_not_keep_its_connection_past_close() {
+    let connector = Connector::default();
+    let pool = pool(&connector, "a", 2);
+    warm(&pool, 1).await;
+    let mut svc = PoolService::new(pool.clone());
+    svc.ready().await.unwrap(); // reserved, and never called (as a balancer does)
+    let s = pool.stats();
+    assert_eq!((s.total, s.active), (1, 1), "{s:#?}");
+
+    tokio::time::timeout(Duration::from_secs(60), pool.close())
+        .await
+        .expect("close() ends");
+    let s = pool.stats();
+    assert_eq!((s.total, s.active, s.destroyed), (0, 0, 1), "{s:#?}");
+    assert_eq!(s.acquired, s.released, "{s:#?}");
+    fails_closed(&mut svc).await;
+    assert_eq!(pool.stats().total, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_takes_back_what_each_clone_reserved() {
+    let connector = Connector::default();
+    let pool = pool(&connector, "a", 4);
+    warm(&pool, 2).await;
+    let mut a = PoolService::new(pool.clone());
+    let mut b = a.clone();
+    let mut c = b.clone();
+    a.ready().await.unwrap(); // an idle client
+    b.ready().await.unwrap(); // the other idle client
+    c.ready().await.unwrap(); // a free slot
+    let mut d = c.clone(); // nothing reserved
+    let s = pool.stats();
+    assert_eq!((s.total, s.active, s.connecting), (2, 2, 1), "{s:#?}");
+
+    tokio::time::timeout(Duration::from_secs(60), pool.close())
+        .await
+        .expect("close() ends");
+    let s = pool.stats();
+    assert_eq!(
+        (s.total, s.active, s.connecting, s.destroyed),
+        (0, 0, 0, 2),
+        "{s:#?}"
+    );
+    balanced(&s);
+    for svc in [&mut a, &mut b, &mut c] {
+        fails_closed(svc).await;
+    }
+    // The clone that held nothing: its checkout fails.
+    fails_closed(&mut d).await;
+    assert_eq!(pool.stats().total, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_waits_for_connections_in_use_only_and_a_service_dropped_meanwhile_is_fine() {
+    let connector = Connector::default();
+    let pool = pool(&connector, "a", 3);
+    warm(&pool, 2).await;
+    let held = pool.get().await.unwrap(); // really in use
+    let mut svc = PoolService::new(pool.clone());
+    svc.ready().await.unwrap(); // the other idle client, reserved
+    let clone = svc.clone();
+    let mut waiting = clone.clone().pending_when_saturated();
+    let mut slot = clone.clone();
+    slot.ready().await.unwrap(); // the third slot
+    // Saturated now: this one queues in `poll_ready`.
+    let mut ready = task::spawn(poll_fn(|cx| waiting.poll_ready(cx)));
+    assert_pending!(ready.poll());
+    let s = pool.stats();
+    assert_eq!((s.total, s.active, s.waiting), (2, 2, 1), "{s:#?}");
+
+    let mut close = task::spawn(pool.close());
+    assert_pending!(close.poll(), "waits for the connection in use");
+    assert!(ready.is_woken(), "the queued poll_ready is woken");
+    assert_ready_ok!(ready.poll());
+    drop(ready);
+    let s = pool.stats();
+    assert_eq!(
+        (s.total, s.active, s.connecting, s.waiting, s.destroyed),
+        (1, 1, 0, 0, 1),
+        "only the connection in use is left: {s:#?}"
+    );
+    // Services dropped while close() waits: nothing left to give back twice.
+    drop(svc);
+    drop(clone);
+    drop(slot);
+    assert_pending!(close.poll());
+    drop(held);
+    assert!(close.is_woken());
+    assert_ready!(close.poll());
+    let s = pool.stats();
+    assert_eq!((s.total, s.active, s.destroyed), (0, 0, 2), "{s:#?}");
+    balanced(&s);
+    fails_closed(&mut waiting).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_takes_back_what_a_balancer_holds_ready() {
+    let connector = Connector::default();
+    let (a, b) = (pool(&connector, "a", 2), pool(&connector, "b", 2));
+    warm(&a, 1).await;
+    warm(&b, 1).await;
+    let mut lb = Balance::new(
+        ServiceList::new(vec![
+            PoolService::new(a.clone()),
+            PoolService::new(b.clone()),
+        ]),
+        RoundRobin::new(),
+    );
+    for i in 0..4 {
+        lb.ready().await.unwrap().call(req(i)).await.unwrap();
+    }
+    // Ready again, and kept so: the balancer holds its endpoints' reservations.
+    lb.ready().await.unwrap();
+    let held: usize = [&a, &b].iter().map(|p| p.stats().active).sum();
+    assert!(held >= 1, "{:#?} {:#?}", a.stats(), b.stats());
+
+    for p in [&a, &b] {
+        tokio::time::timeout(Duration::from_secs(60), p.close())
+            .await
+            .expect("close() ends while the balancer lives");
+        let s = p.stats();
+        assert_eq!((s.total, s.active, s.connecting), (0, 0, 0), "{s:#?}");
+        balanced(&s);
+    }
+    drop(lb);
+}
+
+/// Uses `svc` until a call fails (the pool closed), cloning it now and then (the old
+/// one dropped), then makes it ready once more and returns it.
+async fn use_until_closed(
+    mut svc: PoolService<Connector, &'static str>,
+) -> PoolService<Connector, &'static str> {
+    for i in 0.. {
+        poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+        if svc.call(req(i)).await.is_err() {
+            break;
+        }
+        if i % 3 == 0 {
+            svc = svc.clone();
+        }
+        tokio::task::yield_now().await;
+    }
+    poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    svc
+}
+
+#[test]
+fn close_takes_back_reservations_of_services_used_on_other_threads() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for round in 0..20u64 {
+        let connector = Connector::default();
+        let pool = rt.block_on(async { pool(&connector, "a", 4) });
+        let svc = PoolService::new(pool.clone());
+        let threads: Vec<_> = (0..3)
+            .map(|t| {
+                let svc = if t % 2 == 0 {
+                    svc.clone()
+                } else {
+                    svc.clone().pending_when_saturated()
+                };
+                std::thread::spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap()
+                        .block_on(use_until_closed(svc))
+                })
+            })
+            .collect();
+        rt.block_on(async {
+            tokio::time::sleep(Duration::from_micros(200 * (round % 4))).await;
+            tokio::time::timeout(Duration::from_secs(10), pool.close())
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: close() ends: {:#?}", pool.stats()));
+        });
+        let s = pool.stats();
+        assert_eq!((s.total, s.connecting), (0, 0), "round {round}: {s:#?}");
+        let kept: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let s = pool.stats();
+        assert_eq!((s.total, s.active), (0, 0), "round {round}: {s:#?}");
+        balanced(&s);
+        drop(kept);
+        drop(svc);
+    }
 }
 
 #[tokio::test(start_paused = true)]
