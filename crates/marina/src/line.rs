@@ -277,18 +277,20 @@ where
 mod tests {
     use super::*;
 
-    /// Answers one request line with `reply` (raw bytes) from the other end of a pipe.
+    /// Answers one request line with `reply` (raw bytes) from the other end of a pipe,
+    /// then hangs up (a reply without its `\n` then ends in EOF, not a wait for more).
     async fn answer(reply: Vec<u8>) -> io::Result<String> {
         let (client, mut server) = tokio::io::duplex(64 * 1024);
         let server = tokio::spawn(async move {
             let mut byte = [0u8; 1];
             while server.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' {}
             server.write_all(&reply).await.unwrap();
-            server
+            // Dropped here: kept alive until the client's call ended, a reply cut short
+            // left the client waiting for bytes that never came, and the test hung.
         });
         let mut svc = LineClient::new(client);
         let out = svc.call("ping".to_string()).await;
-        drop(server.await.unwrap());
+        server.await.unwrap();
         out
     }
 
