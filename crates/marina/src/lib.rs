@@ -257,7 +257,7 @@ pub use timeout::{
 
 #[cfg(feature = "full")]
 pub use stack::{
-    AffinityMode, BackendStats, Conn, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WARM_BUDGET,
+    AffinityMode, BackendStats, Conn, CustomStream, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WARM_BUDGET,
     EndpointService, KeyFnBox, Reply, ShuttingDown, Stack, StackBuilder, StackHandle, StackRequest,
     StackService, StackStats, Transport,
 };

@@ -39,11 +39,14 @@ where
             return Err(crate::InvalidConfig(problems).into());
         }
         let proto: ProtoFn<C> = Arc::new(protocol);
-        let mut tcp = BandwidthLimit::new(TransportConnector::new(
-            TcpConnector::new().connect_timeout(Some(b.connect_timeout)),
-            #[cfg(feature = "tls")]
-            b.tls.clone(),
-        ));
+        let mut tcp = BandwidthLimit::new(
+            TransportConnector::new(
+                TcpConnector::new().connect_timeout(Some(b.connect_timeout)),
+                #[cfg(feature = "tls")]
+                b.tls.clone(),
+            )
+            .custom(b.connector.clone(), b.connect_timeout),
+        );
         if let Some((rate, burst)) = b.bandwidth {
             tcp = tcp.shared_write(rate, burst);
         }

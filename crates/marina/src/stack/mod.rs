@@ -46,7 +46,7 @@ use tower::discover::Change;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 use tower_service::Service;
-pub use transport::Transport;
+pub use transport::{CustomStream, Transport};
 
 /// The connection every pool holds before the protocol: TCP, or TLS over TCP with
 /// [`StackBuilder::tls`], through the bandwidth limiter. `conn.get_mut().is_open()`
@@ -184,6 +184,8 @@ pub struct StackBuilder<T> {
     warm_budget: usize,
     #[cfg(feature = "tls")]
     tls: Option<marina_pool::tls::TlsConfig>,
+    /// A connector of the user's in place of TCP (and TLS).
+    connector: Option<transport::CustomConnect>,
     /// The fleet (Redis) the limits and sticky sessions are shared through (fleet.rs).
     #[cfg(feature = "redis")]
     redis: fleet::RedisSettings,
@@ -198,6 +200,7 @@ impl<T> fmt::Debug for StackBuilder<T> {
             .field("affinity", &self.affinity)
             .field("rate", &self.rate)
             .field("bandwidth", &self.bandwidth)
+            .field("connector", &self.connector.as_ref().map(|_| "custom"))
             .finish_non_exhaustive()
     }
 }
@@ -247,6 +250,7 @@ impl Stack {
             warm_budget: DEFAULT_WARM_BUDGET,
             #[cfg(feature = "tls")]
             tls: None,
+            connector: None,
             #[cfg(feature = "redis")]
             redis: fleet::RedisSettings::default(),
         }
@@ -376,6 +380,82 @@ impl<T> StackBuilder<T> {
     #[cfg(feature = "tls")]
     pub fn tls(mut self, tls: marina_pool::tls::TlsConfig) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// Opens the stack's connections with `connector` instead of TCP: a tower
+    /// `Service<SocketAddr>` whose response is the stream (a simulated network such as
+    /// turmoil's, a Unix socket, a tunnel, a connector that counts or traces). Every
+    /// connection the stack's pools open goes through it, within
+    /// [`connect_timeout`](Self::connect_timeout) (past it, the connect fails with
+    /// `marina::pool::ConnectTimeout`); a connect error counts as never sent, so
+    /// failover sends the request to another backend, as for TCP. The bandwidth limit
+    /// and the protocol sit on top as usual.
+    ///
+    /// Its streams are [`Transport::Custom`]: [`Transport::is_open`] checks one by a
+    /// read that does not wait (nothing to read: open; end of stream, an error or
+    /// unread bytes: not reusable), and [`Transport::try_tcp`] is `None` (
+    /// [`Transport::tcp`] and `Deref` to `TcpStream` panic: a `check` written against
+    /// the TCP socket, such as `socket_is_open(conn.get_ref())`, must use
+    /// [`Transport::is_open`] with a custom connector; [`build_line`](Self::build_line)
+    /// and [`build_line_bytes`](Self::build_line_bytes) do).
+    ///
+    /// The connector replaces TLS too: [`tls`](Self::tls) together with a connector is
+    /// refused at build (path `tls`); do TLS inside the connector. An active probe
+    /// ([`probe`](Self::probe)) is yours and opens its own connections: give it the
+    /// same connector if it must use the same network.
+    ///
+    /// ```
+    /// use std::net::SocketAddr;
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use marina::Stack;
+    /// use marina::core::Request;
+    /// use tower::ServiceExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), marina::core::BoxError> {
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let addr = listener.local_addr()?;
+    /// # tokio::spawn(async move {
+    /// #     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    /// #     while let Ok((s, _)) = listener.accept().await {
+    /// #         tokio::spawn(async move {
+    /// #             let (r, mut w) = s.into_split();
+    /// #             let mut lines = BufReader::new(r).lines();
+    /// #             while let Ok(Some(l)) = lines.next_line().await {
+    /// #                 if w.write_all(format!("{l}\n").as_bytes()).await.is_err() { return; }
+    /// #             }
+    /// #         });
+    /// #     }
+    /// # });
+    /// // A connector that counts the connections it opens (over TCP here).
+    /// let opened = Arc::new(AtomicUsize::new(0));
+    /// let counting = {
+    ///     let opened = opened.clone();
+    ///     tower::service_fn(move |addr: SocketAddr| {
+    ///         opened.fetch_add(1, Ordering::Relaxed);
+    ///         tokio::net::TcpStream::connect(addr)
+    ///     })
+    /// };
+    /// let (svc, handle) = Stack::builder::<String>()
+    ///     .endpoints([addr]) // `addr`: an echo server
+    ///     .connector(counting)
+    ///     .build_line()?;
+    /// let reply = svc.oneshot(Request::new("ping".to_string())).await?;
+    /// assert_eq!(reply.into_body(), "ping");
+    /// assert!(opened.load(Ordering::Relaxed) >= 1);
+    /// handle.shutdown(std::time::Duration::from_secs(1)).await;
+    /// # Ok(()) }
+    /// ```
+    pub fn connector<C>(mut self, connector: C) -> Self
+    where
+        C: Service<SocketAddr> + Clone + Send + Sync + 'static,
+        C::Response: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+        C::Error: Into<BoxError>,
+        C::Future: Send + 'static,
+    {
+        self.connector = Some(transport::custom_connect(connector));
         self
     }
 
@@ -555,6 +635,13 @@ impl<T> StackBuilder<T> {
                     format!("{e} is listed twice (as endpoints[{j}] too)"),
                 );
             }
+        }
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() && self.connector.is_some() {
+            bad(
+                "tls".into(),
+                "TLS with a custom connector (StackBuilder::connector): do TLS inside the connector".into(),
+            );
         }
         if self.connect_timeout.is_zero() {
             bad("connect_timeout_ms".into(), "must be above 0".into());
