@@ -514,6 +514,12 @@ impl<T> StackBuilder<T> {
     /// a request lasts at most attempts × timeout). Past it the request fails with
     /// `marina::balance::DeadlineExceeded`, which says whether it may have been sent.
     /// Above 0.
+    ///
+    /// It counts from `call`: the wait in `poll_ready` before it (for a ready backend,
+    /// bounded by [`failfast_timeout`](Self::failfast_timeout)) is not part of it, so a
+    /// `oneshot` with every backend down can take fail-fast time + deadline. To bound
+    /// the whole thing, wrap the readiness wait and the call in one
+    /// `tokio::time::timeout`.
     pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
         self.deadline = deadline.into();
         self
