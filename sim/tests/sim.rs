@@ -97,12 +97,15 @@ fn chaos() {
     marina_sim::sweep_with("chaos", Scenario::chaos, Target::Stack);
 }
 
-/// Four clients per session, sending concurrently, through a partition: a session's
-/// requests in flight when its backend fails each re-pin it, to the backend their own
-/// attempt reached (the table is written on each response), so one failure can move a
-/// session more than once, and two first requests of a new session can pin it to two
-/// backends in turn. Ignored: marina-affinity pins on response (a known limit, see the
-/// report); run it with `--ignored` to see the seeds that show it.
+/// Four clients per session, sending concurrently, through a partition. The sticky
+/// table is written by compare-and-set (the first answer pins or re-pins a session;
+/// answers to requests routed before it leave that pin alone), so the table moves a
+/// session once per failure. Still ignored: the check counts the backend that served
+/// each answer, and requests already routed when the pin changes are served elsewhere
+/// and read as moves: a new session's first requests, routed round robin before the
+/// first answer pins it, and requests that failover retries (after an attempt timeout
+/// on the failed backend), each to a backend the balancer picks for it alone, not to
+/// the session's new pin. Run it with `--ignored` to see the seeds that show them.
 #[test]
 #[ignore]
 fn shared_sessions() {

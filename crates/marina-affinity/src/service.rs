@@ -16,7 +16,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::session::new_session_id;
-use crate::table::{Counters, HINTS_UNREAD, Inserted, SessionInfo, Table, TableConfig};
+use crate::table::{Counters, HINTS_UNREAD, Inserted, SeenPin, SessionInfo, Table, TableConfig};
 use crate::token::TokenCodec;
 
 /// A new session was refused: the sticky table is full and set to
@@ -73,6 +73,14 @@ enum Mode {
 /// layer re-pins the session there (the table entry or a new token); with
 /// [`strict`](Self::strict) the request fails with
 /// [`PinnedEndpointUnavailable`](marina_core::PinnedEndpointUnavailable) instead.
+///
+/// In table mode the pin is written when a response comes back, as a compare-and-set
+/// against the pin its request saw when it was routed: when several requests of one
+/// session are in flight, the first answer pins (or re-pins) the session and the
+/// others leave that pin alone (HAProxy's stick tables keep the first server stored
+/// the same way). Two first requests of a new session routed to two endpoints pin it
+/// once, where the first answer came from; a failure with several requests in flight
+/// moves the session once, counted once in [`AffinityStats::repinned`].
 ///
 /// Requests must carry extensions ([`HasExtensions`]: `http::Request`,
 /// `marina_core::Request`) and so must responses (where [`NewSession`] and
@@ -445,10 +453,11 @@ struct TokenAfter {
 /// What to do when the response comes back.
 enum After {
     Nothing,
-    /// Table mode: pin `key` to the chosen endpoint (new, or re-pin from `pinned`).
+    /// Table mode: pin `key` to the chosen endpoint (new, or re-pin from `pinned`, the
+    /// pin the request saw when it was routed: compare-and-set).
     Pin {
         key: Arc<str>,
-        pinned: Option<EndpointId>,
+        pinned: Option<SeenPin>,
         new: bool,
     },
     /// Token mode: issue a token unless the chosen endpoint is `valid`'s and it is
@@ -485,18 +494,18 @@ where
                 None => Err(Arc::<str>::from(k)),
             });
             let (key, pinned, new) = match found {
-                Some(Ok((ep, key))) => (Some(key), Some(ep), false),
+                Some(Ok((pin, key))) => (Some(key), Some(pin), false),
                 Some(Err(key)) => (Some(key), None, false),
                 None if l.new_sessions => (Some(Arc::from(new_session_id())), None, true),
                 None => (None, None, false),
             };
             let (hint, after) = match (key, pinned) {
                 (None, _) => (None, After::Nothing),
-                (Some(key), Some(ep)) => (
-                    Some(self.endpoint_hint(ep)),
+                (Some(key), Some(pin)) => (
+                    Some(self.endpoint_hint(pin.endpoint)),
                     After::Pin {
                         key,
-                        pinned: Some(ep),
+                        pinned: Some(pin),
                         new,
                     },
                 ),
@@ -678,15 +687,22 @@ where
             }
             (After::Pin { key, pinned, new }, Some(chosen)) => {
                 if let Some(table) = &shared.table {
-                    if pinned.is_some_and(|p| p != chosen) {
-                        tracing::debug!(session = %key, from = ?pinned, to = ?chosen, "session re-pinned");
-                        record_repinned();
-                    }
-                    // `pin` counts created and re-pinned sessions itself.
-                    if table.pin(&key, chosen) == Inserted::Refused {
-                        tracing::debug!(session = %key, "session table full: not pinned");
-                    } else if new {
-                        resp.extensions_mut().insert(NewSession(key.to_string()));
+                    // A compare-and-set against the pin this request saw: `pin` counts
+                    // created and re-pinned sessions itself, and leaves a pin made by
+                    // another request of the session since alone.
+                    match table.pin(&key, chosen, pinned) {
+                        Inserted::Refused => {
+                            tracing::debug!(session = %key, "session table full: not pinned");
+                        }
+                        outcome => {
+                            if outcome == Inserted::Moved {
+                                tracing::debug!(session = %key, from = ?pinned.map(|p| p.endpoint), to = ?chosen, "session re-pinned");
+                                record_repinned();
+                            }
+                            if new {
+                                resp.extensions_mut().insert(NewSession(key.to_string()));
+                            }
+                        }
                     }
                 }
             }

@@ -84,6 +84,10 @@ const NIL: u32 = u32::MAX;
 struct Node {
     key: Arc<str>,
     endpoint: EndpointId,
+    /// Changes each time the session is pinned (created or moved): what a request's
+    /// compare-and-set compares, so that a session moved away and back meanwhile is
+    /// not taken for the pin the request saw.
+    generation: u32,
     /// Milliseconds since the table's origin.
     created: u64,
     last: u64,
@@ -100,6 +104,8 @@ struct Shard {
     free: Vec<u32>,
     head: u32,
     tail: u32,
+    /// The next pin's generation.
+    generation: u32,
 }
 
 impl Shard {
@@ -110,6 +116,7 @@ impl Shard {
             free: Vec::new(),
             head: NIL,
             tail: NIL,
+            generation: 0,
         }
     }
 
@@ -143,6 +150,12 @@ impl Shard {
             self.tail = i;
         }
         self.head = i;
+    }
+
+    /// A generation for a new pin.
+    fn next_generation(&mut self) -> u32 {
+        self.generation = self.generation.wrapping_add(1);
+        self.generation
     }
 
     fn remove(&mut self, i: u32) {
@@ -275,10 +288,25 @@ pub struct SessionInfo {
     pub requests: u32,
 }
 
-/// The outcome of pinning a new session.
+/// A session's pin as a request saw it when it was routed: its endpoint, and which
+/// pin that was (a session moved away and back has another).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SeenPin {
+    pub(crate) endpoint: EndpointId,
+    generation: u32,
+}
+
+/// The outcome of [`Table::pin`].
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Inserted {
+    /// Pinned there: a new session, or one already pinned to that endpoint.
     Yes,
+    /// Re-pinned: moved from the endpoint its request saw.
+    Moved,
+    /// Left alone: pinned (or moved) by another request of the session since this
+    /// one was routed; the newer pin stands.
+    Kept,
+    /// A new session refused: the table is full.
     Refused,
 }
 
@@ -354,9 +382,9 @@ impl Table {
         Some(endpoint)
     }
 
-    /// The session's endpoint and its key (shared, no copy), touching it; `None` if
-    /// absent or expired (removed).
-    pub(crate) fn get_shared(&self, key: &str) -> Option<(EndpointId, Arc<str>)> {
+    /// The session's pin and its key (shared, no copy), touching it; `None` if absent
+    /// or expired (removed).
+    pub(crate) fn get_shared(&self, key: &str) -> Option<(SeenPin, Arc<str>)> {
         let now = self.now();
         let mut s = self.shard(key);
         let i = *s.map.get(key)?;
@@ -368,7 +396,13 @@ impl Table {
             self.counters.add_expired(1);
             return None;
         }
-        let found = (n.endpoint, n.key.clone());
+        let found = (
+            SeenPin {
+                endpoint: n.endpoint,
+                generation: n.generation,
+            },
+            n.key.clone(),
+        );
         let n = &mut s.nodes[i as usize];
         n.last = now;
         n.requests = n.requests.saturating_add(1);
@@ -385,20 +419,43 @@ impl Table {
         self.len.load(Relaxed) >= self.capacity() && !self.shard(key).map.contains_key(key)
     }
 
-    /// Pins `key` to `endpoint` (a new session, or a re-pin).
-    pub(crate) fn pin(&self, key: &str, endpoint: EndpointId) -> Inserted {
+    /// Pins `key` to `endpoint`, where a request of the session went; `seen` is the
+    /// session's pin when that request was routed (`None`: it had no pin). A
+    /// compare-and-set, so that concurrent requests of one session agree: a session
+    /// already pinned moves to `endpoint` only if it still holds the pin `seen` (same
+    /// endpoint, same generation). Pinned meanwhile (another request of a new session
+    /// answered first) or moved meanwhile (another request re-pinned it after the same
+    /// failure), the newer pin stays ([`Inserted::Kept`]). A session absent from the
+    /// table (new, or forgotten since) is created.
+    pub(crate) fn pin(&self, key: &str, endpoint: EndpointId, seen: Option<SeenPin>) -> Inserted {
         let now = self.now();
         let mut s = self.shard(key);
         if let Some(&i) = s.map.get(key) {
-            let n = &mut s.nodes[i as usize];
-            if n.endpoint != endpoint {
+            let n = &s.nodes[i as usize];
+            let held = SeenPin {
+                endpoint: n.endpoint,
+                generation: n.generation,
+            };
+            let outcome = if held.endpoint == endpoint {
+                Inserted::Yes
+            } else if seen == Some(held) {
+                let generation = s.next_generation();
+                let n = &mut s.nodes[i as usize];
                 n.endpoint = endpoint;
-                self.counters.add_repinned();
-            }
+                n.generation = generation;
+                Inserted::Moved
+            } else {
+                Inserted::Kept
+            };
+            let n = &mut s.nodes[i as usize];
             n.last = now;
             s.unlink(i);
             s.push_front(i);
-            return Inserted::Yes;
+            drop(s);
+            if outcome == Inserted::Moved {
+                self.counters.add_repinned();
+            }
+            return outcome;
         }
         // Reserve a place; when the table is full, make room or refuse.
         if self.len.fetch_add(1, AcqRel) >= self.capacity() {
@@ -425,14 +482,16 @@ impl Table {
                     // Pinned meanwhile by a concurrent request of the same session.
                     self.len.fetch_sub(1, AcqRel);
                     drop(s);
-                    return self.pin(key, endpoint);
+                    return self.pin(key, endpoint, seen);
                 }
             }
         }
         let key: Arc<str> = Arc::from(key);
+        let generation = s.next_generation();
         let node = Node {
             key: key.clone(),
             endpoint,
+            generation,
             created: now,
             last: now,
             requests: 1,
@@ -634,12 +693,15 @@ mod tests {
         let counters = Arc::new(Counters::default());
         let t = Table::new(TableConfig::with_capacity(1000), counters.clone());
         for k in 0..1000 {
-            assert_eq!(t.pin(&format!("s{k}"), EndpointId(k % 3)), Inserted::Yes);
+            assert_eq!(
+                t.pin(&format!("s{k}"), EndpointId(k % 3), None),
+                Inserted::Yes
+            );
         }
         assert_eq!(t.len(), 1000);
         assert_eq!(counters.purged.load(Relaxed), 0);
         for k in 1000..1500 {
-            t.pin(&format!("s{k}"), EndpointId(1));
+            t.pin(&format!("s{k}"), EndpointId(1), None);
         }
         assert_eq!(t.len(), 1000);
         assert_eq!(counters.purged.load(Relaxed), 500);
@@ -656,15 +718,58 @@ mod tests {
         );
         for k in 0..1000 {
             assert!(!t.would_refuse(&format!("s{k}")));
-            assert_eq!(t.pin(&format!("s{k}"), EndpointId(0)), Inserted::Yes);
+            assert_eq!(t.pin(&format!("s{k}"), EndpointId(0), None), Inserted::Yes);
         }
         assert!(t.would_refuse("new"));
-        assert_eq!(t.pin("new", EndpointId(0)), Inserted::Refused);
+        assert_eq!(t.pin("new", EndpointId(0), None), Inserted::Refused);
         // An existing session still re-pins.
-        assert_eq!(t.pin("s5", EndpointId(9)), Inserted::Yes);
+        let seen = t.get_shared("s5").unwrap().0;
+        assert_eq!(t.pin("s5", EndpointId(9), Some(seen)), Inserted::Moved);
         assert_eq!(t.get("s5"), Some(EndpointId(9)));
         assert!(t.remove("s5"));
-        assert_eq!(t.pin("new", EndpointId(0)), Inserted::Yes);
+        assert_eq!(t.pin("new", EndpointId(0), None), Inserted::Yes);
         assert_eq!(counters.refused.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn first_pin_wins_and_a_session_moves_once_per_failure() {
+        let counters = Arc::new(Counters::default());
+        let t = Table::new(TableConfig::with_capacity(100), counters.clone());
+        // Two first requests, routed before either answered, to two endpoints.
+        assert_eq!(t.pin("s", EndpointId(1), None), Inserted::Yes);
+        assert_eq!(t.pin("s", EndpointId(2), None), Inserted::Kept);
+        assert_eq!(t.get("s"), Some(EndpointId(1)));
+        // Three requests that saw endpoint 1, failed over to 2, 3 and 2.
+        let seen = t.get_shared("s").unwrap().0;
+        assert_eq!(seen.endpoint, EndpointId(1));
+        assert_eq!(t.pin("s", EndpointId(2), Some(seen)), Inserted::Moved);
+        assert_eq!(t.pin("s", EndpointId(3), Some(seen)), Inserted::Kept);
+        assert_eq!(t.pin("s", EndpointId(2), Some(seen)), Inserted::Yes);
+        assert_eq!(t.get("s"), Some(EndpointId(2)));
+        assert_eq!(counters.repinned.load(Relaxed), 1);
+        assert_eq!(counters.created.load(Relaxed), 1);
+        // A request that saw a pin since forgotten creates the session again.
+        let gone = t.get_shared("s").unwrap().0;
+        assert!(t.remove("s"));
+        assert_eq!(t.pin("s", EndpointId(3), Some(gone)), Inserted::Yes);
+        assert_eq!(t.get("s"), Some(EndpointId(3)));
+        assert_eq!(counters.created.load(Relaxed), 2);
+        assert_eq!(counters.repinned.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_session_moved_away_and_back_is_not_the_pin_a_request_saw() {
+        let counters = Arc::new(Counters::default());
+        let t = Table::new(TableConfig::with_capacity(100), counters.clone());
+        t.pin("s", EndpointId(1), None);
+        let old = t.get_shared("s").unwrap().0;
+        // Moved to 2 after a failure of 1, then back to 1 after a failure of 2...
+        assert_eq!(t.pin("s", EndpointId(2), Some(old)), Inserted::Moved);
+        let on_two = t.get_shared("s").unwrap().0;
+        assert_eq!(t.pin("s", EndpointId(1), Some(on_two)), Inserted::Moved);
+        // ...a request routed before both answers at last, from 3: it saw another pin.
+        assert_eq!(t.pin("s", EndpointId(3), Some(old)), Inserted::Kept);
+        assert_eq!(t.get("s"), Some(EndpointId(1)));
+        assert_eq!(counters.repinned.load(Relaxed), 2);
     }
 }
