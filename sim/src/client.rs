@@ -346,10 +346,10 @@ pub async fn host(
                 t.requests, t.errors, t.retries, t.hedges, t.hedges_won
             )));
             if let Some(a) = h.stats().affinity {
-                log.push(Event::Note(format!(
-                    "sessions: {} created, {} re-pinned",
-                    a.created, a.repinned
-                )));
+                log.push(Event::Sessions {
+                    created: a.created,
+                    repinned: a.repinned,
+                });
             }
             log.push(Event::Shutdown { left, pool_total });
         }

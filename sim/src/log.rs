@@ -115,6 +115,13 @@ pub enum Event {
         /// Connections open in all pools after the shutdown.
         pool_total: usize,
     },
+    /// The sticky table's counts at the end (`AffinityStats`).
+    Sessions {
+        /// Sessions created.
+        created: u64,
+        /// Sessions moved to another backend.
+        repinned: u64,
+    },
     /// After the shutdown and a grace period: a backend's open connections (its own
     /// count, and turmoil's count of established streams on its host).
     Leftover {
