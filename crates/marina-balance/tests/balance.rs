@@ -951,3 +951,66 @@ fn a_panic_threshold_given_as_a_percentage_is_refused() {
     })];
     let _ = Balance::from_services(endpoints, RoundRobin::new()).panic_threshold(50.0);
 }
+
+// ---------------------------------------------------------------------------------------
+// Tokio's cooperative budget
+// ---------------------------------------------------------------------------------------
+
+/// An endpoint answering with its index, whose `poll_ready` takes a unit of tokio's
+/// cooperative budget (as a pool, a semaphore or a channel does): pending, and its task
+/// woken, when the task has spent its budget.
+#[derive(Clone)]
+struct Cooperative(u32);
+
+impl Service<u32> for Cooperative {
+    type Response = u32;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<u32, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+        coop.made_progress();
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: u32) -> Self::Future {
+        std::future::ready(Ok(self.0))
+    }
+}
+
+/// Spends the task's cooperative budget without yielding.
+fn spend_budget(cx: &mut Context<'_>) {
+    while let Poll::Ready(coop) = tokio::task::coop::poll_proceed(cx) {
+        coop.made_progress();
+    }
+}
+
+#[tokio::test]
+async fn a_spent_coop_budget_does_not_move_a_hashed_key() {
+    use marina_balance::ConsistentHash;
+    use marina_core::RouteHint;
+
+    let endpoints = (0..5).map(Cooperative).collect::<Vec<_>>();
+    let mut lb = Balance::new(ServiceList::new(endpoints), ConsistentHash::new())
+        .route_hint(|key: &u32| Some(RouteHint::hash(u64::from(*key))));
+    for key in 0..200u32 {
+        // Where the key goes with budget to spare ...
+        let home = lb.ready().await.unwrap().call(key).await.unwrap();
+        // ... and where it goes when the task's budget runs out between `poll_ready`
+        // and `call` (a task that did much work in one poll): the picker's choice is
+        // re-checked with a no-op waker in `call`, and a pending there is the budget
+        // speaking, not the endpoint.
+        tokio::task::yield_now().await;
+        let fut = std::future::poll_fn(|cx| {
+            assert!(lb.poll_ready(cx).is_ready(), "ready with a fresh budget");
+            spend_budget(cx);
+            Poll::Ready(lb.call(key))
+        })
+        .await;
+        let served = fut.await.unwrap();
+        assert_eq!(
+            served, home,
+            "key {key} moved when the task's budget ran out"
+        );
+    }
+}

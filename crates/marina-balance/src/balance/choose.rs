@@ -88,6 +88,13 @@ where
         if self.poll_endpoint(slot, cx) {
             return true;
         }
+        self.demote(slot);
+        false
+    }
+
+    /// A ready endpoint found not ready (pending, or failed and removed) leaves the
+    /// ready set.
+    fn demote(&mut self, slot: usize) {
         if let Some(ep) = self.slots[slot].as_ref()
             && ep.is_ready()
         {
@@ -96,18 +103,35 @@ where
         if self.candidate == Some(slot) {
             self.candidate = None;
         }
-        false
     }
 
     /// In `call` (no task context): whether a ready endpoint can take the request now.
     /// The endpoint `poll_ready` checked with the task's context counts as ready; any
     /// other is polled once with a no-op waker (one found pending is polled with a real
     /// context by the next `poll_ready`).
+    ///
+    /// A pending answer while the task has spent tokio's cooperative budget may be the
+    /// budget speaking (pools, semaphores and channels answer pending then, whatever
+    /// they hold): the endpoint is asked once more outside the budget, so a hashed key
+    /// or a pinned session does not move to another endpoint because its task did much
+    /// work in one poll.
     pub(crate) fn usable_now(&mut self, slot: usize) -> bool {
         if self.candidate == Some(slot) {
             return true;
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        self.recheck(slot, &mut cx)
+        if self.poll_endpoint(slot, &mut cx) {
+            return true;
+        }
+        if self.slots[slot].is_some() && !tokio::task::coop::has_budget_remaining() {
+            let mut again = tokio::task::coop::unconstrained(std::future::poll_fn(|cx| {
+                Poll::Ready(self.poll_endpoint(slot, cx))
+            }));
+            if let Poll::Ready(true) = Pin::new(&mut again).poll(&mut cx) {
+                return true;
+            }
+        }
+        self.demote(slot);
+        false
     }
 }
