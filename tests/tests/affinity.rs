@@ -514,3 +514,108 @@ async fn two_instances_hash_mode_agree() {
     })
     .await;
 }
+
+/// Sends `n` requests of each session in `keys` at once; the backends that served each
+/// session.
+async fn send_together<S>(
+    stack: &Arc<Mutex<S>>,
+    keys: &[String],
+    n: usize,
+) -> BTreeMap<String, BTreeSet<usize>>
+where
+    S: Service<Request<String>, Response = Response<String>, Error = BoxError> + Send + 'static,
+    S::Future: Send,
+{
+    let mut tasks = JoinSet::new();
+    for key in keys {
+        for i in 0..n {
+            let stack = stack.clone();
+            let key = key.clone();
+            tasks.spawn(async move {
+                let line = format!("session {key} request {i} concurrent");
+                match send(&stack, line.clone()).await {
+                    Ok(resp) if resp.body == line => (key, Ok(served_by(&resp))),
+                    Ok(resp) => (key, Err(format!("{line}: wrong echo {:?}", resp.body))),
+                    Err(e) => (key, Err(format!("{line}: {e} ({e:?})"))),
+                }
+            });
+        }
+    }
+    let mut served: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
+    while let Some(done) = tasks.join_next().await {
+        let (key, backend) = done.expect("a request task panicked");
+        let backend = backend.unwrap_or_else(|e| panic!("{e}"));
+        served.entry(key).or_default().insert(backend);
+    }
+    served
+}
+
+/// Several requests of each session in flight at once when its backend dies (no health
+/// gate: the dead backend stays ready, each request fails over): a session's requests
+/// all fail over to one backend, the one the session is re-pinned to, since its hint
+/// carries a failover key that tells the session apart. With the least loaded endpoint
+/// instead, concurrent requests of one session spread over both survivors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_of_a_session_fail_over_together() {
+    const SESSIONS: usize = 120;
+    const CONCURRENT: usize = 4;
+
+    within(
+        LIMIT,
+        "concurrent session requests across a backend kill",
+        async {
+            let failover = Failover::new().retry_if(|_| true).budget(RetryBudget::new(
+                Duration::from_secs(10),
+                1000,
+                1.0,
+            ));
+            let (servers, stack, affinity, lb, _) = sticky_stack(8, Some(failover), None).await;
+            let stack = Arc::new(Mutex::new(stack));
+            let before = run_sessions(&stack, SESSIONS, 2, "before").await;
+            assert_no_failures(&before);
+            let ids = endpoint_ids(&lb, 3);
+            let home: BTreeMap<String, usize> = before
+                .iter()
+                .map(|(key, one)| (key.clone(), only_backend(key, one)))
+                .collect();
+            let killed = home.values().copied().max().expect("sessions");
+            servers[killed].shutdown().await;
+            let _held = hold_port(servers[killed].addr()).expect("hold the killed backend's port");
+            let repinned_before = affinity.stats().repinned;
+
+            // For each session of the dead backend, CONCURRENT requests sent together.
+            let moved: Vec<String> = home
+                .iter()
+                .filter(|&(_, &b)| b == killed)
+                .map(|(key, _)| key.clone())
+                .collect();
+            assert!(!moved.is_empty());
+            let served = send_together(&stack, &moved, CONCURRENT).await;
+            let mut spread = BTreeSet::new();
+            for (key, backends) in &served {
+                assert_eq!(
+                    backends.len(),
+                    1,
+                    "session {key}'s concurrent requests failed over to one backend: {backends:?}"
+                );
+                let now = *backends.first().expect("one");
+                assert_ne!(now, killed);
+                assert_eq!(
+                    affinity.pinned(key),
+                    Some(ids[now]),
+                    "session {key} is pinned where its requests went"
+                );
+                spread.insert(now);
+            }
+            assert_eq!(
+                affinity.stats().repinned - repinned_before,
+                moved.len() as u64,
+                "each session re-pinned once"
+            );
+            if moved.len() >= 8 {
+                assert_eq!(spread.len(), 2, "the sessions spread over both survivors");
+            }
+        },
+    )
+    .await;
+}

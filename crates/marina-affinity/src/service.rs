@@ -82,6 +82,12 @@ enum Mode {
 /// once, where the first answer came from; a failure with several requests in flight
 /// moves the session once, counted once in [`AffinityStats::repinned`].
 ///
+/// A pinned request's hint carries a failover key that tells its session apart
+/// ([`RouteHint::with_failover_key`]): when the pinned endpoint fails under a request
+/// and a balancer with failover sends it elsewhere, the session's requests failing
+/// over together all go to one endpoint, the one the session moves to, while the
+/// sessions of a dead endpoint spread over the survivors.
+///
 /// Requests must carry extensions ([`HasExtensions`]: `http::Request`,
 /// `marina_core::Request`) and so must responses (where [`NewSession`] and
 /// [`IssuedToken`] go).
@@ -502,7 +508,9 @@ where
             let (hint, after) = match (key, pinned) {
                 (None, _) => (None, After::Nothing),
                 (Some(key), Some(pin)) => (
-                    Some(self.endpoint_hint(pin.endpoint)),
+                    // The failover key: the session's shared key, by address (one
+                    // per live session, and free to read).
+                    Some(self.endpoint_hint(pin.endpoint, Arc::as_ptr(&key).addr() as u64)),
                     After::Pin {
                         key,
                         pinned: Some(pin),
@@ -548,7 +556,9 @@ where
                 }
                 match valid {
                     Some(t) => (
-                        Some(self.endpoint_hint(t.endpoint)),
+                        Some(
+                            self.endpoint_hint(t.endpoint, token.as_deref().map_or(0, stable_hash)),
+                        ),
                         After::Token(Box::new(TokenAfter {
                             codec: codec.clone(),
                             valid,
@@ -604,8 +614,10 @@ impl<S, X> Affinity<S, X> {
 }
 
 impl<S, X> Affinity<S, X> {
-    fn endpoint_hint(&self, ep: EndpointId) -> RouteHint {
-        let h = RouteHint::endpoint(ep);
+    /// The hint of a request pinned to `ep`; `failover_key` tells its session apart,
+    /// so that the session's requests failing over together go to one endpoint.
+    fn endpoint_hint(&self, ep: EndpointId, failover_key: u64) -> RouteHint {
+        let h = RouteHint::endpoint(ep).with_failover_key(failover_key);
         if self.layer.strict { h.strict() } else { h }
     }
 }

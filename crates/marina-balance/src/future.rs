@@ -297,7 +297,12 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
             })
         });
         more.tried.push(first);
-        let Some(peer) = f.next_peer(&more.tried) else {
+        if given_back && self.hint.is_none() {
+            // A lazy state kept no hint: the request's own, read where it lies.
+            self.hint = f.hint_in(error);
+        }
+        let key = self.hint.as_ref().and_then(RouteHint::failover_key);
+        let Some(peer) = f.next_peer(&more.tried, key) else {
             tracing::debug!(%error, "no other ready endpoint to fail over to");
             return false;
         };
@@ -308,7 +313,7 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
         }
         if given_back {
             // Taken out of the error only now that it is certain to be sent again.
-            self.req = f.take_req.and_then(|take| take(error));
+            self.req = f.take_req.and_then(|unsent| (unsent.take)(error));
             let Some(req) = &self.req else {
                 return false;
             };
@@ -373,7 +378,8 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
                     // wait on this one only when none is left.
                     let waiting = peer.id;
                     more.tried.push(waiting);
-                    match self.shared.next_peer(&more.tried) {
+                    let key = self.hint.as_ref().and_then(RouteHint::failover_key);
+                    match self.shared.next_peer(&more.tried, key) {
                         Some(other) => {
                             tracing::debug!(skipped = ?waiting, to = ?other.id, "failover endpoint not ready: trying another");
                             self.first = other.id;
@@ -485,7 +491,7 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
         // not ready are skipped (and tried again by a later failover).
         let before = more.tried.len();
         let peer = loop {
-            let Some(mut peer) = shared.next_peer(&more.tried) else {
+            let Some(mut peer) = shared.next_peer(&more.tried, None) else {
                 break None;
             };
             if let Poll::Ready(Ok(())) = peer.svc.poll_ready(cx) {

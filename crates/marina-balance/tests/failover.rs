@@ -1329,3 +1329,108 @@ async fn probe_ejection_leaves_the_ready_set_at_once() {
     }
     assert_eq!(seen, [0, 0, 0, 0], "the ejected endpoint got a request");
 }
+
+// ---------------------------------------------------------------------------------------
+// Failover keys: a session's requests fail over together
+// ---------------------------------------------------------------------------------------
+
+/// A request of session `key`, pinned to endpoint 0; not `Clone`.
+#[derive(Debug)]
+struct Pinned {
+    key: u64,
+}
+
+/// A balancer over `n` endpoints keyed `0..n`: endpoint 0 refuses every request and
+/// gives it back (a dead backend under a pinned session); the others answer their
+/// index after a while (paused time), so requests pile up in flight on them. Each
+/// request is pinned to endpoint 0 with its session as failover key (`keyed`) or
+/// without one.
+fn pinned_balance(
+    n: usize,
+    keyed: bool,
+) -> impl Service<Pinned, Response = usize, Error = BoxError, Future: Send + 'static> + Send {
+    let endpoints = (0..n).map(|i| {
+        tower::service_fn(move |req: Pinned| async move {
+            if i == 0 {
+                return Err(NotSent::with_request("endpoint 0 refused", req));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(i)
+        })
+    });
+    let dead = EndpointId::of(&list_key(0));
+    Balance::from_services(endpoints, RoundRobin::new())
+        .route_hint(move |req: &Pinned| {
+            let hint = RouteHint::endpoint(dead);
+            Some(if keyed {
+                hint.with_failover_key(req.key)
+            } else {
+                hint
+            })
+        })
+        .failover_unsent(
+            // Every request fails over here: a budget that allows it.
+            Failover::new().budget(RetryBudget::new(Duration::from_secs(10), 1000, 1.0)),
+        )
+}
+
+/// Sends `per_key` concurrent requests of each session in `keys` through `lb`; the
+/// endpoints that served each session.
+async fn fail_over_sessions(
+    lb: &mut (impl Service<Pinned, Response = usize, Error = BoxError, Future: Send + 'static> + Send),
+    keys: std::ops::Range<u64>,
+    per_key: usize,
+) -> Vec<Vec<usize>> {
+    use tower::ServiceExt;
+    let mut tasks = Vec::new();
+    for key in keys {
+        for _ in 0..per_key {
+            tasks.push(tokio::spawn(
+                lb.ready().await.expect("ready").call(Pinned { key }),
+            ));
+        }
+    }
+    let mut served = Vec::new();
+    for task in tasks {
+        let answer = task.await.expect("no panic");
+        served.push(answer.expect("every request fails over and is answered"));
+    }
+    served.chunks(per_key).map(<[usize]>::to_vec).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_sharing_a_failover_key_fail_over_to_one_endpoint() {
+    let mut lb = pinned_balance(6, true);
+    let sessions = fail_over_sessions(&mut lb, 0..40, 5).await;
+    let mut used = std::collections::BTreeSet::new();
+    for (key, served) in sessions.iter().enumerate() {
+        assert!(
+            served.iter().all(|&e| e == served[0] && e != 0),
+            "session {key}'s concurrent requests failed over to several endpoints: {served:?}"
+        );
+        used.insert(served[0]);
+    }
+    // Different sessions spread over the survivors.
+    assert!(
+        used.len() >= 4,
+        "40 sessions went to only {used:?} of endpoints 1..6"
+    );
+
+    // The same keys again, with other loads in flight: same endpoints.
+    let again = fail_over_sessions(&mut lb, 0..40, 1).await;
+    for (key, (before, now)) in sessions.iter().zip(&again).enumerate() {
+        assert_eq!(before[0], now[0], "session {key} failed over elsewhere");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_failover_key_failover_spreads_by_load() {
+    // The contrast: the least loaded endpoint for each request, so one session's
+    // concurrent requests land on several endpoints.
+    let mut lb = pinned_balance(6, false);
+    let sessions = fail_over_sessions(&mut lb, 0..1, 5).await;
+    let distinct = sessions[0]
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>();
+    assert!(distinct.len() > 1, "least loaded: {:?}", sessions[0]);
+}

@@ -79,6 +79,24 @@ impl NotSent {
         slot.take()?.downcast::<R>().ok().map(|r| *r)
     }
 
+    /// Reads the request given back with the error, if there is one of type `R` and
+    /// nobody took it yet, without taking it.
+    ///
+    /// ```
+    /// use marina_core::NotSent;
+    /// let err = NotSent::with_request("refused", String::from("GET /"));
+    /// assert_eq!(err.inspect_request(|r: &String| r.len()), Some(5));
+    /// assert_eq!(err.take_request::<String>().as_deref(), Some("GET /"));
+    /// assert_eq!(err.inspect_request(|r: &String| r.len()), None);
+    /// ```
+    pub fn inspect_request<R: 'static, T>(&self, f: impl FnOnce(&R) -> T) -> Option<T> {
+        let slot = self.request.as_ref()?;
+        let slot = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        slot.as_ref()?.downcast_ref::<R>().map(f)
+    }
+
     /// Whether a request was given back with the error and is still there.
     pub fn has_request(&self) -> bool {
         self.request.as_ref().is_some_and(|slot| {

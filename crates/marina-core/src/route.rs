@@ -55,6 +55,7 @@ pub fn stable_hash<K: Hash + ?Sized>(value: &K) -> u64 {
 pub struct RouteHint {
     target: HintTarget,
     strict: bool,
+    failover_key: Option<u64>,
     chosen: Arc<Mutex<Option<EndpointId>>>,
 }
 
@@ -76,6 +77,7 @@ impl RouteHint {
         RouteHint {
             target: HintTarget::Endpoint(endpoint),
             strict: false,
+            failover_key: None,
             chosen: Arc::default(),
         }
     }
@@ -85,6 +87,7 @@ impl RouteHint {
         RouteHint {
             target: HintTarget::Any,
             strict: false,
+            failover_key: None,
             chosen: Arc::default(),
         }
     }
@@ -107,6 +110,7 @@ impl RouteHint {
         RouteHint {
             target: HintTarget::Hash(hash),
             strict: false,
+            failover_key: None,
             chosen: Arc::default(),
         }
     }
@@ -114,6 +118,34 @@ impl RouteHint {
     /// What the hint asks for.
     pub fn target(&self) -> HintTarget {
         self.target
+    }
+
+    /// Gives the hint a failover key: when the request's endpoint fails and a
+    /// balancer with failover sends it elsewhere, it goes to the endpoint this key
+    /// ranks first among those left (rendezvous hashing), not to the least loaded one.
+    /// Requests sharing a key (a session's concurrent requests, pinned to one endpoint
+    /// that dies) then fail over together to one endpoint, while different keys spread
+    /// over the survivors. A [`hash`](Self::hash) hint's key is its hash unless set.
+    ///
+    /// ```
+    /// use marina_core::{EndpointId, RouteHint};
+    /// let hint = RouteHint::endpoint(EndpointId(7)).with_failover_key(42);
+    /// assert_eq!(hint.failover_key(), Some(42));
+    /// assert_eq!(RouteHint::hash(9).failover_key(), Some(9));
+    /// assert_eq!(RouteHint::any().failover_key(), None);
+    /// ```
+    pub fn with_failover_key(mut self, key: u64) -> Self {
+        self.failover_key = Some(key);
+        self
+    }
+
+    /// The key that orders the endpoints a failover may go to (see
+    /// [`with_failover_key`](Self::with_failover_key)); `None`: the least loaded.
+    pub fn failover_key(&self) -> Option<u64> {
+        match (self.failover_key, self.target) {
+            (Some(key), _) | (None, HintTarget::Hash(key)) => Some(key),
+            (None, _) => None,
+        }
     }
 
     /// The balancer reports the endpoint it chose; a later report (a failover to
@@ -139,6 +171,7 @@ impl fmt::Debug for RouteHint {
         f.debug_struct("RouteHint")
             .field("target", &self.target)
             .field("strict", &self.strict)
+            .field("failover_key", &self.failover_key)
             .field("chosen", &self.chosen())
             .finish()
     }

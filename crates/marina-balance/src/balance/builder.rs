@@ -179,7 +179,12 @@ impl<D: Discover, Req> Balance<D, Req> {
     /// accepts (by default, [`never_sent`](crate::never_sent) errors: the request never
     /// reached the endpoint) is sent again to another ready endpoint, one not tried yet
     /// for it (the least loaded), up to the policy's attempts and within its
-    /// [`RetryBudget`](crate::RetryBudget).
+    /// [`RetryBudget`](crate::RetryBudget). A request whose route hint carries a
+    /// failover key ([`RouteHint::with_failover_key`](marina_core::RouteHint::with_failover_key):
+    /// a consistent-hash key, a session from marina-affinity) goes instead to the
+    /// endpoint that key ranks first among those left (rendezvous hashing): the
+    /// requests of one session or key that fail over together land on one endpoint,
+    /// and different keys spread over the survivors.
     ///
     /// Needs `Req: Clone` (each request is copied before it is sent, so it can be sent
     /// again after a failure; for request types that are not `Clone`, see
@@ -229,7 +234,7 @@ impl<D: Discover, Req> Balance<D, Req> {
         policy: Failover,
         clone_req: Option<fn(&Req) -> Req>,
         copy_idempotent_only: bool,
-        take_req: Option<fn(&BoxError) -> Option<Req>>,
+        take_req: Option<TakeUnsent<Req>>,
         clone_svc: fn(&D::Service) -> D::Service,
     ) -> Self {
         let shared = FailoverShared {
@@ -304,7 +309,7 @@ impl<D: Discover, Req> Balance<D, Req> {
             policy,
             None,
             false,
-            Some(take_unsent::<Req>),
+            Some(TakeUnsent::new()),
             D::Service::clone,
         )
     }
@@ -383,7 +388,7 @@ impl<D: Discover, Req> Balance<D, Req> {
             policy,
             Some(Req::clone),
             true,
-            Some(take_unsent::<Req>),
+            Some(TakeUnsent::new()),
             D::Service::clone,
         )
     }

@@ -15,8 +15,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use marina_core::{
-    BoxError, EjectionGate, EndpointId, HasExtensions, HintTarget, Idempotent,
-    PinnedEndpointUnavailable, RouteHint,
+    BoxError, EjectionGate, EndpointId, HasExtensions, HintTarget, Idempotent, NotSent,
+    PinnedEndpointUnavailable, RouteHint, find,
 };
 use tokio::time::{Instant, Sleep};
 use tower::discover::{Change, Discover};
@@ -290,7 +290,7 @@ pub(crate) struct FailoverShared<S, Req> {
     pub(crate) clone_req: Option<fn(&Req) -> Req>,
     /// `clone_req` copies only the requests marked idempotent.
     pub(crate) copy_idempotent_only: bool,
-    pub(crate) take_req: Option<fn(&BoxError) -> Option<Req>>,
+    pub(crate) take_req: Option<TakeUnsent<Req>>,
     /// The balancer's route hint reader, for a request taken back from its error (the
     /// response future keeps no hint until then).
     hint: Mutex<Option<HintFn<Req>>>,
@@ -320,20 +320,33 @@ impl<S, Req> FailoverShared<S, Req> {
         hint(req)
     }
 
+    /// The route hint of the request given back with `error`, read in place.
+    pub(crate) fn hint_in(&self, error: &BoxError) -> Option<RouteHint> {
+        let read = self.take_req?.read_hint;
+        let hint = self.lock_hint().clone()?;
+        read(error, &*hint)
+    }
+
     fn peers(&self) -> std::sync::MutexGuard<'_, Vec<Option<Peer<S>>>> {
         self.peers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The ready endpoint, not yet tried, with the fewest requests in flight.
-    pub(crate) fn next_peer(&self, tried: &[EndpointId]) -> Option<Peer<S>> {
+    /// The ready endpoint, not yet tried, with the fewest requests in flight; with a
+    /// failover `key` (see [`RouteHint::with_failover_key`]), the one the key ranks
+    /// first (rendezvous hashing: the highest mix of key and endpoint id), so requests
+    /// sharing a key go to one endpoint and different keys spread.
+    pub(crate) fn next_peer(&self, tried: &[EndpointId], key: Option<u64>) -> Option<Peer<S>> {
         let peers = self.peers();
-        let best = peers
+        let left = peers
             .iter()
             .flatten()
-            .filter(|p| p.stats.ready.load(Relaxed) && !tried.contains(&p.id))
-            .min_by_key(|p| p.stats.in_flight())?;
+            .filter(|p| p.stats.ready.load(Relaxed) && !tried.contains(&p.id));
+        let best = match key {
+            Some(key) => left.max_by_key(|p| (rank(key, p.id), p.id.0))?,
+            None => left.min_by_key(|p| p.stats.in_flight())?,
+        };
         Some(Peer {
             id: best.id,
             stats: best.stats.clone(),
@@ -345,9 +358,47 @@ impl<S, Req> FailoverShared<S, Req> {
 /// Reads a request's route hint (see [`Balance::route_hint`]).
 type HintFn<Req> = Arc<dyn Fn(&Req) -> Option<RouteHint> + Send + Sync>;
 
-/// Takes a request of type `Req` back from a `NotSent` error.
-fn take_unsent<Req: 'static>(error: &BoxError) -> Option<Req> {
-    marina_core::take_unsent_request::<Req>(&**error)
+/// How failover takes a request of type `Req` back from its `NotSent` error, and
+/// reads its route hint there first.
+pub(crate) struct TakeUnsent<Req> {
+    pub(crate) take: fn(&BoxError) -> Option<Req>,
+    pub(crate) read_hint: ReadHint<Req>,
+}
+
+/// Reads the route hint of a request given back in an error, with the hint reader.
+pub(crate) type ReadHint<Req> =
+    fn(&BoxError, &(dyn Fn(&Req) -> Option<RouteHint> + Send + Sync)) -> Option<RouteHint>;
+
+impl<Req> Clone for TakeUnsent<Req> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<Req> Copy for TakeUnsent<Req> {}
+
+impl<Req: 'static> TakeUnsent<Req> {
+    pub(crate) fn new() -> Self {
+        TakeUnsent {
+            take: |error| marina_core::take_unsent_request::<Req>(&**error),
+            read_hint: |error, hint| {
+                find::<NotSent>(&**error)?
+                    .inspect_request(|req: &Req| hint(req))
+                    .flatten()
+            },
+        }
+    }
+}
+
+/// An endpoint's rank for a failover key: a 64-bit mix of both (murmur3's finalizer),
+/// so the order of the endpoints differs from key to key.
+fn rank(key: u64, endpoint: EndpointId) -> u64 {
+    let mut h = key ^ endpoint.0.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15;
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 /// At most this many discovery changes are applied in one `poll_ready`.
