@@ -1434,3 +1434,100 @@ async fn without_a_failover_key_failover_spreads_by_load() {
         .collect::<std::collections::BTreeSet<_>>();
     assert!(distinct.len() > 1, "least loaded: {:?}", sessions[0]);
 }
+
+/// A request routed by a consistent hash of `key`; not `Clone`.
+#[derive(Debug)]
+struct Hashed {
+    key: u64,
+}
+
+/// An endpoint answering its index, that can be turned into a dead backend whose
+/// connects are refused (`REFUSING`: each request given back, never sent) and then
+/// into one the balancer sees go (`GONE`: pending, as behind an ejection).
+#[derive(Clone)]
+struct Switchable {
+    index: usize,
+    state: Arc<AtomicU64>,
+}
+
+const ALIVE: u64 = 0;
+const REFUSING: u64 = 1;
+const GONE: u64 = 2;
+
+impl Service<Hashed> for Switchable {
+    type Response = usize;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<usize, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self.state.load(Ordering::Relaxed) {
+            GONE => Poll::Pending,
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, req: Hashed) -> Self::Future {
+        std::future::ready(match self.state.load(Ordering::Relaxed) {
+            ALIVE => Ok(self.index),
+            _ => Err(NotSent::with_request(refused(self.index), req).into()),
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hashed_key_fails_over_to_where_the_hash_sends_it_once_its_endpoint_is_gone() {
+    use marina_balance::ConsistentHash;
+    use tower::ServiceExt;
+
+    let states: Vec<_> = (0..6).map(|_| Arc::new(AtomicU64::new(ALIVE))).collect();
+    let endpoints = states.iter().enumerate().map(|(index, state)| Switchable {
+        index,
+        state: state.clone(),
+    });
+    let mut lb = Balance::from_services(endpoints, ConsistentHash::new())
+        .route_hint(|req: &Hashed| Some(RouteHint::hash(req.key)))
+        .failover_unsent(Failover::new().budget(RetryBudget::new(
+            Duration::from_secs(10),
+            1000,
+            1.0,
+        )));
+    let mut send = async |key: u64| -> usize {
+        let fut = lb.ready().await.expect("ready").call(Hashed { key });
+        fut.await.expect("answered")
+    };
+    let mut home = Vec::new();
+    for key in 0..300 {
+        home.push(send(key).await);
+    }
+    let dead = home[0];
+    // The dead endpoint still looks ready: its keys fail over.
+    states[dead].store(REFUSING, Ordering::Relaxed);
+    let mut failed_over = Vec::new();
+    for key in 0..300u64 {
+        let served = send(key).await;
+        if home[key as usize] == dead {
+            assert_ne!(served, dead);
+            failed_over.push((key, served));
+        } else {
+            assert_eq!(
+                served, home[key as usize],
+                "key {key} of a live endpoint moved"
+            );
+        }
+    }
+    assert!(
+        failed_over.len() > 10,
+        "{} keys on the dead endpoint",
+        failed_over.len()
+    );
+    // Then it leaves the ready set: the hash sends each of its keys where the failover
+    // did (every client computes the same).
+    states[dead].store(GONE, Ordering::Relaxed);
+    for (key, then) in failed_over {
+        assert_eq!(
+            send(key).await,
+            then,
+            "key {key}: failover and hash disagree"
+        );
+    }
+}

@@ -390,15 +390,12 @@ impl<Req: 'static> TakeUnsent<Req> {
     }
 }
 
-/// An endpoint's rank for a failover key: a 64-bit mix of both (murmur3's finalizer),
-/// so the order of the endpoints differs from key to key.
+/// An endpoint's rank for a failover key: [`ConsistentHash`](crate::ConsistentHash)'s
+/// rendezvous score, so that a hashed key fails over to the endpoint that picker
+/// (in its rendezvous range, up to `table_above` endpoints) chooses for the key once
+/// the failed endpoint has left, and every client agrees.
 fn rank(key: u64, endpoint: EndpointId) -> u64 {
-    let mut h = key ^ endpoint.0.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15;
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
+    crate::pick::rendezvous_score(endpoint, key)
 }
 
 /// At most this many discovery changes are applied in one `poll_ready`.

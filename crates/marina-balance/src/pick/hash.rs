@@ -132,7 +132,9 @@ impl ConsistentHash {
 
 /// The rendezvous weight of endpoint `id` for `key`: SplitMix64's finalizer over both
 /// (about 2 ns, against 13 for SipHash; every client computes the same).
-fn rendezvous_score(id: EndpointId, key: u64) -> u64 {
+/// Failover ranks the endpoints left for a key with it too, so a hashed key fails over
+/// to the endpoint this picker chooses for it once the failed one is gone.
+pub(crate) fn rendezvous_score(id: EndpointId, key: u64) -> u64 {
     mix(id.0 ^ mix(key))
 }
 

@@ -16,6 +16,7 @@ mod ring;
 mod weighted;
 
 pub use hash::ConsistentHash;
+pub(crate) use hash::rendezvous_score;
 pub use least::{LeastConnections, LeastResponseTime};
 pub use weighted::WeightedRoundRobin;
 
