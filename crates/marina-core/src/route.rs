@@ -125,7 +125,10 @@ impl RouteHint {
     /// ranks first among those left (rendezvous hashing), not to the least loaded one.
     /// Requests sharing a key (a session's concurrent requests, pinned to one endpoint
     /// that dies) then fail over together to one endpoint, while different keys spread
-    /// over the survivors. A [`hash`](Self::hash) hint's key is its hash unless set.
+    /// over the survivors. A [`hash`](Self::hash) hint's key is its hash unless set;
+    /// marina-balance ranks with its `ConsistentHash` picker's rendezvous scores, so a
+    /// hashed key fails over to the endpoint that picker gives it once the failed one
+    /// has left.
     ///
     /// ```
     /// use marina_core::{EndpointId, RouteHint};
