@@ -229,7 +229,9 @@ impl Failover {
 
     /// Hedges idempotent requests: when a request's attempt has been alone in flight
     /// for `delay` without a reply, a copy goes to another ready endpoint (the least
-    /// loaded one not tried yet for the request) and the first *reply* wins; the other
+    /// loaded one not tried yet for the request; for a request whose route hint has a
+    /// [failover key](marina_core::RouteHint::with_failover_key), where it would fail
+    /// over) and the first *reply* wins; the other
     /// attempt's future is dropped, which cancels it at its endpoint (a pooled
     /// connection whose reply was not read to the end is not reused: that is the
     /// endpoint's cancel safety). An attempt that fails while the other is still in

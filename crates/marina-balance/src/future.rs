@@ -482,16 +482,19 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
         }
         let first = self.first;
         let shared = self.shared.clone();
+        // A keyed request (a session, a hashed key) hedges where it would fail over.
+        let key = self.hint.as_ref().and_then(RouteHint::failover_key);
         let more = self.more();
         if more.hedge.is_some() || more.readying.is_some() {
             return;
         }
         more.tried.push(first);
-        // The least loaded ready endpoint not tried yet that is ready now; those found
-        // not ready are skipped (and tried again by a later failover).
+        // The least loaded ready endpoint not tried yet that is ready now (for a keyed
+        // request, the one its key ranks first); those found not ready are skipped (and
+        // tried again by a later failover).
         let before = more.tried.len();
         let peer = loop {
-            let Some(mut peer) = shared.next_peer(&more.tried, None) else {
+            let Some(mut peer) = shared.next_peer(&more.tried, key) else {
                 break None;
             };
             if let Poll::Ready(Ok(())) = peer.svc.poll_ready(cx) {

@@ -700,6 +700,38 @@ async fn a_hedge_reports_where_it_went_to_the_route_hint_when_it_wins() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_keyed_request_hedges_where_its_key_would_fail_over() {
+    use marina_core::HasExtensions;
+    // Endpoint 0 (where `First` sends every request) is slow, the others fast: each
+    // request is answered by its hedge.
+    let mut behaviours = vec![Behaviour::Answer(200 * MS)];
+    behaviours.extend([Behaviour::Answer(5 * MS); 5]);
+    let (svcs, _logs) = endpoints(&behaviours);
+    let mut lb = Balance::new(ServiceList::new(svcs), First)
+        .failover(Failover::new().hedge(20 * MS))
+        .idempotent_from_extensions()
+        .route_hints_from_extensions();
+    let pinned = EndpointId::of("0");
+    let mut hedged_to = Vec::new();
+    for key in 0..40u64 {
+        let mut req = marked(1);
+        req.extensions_mut()
+            .insert(RouteHint::endpoint(pinned).with_failover_key(key));
+        hedged_to.push(send(&mut lb, req).await.0.unwrap());
+    }
+    // By key, not by load (with equal loads the least loaded is always the first).
+    let spread: std::collections::BTreeSet<_> = hedged_to.iter().collect();
+    assert!(spread.len() >= 3, "hedges of 40 keys went to {spread:?}");
+    for key in 0..40u64 {
+        let mut req = marked(1);
+        req.extensions_mut()
+            .insert(RouteHint::endpoint(pinned).with_failover_key(key));
+        let again = send(&mut lb, req).await.0.unwrap();
+        assert_eq!(again, hedged_to[key as usize], "key {key} hedged elsewhere");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn no_hedge_without_another_ready_endpoint() {
     let (svcs, logs) = endpoints(&[Behaviour::Answer(100 * MS)]);
     let mut lb = marked_balance(svcs, Failover::new().hedge(20 * MS));
