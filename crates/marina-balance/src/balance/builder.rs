@@ -501,7 +501,8 @@ impl<D: Discover, Req> Balance<D, Req> {
     /// then the least loaded ready endpoint not ramping takes the request; when every
     /// ready endpoint ramps, the choice stands. Requests with a route hint (a pinned
     /// endpoint, a consistent-hash key) are not turned away: affinity wins. Failover
-    /// attempts and hedges go to the least loaded endpoint, ramping or not.
+    /// attempts and hedges go to the least loaded endpoint (a keyed request's: the one
+    /// its failover key ranks first), ramping or not.
     ///
     /// The endpoints there before the first request do not ramp (they all start
     /// cold together). Cost, only while on: a clock read when an endpoint enters or
