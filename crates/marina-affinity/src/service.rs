@@ -496,21 +496,21 @@ where
         // no copy of its key (the table's shared one is kept for the re-pin).
         if let Mode::Table(table) = &l.mode {
             let found = l.extractor.with_key(&req, |k| match table.get_shared(k) {
-                Some((ep, key)) => Ok((ep, key)),
+                Some((ep, key, hash)) => Ok((ep, key, hash)),
                 None => Err(Arc::<str>::from(k)),
             });
             let (key, pinned, new) = match found {
-                Some(Ok((pin, key))) => (Some(key), Some(pin), false),
+                Some(Ok((pin, key, hash))) => (Some(key), Some((pin, hash)), false),
                 Some(Err(key)) => (Some(key), None, false),
                 None if l.new_sessions => (Some(Arc::from(new_session_id())), None, true),
                 None => (None, None, false),
             };
             let (hint, after) = match (key, pinned) {
                 (None, _) => (None, After::Nothing),
-                (Some(key), Some(pin)) => (
-                    // The failover key: the session's shared key, by address (one
-                    // per live session, and free to read).
-                    Some(self.endpoint_hint(pin.endpoint, Arc::as_ptr(&key).addr() as u64)),
+                (Some(key), Some((pin, hash))) => (
+                    // The failover key: the stable hash of the session's key, which the
+                    // table computed to find its shard (the same in every run).
+                    Some(self.endpoint_hint(pin.endpoint, hash)),
                     After::Pin {
                         key,
                         pinned: Some(pin),

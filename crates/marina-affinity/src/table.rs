@@ -347,12 +347,19 @@ impl Table {
     }
 
     fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
+        self.shard_hashed(key).0
+    }
+
+    /// The key's shard, locked, and the key's stable hash (which chose it).
+    fn shard_hashed(&self, key: &str) -> (MutexGuard<'_, Shard>, u64) {
         // A fixed hash to choose the shard: only the distribution matters here (each
         // shard's map has its own randomly seeded hasher).
-        let i = (marina_core::stable_hash(key) % self.shards.len() as u64) as usize;
-        self.shards[i]
+        let hash = marina_core::stable_hash(key);
+        let i = (hash % self.shards.len() as u64) as usize;
+        let shard = self.shards[i]
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (shard, hash)
     }
 
     /// The idle timeout in milliseconds (at least 1).
@@ -382,11 +389,11 @@ impl Table {
         Some(endpoint)
     }
 
-    /// The session's pin and its key (shared, no copy), touching it; `None` if absent
-    /// or expired (removed).
-    pub(crate) fn get_shared(&self, key: &str) -> Option<(SeenPin, Arc<str>)> {
+    /// The session's pin, its key (shared, no copy) and the key's stable hash,
+    /// touching it; `None` if absent or expired (removed).
+    pub(crate) fn get_shared(&self, key: &str) -> Option<(SeenPin, Arc<str>, u64)> {
         let now = self.now();
-        let mut s = self.shard(key);
+        let (mut s, hash) = self.shard_hashed(key);
         let i = *s.map.get(key)?;
         let n = &s.nodes[i as usize];
         if now.saturating_sub(n.last) >= self.idle_ms() {
@@ -402,6 +409,7 @@ impl Table {
                 generation: n.generation,
             },
             n.key.clone(),
+            hash,
         );
         let n = &mut s.nodes[i as usize];
         n.last = now;
