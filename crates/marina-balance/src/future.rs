@@ -372,6 +372,14 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
                 return Readying::Idle;
             };
             match peer.svc.poll_ready(cx) {
+                // With the task's coop budget spent, a pending answer may be the budget
+                // speaking: come back with a fresh budget (woken now, in case this
+                // endpoint does not count the budget and is truly not ready) rather
+                // than move a keyed request to another endpoint.
+                Poll::Pending if !tokio::task::coop::has_budget_remaining() => {
+                    cx.waker().wake_by_ref();
+                    return Readying::Idle;
+                }
                 Poll::Pending => {
                     // Its readiness flag was stale (ejected, at a limit since the
                     // balancer last looked): prefer another ready endpoint, if any;

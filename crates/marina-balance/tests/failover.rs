@@ -1531,3 +1531,75 @@ async fn a_hashed_key_fails_over_to_where_the_hash_sends_it_once_its_endpoint_is
         );
     }
 }
+
+/// An endpoint answering its index, whose `poll_ready` takes a unit of tokio's
+/// cooperative budget (as a pool does); endpoint 0 refuses every request and gives it
+/// back.
+#[derive(Clone)]
+struct CoopEndpoint(usize);
+
+impl Service<Pinned> for CoopEndpoint {
+    type Response = usize;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<usize, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+        coop.made_progress();
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Pinned) -> Self::Future {
+        std::future::ready(match self.0 {
+            0 => Err(NotSent::with_request(refused(0), req).into()),
+            i => Ok(i),
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_spent_coop_budget_does_not_move_a_failover() {
+    use tower::ServiceExt;
+
+    let dead = EndpointId::of(&list_key(0));
+    let mut lb = Balance::from_services((0..6).map(CoopEndpoint), RoundRobin::new())
+        .route_hint(move |req: &Pinned| Some(RouteHint::endpoint(dead).with_failover_key(req.key)))
+        .failover_unsent(Failover::new().budget(RetryBudget::new(
+            Duration::from_secs(10),
+            1000,
+            1.0,
+        )));
+    for key in 0..50u64 {
+        // Where the key fails over with budget to spare ...
+        let home = lb
+            .ready()
+            .await
+            .unwrap()
+            .call(Pinned { key })
+            .await
+            .unwrap();
+        // ... and when the task's budget runs out as the failover attempt is readied.
+        tokio::task::yield_now().await;
+        let mut fut = std::pin::pin!(lb.ready().await.unwrap().call(Pinned { key }));
+        let mut first = true;
+        let served = std::future::poll_fn(|cx| {
+            if std::mem::take(&mut first) {
+                spend_budget(cx);
+            }
+            fut.as_mut().poll(cx)
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            served, home,
+            "key {key} failed over elsewhere on a spent budget"
+        );
+    }
+}
+
+/// Spends the task's cooperative budget without yielding.
+fn spend_budget(cx: &mut Context<'_>) {
+    while let Poll::Ready(coop) = tokio::task::coop::poll_proceed(cx) {
+        coop.made_progress();
+    }
+}
