@@ -301,7 +301,7 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
             // A lazy state kept no hint: the request's own, read where it lies.
             self.hint = f.hint_in(error);
         }
-        let key = self.hint.as_ref().and_then(RouteHint::failover_key);
+        let key = failover_key(&self.hint);
         let Some(peer) = f.next_peer(&more.tried, key) else {
             tracing::debug!(%error, "no other ready endpoint to fail over to");
             return false;
@@ -313,13 +313,10 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
         }
         if given_back {
             // Taken out of the error only now that it is certain to be sent again.
+            // (Its hint was read in place above.)
             self.req = f.take_req.and_then(|unsent| (unsent.take)(error));
-            let Some(req) = &self.req else {
+            if self.req.is_none() {
                 return false;
-            };
-            if self.hint.is_none() {
-                // A lazy state kept no hint: the request's own, read again.
-                self.hint = f.hint_of(req);
             }
         }
         f.totals.failed_over(!unsent);
@@ -386,8 +383,7 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
                     // wait on this one only when none is left.
                     let waiting = peer.id;
                     more.tried.push(waiting);
-                    let key = self.hint.as_ref().and_then(RouteHint::failover_key);
-                    match self.shared.next_peer(&more.tried, key) {
+                    match self.shared.next_peer(&more.tried, failover_key(&self.hint)) {
                         Some(other) => {
                             tracing::debug!(skipped = ?waiting, to = ?other.id, "failover endpoint not ready: trying another");
                             self.first = other.id;
@@ -491,7 +487,7 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
         let first = self.first;
         let shared = self.shared.clone();
         // A keyed request (a session, a hashed key) hedges where it would fail over.
-        let key = self.hint.as_ref().and_then(RouteHint::failover_key);
+        let key = failover_key(&self.hint);
         let more = self.more();
         if more.hedge.is_some() || more.readying.is_some() {
             return;
@@ -557,6 +553,11 @@ impl<S: Service<Req>, Req> Retry<S, Req> {
             maybe_sent: self.maybe_sent || in_flight,
         }
     }
+}
+
+/// The failover key of a request's route hint, if it has one.
+fn failover_key(hint: &Option<RouteHint>) -> Option<u64> {
+    hint.as_ref().and_then(RouteHint::failover_key)
 }
 
 impl<S: Service<Req>, Req> RetryState<S, Req> {

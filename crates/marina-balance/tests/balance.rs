@@ -20,6 +20,9 @@ use marina_balance::{
     WeightedRoundRobin,
 };
 use marina_core::{BoxError, EndpointId};
+#[path = "support/coop.rs"]
+mod coop;
+use coop::{Budgeted, spend_budget};
 use tokio_test::stream_mock::{StreamMock, StreamMockBuilder};
 use tokio_test::task::{Spawn, spawn};
 use tokio_test::{assert_pending, assert_ready_ok};
@@ -956,41 +959,18 @@ fn a_panic_threshold_given_as_a_percentage_is_refused() {
 // Tokio's cooperative budget
 // ---------------------------------------------------------------------------------------
 
-/// An endpoint answering with its index, whose `poll_ready` takes a unit of tokio's
-/// cooperative budget (as a pool, a semaphore or a channel does): pending, and its task
-/// woken, when the task has spent its budget.
-#[derive(Clone)]
-struct Cooperative(u32);
-
-impl Service<u32> for Cooperative {
-    type Response = u32;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<u32, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
-        coop.made_progress();
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: u32) -> Self::Future {
-        std::future::ready(Ok(self.0))
-    }
-}
-
-/// Spends the task's cooperative budget without yielding.
-fn spend_budget(cx: &mut Context<'_>) {
-    while let Poll::Ready(coop) = tokio::task::coop::poll_proceed(cx) {
-        coop.made_progress();
-    }
-}
-
 #[tokio::test]
 async fn a_spent_coop_budget_does_not_move_a_hashed_key() {
     use marina_balance::ConsistentHash;
     use marina_core::RouteHint;
 
-    let endpoints = (0..5).map(Cooperative).collect::<Vec<_>>();
+    let endpoints = (0..5u32)
+        .map(|i| {
+            Budgeted(tower::service_fn(move |_: u32| {
+                std::future::ready(Ok::<_, Infallible>(i))
+            }))
+        })
+        .collect::<Vec<_>>();
     let mut lb = Balance::new(ServiceList::new(endpoints), ConsistentHash::new())
         .route_hint(|key: &u32| Some(RouteHint::hash(u64::from(*key))));
     for key in 0..200u32 {

@@ -31,6 +31,9 @@ use marina_balance::{
     RoundRobin, Weighted, WeightedRoundRobin,
 };
 use marina_core::{BoxError, EjectionGate, EndpointId, NotSent, RouteHint, find, is_not_sent};
+#[path = "support/coop.rs"]
+mod coop;
+use coop::{Budgeted, spend_budget};
 use marina_health::{Health, HealthConfig, HealthHandle, Status};
 use tokio_test::task::{Spawn, spawn};
 use tokio_test::{assert_pending, assert_ready, assert_ready_ok};
@@ -1532,37 +1535,21 @@ async fn a_hashed_key_fails_over_to_where_the_hash_sends_it_once_its_endpoint_is
     }
 }
 
-/// An endpoint answering its index, whose `poll_ready` takes a unit of tokio's
-/// cooperative budget (as a pool does); endpoint 0 refuses every request and gives it
-/// back.
-#[derive(Clone)]
-struct CoopEndpoint(usize);
-
-impl Service<Pinned> for CoopEndpoint {
-    type Response = usize;
-    type Error = BoxError;
-    type Future = std::future::Ready<Result<usize, BoxError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
-        coop.made_progress();
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Pinned) -> Self::Future {
-        std::future::ready(match self.0 {
-            0 => Err(NotSent::with_request(refused(0), req).into()),
-            i => Ok(i),
-        })
-    }
-}
-
 #[tokio::test]
 async fn a_spent_coop_budget_does_not_move_a_failover() {
     use tower::ServiceExt;
 
     let dead = EndpointId::of(&list_key(0));
-    let mut lb = Balance::from_services((0..6).map(CoopEndpoint), RoundRobin::new())
+    // Endpoint 0 refuses every request and gives it back; the others answer their index.
+    let endpoints = (0..6usize).map(|i| {
+        Budgeted(tower::service_fn(move |req: Pinned| {
+            std::future::ready(match i {
+                0 => Err::<usize, BoxError>(NotSent::with_request(refused(0), req).into()),
+                i => Ok(i),
+            })
+        }))
+    });
+    let mut lb = Balance::from_services(endpoints, RoundRobin::new())
         .route_hint(move |req: &Pinned| Some(RouteHint::endpoint(dead).with_failover_key(req.key)))
         .failover_unsent(Failover::new().budget(RetryBudget::new(
             Duration::from_secs(10),
@@ -1594,12 +1581,5 @@ async fn a_spent_coop_budget_does_not_move_a_failover() {
             served, home,
             "key {key} failed over elsewhere on a spent budget"
         );
-    }
-}
-
-/// Spends the task's cooperative budget without yielding.
-fn spend_budget(cx: &mut Context<'_>) {
-    while let Poll::Ready(coop) = tokio::task::coop::poll_proceed(cx) {
-        coop.made_progress();
     }
 }

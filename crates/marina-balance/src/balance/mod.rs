@@ -25,7 +25,7 @@ use tower_service::Service;
 use crate::failover::Failover;
 use crate::future::{ResponseFuture, Retry, RetryState, Track, record_attempt};
 use crate::index::IdIndex;
-use crate::pick::{Endpoints, Pick, SetChange};
+use crate::pick::{Endpoints, Pick, SetChange, rendezvous_score};
 use crate::slow_start::{SlowStart, SlowState};
 
 /// Nothing was ready within the fail-fast timeout.
@@ -314,12 +314,6 @@ impl<S, Req> FailoverShared<S, Req> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The route hint of a request taken back from its error.
-    pub(crate) fn hint_of(&self, req: &Req) -> Option<RouteHint> {
-        let hint = self.lock_hint().clone()?;
-        hint(req)
-    }
-
     /// The route hint of the request given back with `error`, read in place.
     pub(crate) fn hint_in(&self, error: &BoxError) -> Option<RouteHint> {
         let read = self.take_req?.read_hint;
@@ -335,7 +329,7 @@ impl<S, Req> FailoverShared<S, Req> {
 
     /// The ready endpoint, not yet tried, with the fewest requests in flight; with a
     /// failover `key` (see [`RouteHint::with_failover_key`]), the one the key ranks
-    /// first (rendezvous hashing: the highest mix of key and endpoint id), so requests
+    /// first (rendezvous hashing: the highest score of key and endpoint id), so requests
     /// sharing a key go to one endpoint and different keys spread.
     pub(crate) fn next_peer(&self, tried: &[EndpointId], key: Option<u64>) -> Option<Peer<S>> {
         let peers = self.peers();
@@ -344,7 +338,10 @@ impl<S, Req> FailoverShared<S, Req> {
             .flatten()
             .filter(|p| p.stats.ready.load(Relaxed) && !tried.contains(&p.id));
         let best = match key {
-            Some(key) => left.max_by_key(|p| (rank(key, p.id), p.id.0))?,
+            // ConsistentHash's own rendezvous score: a hashed key fails over to the
+            // endpoint that picker (up to `table_above` endpoints) gives it once the
+            // failed one has left, and every client agrees.
+            Some(key) => left.max_by_key(|p| (rendezvous_score(p.id, key), p.id.0))?,
             None => left.min_by_key(|p| p.stats.in_flight())?,
         };
         Some(Peer {
@@ -388,14 +385,6 @@ impl<Req: 'static> TakeUnsent<Req> {
             },
         }
     }
-}
-
-/// An endpoint's rank for a failover key: [`ConsistentHash`](crate::ConsistentHash)'s
-/// rendezvous score, so that a hashed key fails over to the endpoint that picker
-/// (in its rendezvous range, up to `table_above` endpoints) chooses for the key once
-/// the failed endpoint has left, and every client agrees.
-fn rank(key: u64, endpoint: EndpointId) -> u64 {
-    crate::pick::rendezvous_score(endpoint, key)
 }
 
 /// At most this many discovery changes are applied in one `poll_ready`.
